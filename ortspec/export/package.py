@@ -1,0 +1,119 @@
+"""Write a deployment package: models, tokenizer, checksummed manifest, published atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..runtime.manifest import MANIFEST_FILE, FileEntry, ModelSpec, file_entry
+
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # protobuf cannot hold more than 2 GB in one file
+
+
+class PackageExistsError(FileExistsError):
+    """The output directory exists and replacing it was not asked for (or is not safe)."""
+
+
+@contextmanager
+def staging_directory(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to `out` only when the block finishes without error.
+
+    An interrupted export leaves at most a hidden `.NAME.partial-*` directory, never a package
+    that looks valid.
+    """
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise PackageExistsError(f"{out} already exists; pass --force to replace it")
+        if not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+            raise PackageExistsError(f"{out} exists and is not an ortspec package; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(retired)
+            staging.rename(out)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save a graph (weights in `NAME.data` beside it when large); return the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+    if weight_bytes < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path)
+        return [path]
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    return [path, data]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def describe_model(
+    model: onnx.ModelProto,
+    *,
+    role: str,
+    root: Path,
+    files: list[Path],
+    family: str,
+    source: str,
+    max_positions: int,
+    quantization: dict[str, Any],
+) -> ModelSpec:
+    """The manifest entry of a concat-layout graph, read from the graph itself."""
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    layers = sum(name.startswith("past_key_values.") and name.endswith(".key") for name in inputs)
+    if layers == 0 or "logits" not in outputs or "input_ids" not in inputs:
+        raise ValueError(f"the {role} graph has no input_ids/logits/past_key_values.*: not a causal LM with a cache")
+    _, kv_heads, _, head_dim = _dims(inputs["past_key_values.0.key"])
+    vocab = _dims(outputs["logits"])[-1]
+    if not all(isinstance(d, int) for d in (kv_heads, head_dim, vocab)):
+        raise ValueError(f"the {role} graph has symbolic KV heads/head dim/vocab; cannot describe its cache")
+    elem = outputs["logits"].type.tensor_type.elem_type
+    return ModelSpec(
+        role=role,
+        family=family,
+        exporter="optimum",
+        onnx=files[0].relative_to(root).as_posix(),
+        files=[file_entry(root, f) for f in files],
+        kv_layout="concat",
+        num_layers=layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_positions=max_positions,
+        dtype=onnx.helper.tensor_dtype_to_np_dtype(elem).name,
+        quantization=quantization,
+        inputs=list(inputs),
+        outputs=list(outputs),
+        source=source,
+    )
+
+
+def copy_tokenizer(source: Path, root: Path) -> list[FileEntry]:
+    """Copy the prepared tokenizer files into `root/tokenizer` and describe them."""
+    target = root / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for file in sorted(source.iterdir()):
+        if file.is_file():
+            shutil.copyfile(file, target / file.name)
+            entries.append(file_entry(root, target / file.name))
+    return entries

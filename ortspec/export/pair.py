@@ -1,0 +1,134 @@
+"""`ortspec export`: target (+ draft) checkpoints -> one quantized, checksummed deployment package."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .. import __version__
+from ..models.registry import family_of, max_positions
+from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, ModelSpec, TokenizerSpec
+from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
+from .compat import PairCompatibility, check_pair
+from .onnx_export import export_with_optimum
+from .package import copy_tokenizer, describe_model, save_onnx, staging_directory
+from .quantize import BITS, quantize_weights
+
+Reporter = Callable[[str], None]
+
+
+class Progress:
+    """Numbered stages with their durations: `[2/6] quantizing target (int4) ... 3.1 s`."""
+
+    def __init__(self, total: int, report: Reporter) -> None:
+        self.total, self.done, self.report = total, 0, report
+
+    @contextmanager
+    def stage(self, what: str) -> Iterator[None]:
+        self.done += 1
+        self.report(f"[{self.done}/{self.total}] {what} ...")
+        start = time.perf_counter()
+        yield
+        self.report(f"      done in {time.perf_counter() - start:.1f} s")
+
+
+def _export_model(
+    checkpoint: Checkpoint, role: str, quantize: str, block_size: int, accuracy_level: int,
+    work: Path, root: Path, progress: Progress,
+) -> ModelSpec:
+    with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
+        model_path = export_with_optimum(checkpoint, work / role)
+        model = onnx.load(model_path)
+    quantization: dict[str, Any] = {"method": "none"}
+    bits = BITS[quantize]
+    if bits is not None:
+        with progress.stage(f"quantizing {role} weights to {quantize} (block {block_size}, accuracy level {accuracy_level})"):
+            model, quantization = quantize_weights(model, bits, block_size, accuracy_level)
+    files = save_onnx(model, root / role / "model.onnx")
+    return describe_model(
+        model, role=role, root=root, files=files, family=family_of(checkpoint.config).name,
+        source=checkpoint.name, max_positions=max_positions(checkpoint.config), quantization=quantization,
+    )
+
+
+def _chat_template(tokenizer_dir: Path) -> str | None:
+    jinja = tokenizer_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = tokenizer_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
+
+
+def export_pair(
+    target: str | Path,
+    out: str | Path,
+    *,
+    draft: str | Path | None = None,
+    quantize: str = "int4",
+    draft_quantize: str | None = None,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    force: bool = False,
+    report: Reporter = print,
+) -> Manifest:
+    """Export `target` (and `draft`) into the package directory `out`; return its manifest.
+
+    `quantize`/`draft_quantize` are "none", "int8" or "int4" (the draft defaults to the target's).
+    The package appears at `out` only once complete.
+    """
+    draft_quantize = draft_quantize or quantize
+    for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
+        if value not in BITS:
+            raise ValueError(f"{name} must be one of {', '.join(BITS)}, got {value!r}")
+    roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
+    steps = 2 + sum(1 + (BITS[q] is not None) for _, _, q in roles)
+    progress = Progress(steps, report)
+    out = Path(out)
+    with staging_directory(out, force) as root, tempfile.TemporaryDirectory(dir=root.parent, prefix=".ortspec-work-") as tmp:
+        work = Path(tmp)
+        with progress.stage("reading checkpoints and checking tokenizers"):
+            checkpoints = {role: resolve_checkpoint(name) for role, name, _ in roles}
+            tokenizers = {role: prepare_tokenizer(ckpt, work / f"{role}-tokenizer") for role, ckpt in checkpoints.items()}
+            compatibility: PairCompatibility | None = None
+            if draft:
+                compatibility = check_pair(
+                    tokenizers["target"], tokenizers["draft"],
+                    checkpoints["target"].vocab_size, checkpoints["draft"].vocab_size,
+                )
+        specs = {
+            role: _export_model(checkpoints[role], role, q, block_size, accuracy_level, work, root, progress)
+            for role, _, q in roles
+        }
+        with progress.stage(f"writing the package manifest to {out}"):
+            main = checkpoints["target"]
+            generation = {k: v for k, v in main.generation_config.items() if not k.startswith("transformers_")}
+            manifest = Manifest(
+                format=FORMAT_NAME,
+                format_version=FORMAT_VERSION,
+                ortspec_version=__version__,
+                target=specs["target"],
+                draft=specs.get("draft"),
+                tokenizer=TokenizerSpec(
+                    files=copy_tokenizer(tokenizers["target"], root),
+                    eos_token_ids=main.eos_token_ids(),
+                    bos_token_id=main.special_id("bos"),
+                    pad_token_id=main.special_id("pad"),
+                    chat_template=_chat_template(tokenizers["target"]),
+                ),
+                generation=generation,
+                compatibility=(
+                    {"shared_vocab_size": min(s.vocab_size for s in specs.values())} | (
+                        {"tokenizer_size": compatibility.tokenizer_size, "tokenizers_equal": True} if compatibility else {}
+                    )
+                ),
+            )
+            (root / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest

@@ -1,0 +1,1 @@
+"""What each model family needs, and (later) the embedded default model pair."""

@@ -1,0 +1,100 @@
+"""One ONNX causal LM: feed tokens, get their logits, keep the cache. Knows nothing of speculation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .kv_cache import ConcatKVCache, KVCache
+from .manifest import ModelSpec
+from .session import create_session, output_device
+
+ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class ContextLengthError(ValueError):
+    """A sequence would grow past what the model (or its cache) can hold."""
+
+
+def make_cache(spec: ModelSpec, session: ort.InferenceSession) -> KVCache:
+    """The cache implementation for the package's declared KV layout."""
+    if spec.kv_layout != "concat":
+        raise ValueError(f"KV layout {spec.kv_layout!r} of the {spec.role} is not supported by this ortspec")
+    pasts = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+    presents = [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+    types = {i.name: i.type for i in session.get_inputs()}
+    missing = [name for name in pasts if name not in types]
+    if missing:
+        raise ValueError(f"the {spec.role} graph lacks cache input {missing[0]}; the package is inconsistent")
+    dtype = ONNX_TO_NUMPY[types[pasts[0]]]
+    return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, dtype, output_device(session))
+
+
+class Decoder:
+    """A causal LM session plus its KV cache: `forward(tokens)` returns logits for those tokens."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession) -> None:
+        self.spec = spec
+        self.session = session
+        self.cache = make_cache(spec, session)
+        input_names = {i.name for i in session.get_inputs()}
+        self._wants_mask = "attention_mask" in input_names
+        self._wants_positions = "position_ids" in input_names
+        self.max_length = spec.max_positions
+        self._ones = np.ones((1, self.max_length), dtype=np.int64)
+        self._positions = np.arange(self.max_length, dtype=np.int64)[None, :]
+        self._binding = session.io_binding()
+
+    @classmethod
+    def load(
+        cls, spec: ModelSpec, root: Path, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> Decoder:
+        """Open the model of `spec` from the package directory `root`."""
+        return cls(spec, create_session(root / spec.onnx, providers, threads))
+
+    @property
+    def length(self) -> int:
+        """Positions currently in the cache."""
+        return self.cache.length
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of the logits."""
+        return self.spec.vocab_size
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab]."""
+        n = len(token_ids)
+        past = self.cache.length
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if past + n > self.max_length:
+            raise ContextLengthError(
+                f"the {self.spec.role} model holds at most {self.max_length} positions; "
+                f"{past} cached + {n} new would exceed it"
+            )
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", np.asarray(token_ids, dtype=np.int64)[None, :])
+        if self._wants_mask:
+            binding.bind_cpu_input("attention_mask", self._ones[:, : past + n])
+        if self._wants_positions:
+            binding.bind_cpu_input("position_ids", self._positions[:, past : past + n])
+        binding.bind_output("logits", "cpu")
+        self.cache.bind(binding, n)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.cache.update(outputs[1:], n)
+        return np.array(outputs[0].numpy()[0], dtype=np.float32)  # a copy: the binding reuses its buffer
+
+    def truncate(self, length: int) -> None:
+        """Roll the cache back to its first `length` positions."""
+        self.cache.truncate(length)
+
+    def reset(self) -> None:
+        """Start a new sequence."""
+        self.cache.reset()

@@ -1,0 +1,106 @@
+"""The KV cache of one model, kept as OrtValues between calls and bound with IO binding.
+
+Speculation needs one thing beyond plain decoding: rolling the cache back to the accepted prefix.
+Every layout offers the same small interface (`length`, `bind`, `update`, `truncate`, `reset`) so the
+decoder and the speculative loop never care how the cache is stored.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+
+class KVCache(ABC):
+    """KV state of one decoder: how many positions it holds, and how to bind it for the next call."""
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Number of positions currently cached."""
+
+    @abstractmethod
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        """Bind the cache inputs and outputs for a call that adds `new_tokens` positions."""
+
+    @abstractmethod
+    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
+        """Take the call's cache outputs (in `output_names` order) as the new state."""
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected drafts)."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the cache for a new sequence."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs this cache binds, in the order `update` expects them."""
+
+
+class ConcatKVCache(KVCache):
+    """Cache of graphs whose `present` = concat(`past`, new): presents become the next pasts.
+
+    The presents of one call are bound as the pasts of the next as OrtValues, on the session's
+    device, with no numpy round trip. Truncation slices to the accepted length: one copy.
+    """
+
+    def __init__(
+        self,
+        past_names: Sequence[str],
+        present_names: Sequence[str],
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: np.dtype,
+        device: str = "cpu",
+    ) -> None:
+        if len(past_names) != len(present_names):
+            raise ValueError("past and present name lists differ in length")
+        self._past_names = list(past_names)
+        self._present_names = list(present_names)
+        self._shape = (1, num_kv_heads, 0, head_dim)
+        self._dtype = np.dtype(dtype)
+        self._device = device
+        self._values: list[ort.OrtValue] = []
+        self._length = 0
+        self.reset()
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._present_names
+
+    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+
+    def reset(self) -> None:
+        empty = np.zeros(self._shape, dtype=self._dtype)
+        self._values = [self._to_device(empty) for _ in self._past_names]
+        self._length = 0
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        for name, value in zip(self._past_names, self._values):
+            binding.bind_ortvalue_input(name, value)
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
+
+    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
+        self._values = list(presents)
+        self._length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
+        if length == self._length:
+            return
+        self._values = [self._to_device(value.numpy()[:, :, :length]) for value in self._values]
+        self._length = length

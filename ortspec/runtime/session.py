@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions: options, execution providers, the device their outputs live on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """The providers to use, defaulting to the CPU; a clear error for ones this ORT build lacks."""
+    if not providers:
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA"
+        )
+    return list(providers)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation, quiet logs, and `threads` intra-op threads (None: ORT's default)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def create_session(
+    model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """One inference session for one ONNX graph."""
+    return ort.InferenceSession(
+        str(model_path), sess_options=session_options(threads), providers=resolve_providers(providers)
+    )
+
+
+def output_device(session: ort.InferenceSession) -> str:
+    """Where the session's first provider keeps tensors: 'cpu', 'cuda', ..."""
+    return DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu")
