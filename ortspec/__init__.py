@@ -4,4 +4,12 @@ from .runtime import ContextLengthError, GenerationResult, GenerationStats, Pack
 
 __version__ = "0.1.0"
 
-__all__ = ["ContextLengthError", "GenerationResult", "GenerationStats", "PackageError", "Pipeline", "__version__", "load"]
+__all__ = [
+    "ContextLengthError",
+    "GenerationResult",
+    "GenerationStats",
+    "PackageError",
+    "Pipeline",
+    "__version__",
+    "load",
+]

@@ -58,8 +58,11 @@ def _first_encoding_difference(target: Tokenizer, draft: Tokenizer) -> str | Non
     for text in PROBE_TEXTS:
         t_ids, d_ids = target.encode(text).ids, draft.encode(text).ids
         if t_ids != d_ids:
-            at = next((i for i, (a, b) in enumerate(zip(t_ids, d_ids)) if a != b), min(len(t_ids), len(d_ids)))
-            return f"{text[:30]!r}... encodes differently from token {at} on (target {t_ids[at:at + 3]}, draft {d_ids[at:at + 3]})"
+            at = next((i for i, (a, b) in enumerate(zip(t_ids, d_ids, strict=False)) if a != b), len(t_ids))
+            return (
+                f"{text[:30]!r}... encodes differently from token {at} on "
+                f"(target {t_ids[at : at + 3]}, draft {d_ids[at : at + 3]})"
+            )
     return None
 
 

@@ -28,5 +28,7 @@ def export_with_optimum(checkpoint: Checkpoint, out_dir: Path) -> Path:
         )
     model = out_dir / "model.onnx"
     if not model.is_file():
-        raise RuntimeError(f"optimum wrote no model.onnx for {checkpoint.name} (found {sorted(p.name for p in out_dir.iterdir())})")
+        raise RuntimeError(
+            f"optimum wrote no model.onnx for {checkpoint.name} (found {sorted(p.name for p in out_dir.iterdir())})"
+        )
     return model

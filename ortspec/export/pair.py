@@ -40,8 +40,14 @@ class Progress:
 
 
 def _export_model(
-    checkpoint: Checkpoint, role: str, quantize: str, block_size: int, accuracy_level: int,
-    work: Path, root: Path, progress: Progress,
+    checkpoint: Checkpoint,
+    role: str,
+    quantize: str,
+    block_size: int,
+    accuracy_level: int,
+    work: Path,
+    root: Path,
+    progress: Progress,
 ) -> ModelSpec:
     with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
         model_path = export_with_optimum(checkpoint, work / role)
@@ -49,12 +55,20 @@ def _export_model(
     quantization: dict[str, Any] = {"method": "none"}
     bits = BITS[quantize]
     if bits is not None:
-        with progress.stage(f"quantizing {role} weights to {quantize} (block {block_size}, accuracy level {accuracy_level})"):
+        with progress.stage(
+            f"quantizing {role} weights to {quantize} (block {block_size}, accuracy level {accuracy_level})"
+        ):
             model, quantization = quantize_weights(model, bits, block_size, accuracy_level)
     files = save_onnx(model, root / role / "model.onnx")
     return describe_model(
-        model, role=role, root=root, files=files, family=family_of(checkpoint.config).name,
-        source=checkpoint.name, max_positions=max_positions(checkpoint.config), quantization=quantization,
+        model,
+        role=role,
+        root=root,
+        files=files,
+        family=family_of(checkpoint.config).name,
+        source=checkpoint.name,
+        max_positions=max_positions(checkpoint.config),
+        quantization=quantization,
     )
 
 
@@ -92,16 +106,23 @@ def export_pair(
     steps = 2 + sum(1 + (BITS[q] is not None) for _, _, q in roles)
     progress = Progress(steps, report)
     out = Path(out)
-    with staging_directory(out, force) as root, tempfile.TemporaryDirectory(dir=root.parent, prefix=".ortspec-work-") as tmp:
+    with (
+        staging_directory(out, force) as root,
+        tempfile.TemporaryDirectory(dir=root.parent, prefix=".ortspec-work-") as tmp,
+    ):
         work = Path(tmp)
         with progress.stage("reading checkpoints and checking tokenizers"):
             checkpoints = {role: resolve_checkpoint(name) for role, name, _ in roles}
-            tokenizers = {role: prepare_tokenizer(ckpt, work / f"{role}-tokenizer") for role, ckpt in checkpoints.items()}
+            tokenizers = {
+                role: prepare_tokenizer(ckpt, work / f"{role}-tokenizer") for role, ckpt in checkpoints.items()
+            }
             compatibility: PairCompatibility | None = None
             if draft:
                 compatibility = check_pair(
-                    tokenizers["target"], tokenizers["draft"],
-                    checkpoints["target"].vocab_size, checkpoints["draft"].vocab_size,
+                    tokenizers["target"],
+                    tokenizers["draft"],
+                    checkpoints["target"].vocab_size,
+                    checkpoints["draft"].vocab_size,
                 )
         specs = {
             role: _export_model(checkpoints[role], role, q, block_size, accuracy_level, work, root, progress)
@@ -125,8 +146,11 @@ def export_pair(
                 ),
                 generation=generation,
                 compatibility=(
-                    {"shared_vocab_size": min(s.vocab_size for s in specs.values())} | (
-                        {"tokenizer_size": compatibility.tokenizer_size, "tokenizers_equal": True} if compatibility else {}
+                    {"shared_vocab_size": min(s.vocab_size for s in specs.values())}
+                    | (
+                        {"tokenizer_size": compatibility.tokenizer_size, "tokenizers_equal": True}
+                        if compatibility
+                        else {}
                     )
                 ),
             )

@@ -106,4 +106,3 @@ def quantize_weights(
         "unquantized_matmuls": count_ops(quantized, "MatMul"),
     }
     return quantized, summary
-

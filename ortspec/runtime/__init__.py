@@ -4,4 +4,12 @@ from .decoder import ContextLengthError
 from .manifest import PackageError
 from .pipeline import GenerationResult, GenerationStats, Pipeline, TextStream, load
 
-__all__ = ["ContextLengthError", "GenerationResult", "GenerationStats", "PackageError", "Pipeline", "TextStream", "load"]
+__all__ = [
+    "ContextLengthError",
+    "GenerationResult",
+    "GenerationStats",
+    "PackageError",
+    "Pipeline",
+    "TextStream",
+    "load",
+]

@@ -88,7 +88,7 @@ class ConcatKVCache(KVCache):
         self._length = 0
 
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
-        for name, value in zip(self._past_names, self._values):
+        for name, value in zip(self._past_names, self._values, strict=True):
             binding.bind_ortvalue_input(name, value)
         for name in self._present_names:
             binding.bind_output(name, self._device)

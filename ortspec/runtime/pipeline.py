@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ class GenerationStats:
     time_to_first_token: float
     tokens_per_second: float  # new tokens / seconds
     draft_tokens: int  # γ: drafts proposed per round (0 for plain decoding)
+    accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
     finish_reason: str  # "eos" or "length"
 
 
@@ -77,7 +78,9 @@ class Pipeline:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
             if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+                raise ValueError(
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})"
+                )
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         return ids
@@ -95,8 +98,8 @@ class Pipeline:
 
     def _run(
         self, prompt: Prompt, max_new_tokens: int, use_draft: bool, draft_tokens: int
-    ) -> Iterator[tuple[list[int], GenerationStats | None]]:
-        """Yield (committed chunk, None) per round, then ([], final stats)."""
+    ) -> Generator[list[int], None, GenerationStats]:
+        """Yield the committed tokens round by round; return the stats."""
         prompt_ids = self._prompt_ids(prompt)
         self._check_lengths(prompt_ids, max_new_tokens)
         if draft_tokens < 1:
@@ -112,10 +115,10 @@ class Pipeline:
         ):
             first_token_at = first_token_at or time.perf_counter()
             new_tokens += len(chunk)
-            yield chunk, None
+            yield chunk
         seconds = time.perf_counter() - start
         verify_calls = loop.target_calls - 1
-        yield [], GenerationStats(
+        return GenerationStats(
             prompt_tokens=len(prompt_ids),
             new_tokens=new_tokens,
             target_calls=loop.target_calls,
@@ -128,6 +131,7 @@ class Pipeline:
             time_to_first_token=(first_token_at or start) - start,
             tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
             draft_tokens=draft_tokens if proposer else 0,
+            accepted_per_round=tuple(loop.accepted_per_round),
             finish_reason=loop.finish_reason,
         )
 
@@ -140,25 +144,30 @@ class Pipeline:
         as-is. `draft_tokens` is γ, the drafts proposed per target call.
         """
         ids: list[int] = []
-        stats = None
-        for chunk, stats in self._run(prompt, max_new_tokens, use_draft, draft_tokens):
-            ids.extend(chunk)
-        assert stats is not None
-        return GenerationResult(self.tokenizer.decode(ids), ids, stats)
+        rounds = self._run(prompt, max_new_tokens, use_draft, draft_tokens)
+        while True:
+            try:
+                ids.extend(next(rounds))
+            except StopIteration as finished:
+                return GenerationResult(self.tokenizer.decode(ids), ids, finished.value)
 
     def stream(
         self, prompt: Prompt, *, max_new_tokens: int = 128, use_draft: bool = True, draft_tokens: int = 4
     ) -> TextStream:
         """Like `generate`, but yields text deltas as tokens are committed; see `TextStream.result`."""
+        rounds = self._run(prompt, max_new_tokens, use_draft, draft_tokens)
         decoder = self.tokenizer.stream()
 
         def deltas() -> Iterator[str]:
             ids: list[int] = []
-            for chunk, stats in self._run(prompt, max_new_tokens, use_draft, draft_tokens):
+            while True:
+                try:
+                    chunk = next(rounds)
+                except StopIteration as finished:
+                    text_stream.result = GenerationResult(self.tokenizer.decode(ids), ids, finished.value)
+                    return
                 ids.extend(chunk)
-                if stats is not None:
-                    text_stream.result = GenerationResult(self.tokenizer.decode(ids), ids, stats)
-                elif text := decoder.push(chunk):
+                if text := decoder.push(chunk):
                     yield text
 
         text_stream = TextStream(deltas())

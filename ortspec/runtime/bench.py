@@ -1,0 +1,93 @@
+"""Plain vs speculative decoding on the same prompts, measured alternately in one run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .pipeline import GenerationResult, Pipeline
+
+
+@dataclass
+class ModeTotals:
+    """Sums over every measured generation of one mode."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    target_calls: int = 0
+    draft_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, result: GenerationResult) -> None:
+        s = result.stats
+        self.new_tokens += s.new_tokens
+        self.seconds += s.seconds
+        self.target_calls += s.target_calls
+        self.draft_calls += s.draft_calls
+        self.drafted += s.drafted_tokens
+        self.accepted += s.accepted_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+@dataclass
+class BenchReport:
+    """Plain and speculative totals, and whether every pair of outputs was identical."""
+
+    plain: ModeTotals = field(default_factory=ModeTotals)
+    speculative: ModeTotals = field(default_factory=ModeTotals)
+    prompts: int = 0
+    runs: int = 0
+    mismatches: list[int] = field(default_factory=list)  # prompt indexes whose outputs differed
+
+    @property
+    def speedup(self) -> float:
+        plain = self.plain.tokens_per_second
+        return self.speculative.tokens_per_second / plain if plain else 0.0
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        """Speculative new tokens per verify call (prefill calls excluded)."""
+        verify_calls = self.speculative.target_calls - self.runs
+        return (self.speculative.new_tokens - self.runs) / verify_calls if verify_calls else 0.0
+
+
+def compare(
+    pipe: Pipeline,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    draft_tokens: int = 4,
+    repeats: int = 3,
+    warmup: bool = True,
+) -> BenchReport:
+    """Run every prompt plain and speculative, alternating which goes first, `repeats` times."""
+    if not prompts:
+        raise ValueError("no prompts to benchmark")
+    if pipe.draft is None:
+        raise ValueError("the package has no draft model: nothing to compare plain decoding with")
+
+    def run(prompt: str | Sequence[int], speculative: bool) -> GenerationResult:
+        return pipe.generate(prompt, max_new_tokens=max_new_tokens, use_draft=speculative, draft_tokens=draft_tokens)
+
+    if warmup:
+        run(prompts[0], False)
+        run(prompts[0], True)
+    report = BenchReport(prompts=len(prompts))
+    for repeat in range(repeats):
+        for index, prompt in enumerate(prompts):
+            order = (False, True) if (repeat + index) % 2 == 0 else (True, False)
+            results = {speculative: run(prompt, speculative) for speculative in order}
+            report.plain.add(results[False])
+            report.speculative.add(results[True])
+            report.runs += 1
+            if results[False].token_ids != results[True].token_ids and index not in report.mismatches:
+                report.mismatches.append(index)
+    return report

@@ -1,0 +1,80 @@
+"""The CLI end to end: export, generate (streaming), bench, info."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from ortspec.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_export_info_generate_bench(checkpoint, tmp_path):
+    out = tmp_path / "pair"
+    result = run(
+        "export", checkpoint("llama"), "--draft", checkpoint("llama", "close"), "--quantize", "int4", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    assert "[1/6]" in result.output and "[6/6]" in result.output and f"package written to {out}" in result.output
+
+    info = run("info", out)
+    assert info.exit_code == 0
+    assert "int4 MatMulNBits" in info.output and "draft:" in info.output and "KV layout concat" in info.output
+    assert json.loads(run("info", out, "--json").output)["format_version"] == 1
+
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ortspec.cli",
+            "generate",
+            str(out),
+            "def fibonacci(n):",
+            "--max-new-tokens",
+            "12",
+            "--stats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert "tokens/s" in gen.stderr and "acceptance" in gen.stderr and "target calls" in gen.stderr
+    plain = run("generate", out, "def fibonacci(n):", "--max-new-tokens", "12", "--no-draft")
+    assert plain.exit_code == 0
+    assert plain.output == gen.stdout  # speculative text == plain text
+    ids = run("generate", out, "3, 40, 7", "--token-ids", "--max-new-tokens", "5")
+    assert ids.exit_code == 0
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\nclass Stack:\nimport os\n")
+    bench = run("bench", out, "--prompts", prompts, "--max-new-tokens", "16", "--repeats", "1")
+    assert bench.exit_code == 0, bench.output
+    for needle in (
+        "acceptance rate",
+        "tokens per target call",
+        "speedup",
+        "outputs identical: yes",
+        "plain",
+        "speculative",
+    ):
+        assert needle in bench.output
+
+
+def test_cli_errors_are_one_line(package, tmp_path):
+    root = package("llama", draft="close")
+    too_long = run("generate", root, " ".join(["5"] * 300), "--token-ids")
+    assert too_long.exit_code == 1 and "exceeds the model's context" in too_long.output
+    assert "Traceback" not in too_long.output
+    not_a_package = run("info", tmp_path)
+    assert not_a_package.exit_code == 1 and "no manifest.json" in not_a_package.output
+    missing = run("export", tmp_path / "nope", "--out", tmp_path / "new")
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    exists = run("export", tmp_path / "nope", "--out", root)
+    assert exists.exit_code == 1 and "already exists; pass --force" in exists.output
