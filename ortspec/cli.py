@@ -38,6 +38,11 @@ def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
         multiple=True,
         help="ONNX Runtime execution provider, in priority order (repeatable). Default: CPUExecutionProvider.",
     )(func)
+    func = click.option(
+        "--max-length",
+        type=click.IntRange(min=1),
+        help="Longest prompt + generation to hold (default: the model's maximum, at most 4096).",
+    )(func)
     func = click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ORT's).")(
         func
     )
@@ -47,10 +52,12 @@ def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _load(package: str, providers: tuple[str, ...], threads: int | None, no_verify: bool) -> Any:
+def _load(
+    package: str, providers: tuple[str, ...], threads: int | None, max_length: int | None, no_verify: bool
+) -> Any:
     from .runtime.pipeline import load
 
-    return load(package, providers=providers or None, threads=threads, verify=not no_verify)
+    return load(package, providers=providers or None, threads=threads, max_length=max_length, verify=not no_verify)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +100,15 @@ def main() -> None:
     show_default=True,
     help="MatMulNBits compute accuracy; 4 (int8 compute) is the fast one on CPU.",
 )
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "builder", "optimum"]),
+    default="auto",
+    show_default=True,
+    help="builder: ONNX built from safetensors with GroupQueryAttention and a shared KV buffer (llama, "
+    "mistral, qwen2, qwen3, phi3, gemma, gemma2; no torch needed); optimum: the generic exporter; "
+    "auto: the builder when it applies.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing package at --out.")
 @_user_errors
 def export(
@@ -103,6 +119,7 @@ def export(
     draft_quantize: str | None,
     block_size: int,
     accuracy_level: int,
+    exporter: str,
     force: bool,
 ) -> None:
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
@@ -126,6 +143,7 @@ def export(
         draft_quantize=draft_quantize,
         block_size=block_size,
         accuracy_level=accuracy_level,
+        exporter=exporter,
         force=force,
         report=lambda line: click.echo(line, err=True),
     )
@@ -177,6 +195,7 @@ def generate(
     stats: bool,
     providers: tuple[str, ...],
     threads: int | None,
+    max_length: int | None,
     no_verify: bool,
 ) -> None:
     """Complete PROMPT with the model in PACKAGE, streaming the text as tokens are accepted.
@@ -184,7 +203,7 @@ def generate(
     Decoding is greedy; with the package's draft it is speculative and gives exactly the target's
     own greedy output, only faster.
     """
-    pipe = _load(package, providers, threads, no_verify)
+    pipe = _load(package, providers, threads, max_length, no_verify)
     prompt_in = _parse_token_ids(prompt) if token_ids else prompt
     stream = pipe.stream(prompt_in, max_new_tokens=max_new_tokens, use_draft=not no_draft, draft_tokens=draft_tokens)
     for delta in stream:
@@ -234,6 +253,7 @@ def bench(
     repeats: int,
     providers: tuple[str, ...],
     threads: int | None,
+    max_length: int | None,
     no_verify: bool,
 ) -> None:
     """Plain vs speculative decoding of PACKAGE on the prompts, measured alternately in one run.
@@ -244,7 +264,7 @@ def bench(
     from .runtime.bench import compare
 
     prompts = read_prompts(prompts_file)
-    pipe = _load(package, providers, threads, no_verify)
+    pipe = _load(package, providers, threads, max_length, no_verify)
     report = compare(pipe, prompts, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, repeats=repeats)
     spec, plain = report.speculative, report.plain
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"

@@ -9,26 +9,65 @@ import pytest
 
 from ortspec.models.random import make_checkpoint, perturbed_copy
 
-FAMILIES = ["llama", "qwen2", "gpt2"]
+# (family, exporter) pairs whose graphs are tested against PyTorch and transformers' generate
+CASES = [
+    ("llama", "optimum"),
+    ("qwen2", "optimum"),
+    ("gpt2", "optimum"),
+    ("llama", "builder"),
+    ("mistral", "builder"),
+    ("qwen2", "builder"),
+    ("qwen3", "builder"),
+    ("phi3", "builder"),
+    ("gemma", "builder"),
+    ("gemma2", "builder"),
+]
+CASE_IDS = [f"{family}-{exporter}" for family, exporter in CASES]
+
+# Small heads for the families whose default head_dim is 256, and sliding windows short enough
+# that test sequences (up to ~50 tokens) run past them.
+FAMILY_SHAPES: dict[str, dict] = {
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 4},
+    "mistral": {"sliding_window": 4},
+}
+# Builder corner cases, as llama variants
+VARIANTS: dict[str, dict] = {
+    "": {},
+    "head-dim-40": {"hidden": 160, "heads": 4, "kv_heads": 2},
+    "llama3-rope": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        }
+    },
+    "bf16": {"dtype": "bfloat16"},
+    "sharded": {"shard_size": "100KB"},
+    "tied": {"tie_word_embeddings": True},
+}
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """checkpoint(family, kind) -> directory. kind: target | same (copy) | close (perturbed) | other."""
-    made: dict[tuple[str, str], Path] = {}
+    """checkpoint(family, kind, variant) -> directory. kind: target | same (copy) | close (perturbed) | other."""
+    made: dict[tuple[str, str, str], Path] = {}
 
-    def get(family: str = "llama", kind: str = "target") -> Path:
-        key = (family, kind)
+    def get(family: str = "llama", kind: str = "target", variant: str = "") -> Path:
+        key = (family, kind, variant)
         if key not in made:
-            root = tmp_path_factory.mktemp(f"{family}-{kind}")
+            root = tmp_path_factory.mktemp(f"{family}-{kind}-{variant or 'base'}")
+            shape = {**FAMILY_SHAPES.get(family, {}), **VARIANTS[variant]}
             if kind == "target":
-                made[key] = make_checkpoint(root, family, seed=0)
+                made[key] = make_checkpoint(root, family, seed=0, **shape)
             elif kind == "same":
-                made[key] = perturbed_copy(get(family), root, noise=0.0)
+                made[key] = perturbed_copy(get(family, variant=variant), root, noise=0.0)
             elif kind == "close":
-                made[key] = perturbed_copy(get(family), root, noise=0.05)
+                made[key] = perturbed_copy(get(family, variant=variant), root, noise=0.05)
             elif kind == "other":
-                made[key] = make_checkpoint(root, family, seed=7, layers=1)
+                made[key] = make_checkpoint(root, family, seed=7, layers=1, **shape)
             else:
                 raise ValueError(kind)
         return made[key]
@@ -38,20 +77,29 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """package(family, draft_kind or None, quantize) -> exported package directory."""
+    """package(family, draft kind or None, quantize, exporter, draft_exporter, variant) -> package directory."""
     from ortspec.export import export_pair
 
-    made: dict[tuple[str, str | None, str], Path] = {}
+    made: dict[tuple, Path] = {}
 
-    def get(family: str = "llama", draft: str | None = "close", quantize: str = "none") -> Path:
-        key = (family, draft, quantize)
+    def get(
+        family: str = "llama",
+        draft: str | None = "close",
+        quantize: str = "none",
+        exporter: str = "auto",
+        draft_exporter: str | None = None,
+        variant: str = "",
+    ) -> Path:
+        key = (family, draft, quantize, exporter, draft_exporter, variant)
         if key not in made:
-            out = tmp_path_factory.mktemp("pkg") / f"{family}-{draft}-{quantize}"
+            out = tmp_path_factory.mktemp("pkg") / "-".join(str(k) for k in key)
             export_pair(
-                checkpoint(family),
+                checkpoint(family, variant=variant),
                 out,
-                draft=checkpoint(family, draft) if draft else None,
+                draft=checkpoint(family, draft, variant) if draft else None,
                 quantize=quantize,
+                exporter=exporter,
+                draft_exporter=draft_exporter,
                 report=lambda _: None,
             )
             made[key] = out

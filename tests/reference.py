@@ -10,9 +10,13 @@ import numpy as np
 
 @cache
 def hf_model(checkpoint_dir: Path):
+    import torch
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir).eval()
+    # fp32 whatever the checkpoint's dtype; eager attention, which honours soft-capping exactly
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def hf_greedy(checkpoint_dir: Path, prompt: tuple[int, ...], max_new_tokens: int, eos_token_id: int) -> list[int]:

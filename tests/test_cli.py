@@ -25,7 +25,8 @@ def test_export_info_generate_bench(checkpoint, tmp_path):
 
     info = run("info", out)
     assert info.exit_code == 0
-    assert "int4 MatMulNBits" in info.output and "draft:" in info.output and "KV layout concat" in info.output
+    assert "int4 MatMulNBits" in info.output and "draft:" in info.output and "KV layout shared-buffer" in info.output
+    assert "exported by builder" in info.output
     assert json.loads(run("info", out, "--json").output)["format_version"] == 1
 
     gen = subprocess.run(
@@ -70,7 +71,7 @@ def test_export_info_generate_bench(checkpoint, tmp_path):
 def test_cli_errors_are_one_line(package, tmp_path):
     root = package("llama", draft="close")
     too_long = run("generate", root, " ".join(["5"] * 300), "--token-ids")
-    assert too_long.exit_code == 1 and "exceeds the model's context" in too_long.output
+    assert too_long.exit_code == 1 and "exceeds the context of" in too_long.output
     assert "Traceback" not in too_long.output
     not_a_package = run("info", tmp_path)
     assert not_a_package.exit_code == 1 and "no manifest.json" in not_a_package.output

@@ -30,8 +30,11 @@ def test_gpt2_gemm_projections_are_quantized(quantize, package):
 
 
 def test_llama_projections_are_quantized(package):
-    counts = ops(package("llama", draft=None, quantize="int4") / "target" / "model.onnx")
+    counts = ops(package("llama", draft=None, quantize="int4", exporter="optimum") / "target" / "model.onnx")
     assert counts.get("MatMulNBits") == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    counts = ops(package("llama", draft=None, quantize="int4", exporter="builder") / "target" / "model.onnx")
+    assert counts.get("MatMulNBits") == 2 * 4 + 1  # fused qkv, o, fused gate_up, down per layer + lm_head
+    assert counts.get("GroupQueryAttention") == 2 and "MatMul" not in counts
 
 
 def test_incompatible_tokenizer_is_refused(checkpoint, tmp_path):

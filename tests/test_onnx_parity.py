@@ -5,25 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FAMILIES
+import ortspec
+
+from conftest import CASE_IDS, CASES
+from reference import hf_model
+
+BUILDER_VARIANTS = ["head-dim-40", "llama3-rope", "bf16", "sharded", "tied"]
 
 
-def torch_logits(checkpoint_dir, ids: list[int]) -> np.ndarray:
+def check_against_pytorch(pipe, checkpoint_dir) -> None:
     import torch
-    import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir).eval()
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=40)]
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_pytorch(family, checkpoint, package):
-    import ortspec
-
-    pipe = ortspec.load(package(family, draft=None))
-    ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=14)]
-    expected = torch_logits(checkpoint(family), ids)
+        expected = hf_model(checkpoint_dir)(torch.tensor([ids])).logits[0].float().numpy()
     decoder = pipe.target
     decoder.reset()
     steps = [
@@ -36,7 +31,40 @@ def test_logits_match_pytorch(family, checkpoint, package):
         got = decoder.forward(ids[span])
         np.testing.assert_allclose(got, expected[span], atol=1e-4, rtol=0, err_msg=what)
     assert decoder.length == 13
-    decoder.truncate(9)  # roll back 4 positions, then overwrite them with a different chunk length
-    got = decoder.forward(ids[9:14])
-    np.testing.assert_allclose(got, expected[9:14], atol=1e-4, rtol=0, err_msg="after truncate")
-    assert decoder.length == 14
+    decoder.truncate(9)  # roll back 4 positions, then overwrite them with a longer chunk
+    got = decoder.forward(ids[9:30])
+    np.testing.assert_allclose(got, expected[9:30], atol=1e-4, rtol=0, err_msg="after truncate")
+    for position in range(30, 40):  # single steps well past any sliding window
+        np.testing.assert_allclose(
+            decoder.forward(ids[position : position + 1])[0], expected[position], atol=1e-4, rtol=0
+        )
+    assert decoder.length == 40
+
+
+@pytest.mark.parametrize(("family", "exporter"), CASES, ids=CASE_IDS)
+def test_logits_match_pytorch(family, exporter, checkpoint, package):
+    pipe = ortspec.load(package(family, draft=None, exporter=exporter))
+    assert pipe.manifest.target.exporter == exporter
+    assert pipe.manifest.target.kv_layout == ("shared-buffer" if exporter == "builder" else "concat")
+    check_against_pytorch(pipe, checkpoint(family))
+
+
+@pytest.mark.parametrize("variant", BUILDER_VARIANTS)
+def test_builder_variants_match_pytorch(variant, checkpoint, package):
+    pipe = ortspec.load(package("llama", draft=None, exporter="builder", variant=variant))
+    check_against_pytorch(pipe, checkpoint("llama", variant=variant))
+    if variant == "head-dim-40":
+        assert pipe.manifest.target.head_dim == 48  # zero-padded to a multiple of 16 for GroupQueryAttention
+
+
+def test_sliding_window_matters_in_the_reference(checkpoint):
+    """The sliding-window cases above can only fail if the window changes the logits: check it does."""
+    import torch
+    import transformers
+
+    directory = checkpoint("mistral")
+    windowed = hf_model(directory)
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(directory, sliding_window=None).eval()
+    ids = torch.tensor([list(range(5, 25))])
+    with torch.no_grad():
+        assert not torch.allclose(windowed(ids).logits[0, -1], unwindowed(ids).logits[0, -1], atol=1e-3)

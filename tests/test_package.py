@@ -43,7 +43,7 @@ def test_manifest_describes_every_file(package):
     target = manifest.target
     assert (target.family, target.kv_layout, target.num_layers, target.num_kv_heads, target.head_dim) == (
         "llama",
-        "concat",
+        "shared-buffer",
         2,
         2,
         16,

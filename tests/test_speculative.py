@@ -7,7 +7,7 @@ import pytest
 
 import ortspec
 
-from conftest import FAMILIES
+from conftest import CASE_IDS, CASES
 from reference import greedy_margin, hf_greedy
 
 MAX_NEW = 24
@@ -18,28 +18,40 @@ def prompt_of(length: int, vocab: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed + length).integers(2, vocab, size=length)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("prompt_length", [1, 6, 20])
-@pytest.mark.parametrize("gamma", [1, 3, 5])
-def test_speculative_equals_plain_equals_transformers(family, prompt_length, gamma, checkpoint, package):
-    pipe = ortspec.load(package(family, draft="close"))
-    prompt = prompt_of(prompt_length, pipe.target.vocab_size)
-    spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=gamma)
-    plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False)
-    reference = hf_greedy(checkpoint(family), tuple(prompt), MAX_NEW, EOS)
-    assert greedy_margin(checkpoint(family), prompt, reference) > 1e-3, "near-tied logits: comparison meaningless"
-    assert plain.token_ids == reference
-    assert spec.token_ids == plain.token_ids
-    assert plain.stats.drafted_tokens == 0
-    assert spec.stats.drafted_tokens > 0 or len(reference) == 1  # an eos first token leaves nothing to draft
-    assert spec.stats.target_calls <= plain.stats.target_calls
-    if len(reference) == MAX_NEW:
-        assert spec.stats.finish_reason == "length"
+@pytest.mark.parametrize(("family", "exporter"), CASES, ids=CASE_IDS)
+def test_speculative_equals_plain_equals_transformers(family, exporter, checkpoint, package):
+    pipe = ortspec.load(package(family, draft="close", exporter=exporter))
+    for prompt_length in (1, 6, 20):
+        prompt = prompt_of(prompt_length, pipe.target.vocab_size)
+        reference = hf_greedy(checkpoint(family), tuple(prompt), MAX_NEW, EOS)
+        assert greedy_margin(checkpoint(family), prompt, reference) > 1e-3, "near-tied logits: comparison meaningless"
+        plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False)
+        assert plain.token_ids == reference
+        assert plain.stats.drafted_tokens == 0
+        for gamma in (1, 3, 5):
+            spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=gamma)
+            assert spec.token_ids == plain.token_ids, f"prompt length {prompt_length}, γ={gamma}"
+            assert spec.stats.drafted_tokens > 0 or len(reference) == 1  # an eos first token leaves nothing to draft
+            assert spec.stats.target_calls <= plain.stats.target_calls
+            if len(reference) == MAX_NEW:
+                assert spec.stats.finish_reason == "length"
 
 
+@pytest.mark.parametrize(("exporter", "draft_exporter"), [("builder", "optimum"), ("optimum", "builder")])
+def test_mixed_pairs(exporter, draft_exporter, package):
+    pipe = ortspec.load(package("llama", draft="close", exporter=exporter, draft_exporter=draft_exporter))
+    assert (pipe.manifest.target.exporter, pipe.manifest.draft.exporter) == (exporter, draft_exporter)
+    for length, gamma in ((1, 2), (6, 4), (20, 5)):
+        prompt = prompt_of(length, pipe.target.vocab_size)
+        spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=gamma)
+        assert spec.token_ids == pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False).token_ids
+        assert spec.stats.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("exporter", ["builder", "optimum"])
 @pytest.mark.parametrize("gamma", [1, 3, 5])
-def test_every_draft_accepted_when_the_draft_is_the_target(gamma, package):
-    pipe = ortspec.load(package("llama", draft="same"))
+def test_every_draft_accepted_when_the_draft_is_the_target(gamma, exporter, package):
+    pipe = ortspec.load(package("llama", draft="same", exporter=exporter))
     prompt = prompt_of(6, pipe.target.vocab_size)
     spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=gamma)
     plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False)
@@ -50,8 +62,9 @@ def test_every_draft_accepted_when_the_draft_is_the_target(gamma, package):
     assert spec.stats.target_calls == 1 + -(-(MAX_NEW - 1) // (gamma + 1))  # prefill + ceil(rest / (γ+1))
 
 
-def test_no_draft_accepted_with_an_unrelated_draft(package):
-    pipe = ortspec.load(package("llama", draft="other"))
+@pytest.mark.parametrize("exporter", ["builder", "optimum"])
+def test_no_draft_accepted_with_an_unrelated_draft(exporter, package):
+    pipe = ortspec.load(package("llama", draft="other", exporter=exporter))
     prompt = prompt_of(6, pipe.target.vocab_size)
     spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=3)
     plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False)
@@ -59,8 +72,9 @@ def test_no_draft_accepted_with_an_unrelated_draft(package):
     assert 0 in spec.stats.accepted_per_round
 
 
-def test_close_draft_has_full_and_partial_rounds(package):
-    pipe = ortspec.load(package("llama", draft="close"))
+@pytest.mark.parametrize("exporter", ["builder", "optimum"])
+def test_close_draft_has_full_and_partial_rounds(exporter, package):
+    pipe = ortspec.load(package("llama", draft="close", exporter=exporter))
     rounds = []
     for length in (3, 9, 15):
         prompt = prompt_of(length, pipe.target.vocab_size, seed=3)
@@ -70,10 +84,10 @@ def test_close_draft_has_full_and_partial_rounds(package):
     assert 3 in rounds and any(k < 3 for k in rounds)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(("family", "exporter"), [("llama", "builder"), ("llama", "optimum"), ("gpt2", "optimum")])
 @pytest.mark.parametrize("gamma", [1, 4])
-def test_stops_at_eos(family, gamma, checkpoint, package):
-    pipe = ortspec.load(package(family, draft="close"))
+def test_stops_at_eos(family, exporter, gamma, checkpoint, package):
+    pipe = ortspec.load(package(family, draft="close", exporter=exporter))
     prompt = prompt_of(5, pipe.target.vocab_size, seed=11)
     free = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False).token_ids
     stop_at = next(i for i in range(3, len(free)) if free[i] not in free[:i])
@@ -87,9 +101,9 @@ def test_stops_at_eos(family, gamma, checkpoint, package):
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_quantized_speculative_equals_quantized_plain(family, quantize, package):
-    pipe = ortspec.load(package(family, draft="close", quantize=quantize))
+@pytest.mark.parametrize(("family", "exporter"), [("llama", "builder"), ("llama", "optimum"), ("gpt2", "optimum")])
+def test_quantized_speculative_equals_quantized_plain(family, exporter, quantize, package):
+    pipe = ortspec.load(package(family, draft="close", quantize=quantize, exporter=exporter))
     assert pipe.manifest.target.quantization["bits"] == int(quantize[-1])
     for length, gamma in ((2, 2), (7, 4), (16, 5)):
         prompt = prompt_of(length, pipe.target.vocab_size, seed=5)

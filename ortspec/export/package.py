@@ -75,8 +75,12 @@ def describe_model(
     source: str,
     max_positions: int,
     quantization: dict[str, Any],
+    exporter: str,
 ) -> ModelSpec:
-    """The manifest entry of a concat-layout graph, read from the graph itself."""
+    """The manifest entry of an exported graph, read from the graph itself.
+
+    Graphs from the builder (GroupQueryAttention) use the shared-buffer KV layout; optimum's concat.
+    """
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
     layers = sum(name.startswith("past_key_values.") and name.endswith(".key") for name in inputs)
@@ -90,10 +94,10 @@ def describe_model(
     return ModelSpec(
         role=role,
         family=family,
-        exporter="optimum",
+        exporter=exporter,
         onnx=files[0].relative_to(root).as_posix(),
         files=[file_entry(root, f) for f in files],
-        kv_layout="concat",
+        kv_layout="shared-buffer" if exporter == "builder" else "concat",
         num_layers=layers,
         num_kv_heads=kv_heads,
         head_dim=head_dim,

@@ -15,6 +15,8 @@ import onnx
 from .. import __version__
 from ..models.registry import family_of, max_positions
 from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, ModelSpec, TokenizerSpec
+from .builder import build_onnx, can_build
+from .builder.config import decoder_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
 from .onnx_export import export_with_optimum
@@ -22,6 +24,7 @@ from .package import copy_tokenizer, describe_model, save_onnx, staging_director
 from .quantize import BITS, quantize_weights
 
 Reporter = Callable[[str], None]
+EXPORTERS = ("auto", "builder", "optimum")
 
 
 class Progress:
@@ -39,9 +42,19 @@ class Progress:
         self.report(f"      done in {time.perf_counter() - start:.1f} s")
 
 
+def choose_exporter(checkpoint: Checkpoint, exporter: str) -> str:
+    """`auto` -> the builder for the families it builds exactly, optimum for the rest."""
+    if exporter == "auto":
+        return "builder" if can_build(checkpoint.config) else "optimum"
+    if exporter == "builder":
+        decoder_config(checkpoint.config)  # raises UnsupportedModelError with the reason
+    return exporter
+
+
 def _export_model(
     checkpoint: Checkpoint,
     role: str,
+    exporter: str,
     quantize: str,
     block_size: int,
     accuracy_level: int,
@@ -49,9 +62,13 @@ def _export_model(
     root: Path,
     progress: Progress,
 ) -> ModelSpec:
-    with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
-        model_path = export_with_optimum(checkpoint, work / role)
-        model = onnx.load(model_path)
+    positions = max_positions(checkpoint.config)
+    if exporter == "builder":
+        with progress.stage(f"building {role} {checkpoint.name} ({checkpoint.model_type}) as ONNX with the builder"):
+            model, _, positions = build_onnx(checkpoint.path, checkpoint.config)
+    else:
+        with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
+            model = onnx.load(export_with_optimum(checkpoint, work / role))
     quantization: dict[str, Any] = {"method": "none"}
     bits = BITS[quantize]
     if bits is not None:
@@ -67,8 +84,9 @@ def _export_model(
         files=files,
         family=family_of(checkpoint.config).name,
         source=checkpoint.name,
-        max_positions=max_positions(checkpoint.config),
+        max_positions=positions,
         quantization=quantization,
+        exporter=exporter,
     )
 
 
@@ -90,14 +108,21 @@ def export_pair(
     draft_quantize: str | None = None,
     block_size: int = 32,
     accuracy_level: int = 4,
+    exporter: str = "auto",
+    draft_exporter: str | None = None,
     force: bool = False,
     report: Reporter = print,
 ) -> Manifest:
     """Export `target` (and `draft`) into the package directory `out`; return its manifest.
 
     `quantize`/`draft_quantize` are "none", "int8" or "int4" (the draft defaults to the target's).
-    The package appears at `out` only once complete.
+    `exporter` is "auto" (the builder where it applies, else optimum), "builder" or "optimum";
+    `draft_exporter` defaults to the same. The package appears at `out` only once complete.
     """
+    exporters = {"target": exporter, "draft": draft_exporter or exporter}
+    for value in exporters.values():
+        if value not in EXPORTERS:
+            raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {value!r}")
     draft_quantize = draft_quantize or quantize
     for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
         if value not in BITS:
@@ -125,7 +150,17 @@ def export_pair(
                     checkpoints["draft"].vocab_size,
                 )
         specs = {
-            role: _export_model(checkpoints[role], role, q, block_size, accuracy_level, work, root, progress)
+            role: _export_model(
+                checkpoints[role],
+                role,
+                choose_exporter(checkpoints[role], exporters[role]),
+                q,
+                block_size,
+                accuracy_level,
+                work,
+                root,
+                progress,
+            )
             for role, _, q in roles
         }
         with progress.stage(f"writing the package manifest to {out}"):

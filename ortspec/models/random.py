@@ -57,6 +57,9 @@ def make_checkpoint(
     tokenizer_vocab: int = 384,
     vocab_size: int | None = None,
     intermediate: int | None = None,
+    dtype: str = "float32",
+    shard_size: str | None = None,
+    **config_overrides: object,
 ) -> Path:
     """Save a random `family` causal LM to `directory`; `vocab_size` beyond the tokenizer adds padding rows."""
     import torch
@@ -78,8 +81,8 @@ def make_checkpoint(
             eos_token_id=eos,
         )
     else:
-        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-        config = cls(
+        config = transformers.AutoConfig.for_model(
+            family,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate or hidden * 2,
@@ -90,14 +93,15 @@ def make_checkpoint(
             initializer_range=std,
             bos_token_id=0,
             eos_token_id=eos,
-            tie_word_embeddings=False,
+            pad_token_id=1,
+            **{"tie_word_embeddings": False, **config_overrides},
         )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = eos
     model.generation_config.bos_token_id = 0
     model.generation_config.pad_token_id = 1
-    model.save_pretrained(directory)
+    model.to(getattr(torch, dtype)).save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
     return directory
 
 

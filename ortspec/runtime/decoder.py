@@ -8,20 +8,21 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .kv_cache import ConcatKVCache, KVCache
+from .kv_cache import ConcatKVCache, KVCache, SharedBufferKVCache
 from .manifest import ModelSpec
 from .session import create_session, output_device
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+DEFAULT_MAX_LENGTH = 4096  # positions held per sequence unless the caller asks for more (or less)
 
 
 class ContextLengthError(ValueError):
     """A sequence would grow past what the model (or its cache) can hold."""
 
 
-def make_cache(spec: ModelSpec, session: ort.InferenceSession) -> KVCache:
+def make_cache(spec: ModelSpec, session: ort.InferenceSession, max_length: int) -> KVCache:
     """The cache implementation for the package's declared KV layout."""
-    if spec.kv_layout != "concat":
+    if spec.kv_layout not in ("concat", "shared-buffer"):
         raise ValueError(f"KV layout {spec.kv_layout!r} of the {spec.role} is not supported by this ortspec")
     pasts = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
     presents = [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
@@ -30,30 +31,40 @@ def make_cache(spec: ModelSpec, session: ort.InferenceSession) -> KVCache:
     if missing:
         raise ValueError(f"the {spec.role} graph lacks cache input {missing[0]}; the package is inconsistent")
     dtype = ONNX_TO_NUMPY[types[pasts[0]]]
-    return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, dtype, output_device(session))
+    device = output_device(session)
+    if spec.kv_layout == "shared-buffer":
+        return SharedBufferKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, max_length, dtype, device)
+    return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, dtype, device)
 
 
 class Decoder:
     """A causal LM session plus its KV cache: `forward(tokens)` returns logits for those tokens."""
 
-    def __init__(self, spec: ModelSpec, session: ort.InferenceSession) -> None:
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, max_length: int | None = None) -> None:
         self.spec = spec
         self.session = session
-        self.cache = make_cache(spec, session)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.max_length = min(spec.max_positions, max_length or DEFAULT_MAX_LENGTH)
+        self.cache = make_cache(spec, session, self.max_length)
         input_names = {i.name for i in session.get_inputs()}
         self._wants_mask = "attention_mask" in input_names
         self._wants_positions = "position_ids" in input_names
-        self.max_length = spec.max_positions
         self._ones = np.ones((1, self.max_length), dtype=np.int64)
         self._positions = np.arange(self.max_length, dtype=np.int64)[None, :]
         self._binding = session.io_binding()
 
     @classmethod
     def load(
-        cls, spec: ModelSpec, root: Path, providers: Sequence[str] | None = None, threads: int | None = None
+        cls,
+        spec: ModelSpec,
+        root: Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        max_length: int | None = None,
     ) -> Decoder:
         """Open the model of `spec` from the package directory `root`."""
-        return cls(spec, create_session(root / spec.onnx, providers, threads))
+        return cls(spec, create_session(root / spec.onnx, providers, threads), max_length)
 
     @property
     def length(self) -> int:

@@ -104,3 +104,64 @@ class ConcatKVCache(KVCache):
             return
         self._values = [self._to_device(value.numpy()[:, :, :length]) for value in self._values]
         self._length = length
+
+
+class SharedBufferKVCache(KVCache):
+    """Cache of GroupQueryAttention graphs: one preallocated [1, kv_heads, max_length, head_dim] buffer
+    per layer and K/V, bound as both past and present.
+
+    GroupQueryAttention writes the new entries in place at the positions given by `seqlens_k`, so a
+    step copies nothing and `truncate` only moves the length back: rejected entries are simply
+    overwritten by the next call.
+    """
+
+    def __init__(
+        self,
+        past_names: Sequence[str],
+        present_names: Sequence[str],
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: np.dtype,
+        device: str = "cpu",
+    ) -> None:
+        self._past_names = list(past_names)
+        self._present_names = list(present_names)
+        shape = [1, num_kv_heads, max_length, head_dim]
+        if device == "cpu":
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in past_names]
+        else:
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in past_names]
+        self.max_length = max_length
+        self._seqlens_k = np.zeros(1, dtype=np.int32)
+        self._total = np.zeros((), dtype=np.int32)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._present_names
+
+    def reset(self) -> None:
+        self._length = 0
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        total = self._length + new_tokens
+        self._seqlens_k[0] = total - 1
+        self._total[...] = total
+        binding.bind_cpu_input("seqlens_k", self._seqlens_k)
+        binding.bind_cpu_input("total_sequence_length", self._total)
+        for past, present, buffer in zip(self._past_names, self._present_names, self.buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
+        self._length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
+        self._length = length

@@ -92,7 +92,8 @@ class Pipeline:
         if len(prompt_ids) + max_new_tokens > limit:
             raise ContextLengthError(
                 f"prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                f"model's context of {limit} positions; shorten the prompt or lower max_new_tokens "
+                f"context of {limit} positions (model maximum {self.target.spec.max_positions}; "
+                f"load with max_length= to change it); shorten the prompt or lower max_new_tokens "
                 f"(at most {max(limit - len(prompt_ids), 0)} new tokens fit)"
             )
 
@@ -180,18 +181,21 @@ def load(
     providers: Sequence[str] | None = None,
     draft_providers: Sequence[str] | None = None,
     threads: int | None = None,
+    max_length: int | None = None,
     verify: bool = True,
 ) -> Pipeline:
     """Open a deployment package written by `ortspec export`.
 
     `providers` are ONNX Runtime execution providers in priority order (default: CPU);
     `draft_providers` (default: the same) lets the draft run elsewhere; `threads` sets intra-op
-    threads; `verify=False` skips the sha256 check (sizes are always checked).
+    threads; `max_length` caps prompt + new tokens (default: the model's maximum, at most 4096; the
+    shared KV buffers are allocated for it); `verify=False` skips the sha256 check (sizes are
+    always checked).
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
-    target = Decoder.load(manifest.target, root, providers, threads)
+    target = Decoder.load(manifest.target, root, providers, threads, max_length)
     draft = None
     if manifest.draft is not None:
-        draft = Decoder.load(manifest.draft, root, draft_providers or providers, threads)
+        draft = Decoder.load(manifest.draft, root, draft_providers or providers, threads, max_length)
     return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"))

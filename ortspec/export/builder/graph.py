@@ -1,0 +1,173 @@
+"""Assemble the decoder graph: GroupQueryAttention over a shared KV buffer, fused norms, fp32 weights.
+
+Inputs: input_ids [1, S], seqlens_k [1] (total length - 1), total_sequence_length (scalar) and per
+layer past_key_values.{i}.key/value [1, kv_heads, max_length, head_dim]. Outputs: logits [1, S, vocab]
+and present.{i}.key/value. The runtime binds each past and present to the same preallocated buffer,
+so GroupQueryAttention writes the new entries in place and rolling back costs nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import DecoderConfig
+from .rope import cos_sin_caches, inverse_frequencies
+from .weights import LayerWeights, WeightReader
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+
+class GraphBuilder:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        self._count += 1
+        name = f"{op_type}_{self._count}"
+        names = outputs if isinstance(outputs, list) else [f"{name}_out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
+        return names
+
+    def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+
+def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str, head_dim: int) -> str:
+    qkv = g.one("MatMul", [h, g.constant(f"layers.{i}.attn.qkv.weight", w.qkv)])
+    if w.qkv_bias is not None:
+        qkv = g.one("Add", [qkv, g.constant(f"layers.{i}.attn.qkv.bias", w.qkv_bias)])
+    if cfg.qk_norm:
+        sizes = g.constant(
+            f"layers.{i}.attn.split", np.array([cfg.heads, cfg.kv_heads, cfg.kv_heads], np.int64) * head_dim
+        )
+        q, k, v = g.op("Split", [qkv, sizes], 3, axis=-1)
+        q = _head_norm(g, q, g.constant(f"layers.{i}.attn.q_norm.weight", w.q_norm), cfg.heads, head_dim, cfg.rms_eps)
+        k = _head_norm(
+            g, k, g.constant(f"layers.{i}.attn.k_norm.weight", w.k_norm), cfg.kv_heads, head_dim, cfg.rms_eps
+        )
+        query = [q, k, v]
+    else:
+        query = [qkv, "", ""]
+    attrs = dict(num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, scale=cfg.scale, do_rotary=1, rotary_interleaved=0)
+    if cfg.attn_softcap:
+        attrs["softcap"] = cfg.attn_softcap
+    if cfg.sliding_window and cfg.sliding_layers and cfg.sliding_layers[i]:
+        attrs["local_window_size"] = cfg.sliding_window
+    out = g.op(
+        "GroupQueryAttention",
+        [
+            *query,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            "cos_cache",
+            "sin_cache",
+        ],
+        [f"layers.{i}.attn.output", f"present.{i}.key", f"present.{i}.value"],
+        domain=MS_DOMAIN,
+        **attrs,
+    )[0]
+    return g.one("MatMul", [out, g.constant(f"layers.{i}.attn.o_proj.weight", w.o_proj)])
+
+
+def _head_norm(g: GraphBuilder, x: str, weight: str, heads: int, head_dim: int, eps: float) -> str:
+    """RMSNorm over each head (qwen3's q/k norms): [1, S, heads*d] -> [1, S, heads, d] -> norm -> back."""
+    per_head = g.one("Reshape", [x, g.constant(f"{x}.shape", np.array([0, 0, heads, head_dim], np.int64))])
+    normed = g.op("SimplifiedLayerNormalization", [per_head, weight], 1, axis=-1, epsilon=eps)[0]
+    return g.one("Reshape", [normed, g.constant(f"{x}.back", np.array([0, 0, heads * head_dim], np.int64))])
+
+
+def _mlp(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str) -> str:
+    gate_up = g.one("MatMul", [h, g.constant(f"layers.{i}.mlp.gate_up.weight", w.gate_up)])
+    gate, up = g.op(
+        "Split", [gate_up, g.constant(f"layers.{i}.mlp.split", np.array([cfg.intermediate] * 2, np.int64))], 2, axis=-1
+    )
+    if cfg.activation == "silu":
+        act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
+    else:
+        act = g.one("Gelu", [gate], approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+    return g.one("MatMul", [g.one("Mul", [act, up]), g.constant(f"layers.{i}.mlp.down.weight", w.down)])
+
+
+def _norm(g: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, g.constant(name, weight)], 1, axis=-1, epsilon=eps)[0]
+
+
+def _skip_norm(g: GraphBuilder, x: str, residual: str, weight: np.ndarray, name: str, eps: float) -> tuple[str, str]:
+    """(norm(residual + x), residual + x) in one fused op."""
+    out = g.op(
+        "SkipSimplifiedLayerNormalization", [x, residual, g.constant(name, weight)], 4, domain=MS_DOMAIN, epsilon=eps
+    )
+    return out[0], out[3]
+
+
+def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
+    """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`."""
+    cfg, head_dim = reader.cfg, reader.padded
+    g = GraphBuilder()
+    cos, sin = cos_sin_caches(
+        inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), max_positions, head_dim // 2
+    )
+    g.constant("cos_cache", cos)
+    g.constant("sin_cache", sin)
+    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), "input_ids"])
+    if cfg.embed_scale != 1.0:
+        hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
+    residual = hidden
+    layers = [reader.layer(i) for i in range(cfg.layers)]
+    h = _norm(g, residual, layers[0].attn_norm, "layers.0.attn_norm.weight", cfg.rms_eps)
+    for i, w in enumerate(layers):
+        attn = _attention(g, cfg, i, w, h, head_dim)
+        if w.post_attn_norm is not None:
+            attn = _norm(g, attn, w.post_attn_norm, f"layers.{i}.post_attn_norm.weight", cfg.rms_eps)
+        h, residual = _skip_norm(g, attn, residual, w.mlp_norm, f"layers.{i}.mlp_norm.weight", cfg.rms_eps)
+        mlp = _mlp(g, cfg, i, w, h)
+        if w.post_mlp_norm is not None:
+            mlp = _norm(g, mlp, w.post_mlp_norm, f"layers.{i}.post_mlp_norm.weight", cfg.rms_eps)
+        last = i == cfg.layers - 1
+        next_norm = reader.final_norm() if last else layers[i + 1].attn_norm
+        h, residual = _skip_norm(
+            g,
+            mlp,
+            residual,
+            next_norm,
+            "final_norm.weight" if last else f"layers.{i + 1}.attn_norm.weight",
+            cfg.rms_eps,
+        )
+    logits = g.one("MatMul", [h, g.constant("lm_head.weight", reader.lm_head())])
+    if cfg.final_softcap:
+        cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
+        logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
+
+    cache_shape = [1, cfg.kv_heads, "max_length", head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, cache_shape))
+    graph = helper.make_graph(g.nodes, f"ortspec-{cfg.family}", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="ortspec",
+    )
+    model.ir_version = 10
+    return model

@@ -1,0 +1,37 @@
+"""Rotary embedding tables (cos/sin caches for GroupQueryAttention), computed as transformers does."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
+    """inv_freq of the default rope, adjusted for llama3 or linear scaling (float32, like PyTorch)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def cos_sin_caches(inv_freq: np.ndarray, positions: int, padded_half: int) -> tuple[np.ndarray, np.ndarray]:
+    """[positions, padded_half] tables; padding columns rotate by 0 (cos 1, sin 0)."""
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos = np.ones((positions, padded_half), dtype=np.float32)
+    sin = np.zeros((positions, padded_half), dtype=np.float32)
+    cos[:, : len(inv_freq)] = np.cos(angles)
+    sin[:, : len(inv_freq)] = np.sin(angles)
+    return cos, sin

@@ -1,0 +1,139 @@
+"""Checkpoint tensors -> the builder's layout: MatMul weights as [in, out], fused q/k/v and gate/up.
+
+Heads whose size is not a multiple of 16 (which GroupQueryAttention refuses) are zero-padded:
+q/k per rotary half, so rotation pairs stay paired; v at the end, with matching zero rows in the
+output projection. Padded dimensions add nothing to scores or outputs, so results are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import DecoderConfig
+from .safetensors_io import Checkpoint
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return -(-head_dim // 16) * 16
+
+
+def _pad_last(array: np.ndarray, size: int) -> np.ndarray:
+    pad = size - array.shape[-1]
+    return array if pad == 0 else np.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, pad)])
+
+
+def pad_rotary_heads(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np.ndarray:
+    """[..., heads*head_dim] -> [..., heads*padded], padding each half of each head."""
+    lead = w.shape[:-1]
+    halves = w.reshape(*lead, heads, 2, head_dim // 2)
+    return _pad_last(halves, padded // 2).reshape(*lead, heads * padded)
+
+
+def pad_value_heads(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np.ndarray:
+    """[..., heads*head_dim] -> [..., heads*padded], padding the end of each head."""
+    lead = w.shape[:-1]
+    return _pad_last(w.reshape(*lead, heads, head_dim), padded).reshape(*lead, heads * padded)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray
+    qkv: np.ndarray  # [hidden, (heads + 2 kv_heads) * padded_head_dim]
+    qkv_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    o_proj: np.ndarray  # [heads * padded_head_dim, hidden]
+    post_attn_norm: np.ndarray | None  # gemma2 only
+    mlp_norm: np.ndarray
+    post_mlp_norm: np.ndarray | None  # gemma2 only
+    gate_up: np.ndarray  # [hidden, 2 * intermediate]
+    down: np.ndarray  # [intermediate, hidden]
+
+
+class WeightReader:
+    """Reads and reshapes the tensors of one Llama-family checkpoint for the graph builder."""
+
+    def __init__(self, checkpoint: Checkpoint, cfg: DecoderConfig) -> None:
+        self.ckpt = checkpoint
+        self.cfg = cfg
+        self.padded = padded_head_dim(cfg.head_dim)
+
+    def norm(self, name: str) -> np.ndarray:
+        return self.ckpt.get(name) + np.float32(self.cfg.norm_offset)
+
+    def linear(self, name: str) -> np.ndarray:
+        """A torch Linear weight [out, in] as a MatMul weight [in, out]."""
+        return np.ascontiguousarray(self.ckpt.get(name).T)
+
+    def embedding(self) -> np.ndarray:
+        return self.ckpt.get("model.embed_tokens.weight")
+
+    def lm_head(self) -> np.ndarray:
+        if self.cfg.tie_embeddings or "lm_head.weight" not in self.ckpt:
+            return np.ascontiguousarray(self.embedding().T)
+        return self.linear("lm_head.weight")
+
+    def final_norm(self) -> np.ndarray:
+        return self.norm("model.norm.weight")
+
+    def _qkv(self, prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
+        cfg = self.cfg
+        q_size, kv_size = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        if cfg.fused_weights:
+            fused = self.linear(f"{prefix}.qkv_proj.weight")
+            q, k, v = np.split(fused, [q_size, q_size + kv_size], axis=-1)
+        else:
+            q, k, v = (self.linear(f"{prefix}.{n}_proj.weight") for n in "qkv")
+        bias = None
+        if f"{prefix}.q_proj.bias" in self.ckpt:
+            bias = [self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"]
+        pad = self.padded
+        parts = [
+            pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad),
+            pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad),
+            pad_value_heads(v, cfg.kv_heads, cfg.head_dim, pad),
+        ]
+        if bias is not None:
+            bias = np.concatenate(
+                [
+                    pad_rotary_heads(bias[0], cfg.heads, cfg.head_dim, pad),
+                    pad_rotary_heads(bias[1], cfg.kv_heads, cfg.head_dim, pad),
+                    pad_value_heads(bias[2], cfg.kv_heads, cfg.head_dim, pad),
+                ]
+            )
+        return np.concatenate(parts, axis=-1), bias
+
+    def _o_proj(self, prefix: str) -> np.ndarray:
+        cfg = self.cfg
+        w = self.linear(f"{prefix}.o_proj.weight")  # [heads*head_dim, hidden]
+        rows = w.reshape(cfg.heads, cfg.head_dim, cfg.hidden)
+        padded = np.pad(rows, [(0, 0), (0, self.padded - cfg.head_dim), (0, 0)])
+        return padded.reshape(cfg.heads * self.padded, cfg.hidden)
+
+    def _gate_up(self, prefix: str) -> np.ndarray:
+        if self.cfg.fused_weights:
+            return self.linear(f"{prefix}.gate_up_proj.weight")
+        return np.concatenate([self.linear(f"{prefix}.gate_proj.weight"), self.linear(f"{prefix}.up_proj.weight")], -1)
+
+    def layer(self, i: int) -> LayerWeights:
+        cfg = self.cfg
+        p = f"model.layers.{i}"
+        qkv, bias = self._qkv(f"{p}.self_attn")
+        sandwich = cfg.sandwich_norms
+        return LayerWeights(
+            attn_norm=self.norm(f"{p}.input_layernorm.weight"),
+            qkv=qkv,
+            qkv_bias=bias,
+            q_norm=self.norm(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
+            k_norm=self.norm(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
+            o_proj=self._o_proj(f"{p}.self_attn"),
+            post_attn_norm=self.norm(f"{p}.post_attention_layernorm.weight") if sandwich else None,
+            mlp_norm=self.norm(
+                f"{p}.pre_feedforward_layernorm.weight" if sandwich else f"{p}.post_attention_layernorm.weight"
+            ),
+            post_mlp_norm=self.norm(f"{p}.post_feedforward_layernorm.weight") if sandwich else None,
+            gate_up=self._gate_up(f"{p}.mlp"),
+            down=self.linear(f"{p}.mlp.down_proj.weight"),
+        )
