@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from .decoder import Decoder
+from .sampling import sample
+
+if TYPE_CHECKING:
+    from .speculative import TokenChooser
+
+
+@dataclass
+class Proposal:
+    """Proposed tokens and, for sampled drafts, the distribution each was drawn from.
+
+    `probs` is None for deterministic proposals (greedy drafts, prompt lookup): to the acceptance
+    rule that is a one-hot distribution on the proposed token.
+    """
+
+    tokens: list[int]
+    probs: list[np.ndarray] | None = None
 
 
 class Proposer(Protocol):
@@ -15,7 +32,7 @@ class Proposer(Protocol):
 
     calls: int
 
-    def propose(self, tokens: Sequence[int], count: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
         """Guess up to `count` next tokens after the committed sequence `tokens`."""
         ...
 
@@ -28,17 +45,27 @@ class Proposer(Protocol):
         ...
 
 
-class DraftModelProposer:
-    """A small causal LM that drafts greedily, one cached call per token.
+def _softmax_max(logits: np.ndarray) -> float:
+    """Largest probability of softmax(logits): the draft's confidence in its top token."""
+    shifted = np.exp(logits - logits.max())
+    return float(1.0 / shifted.sum())
 
+
+class DraftModelProposer:
+    """A small causal LM that drafts one cached call per token, greedily or by sampling.
+
+    When sampling, each draft is drawn from the draft's processed distribution (same temperature,
+    top-k, top-p, ... as the target) and that distribution is returned for the acceptance ratio.
     `vocab_limit` is the vocabulary shared with the target: a draft with extra padding rows never
     proposes a token the target cannot have. If the target commits a token the draft cannot embed
     (one of the target's own padding rows), drafting stops for the rest of that sequence.
+    `min_prob` stops a round early once the draft's top probability falls below it.
     """
 
-    def __init__(self, decoder: Decoder, vocab_limit: int | None = None) -> None:
+    def __init__(self, decoder: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0) -> None:
         self.decoder = decoder
         self.vocab_limit = min(vocab_limit or decoder.vocab_size, decoder.vocab_size)
+        self.min_prob = min_prob
         self.calls = 0
         self._disabled = False
 
@@ -46,25 +73,68 @@ class DraftModelProposer:
         self.decoder.reset()
         self._disabled = False
 
-    def propose(self, tokens: Sequence[int], count: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
         pending = list(tokens[self.decoder.length :])
         count = min(count, self.decoder.max_length - len(tokens) + 1)
         if self._disabled or count <= 0 or not pending:
-            return []
+            return Proposal([])
         if max(pending) >= self.decoder.vocab_size:
             self._disabled = True
-            return []
+            return Proposal([])
         drafts: list[int] = []
-        logits = self.decoder.forward(pending)
+        probs: list[np.ndarray] = []
+        logits = self.decoder.forward(pending)[-1, : self.vocab_limit]
         self.calls += 1
         while True:
-            drafts.append(int(np.argmax(logits[-1, : self.vocab_limit])))
+            seen = [*tokens, *drafts]
+            if chooser.greedy:
+                confidence = _softmax_max(logits) if self.min_prob > 0 else 1.0
+                token = chooser.choose(logits, seen)
+            else:
+                q = chooser.probs(logits, seen)
+                confidence = float(q.max())
+                token = sample(q, chooser.rng)
+                probs.append(q)
+            if confidence < self.min_prob:
+                probs = probs[: len(drafts)]
+                break
+            drafts.append(token)
             if len(drafts) == count:
-                return drafts
-            logits = self.decoder.forward(drafts[-1:])
+                break
+            logits = self.decoder.forward([token])[-1, : self.vocab_limit]
             self.calls += 1
+        return Proposal(drafts, None if chooser.greedy else probs)
 
     def rollback(self, tokens: Sequence[int]) -> None:
         # The draft cache holds the committed prefix plus drafts; keep what still agrees. The last
         # committed token (the target's own) is never in it yet.
         self.decoder.truncate(min(self.decoder.length, len(tokens) - 1))
+
+
+class NgramProposer:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n from
+    `max_ngram_size` down to 1) and propose what followed it. No model, no cost; strong on
+    input-grounded tasks (editing, summarising, code that repeats names)."""
+
+    def __init__(self, max_ngram_size: int = 3) -> None:
+        if max_ngram_size < 1:
+            raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
+        self.max_ngram_size = max_ngram_size
+        self.calls = 0
+
+    def reset(self) -> None:
+        pass
+
+    def rollback(self, tokens: Sequence[int]) -> None:
+        pass
+
+    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
+        sequence = np.asarray(tokens)
+        for n in range(min(self.max_ngram_size, len(sequence) - 1), 0, -1):
+            suffix = sequence[-n:]
+            windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+            matches = np.flatnonzero((windows == suffix).all(axis=1))
+            if len(matches):
+                start = int(matches[-1]) + n
+                return Proposal([int(t) for t in sequence[start : start + count]])
+        return Proposal([])

@@ -1,19 +1,70 @@
-"""The public runtime object: `ortspec.load(path)` -> `Pipeline.generate(...)` / `Pipeline.stream(...)`."""
+"""The public runtime object: `ortspec.load(path)` -> `Pipeline.generate/stream/chat(...)`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from .chat import Message, render_chat
 from .decoder import ContextLengthError, Decoder
-from .drafting import DraftModelProposer
+from .drafting import DraftModelProposer, NgramProposer, Proposer
 from .manifest import Manifest, load_manifest
-from .speculative import LoopStats, greedy_speculative
-from .tokenizer import TextTokenizer
+from .sampling import SamplingConfig
+from .speculative import DraftLength, LoopStats, TokenChooser, speculative_decode
+from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
+DRAFTERS = ("model", "ngram")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Everything `generate`, `stream` and `chat` accept besides the prompt."""
+
+    max_new_tokens: int = 128
+    use_draft: bool = True  # False: plain decoding
+    draft: str | None = None  # "model" or "ngram" (prompt lookup); None: the package's draft model if any
+    draft_tokens: int | str = 4  # γ, or "adaptive" (+2 after a fully accepted round, -1 otherwise)
+    draft_tokens_max: int = 8  # bound for adaptive γ
+    draft_min_prob: float = 0.0  # stop a round early when the draft's top probability is below this
+    max_ngram_size: int = 3  # prompt lookup: longest suffix n-gram searched
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before them
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.draft is not None and self.draft not in DRAFTERS:
+            raise ValueError(f"draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
+        if isinstance(self.draft_tokens, str):
+            if self.draft_tokens != "adaptive":
+                raise ValueError(f"draft_tokens must be a positive integer or 'adaptive', got {self.draft_tokens!r}")
+        elif self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be at least 1, got {self.draft_tokens}")
+        if self.draft_tokens_max < 1:
+            raise ValueError(f"draft_tokens_max must be at least 1, got {self.draft_tokens_max}")
+        if not 0 <= self.draft_min_prob < 1:
+            raise ValueError(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}")
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        self.sampling()  # validates the sampling fields
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
+
+    def draft_length(self) -> DraftLength:
+        if self.draft_tokens == "adaptive":
+            return DraftLength(None, self.draft_tokens_max)
+        return DraftLength(int(self.draft_tokens))
 
 
 @dataclass(frozen=True)
@@ -31,14 +82,16 @@ class GenerationStats:
     seconds: float  # wall time of the whole generation, prefill included
     time_to_first_token: float
     tokens_per_second: float  # new tokens / seconds
-    draft_tokens: int  # γ: drafts proposed per round (0 for plain decoding)
+    draft_tokens: int | str  # γ as configured: an integer, "adaptive", or 0 for plain decoding
+    drafter: str  # "model", "ngram" or "none"
     accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
-    finish_reason: str  # "eos" or "length"
+    drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
+    finish_reason: str  # "eos", "length" or "stop"
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """New text, the new token ids (eos included when it ended the generation), and stats."""
+    """New text, the new token ids (eos or the stop string's last token included), and stats."""
 
     text: str
     token_ids: list[int]
@@ -68,8 +121,7 @@ class Pipeline:
         self.draft = draft
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(manifest.tokenizer.eos_token_ids)
-        shared = manifest.compatibility.get("shared_vocab_size")
-        self._proposer = DraftModelProposer(draft, shared) if draft is not None else None
+        self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -86,8 +138,6 @@ class Pipeline:
         return ids
 
     def _check_lengths(self, prompt_ids: list[int], max_new_tokens: int) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         limit = self.target.max_length
         if len(prompt_ids) + max_new_tokens > limit:
             raise ContextLengthError(
@@ -97,82 +147,122 @@ class Pipeline:
                 f"(at most {max(limit - len(prompt_ids), 0)} new tokens fit)"
             )
 
-    def _run(
-        self, prompt: Prompt, max_new_tokens: int, use_draft: bool, draft_tokens: int
-    ) -> Generator[list[int], None, GenerationStats]:
-        """Yield the committed tokens round by round; return the stats."""
+    def _proposer(self, config: GenerationConfig) -> tuple[Proposer | None, str]:
+        if not config.use_draft:
+            return None, "none"
+        drafter = config.draft or ("model" if self.draft is not None else "none")
+        if drafter == "model":
+            if self.draft is None:
+                raise ValueError("the package has no draft model: export one with --draft, or use draft='ngram'")
+            return DraftModelProposer(self.draft, self._shared_vocab, config.draft_min_prob), "model"
+        if drafter == "ngram":
+            return NgramProposer(config.max_ngram_size), "ngram"
+        return None, "none"
+
+    def _start(self, prompt: Prompt, options: dict[str, Any]) -> Iterator[tuple[str, GenerationResult | None]]:
+        """Check everything up front (so errors surface at the call), then return the generation."""
+        config = GenerationConfig(**options)
         prompt_ids = self._prompt_ids(prompt)
-        self._check_lengths(prompt_ids, max_new_tokens)
-        if draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
-        proposer = self._proposer if use_draft else None
-        draft_calls_before = proposer.calls if proposer else 0
+        self._check_lengths(prompt_ids, config.max_new_tokens)
+        return self._generate(prompt_ids, config, *self._proposer(config))
+
+    def _generate(
+        self, prompt_ids: list[int], config: GenerationConfig, proposer: Proposer | None, drafter: str
+    ) -> Iterator[tuple[str, GenerationResult | None]]:
+        """Yield (text delta, None) as tokens are committed, then ("", the result)."""
+        chooser = TokenChooser(config.sampling(), np.random.default_rng(config.seed))
         loop = LoopStats()
+        text = TextAssembler(self.tokenizer.stream(), config.stop)
+        ids: list[int] = []
         start = time.perf_counter()
         first_token_at = None
-        new_tokens = 0
-        for chunk in greedy_speculative(
-            self.target, prompt_ids, max_new_tokens, self.eos_token_ids, proposer, draft_tokens, loop
-        ):
+        rounds = speculative_decode(
+            self.target,
+            prompt_ids,
+            config.max_new_tokens,
+            self.eos_token_ids,
+            chooser,
+            proposer,
+            config.draft_length(),
+            loop,
+        )
+        for chunk in rounds:
             first_token_at = first_token_at or time.perf_counter()
-            new_tokens += len(chunk)
-            yield chunk
+            for token in chunk:
+                ids.append(token)
+                if text.push(token):
+                    loop.finish_reason = "stop"
+                    break
+            if loop.finish_reason == "stop":
+                rounds.close()
+                break
+            if delta := text.delta():
+                yield delta, None
+        if delta := text.delta(final=True):
+            yield delta, None
         seconds = time.perf_counter() - start
         verify_calls = loop.target_calls - 1
-        return GenerationStats(
+        stats = GenerationStats(
             prompt_tokens=len(prompt_ids),
-            new_tokens=new_tokens,
+            new_tokens=len(ids),
             target_calls=loop.target_calls,
-            draft_calls=(proposer.calls - draft_calls_before) if proposer else 0,
+            draft_calls=proposer.calls if isinstance(proposer, DraftModelProposer) else 0,
             drafted_tokens=loop.drafted,
             accepted_tokens=loop.accepted,
             acceptance_rate=loop.accepted / loop.drafted if loop.drafted else None,
-            tokens_per_target_call=(new_tokens - 1) / verify_calls if verify_calls else float(new_tokens),
+            tokens_per_target_call=(len(ids) - 1) / verify_calls if verify_calls else float(len(ids)),
             seconds=seconds,
             time_to_first_token=(first_token_at or start) - start,
-            tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
-            draft_tokens=draft_tokens if proposer else 0,
+            tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
+            draft_tokens=config.draft_tokens if proposer else 0,
+            drafter=drafter,
             accepted_per_round=tuple(loop.accepted_per_round),
+            drafted_per_round=tuple(loop.drafted_per_round),
             finish_reason=loop.finish_reason,
         )
+        yield "", GenerationResult(text.text, ids, stats)
 
-    def generate(
-        self, prompt: Prompt, *, max_new_tokens: int = 128, use_draft: bool = True, draft_tokens: int = 4
-    ) -> GenerationResult:
-        """Greedy generation; with the draft (if the package has one) it is speculative and lossless.
-
-        `prompt` is text (encoded with the tokenizer's special tokens) or a list of token ids used
-        as-is. `draft_tokens` is γ, the drafts proposed per target call.
+    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+        """Generate a continuation of `prompt` (text, encoded with the tokenizer's special tokens, or
+        token ids used as-is). Greedy unless `temperature` > 0; with a draft (the package's draft
+        model, or draft="ngram") decoding is speculative and lossless: greedy output equals the
+        target's own, sampled output follows exactly the target's distribution. Options: see
+        `GenerationConfig` (max_new_tokens, use_draft, draft_tokens, temperature, top_k, top_p,
+        min_p, repetition_penalty, seed, stop, ...).
         """
-        ids: list[int] = []
-        rounds = self._run(prompt, max_new_tokens, use_draft, draft_tokens)
-        while True:
-            try:
-                ids.extend(next(rounds))
-            except StopIteration as finished:
-                return GenerationResult(self.tokenizer.decode(ids), ids, finished.value)
+        for _, result in self._start(prompt, options):
+            if result is not None:
+                return result
+        raise AssertionError("generation ended without a result")
 
-    def stream(
-        self, prompt: Prompt, *, max_new_tokens: int = 128, use_draft: bool = True, draft_tokens: int = 4
-    ) -> TextStream:
+    def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Like `generate`, but yields text deltas as tokens are committed; see `TextStream.result`."""
-        rounds = self._run(prompt, max_new_tokens, use_draft, draft_tokens)
-        decoder = self.tokenizer.stream()
+        events = self._start(prompt, options)
 
         def deltas() -> Iterator[str]:
-            ids: list[int] = []
-            while True:
-                try:
-                    chunk = next(rounds)
-                except StopIteration as finished:
-                    text_stream.result = GenerationResult(self.tokenizer.decode(ids), ids, finished.value)
-                    return
-                ids.extend(chunk)
-                if text := decoder.push(chunk):
-                    yield text
+            for delta, result in events:
+                if result is not None:
+                    text_stream.result = result
+                elif delta:
+                    yield delta
 
         text_stream = TextStream(deltas())
         return text_stream
+
+    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template (as transformers renders it)."""
+        text = render_chat(
+            self.manifest.tokenizer.chat_template, messages, self.tokenizer.special_tokens, add_generation_prompt
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
+        """The assistant's reply to `messages` (a list of {"role", "content"} dicts)."""
+        return self.generate(self.chat_prompt(messages), **options)
+
+    def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
+        """Like `chat`, streaming text deltas."""
+        return self.stream(self.chat_prompt(messages), **options)
 
 
 def load(

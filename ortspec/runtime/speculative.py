@@ -2,8 +2,13 @@
 
 The target cache always holds every committed token but the last. A round feeds the target
 [last committed, d1..dγ]; its logits at those γ+1 positions judge d1..dγ and give one token of its
-own after the longest agreeing prefix. Both caches are then rolled back to the committed sequence.
-With no proposer (or γ = 0) the same loop is plain greedy decoding: one token per target call.
+own after the accepted prefix. Both caches are then rolled back to the committed sequence.
+With no proposer (or γ = 0) the same loop is plain decoding: one token per target call.
+
+Greedy decoding keeps the longest prefix equal to the target's argmax choices. Sampling uses the
+rule of Leviathan et al. (2023) / Chen et al. (2023): accept d_i with probability
+min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from norm(max(0, p_i - q_i)); if all are
+accepted draw the bonus token from p_{γ+1}. The output distribution is exactly the target's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoder import Decoder
-from .drafting import Proposer
+from .drafting import Proposal, Proposer
+from .sampling import SamplingConfig, probabilities, sample
 
 
 @dataclass
@@ -25,45 +31,111 @@ class LoopStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "eos" or "length"
+    drafted_per_round: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "eos" or "length" (the pipeline adds "stop")
 
 
-def accepted_prefix(drafts: Sequence[int], target_choices: np.ndarray) -> int:
-    """How many drafts agree with the target's greedy choice at their position."""
-    k = 0
-    while k < len(drafts) and drafts[k] == target_choices[k]:
-        k += 1
-    return k
+class TokenChooser:
+    """Picks tokens from logits under one sampling config and random stream (draft and target share it)."""
+
+    def __init__(self, config: SamplingConfig, rng: np.random.Generator) -> None:
+        self.config = config
+        self.rng = rng
+
+    @property
+    def greedy(self) -> bool:
+        return self.config.greedy
+
+    def probs(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
+        return probabilities(logits, self.config, seen)
+
+    def choose(self, logits: np.ndarray, seen: Sequence[int]) -> int:
+        if self.config.greedy and self.config.repetition_penalty == 1.0:
+            return int(np.argmax(logits))
+        probs = self.probs(logits, seen)
+        return int(np.argmax(probs)) if self.config.greedy else sample(probs, self.rng)
 
 
-def greedy_speculative(
+class DraftLength:
+    """γ per round: fixed, or adapted from acceptance (+2 after a fully accepted round, -1 otherwise)."""
+
+    def __init__(self, fixed: int | None, maximum: int = 8, start: int = 4) -> None:
+        self.fixed = fixed
+        self.maximum = maximum
+        self.current = fixed if fixed is not None else min(start, maximum)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.fixed is not None or drafted == 0:
+            return
+        if accepted == drafted:
+            self.current = min(self.current + 2, self.maximum)
+        else:
+            self.current = max(1, self.current - 1)
+
+
+def accept_probability(p: float, q: float) -> float:
+    """min(1, p/q): the chance of keeping a draft token the draft proposed with probability q."""
+    return 1.0 if q <= 0 else min(1.0, p / q)
+
+
+def verify(proposal: Proposal, logits: np.ndarray, tokens: Sequence[int], chooser: TokenChooser) -> tuple[int, int]:
+    """(number of drafts accepted, the target's own next token) for one verify call's logits."""
+    drafts = proposal.tokens
+    for i, draft in enumerate(drafts):
+        seen = [*tokens, *drafts[:i]]
+        if chooser.greedy:
+            choice = chooser.choose(logits[i], seen)
+            if choice != draft:
+                return i, choice
+            continue
+        p = chooser.probs(logits[i], seen)
+        q = proposal.probs[i] if proposal.probs is not None else None
+        q_draft = 1.0 if q is None else float(q[draft])
+        if chooser.rng.random() < accept_probability(float(p[draft]), q_draft):
+            continue
+        residual = p.copy()
+        if q is None:
+            residual[draft] = 0.0
+        else:
+            residual[: len(q)] = np.maximum(0.0, residual[: len(q)] - q)
+        if residual.sum() <= 0:  # p <= q everywhere means p == q: the draft was always accepted
+            residual = p
+        return i, sample(residual / residual.sum(), chooser.rng)
+    return len(drafts), chooser.choose(logits[len(drafts)], [*tokens, *drafts])
+
+
+def speculative_decode(
     target: Decoder,
     prompt: Sequence[int],
     max_new_tokens: int,
     eos_token_ids: Collection[int],
+    chooser: TokenChooser,
     proposer: Proposer | None = None,
-    draft_tokens: int = 4,
+    draft_length: DraftLength | None = None,
     stats: LoopStats | None = None,
 ) -> Iterator[list[int]]:
-    """Yield the committed new tokens round by round, exactly the target's greedy sequence."""
+    """Yield the committed new tokens round by round: the target's own greedy sequence, or a sample
+    from exactly the target's (processed) distribution."""
     stats = stats if stats is not None else LoopStats()
+    draft_length = draft_length or DraftLength(4)
     target.reset()
     if proposer is not None:
         proposer.reset()
     tokens = list(prompt)
     generated = 0
-    last_logits = target.forward(tokens)[-1:]
+    logits = target.forward(tokens)[-1:]
     stats.target_calls += 1
-    drafts: list[int] = []
+    proposal = Proposal([])
     while True:
-        choices = np.argmax(last_logits, axis=-1)
-        k = accepted_prefix(drafts, choices)
-        if drafts:
-            stats.drafted += len(drafts)
+        k, own = verify(proposal, logits, tokens, chooser)
+        if proposal.tokens:
+            stats.drafted += len(proposal.tokens)
             stats.accepted += k
             stats.accepted_per_round.append(k)
+            stats.drafted_per_round.append(len(proposal.tokens))
+            draft_length.update(len(proposal.tokens), k)
         committed = []
-        for token in [*drafts[:k], int(choices[k])]:
+        for token in [*proposal.tokens[:k], own]:
             committed.append(token)
             generated += 1
             if token in eos_token_ids:
@@ -77,9 +149,11 @@ def greedy_speculative(
         if stats.finish_reason:
             return
         target.truncate(len(tokens) - 1)
-        drafts = []
+        proposal = Proposal([])
         if proposer is not None:
             proposer.rollback(tokens)
-            drafts = proposer.propose(tokens, min(draft_tokens, max_new_tokens - generated - 1))
-        last_logits = target.forward([tokens[-1], *drafts])
+            count = min(draft_length.current, max_new_tokens - generated - 1)
+            if count > 0:
+                proposal = proposer.propose(tokens, count, chooser)
+        logits = target.forward([tokens[-1], *proposal.tokens])
         stats.target_calls += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,18 +10,34 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    """bos/eos/pad/unk token strings from tokenizer_config.json (chat templates use them)."""
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    tokens = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):  # older configs store AddedToken dicts
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return tokens
 
 
 class TextTokenizer:
     """The package's tokenizer: encode prompts the way `transformers` does, decode without specials."""
 
     def __init__(self, directory: Path) -> None:
-        path = Path(directory) / TOKENIZER_FILE
-        self._tokenizer = Tokenizer.from_file(str(path))
+        directory = Path(directory)
+        self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        self.special_tokens = _special_tokens(directory)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the special tokens the tokenizer's post-processor adds (e.g. BOS)."""
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, by default with the special tokens the post-processor adds (e.g. BOS)."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens (eos, ...) left out."""
@@ -45,3 +62,48 @@ class TextStreamDecoder:
         """The text that `token_ids` complete ("" while a character is still incomplete)."""
         pieces = (self._stream.step(self._tokenizer, int(t)) for t in token_ids)
         return "".join(p for p in pieces if p)
+
+
+class TextAssembler:
+    """Builds the output text token by token, cutting it at the first stop string.
+
+    `delta()` returns only text that can no longer turn into a stop string, so a stop string (and
+    anything after it) is never streamed; the concatenated deltas always equal `text`.
+    """
+
+    def __init__(self, decoder: TextStreamDecoder, stop: Sequence[str] = ()) -> None:
+        self._decoder = decoder
+        self._stops = [s for s in stop if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self.text = ""
+        self.stopped = False
+        self._emitted = 0
+
+    def push(self, token_id: int) -> bool:
+        """Add one token; True when it completed a stop string (the text then ends before it)."""
+        piece = self._decoder.push([token_id])
+        if not piece or self.stopped:
+            return self.stopped
+        search_from = max(0, len(self.text) - self._longest + 1)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self._stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+        return self.stopped
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is the start of a stop string."""
+        if self.stopped:
+            return 0
+        for k in range(min(self._longest - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self._stops):
+                return k
+        return 0
+
+    def delta(self, final: bool = False) -> str:
+        """New text safe to show (all of it when `final`)."""
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        piece = self.text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return piece
