@@ -24,7 +24,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (PackageError, ContextLengthError, ValueError, FileExistsError) as exc:
+        except (PackageError, ContextLengthError, ValueError, FileExistsError) as exc:  # ChatTemplateError too
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -155,7 +155,13 @@ def _print_stats(stats: Any) -> None:
     click.echo(
         f"\n--\n{stats.new_tokens} tokens in {stats.seconds:.3f} s: {stats.tokens_per_second:.1f} tokens/s "
         f"(first token after {stats.time_to_first_token * 1000:.1f} ms, finished on {stats.finish_reason})\n"
-        f"acceptance {alpha} of {stats.drafted_tokens} drafts (γ={stats.draft_tokens}); "
+        f"acceptance {alpha} of {stats.drafted_tokens} drafts ({stats.drafter}, γ={stats.draft_tokens}"
+        + (
+            f", mean γ used {sum(stats.drafted_per_round) / len(stats.drafted_per_round):.2f}"
+            if stats.drafted_per_round
+            else ""
+        )
+        + "); "
         f"{stats.tokens_per_target_call:.2f} tokens per target call; "
         f"target calls {stats.target_calls}, draft calls {stats.draft_calls}",
         err=True,
@@ -169,49 +175,224 @@ def _parse_token_ids(prompt: str) -> list[int]:
         raise click.BadParameter("with --token-ids the prompt must be integers separated by spaces or commas") from exc
 
 
+class DraftTokens(click.ParamType):
+    """γ on the command line: a positive integer or 'adaptive'."""
+
+    name = "N|adaptive"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "adaptive" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a positive integer nor 'adaptive'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive integer", param, ctx)
+        return number
+
+
+GENERATION_OPTIONS = [
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+    click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone."),
+    click.option(
+        "--draft",
+        "drafter",
+        type=click.Choice(["model", "ngram"]),
+        help="Who drafts: the package's draft model (default when it has one) or prompt lookup (ngram).",
+    ),
+    click.option(
+        "--draft-tokens",
+        type=DraftTokens(),
+        default=4,
+        show_default=True,
+        help="γ, tokens drafted per target call, or 'adaptive' (+2 after a fully accepted round, -1 otherwise).",
+    ),
+    click.option(
+        "--draft-tokens-max",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        help="Upper bound for adaptive γ.",
+    ),
+    click.option(
+        "--draft-min-prob",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.0,
+        show_default=True,
+        help="End a round early when the draft's top probability falls below this (like llama.cpp's p-min).",
+    ),
+    click.option(
+        "--max-ngram-size",
+        type=click.IntRange(min=1),
+        default=3,
+        show_default=True,
+        help="Prompt lookup: the longest suffix n-gram searched for.",
+    ),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="0 is greedy; above 0 samples (speculative sampling keeps the target's distribution exactly).",
+    ),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0: off)."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="Nucleus sampling mass."),
+    click.option(
+        "--min-p",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.0,
+        help="Drop tokens below min-p x the top probability.",
+    ),
+    click.option(
+        "--repetition-penalty",
+        type=click.FloatRange(min=0, min_open=True),
+        default=1.0,
+        help="Penalise tokens already in the sequence (1.0: off).",
+    ),
+    click.option("--seed", type=int, help="Random seed: the same seed gives the same sampled output."),
+    click.option(
+        "--stop", multiple=True, help="Stop string (repeatable; escapes like \\n work); the text ends before it."
+    ),
+]
+
+
+def _generation_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The sampling/drafting options, handed to the command as one `options` dict for Pipeline calls."""
+    names = [
+        "max_new_tokens",
+        "no_draft",
+        "drafter",
+        "draft_tokens",
+        "draft_tokens_max",
+        "draft_min_prob",
+        "max_ngram_size",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+    ]
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        options = {name: kwargs.pop(name) for name in names}
+        options["use_draft"] = not options.pop("no_draft")
+        options["draft"] = options.pop("drafter")
+        # "\n" typed on a command line arrives as backslash + n: understand the usual escapes
+        options["stop"] = tuple(
+            s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in options["stop"]
+        )
+        return func(*args, options=options, **kwargs)
+
+    for option in reversed(GENERATION_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _echo_stream(stream: Any) -> Any:
+    for delta in stream:
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    return stream.result
+
+
+def _package_and_prompt(args: tuple[str, ...]) -> tuple[str, str]:
+    """`[PACKAGE] PROMPT`: with no package, the embedded default pair."""
+    if len(args) == 2:
+        if not Path(args[0]).is_dir():
+            raise click.BadParameter(f"package directory {args[0]} does not exist", param_hint="PACKAGE")
+        return args[0], args[1]
+    if len(args) == 1:
+        from .models.default import default_package
+
+        return str(default_package(report=lambda line: click.echo(line, err=True))), args[0]
+    raise click.UsageError("give PROMPT, or PACKAGE and PROMPT")
+
+
 @main.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
-@click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--draft-tokens",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="γ: tokens the draft proposes per target call.",
-)
-@click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone.")
+@click.argument("args", nargs=-1, metavar="[PACKAGE] PROMPT")
 @click.option("--token-ids", is_flag=True, help="PROMPT is a list of token ids, used as-is.")
 @click.option("--stats", is_flag=True, help="Print acceptance, tokens/s and call counts (to stderr).")
+@_generation_options
 @_runtime_options
 @_user_errors
 def generate(
-    package: str,
-    prompt: str,
-    max_new_tokens: int,
-    draft_tokens: int,
-    no_draft: bool,
+    args: tuple[str, ...],
     token_ids: bool,
     stats: bool,
+    options: dict[str, Any],
     providers: tuple[str, ...],
     threads: int | None,
     max_length: int | None,
     no_verify: bool,
 ) -> None:
-    """Complete PROMPT with the model in PACKAGE, streaming the text as tokens are accepted.
+    """Complete PROMPT with the model in PACKAGE (default: the embedded default pair), streaming the
+    text as tokens are accepted.
 
-    Decoding is greedy; with the package's draft it is speculative and gives exactly the target's
-    own greedy output, only faster.
+    Greedy by default: with a draft the output is exactly the target's own greedy output, only
+    faster. With --temperature > 0 it samples, and speculative sampling keeps exactly the target's
+    distribution.
+
+    \b
+    Examples:
+      ortspec generate ./pair "def fibonacci(n):" --stats
+      ortspec generate ./pair "def f(x):" --draft ngram --draft-tokens adaptive
+      ortspec generate ./pair "import os" --temperature 0.7 --top-p 0.9 --seed 1 --stop "\\n\\n"
     """
+    package, prompt = _package_and_prompt(args)
     pipe = _load(package, providers, threads, max_length, no_verify)
     prompt_in = _parse_token_ids(prompt) if token_ids else prompt
-    stream = pipe.stream(prompt_in, max_new_tokens=max_new_tokens, use_draft=not no_draft, draft_tokens=draft_tokens)
-    for delta in stream:
-        click.echo(delta, nl=False)
-        sys.stdout.flush()
-    click.echo()
-    if stats and stream.result is not None:
-        _print_stats(stream.result.stats)
+    result = _echo_stream(pipe.stream(prompt_in, **options))
+    if stats and result is not None:
+        _print_stats(result.stats)
+
+
+@main.command()
+@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.option("--system", help="A system message to start the conversation with.")
+@click.option("--stats", is_flag=True, help="Print acceptance and speed after each reply (to stderr).")
+@_generation_options
+@_runtime_options
+@_user_errors
+def chat(
+    package: str,
+    system: str | None,
+    stats: bool,
+    options: dict[str, Any],
+    providers: tuple[str, ...],
+    threads: int | None,
+    max_length: int | None,
+    no_verify: bool,
+) -> None:
+    """Talk to the model in PACKAGE, rendered with its own chat template.
+
+    Type a message and press Enter; the reply streams back. /reset starts over, /exit (or Ctrl-D)
+    quits.
+    """
+    pipe = _load(package, providers, threads, max_length, no_verify)
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    pipe.chat_prompt([*messages, {"role": "user", "content": "hi"}])  # fail now if there is no template
+    stdin = sys.stdin
+    while True:
+        click.echo(">>> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        result = _echo_stream(pipe.chat_stream(messages, **options))
+        messages.append({"role": "assistant", "content": result.text})
+        if stats:
+            _print_stats(result.stats)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -240,8 +421,19 @@ def read_prompts(path: Path) -> list[str]:
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
-    "--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True, help="γ for the speculative runs."
+    "--draft",
+    "drafter",
+    type=click.Choice(["model", "ngram"]),
+    help="Who drafts in the speculative runs (default: the package's draft model).",
 )
+@click.option(
+    "--draft-tokens",
+    type=DraftTokens(),
+    default=4,
+    show_default=True,
+    help="γ for the speculative runs, or 'adaptive'.",
+)
+@click.option("--draft-min-prob", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the prompts.")
 @_runtime_options
 @_user_errors
@@ -249,7 +441,9 @@ def bench(
     package: str,
     prompts_file: Path,
     max_new_tokens: int,
-    draft_tokens: int,
+    drafter: str | None,
+    draft_tokens: int | str,
+    draft_min_prob: float,
     repeats: int,
     providers: tuple[str, ...],
     threads: int | None,
@@ -265,10 +459,21 @@ def bench(
 
     prompts = read_prompts(prompts_file)
     pipe = _load(package, providers, threads, max_length, no_verify)
-    report = compare(pipe, prompts, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, repeats=repeats)
+    report = compare(
+        pipe,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        draft=drafter,
+        draft_tokens=draft_tokens,
+        draft_min_prob=draft_min_prob,
+    )
     spec, plain = report.speculative, report.plain
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"
-    click.echo(f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={max_new_tokens}, γ={draft_tokens}")
+    click.echo(
+        f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={max_new_tokens}, "
+        f"drafter {drafter or 'model'}, γ={draft_tokens}, greedy"
+    )
     click.echo(f"{'mode':<12}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'target calls':>14}{'draft calls':>13}")
     for name, totals in (("plain", plain), ("speculative", spec)):
         click.echo(
@@ -282,6 +487,44 @@ def bench(
             f"speculative output differed from plain output on prompts {report.mismatches}: a bug"
         )
     click.echo("outputs identical: yes (every prompt, every repeat)")
+
+
+@main.command()
+@click.option("--rebuild", is_flag=True, help="Export the default pair again even if it is cached.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--draft-tokens", type=DraftTokens(), default=4, show_default=True, help="γ, or 'adaptive'.")
+@_runtime_options
+@_user_errors
+def demo(
+    rebuild: bool,
+    max_new_tokens: int,
+    draft_tokens: int | str,
+    providers: tuple[str, ...],
+    threads: int | None,
+    max_length: int | None,
+    no_verify: bool,
+) -> None:
+    """The whole job on the embedded default pair, offline: export it (once, cached), complete a few
+    Python prompts with speculative decoding, and measure the speedup over plain decoding.
+    """
+    from .models.default import DEMO_PROMPTS, default_package
+    from .runtime.bench import compare
+
+    package = default_package(rebuild=rebuild, report=lambda line: click.echo(line, err=True))
+    pipe = _load(str(package), providers, threads, max_length, no_verify)
+    for prompt in DEMO_PROMPTS:
+        click.secho(f"\n### speculative completion of {prompt.splitlines()[-1]!r}", fg="cyan", err=True)
+        click.echo(prompt, nl=False)
+        result = _echo_stream(pipe.stream(prompt, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens))
+        _print_stats(result.stats)
+    click.secho("\n### plain vs speculative on the same prompts (alternating runs)", fg="cyan", err=True)
+    report = compare(pipe, DEMO_PROMPTS, max_new_tokens=max_new_tokens, repeats=2, draft_tokens=draft_tokens)
+    alpha = report.speculative.acceptance_rate
+    click.echo(
+        f"acceptance α = {alpha:.2f}, {report.tokens_per_target_call:.2f} tokens per target call; "
+        f"plain {report.plain.tokens_per_second:.0f} tokens/s, speculative {report.speculative.tokens_per_second:.0f} "
+        f"tokens/s: speedup {report.speedup:.2f}x; outputs identical: {'yes' if not report.mismatches else 'NO'}"
+    )
 
 
 def describe(manifest: Manifest) -> str:

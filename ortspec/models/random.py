@@ -20,10 +20,32 @@ CORPUS = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
+def make_word_tokenizer(directory: Path, vocab_size: int) -> int:
+    """A word-level tokenizer of exactly `vocab_size` tokens ("t2", "t3", ... after the specials), for
+    models with a tiny vocabulary (exact distribution tests)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    fast.save_pretrained(directory)
+    return len(fast)
+
+
 def make_tokenizer(directory: Path, vocab_size: int = 384) -> int:
-    """Train a small byte-level BPE, save it as a transformers fast tokenizer; return its size."""
+    """Train a small byte-level BPE (word-level below 300 tokens), save it as a transformers fast
+    tokenizer; return its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        return make_word_tokenizer(directory, vocab_size)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .pipeline import GenerationResult, Pipeline
 
@@ -64,18 +65,22 @@ def compare(
     prompts: Sequence[str | Sequence[int]],
     *,
     max_new_tokens: int = 64,
-    draft_tokens: int = 4,
     repeats: int = 3,
     warmup: bool = True,
+    **draft_options: Any,
 ) -> BenchReport:
-    """Run every prompt plain and speculative, alternating which goes first, `repeats` times."""
+    """Run every prompt plain and speculative (greedy), alternating which goes first, `repeats` times.
+
+    `draft_options` go to the speculative runs: draft ("model"/"ngram"), draft_tokens, draft_min_prob...
+    """
     if not prompts:
         raise ValueError("no prompts to benchmark")
-    if pipe.draft is None:
-        raise ValueError("the package has no draft model: nothing to compare plain decoding with")
+    if pipe.draft is None and draft_options.get("draft") != "ngram":
+        raise ValueError("the package has no draft model: benchmark prompt lookup with draft='ngram'")
 
     def run(prompt: str | Sequence[int], speculative: bool) -> GenerationResult:
-        return pipe.generate(prompt, max_new_tokens=max_new_tokens, use_draft=speculative, draft_tokens=draft_tokens)
+        options = draft_options if speculative else {}
+        return pipe.generate(prompt, max_new_tokens=max_new_tokens, use_draft=speculative, **options)
 
     if warmup:
         run(prompts[0], False)

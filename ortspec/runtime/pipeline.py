@@ -198,6 +198,7 @@ class Pipeline:
                 break
             if delta := text.delta():
                 yield delta, None
+        text.finish()
         if delta := text.delta(final=True):
             yield delta, None
         seconds = time.perf_counter() - start

@@ -57,11 +57,24 @@ class TextStreamDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted = 0
 
     def push(self, token_ids: Sequence[int]) -> str:
         """The text that `token_ids` complete ("" while a character is still incomplete)."""
+        self._ids.extend(int(t) for t in token_ids)
         pieces = (self._stream.step(self._tokenizer, int(t)) for t in token_ids)
-        return "".join(p for p in pieces if p)
+        text = "".join(p for p in pieces if p)
+        self._emitted += len(text)
+        return text
+
+    def flush(self) -> str:
+        """At the end: whatever the held-back bytes decode to (a replacement character for a cut
+        one), so that all pieces together equal a one-shot decode of every id."""
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        rest = full[self._emitted :]
+        self._emitted = len(full)
+        return rest
 
 
 class TextAssembler:
@@ -81,7 +94,14 @@ class TextAssembler:
 
     def push(self, token_id: int) -> bool:
         """Add one token; True when it completed a stop string (the text then ends before it)."""
-        piece = self._decoder.push([token_id])
+        return self._add(self._decoder.push([token_id]))
+
+    def finish(self) -> None:
+        """The generation ended: take in any text the decoder still held back."""
+        if not self.stopped:
+            self._add(self._decoder.flush())
+
+    def _add(self, piece: str) -> bool:
         if not piece or self.stopped:
             return self.stopped
         search_from = max(0, len(self.text) - self._longest + 1)

@@ -1,0 +1,55 @@
+"""The embedded default pair: trained checkpoints shipped in ortspec/models/default, exported once
+into a user cache directory and reused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import __version__
+
+SHIPPED = Path(__file__).parent / "default"
+DEMO_PROMPTS = [
+    "def fibonacci(n):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "import os\n\n\ndef list_python_files(directory):\n",
+]
+
+
+def shipped_pair() -> tuple[Path, Path]:
+    """(target, draft) checkpoint directories of the shipped pair."""
+    target, draft = SHIPPED / "target", SHIPPED / "draft"
+    if not (target / "config.json").is_file() or not (draft / "config.json").is_file():
+        raise FileNotFoundError(f"the default pair is missing from {SHIPPED}; reinstall ortspec")
+    return target, draft
+
+
+def cache_dir() -> Path:
+    """Where exported packages are kept: $ORTSPEC_CACHE, else $XDG_CACHE_HOME/ortspec or ~/.cache/ortspec."""
+    if os.environ.get("ORTSPEC_CACHE"):
+        return Path(os.environ["ORTSPEC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortspec"
+
+
+def _fingerprint(directories: tuple[Path, ...]) -> str:
+    """Changes whenever the shipped weights or this ortspec version change."""
+    digest = hashlib.sha256(__version__.encode())
+    for directory in directories:
+        for file in sorted(directory.iterdir()):
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()[:12]
+
+
+def default_package(quantize: str = "int4", rebuild: bool = False, report: Callable[[str], None] = print) -> Path:
+    """The default pair as a deployment package, exported on first use (no torch needed: the builder)."""
+    pair = shipped_pair()
+    out = cache_dir() / f"default-{quantize}-{_fingerprint(pair)}"
+    if rebuild or not (out / "manifest.json").is_file():
+        from ..export import export_pair
+
+        report(f"exporting the default pair ({quantize}) into {out} (once; reused afterwards)")
+        export_pair(pair[0], out, draft=pair[1], quantize=quantize, force=True, report=report)
+    return out
