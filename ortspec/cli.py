@@ -176,17 +176,17 @@ def _parse_token_ids(prompt: str) -> list[int]:
 
 
 class DraftTokens(click.ParamType):
-    """γ on the command line: a positive integer or 'adaptive'."""
+    """γ on the command line: a positive integer, 'adaptive' or 'auto'."""
 
-    name = "N|adaptive"
+    name = "N|adaptive|auto"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
-        if value == "adaptive" or isinstance(value, int):
+        if value in ("adaptive", "auto") or isinstance(value, int):
             return value
         try:
             number = int(value)
         except ValueError:
-            self.fail(f"{value!r} is neither a positive integer nor 'adaptive'", param, ctx)
+            self.fail(f"{value!r} is not a positive integer, 'adaptive' or 'auto'", param, ctx)
         if number < 1:
             self.fail(f"{number} is not a positive integer", param, ctx)
         return number
@@ -206,7 +206,8 @@ GENERATION_OPTIONS = [
         type=DraftTokens(),
         default=4,
         show_default=True,
-        help="γ, tokens drafted per target call, or 'adaptive' (+2 after a fully accepted round, -1 otherwise).",
+        help="γ, tokens drafted per target call; 'adaptive' (+2 after a fully accepted round, -1 otherwise); "
+        "'auto' (the γ with the best predicted throughput from measured step costs, 0 when drafting would not pay).",
     ),
     click.option(
         "--draft-tokens-max",
@@ -525,6 +526,40 @@ def demo(
         f"plain {report.plain.tokens_per_second:.0f} tokens/s, speculative {report.speculative.tokens_per_second:.0f} "
         f"tokens/s: speedup {report.speedup:.2f}x; outputs identical: {'yes' if not report.mismatches else 'NO'}"
     )
+
+
+@main.command()
+@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-gamma", type=click.IntRange(1, 16), default=8, show_default=True)
+@_runtime_options
+@_user_errors
+def calibrate(
+    package: str,
+    max_gamma: int,
+    providers: tuple[str, ...],
+    threads: int | None,
+    max_length: int | None,
+    no_verify: bool,
+) -> None:
+    """Measure PACKAGE's step costs on this machine (stored beside its manifest) and show what they imply.
+
+    Target call time t(n) for n = 1..max-gamma+1 new positions and the draft's step time d, at a few
+    context lengths; then the best γ and predicted speedup for some acceptance rates. `--draft-tokens
+    auto` uses these (and measures them on first use if this was never run).
+    """
+    pipe = _load(package, providers, threads, max_length, no_verify)
+    calibration = pipe.calibration(remeasure=True, max_gamma=max_gamma)
+    click.echo(f"calibration for {calibration.key}")
+    header = f"{'context':>8}{'d ms':>8}" + "".join(f"{f't({n})':>8}" for n in range(1, max_gamma + 2))
+    click.echo(header)
+    for context, draft_ms, row in zip(calibration.contexts, calibration.draft_ms, calibration.target_ms, strict=True):
+        click.echo(f"{context:>8}{draft_ms:>8.2f}" + "".join(f"{t:>8.2f}" for t in row))
+    context = calibration.contexts[0]
+    for alpha in (0.5, 0.7, 0.8, 0.9):
+        gamma = calibration.best_gamma(alpha, context)
+        speedup = calibration.predicted_speedup(alpha, gamma, context) if gamma else 1.0
+        click.echo(f"α={alpha:.1f}: best γ = {gamma} (predicted speedup {speedup:.2f}x at context {context})")
+    click.echo(f"stored in {Path(package) / 'calibration.json'}")
 
 
 def describe(manifest: Manifest) -> str:

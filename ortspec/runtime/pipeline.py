@@ -10,12 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from .calibration import Calibration, load_calibration, measure, save_calibration
+from .calibration import calibration_key as calibration_key_for
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, Decoder
 from .drafting import DraftModelProposer, NgramProposer, Proposer
 from .manifest import Manifest, load_manifest
 from .sampling import SamplingConfig
-from .speculative import DraftLength, LoopStats, TokenChooser, speculative_decode
+from .session import resolve_providers
+from .speculative import AcceptanceEstimate, AutoDraftLength, DraftLength, LoopStats, TokenChooser, speculative_decode
 from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
@@ -29,7 +32,9 @@ class GenerationConfig:
     max_new_tokens: int = 128
     use_draft: bool = True  # False: plain decoding
     draft: str | None = None  # "model" or "ngram" (prompt lookup); None: the package's draft model if any
-    draft_tokens: int | str = 4  # γ, or "adaptive" (+2 after a fully accepted round, -1 otherwise)
+    # γ; "adaptive": +2 after a fully accepted round, -1 otherwise; "auto": the γ with the best predicted
+    # throughput from this machine's measured step costs and the running acceptance rate (0: no drafting)
+    draft_tokens: int | str = 4
     draft_tokens_max: int = 8  # bound for adaptive γ
     draft_min_prob: float = 0.0  # stop a round early when the draft's top probability is below this
     max_ngram_size: int = 3  # prompt lookup: longest suffix n-gram searched
@@ -47,8 +52,10 @@ class GenerationConfig:
         if self.draft is not None and self.draft not in DRAFTERS:
             raise ValueError(f"draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
         if isinstance(self.draft_tokens, str):
-            if self.draft_tokens != "adaptive":
-                raise ValueError(f"draft_tokens must be a positive integer or 'adaptive', got {self.draft_tokens!r}")
+            if self.draft_tokens not in ("adaptive", "auto"):
+                raise ValueError(
+                    f"draft_tokens must be a positive integer, 'adaptive' or 'auto', got {self.draft_tokens!r}"
+                )
         elif self.draft_tokens < 1:
             raise ValueError(f"draft_tokens must be at least 1, got {self.draft_tokens}")
         if self.draft_tokens_max < 1:
@@ -60,11 +67,6 @@ class GenerationConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
-
-    def draft_length(self) -> DraftLength:
-        if self.draft_tokens == "adaptive":
-            return DraftLength(None, self.draft_tokens_max)
-        return DraftLength(int(self.draft_tokens))
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class GenerationStats:
     drafter: str  # "model", "ngram" or "none"
     accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
     drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
+    undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
     finish_reason: str  # "eos", "length" or "stop"
 
 
@@ -115,13 +118,41 @@ class TextStream:
 class Pipeline:
     """A loaded deployment package: target, optional draft and tokenizer, ready to generate."""
 
-    def __init__(self, manifest: Manifest, target: Decoder, draft: Decoder | None, tokenizer: TextTokenizer) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        target: Decoder,
+        draft: Decoder | None,
+        tokenizer: TextTokenizer,
+        calibration_key: str = "",
+    ) -> None:
         self.manifest = manifest
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(manifest.tokenizer.eos_token_ids)
         self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
+        self._calibration_key = calibration_key or calibration_key_for(["CPUExecutionProvider"], None)
+        self._calibration: Calibration | None = None
+        self._acceptance: dict[str, AcceptanceEstimate] = {}
+
+    def calibration(self, remeasure: bool = False, max_gamma: int = 8) -> Calibration:
+        """This machine's step costs for the package: stored beside the manifest, measured on first use."""
+        if self._calibration is None or remeasure:
+            stored = None if remeasure else load_calibration(self.manifest.root, self._calibration_key)
+            if stored is None or stored.max_gamma < max_gamma:
+                stored = measure(self.target, self.draft, self._calibration_key, max_gamma)
+                save_calibration(self.manifest.root, stored)
+            self._calibration = stored
+        return self._calibration
+
+    def _draft_length(self, config: GenerationConfig, drafter: str) -> DraftLength | AutoDraftLength:
+        if config.draft_tokens == "adaptive":
+            return DraftLength(None, config.draft_tokens_max)
+        if config.draft_tokens == "auto":
+            estimate = self._acceptance.setdefault(drafter, AcceptanceEstimate())
+            return AutoDraftLength(self.calibration(max_gamma=config.draft_tokens_max), estimate, drafter == "model")
+        return DraftLength(int(config.draft_tokens))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -183,7 +214,7 @@ class Pipeline:
             self.eos_token_ids,
             chooser,
             proposer,
-            config.draft_length(),
+            self._draft_length(config, drafter),
             loop,
         )
         for chunk in rounds:
@@ -219,6 +250,7 @@ class Pipeline:
             drafter=drafter,
             accepted_per_round=tuple(loop.accepted_per_round),
             drafted_per_round=tuple(loop.drafted_per_round),
+            undrafted_rounds=loop.undrafted_rounds,
             finish_reason=loop.finish_reason,
         )
         yield "", GenerationResult(text.text, ids, stats)
@@ -289,4 +321,5 @@ def load(
     draft = None
     if manifest.draft is not None:
         draft = Decoder.load(manifest.draft, root, draft_providers or providers, threads, max_length)
-    return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"))
+    key = calibration_key_for(resolve_providers(providers), threads)
+    return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"), key)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .calibration import Calibration
 from .decoder import Decoder
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -32,6 +33,7 @@ class LoopStats:
     accepted: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
     drafted_per_round: list[int] = field(default_factory=list)
+    undrafted_rounds: int = 0  # rounds decoded plainly although drafting was on (auto γ = 0, no proposal)
     finish_reason: str = ""  # "eos" or "length" (the pipeline adds "stop")
 
 
@@ -64,6 +66,10 @@ class DraftLength:
         self.maximum = maximum
         self.current = fixed if fixed is not None else min(start, maximum)
 
+    def next(self, context: int) -> int:
+        """γ for the coming round, `context` positions into the sequence."""
+        return self.current
+
     def update(self, drafted: int, accepted: int) -> None:
         if self.fixed is not None or drafted == 0:
             return
@@ -71,6 +77,57 @@ class DraftLength:
             self.current = min(self.current + 2, self.maximum)
         else:
             self.current = max(1, self.current - 1)
+
+
+class AcceptanceEstimate:
+    """Running estimate of the per-draft acceptance rate α, kept across generations.
+
+    Drafts after a round's first rejection are never judged, so α is estimated as accepted /
+    (accepted + rejections) — the geometric model's maximum likelihood — with a weak prior and
+    slow forgetting so that it follows the text being generated.
+    """
+
+    def __init__(self, prior: float = 0.6, strength: float = 4.0, decay: float = 0.97) -> None:
+        self.accepted = prior * strength
+        self.rejected = (1 - prior) * strength
+        self.decay = decay
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1 if accepted < drafted else 0)
+
+
+class AutoDraftLength:
+    """γ each round maximising predicted throughput E(α, γ) / (γ·d + t(γ+1)) from measured costs.
+
+    γ = 0 (plain decoding) unless some γ is predicted to beat it by 5%. After 16 plain rounds it
+    probes with γ = 1 once, so that a better-than-expected draft is noticed.
+    """
+
+    PROBE_EVERY = 16
+
+    def __init__(self, calibration: Calibration, estimate: AcceptanceEstimate, draft_cost: bool = True) -> None:
+        self.calibration = calibration
+        self.estimate = estimate
+        self.draft_cost = draft_cost
+        self._plain_rounds = 0
+
+    def next(self, context: int) -> int:
+        gamma = self.calibration.best_gamma(self.estimate.alpha, context, self.draft_cost)
+        if gamma == 0:
+            self._plain_rounds += 1
+            if self._plain_rounds >= self.PROBE_EVERY:
+                self._plain_rounds = 0
+                return 1
+        return gamma
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.estimate.update(drafted, accepted)
 
 
 def accept_probability(p: float, q: float) -> float:
@@ -111,7 +168,7 @@ def speculative_decode(
     eos_token_ids: Collection[int],
     chooser: TokenChooser,
     proposer: Proposer | None = None,
-    draft_length: DraftLength | None = None,
+    draft_length: DraftLength | AutoDraftLength | None = None,
     stats: LoopStats | None = None,
 ) -> Iterator[list[int]]:
     """Yield the committed new tokens round by round: the target's own greedy sequence, or a sample
@@ -152,8 +209,11 @@ def speculative_decode(
         proposal = Proposal([])
         if proposer is not None:
             proposer.rollback(tokens)
-            count = min(draft_length.current, max_new_tokens - generated - 1)
+            budget = max_new_tokens - generated - 1
+            count = min(draft_length.next(len(tokens)), budget)
             if count > 0:
                 proposal = proposer.propose(tokens, count, chooser)
+            if budget > 0 and not proposal.tokens:
+                stats.undrafted_rounds += 1
         logits = target.forward([tokens[-1], *proposal.tokens])
         stats.target_calls += 1
