@@ -481,8 +481,15 @@ def bench(
             f"{name:<12}{totals.new_tokens:>8}{totals.seconds:>10.3f}{totals.tokens_per_second:>10.1f}"
             f"{totals.target_calls:>14}{totals.draft_calls:>13}"
         )
-    click.echo(f"acceptance rate α = {alpha}; tokens per target call = {report.tokens_per_target_call:.2f}")
-    click.echo(f"speedup (speculative / plain tokens/s) = {report.speedup:.2f}x")
+    geometric = "n/a" if spec.alpha is None else f"{spec.alpha:.3f}"
+    click.echo(
+        f"acceptance rate = {alpha} of drafts (α per judged draft = {geometric}); "
+        f"tokens per target call = {report.tokens_per_target_call:.2f}"
+    )
+    click.echo(
+        f"speedup (speculative / plain tokens/s) = {report.speedup:.2f}x end to end, "
+        f"{report.decode_speedup:.2f}x after the first token"
+    )
     if report.mismatches:
         raise click.ClickException(
             f"speculative output differed from plain output on prompts {report.mismatches}: a bug"

@@ -15,6 +15,8 @@ class ModeTotals:
 
     new_tokens: int = 0
     seconds: float = 0.0
+    decode_seconds: float = 0.0  # after the first token: prefill excluded
+    rounds_with_rejection: int = 0
     target_calls: int = 0
     draft_calls: int = 0
     drafted: int = 0
@@ -24,6 +26,8 @@ class ModeTotals:
         s = result.stats
         self.new_tokens += s.new_tokens
         self.seconds += s.seconds
+        self.decode_seconds += s.seconds - s.time_to_first_token
+        self.rounds_with_rejection += sum(k < n for k, n in zip(s.accepted_per_round, s.drafted_per_round, strict=True))
         self.target_calls += s.target_calls
         self.draft_calls += s.draft_calls
         self.drafted += s.drafted_tokens
@@ -36,6 +40,13 @@ class ModeTotals:
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def alpha(self) -> float | None:
+        """Per-draft acceptance under the geometric model: accepted / (accepted + rejections);
+        drafts after a round's first rejection were never judged, so they do not count."""
+        judged = self.accepted + self.rounds_with_rejection
+        return self.accepted / judged if judged else None
 
 
 @dataclass
@@ -52,6 +63,14 @@ class BenchReport:
     def speedup(self) -> float:
         plain = self.plain.tokens_per_second
         return self.speculative.tokens_per_second / plain if plain else 0.0
+
+    @property
+    def decode_speedup(self) -> float:
+        """Speedup of the decoding phase alone (after the first token; the prefill is the same for both)."""
+        if not self.plain.decode_seconds or not self.speculative.decode_seconds:
+            return 0.0
+        plain = (self.plain.new_tokens - self.runs) / self.plain.decode_seconds
+        return (self.speculative.new_tokens - self.runs) / self.speculative.decode_seconds / plain
 
     @property
     def tokens_per_target_call(self) -> float:

@@ -1,0 +1,135 @@
+"""The shipped default pair: a trained target and distilled draft that really agree on unseen code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import ortspec
+from ortspec.cli import main
+from ortspec.models.default import SHIPPED, default_package, shipped_pair
+from ortspec.models.train_default import HELDOUT
+
+from reference import hf_model
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, monkeypatch_module):
+    directory = tmp_path_factory.mktemp("ortspec-cache")
+    monkeypatch_module.setenv("ORTSPEC_CACHE", str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def heldout_prompts(count: int, lines: int = 10) -> list[str]:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return ["".join((lib / name).read_text().splitlines(keepends=True)[:lines]) for name in HELDOUT[:count]]
+
+
+def test_shipped_files_are_small_and_documented():
+    target, draft = shipped_pair()
+    total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert total <= 25 * 1024 * 1024
+    for directory in (target, draft):
+        config = json.loads((directory / "config.json").read_text())
+        assert config["model_type"] == "llama" and config["torch_dtype"] in ("float16", "bfloat16")
+    assert (SHIPPED / "README.md").is_file()
+    training = json.loads((SHIPPED / "training.json").read_text())
+    assert training["draft_target_compute_ratio"] <= 1 / 8
+
+
+def test_trained_draft_agrees_far_more_than_a_random_one(cache, tmp_path):
+    from ortspec.export import export_pair
+    from ortspec.models.random import make_checkpoint
+
+    pipe = ortspec.load(default_package(quantize="none", report=lambda _: None))
+    target, draft = shipped_pair()
+    config = json.loads((draft / "config.json").read_text())
+    random_draft = make_checkpoint(
+        tmp_path / "random-draft",
+        "llama",
+        hidden=config["hidden_size"],
+        layers=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        kv_heads=config["num_key_value_heads"],
+        intermediate=config["intermediate_size"],
+        std=0.02,
+        tokenizer_vocab=300,
+        vocab_size=config["vocab_size"],
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(draft / name, random_draft / name)
+    export_pair(target, tmp_path / "random-pair", draft=random_draft, quantize="none", report=lambda _: None)
+    random_pipe = ortspec.load(tmp_path / "random-pair")
+    trained = [pipe.generate(p, max_new_tokens=48) for p in heldout_prompts(8)]
+    untrained = [random_pipe.generate(p, max_new_tokens=48) for p in heldout_prompts(8)]
+    rate = sum(r.stats.accepted_tokens for r in trained) / sum(r.stats.drafted_tokens for r in trained)
+    random_rate = sum(r.stats.accepted_tokens for r in untrained) / sum(r.stats.drafted_tokens for r in untrained)
+    print(f"\nheld-out acceptance: trained draft {rate:.3f}, random draft {random_rate:.3f}")
+    assert rate > 0.4 and rate > 3 * random_rate
+    assert [r.token_ids for r in trained] == [r.token_ids for r in untrained]  # same target, same output
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_greedy_parity_on_real_code(quantize, cache):
+    import torch
+
+    pipe = ortspec.load(default_package(quantize=quantize, report=lambda _: None))
+    target, _ = shipped_pair()
+    for prompt in heldout_prompts(6):
+        spec = pipe.generate(prompt, max_new_tokens=64)
+        plain = pipe.generate(prompt, max_new_tokens=64, use_draft=False)
+        assert spec.token_ids == plain.token_ids
+        if quantize != "none":
+            continue
+        ids = pipe.tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = (
+                hf_model(target)
+                .generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=0, pad_token_id=0)[
+                    0, len(ids) :
+                ]
+                .tolist()
+            )
+            logits = hf_model(target)(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1 :].numpy()
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        tied = np.flatnonzero(top2[:, 1] - top2[:, 0] < 1e-3)
+        agree_until = int(tied[0]) + 1 if len(tied) else len(out)  # compare up to the first near-tie
+        assert plain.token_ids[:agree_until] == out[:agree_until]
+
+
+def test_shipped_heldout_loss_matches_the_card():
+    """The model card's held-out loss is what the shipped fp16 weights give."""
+    import torch
+
+    from ortspec.models.train_default import SEQ_LEN, encode_files, heldout_loss, stdlib_files
+
+    training = json.loads((SHIPPED / "training.json").read_text())
+    _, _, heldout_files = stdlib_files()
+    tokens = encode_files(shipped_pair()[0], heldout_files)
+    model = hf_model(shipped_pair()[0])
+    assert len(tokens) // SEQ_LEN > 10
+    with torch.no_grad():
+        loss = heldout_loss(model, tokens, max_chunks=10**6)
+    assert loss == pytest.approx(training["heldout_loss"]["target"], abs=0.01)
+
+
+def test_demo_and_default_generate(cache):
+    runner = CliRunner()
+    demo = runner.invoke(main, ["demo", "--max-new-tokens", "24"])
+    assert demo.exit_code == 0, demo.output
+    assert "speedup" in demo.output and "outputs identical: yes" in demo.output
+    generate = runner.invoke(main, ["generate", "def add(a, b):\n", "--max-new-tokens", "16"])
+    assert generate.exit_code == 0, generate.output
+    assert len(generate.output.strip()) > 0
