@@ -20,6 +20,8 @@ from pathlib import Path
 
 import ortspec
 
+from common import bench_checkpoints, exported
+
 GENAI_TIMER = r"""
 import json, sys, time, statistics
 import onnxruntime_genai as og
@@ -60,22 +62,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from ortspec.export import export_pair
-    from ortspec.models.random import PRESETS, make_checkpoint
-
-    target = args.work / "target"
-    if not (target / "config.json").exists():
-        make_checkpoint(target, "llama", **PRESETS["bench"][0])
-    ours = args.work / "builder-int4"
-    if not (ours / "manifest.json").exists():
-        export_pair(target, ours, quantize="int4", exporter="builder", force=True)
+    target, _ = bench_checkpoints(args.work)
+    ours = exported(args.work / "builder-int4", target, quantize="int4", exporter="builder")
     python = ensure_genai_venv(args.genai_venv)
     genai_dir = args.work / "genai-int4"
     if not (genai_dir / "genai_config.json").exists():
         subprocess.run(
-            [str(python), "-m", "onnxruntime_genai.models.builder", "-m", str(target), "-i", str(target),
-             "-o", str(genai_dir), "-p", "int4", "-e", "cpu", "-c", str(args.work / "genai-cache")],
-            check=True, capture_output=True,
+            [
+                str(python),
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-m",
+                str(target),
+                "-i",
+                str(target),
+                "-o",
+                str(genai_dir),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(args.work / "genai-cache"),
+            ],
+            check=True,
+            capture_output=True,
         )
     pipe = ortspec.load(ours, verify=False)
     ids = [(7 * i) % 1000 + 10 for i in range(args.context)]
@@ -90,7 +101,9 @@ def main() -> None:
         ours_ms.append((time.perf_counter() - start) * 1000 / (args.steps - 1))
         out = subprocess.run(
             [str(python), "-c", GENAI_TIMER, str(genai_dir), str(args.context), str(args.steps), "1"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         genai_ms += json.loads(out.stdout.strip().splitlines()[-1])
     ours_median, genai_median = statistics.median(ours_ms), statistics.median(genai_ms)

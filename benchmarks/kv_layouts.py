@@ -16,6 +16,8 @@ from pathlib import Path
 import ortspec
 from ortspec.runtime.decoder import Decoder
 
+from common import bench_checkpoints, exported
+
 
 def step_ms(decoder: Decoder, context: int, steps: int = 16, repeats: int = 3) -> float:
     """Median ms of `steps` consecutive single-token steps starting at `context` cached positions."""
@@ -33,19 +35,11 @@ def step_ms(decoder: Decoder, context: int, steps: int = 16, repeats: int = 3) -
 
 
 def build(work: Path, quantize: str) -> dict[str, Path]:
-    from ortspec.export import export_pair
-    from ortspec.models.random import PRESETS, make_checkpoint
-
-    target = work / "target"
-    if not (target / "config.json").exists():
-        make_checkpoint(target, "llama", **PRESETS["bench"][0])
-    packages = {}
-    for exporter in ("builder", "optimum"):
-        out = work / f"{exporter}-{quantize}"
-        if not (out / "manifest.json").exists():
-            export_pair(target, out, quantize=quantize, exporter=exporter, force=True)
-        packages[exporter] = out
-    return packages
+    target, _ = bench_checkpoints(work)
+    return {
+        exporter: exported(work / f"{exporter}-{quantize}", target, quantize=quantize, exporter=exporter)
+        for exporter in ("builder", "optimum")
+    }
 
 
 def main() -> None:

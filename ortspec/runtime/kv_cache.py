@@ -17,10 +17,34 @@ import onnxruntime as ort
 class KVCache(ABC):
     """KV state of one decoder: how many positions it holds, and how to bind it for the next call."""
 
+    def __init__(self, past_names: Sequence[str], present_names: Sequence[str]) -> None:
+        if len(past_names) != len(present_names):
+            raise ValueError("past and present name lists differ in length")
+        self._past_names = list(past_names)
+        self._present_names = list(present_names)
+        self._length = 0
+
     @property
-    @abstractmethod
     def length(self) -> int:
         """Number of positions currently cached."""
+        return self._length
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs this cache binds, in the order `update` expects them."""
+        return self._present_names
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected drafts)."""
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
+        if length != self._length:
+            self._drop_after(length)
+            self._length = length
+
+    @abstractmethod
+    def _drop_after(self, length: int) -> None:
+        """Layout-specific part of `truncate`, called with the new, shorter length."""
 
     @abstractmethod
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
@@ -31,17 +55,8 @@ class KVCache(ABC):
         """Take the call's cache outputs (in `output_names` order) as the new state."""
 
     @abstractmethod
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (rejected drafts)."""
-
-    @abstractmethod
     def reset(self) -> None:
         """Empty the cache for a new sequence."""
-
-    @property
-    @abstractmethod
-    def output_names(self) -> list[str]:
-        """Names of the graph outputs this cache binds, in the order `update` expects them."""
 
 
 class ConcatKVCache(KVCache):
@@ -60,24 +75,12 @@ class ConcatKVCache(KVCache):
         dtype: np.dtype,
         device: str = "cpu",
     ) -> None:
-        if len(past_names) != len(present_names):
-            raise ValueError("past and present name lists differ in length")
-        self._past_names = list(past_names)
-        self._present_names = list(present_names)
+        super().__init__(past_names, present_names)
         self._shape = (1, num_kv_heads, 0, head_dim)
         self._dtype = np.dtype(dtype)
         self._device = device
         self._values: list[ort.OrtValue] = []
-        self._length = 0
         self.reset()
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._present_names
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
@@ -97,13 +100,8 @@ class ConcatKVCache(KVCache):
         self._values = list(presents)
         self._length += new_tokens
 
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
-        if length == self._length:
-            return
+    def _drop_after(self, length: int) -> None:
         self._values = [self._to_device(value.numpy()[:, :, :length]) for value in self._values]
-        self._length = length
 
 
 class SharedBufferKVCache(KVCache):
@@ -125,8 +123,7 @@ class SharedBufferKVCache(KVCache):
         dtype: np.dtype,
         device: str = "cpu",
     ) -> None:
-        self._past_names = list(past_names)
-        self._present_names = list(present_names)
+        super().__init__(past_names, present_names)
         shape = [1, num_kv_heads, max_length, head_dim]
         if device == "cpu":
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in past_names]
@@ -135,15 +132,6 @@ class SharedBufferKVCache(KVCache):
         self.max_length = max_length
         self._seqlens_k = np.zeros(1, dtype=np.int32)
         self._total = np.zeros((), dtype=np.int32)
-        self._length = 0
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._present_names
 
     def reset(self) -> None:
         self._length = 0
@@ -161,7 +149,5 @@ class SharedBufferKVCache(KVCache):
     def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
         self._length += new_tokens
 
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
-        self._length = length
+    def _drop_after(self, length: int) -> None:
+        """Nothing to copy: the next call overwrites the stale entries in place."""
