@@ -275,7 +275,7 @@ def write_model_card(out: Path) -> None:
         "# ortspec default pair: a tiny Python-code target and its distilled draft",
         "",
         "Trained by `ortspec.models.train_default` on the CPU, from scratch, on the Python source of the",
-        f"CPython {r["versions"]["python"]} standard library (`Lib/`, tests excluded). No weights are",
+        f"CPython {r['versions']['python']} standard library (`Lib/`, tests excluded). No weights are",
         "downloaded: this pair exists so that `ortspec demo`, tests and benchmarks have a real pair offline.",
         "It writes Python-looking code; it is far too small to be useful for anything else.",
         "",
