@@ -30,34 +30,52 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--provider / --threads / --no-verify, shared by the commands that load a package."""
-    func = click.option(
+RUNTIME_OPTIONS = [
+    click.option(
         "--provider",
         "providers",
         multiple=True,
         help="ONNX Runtime execution provider, in priority order (repeatable). Default: CPUExecutionProvider.",
-    )(func)
-    func = click.option(
+    ),
+    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ORT's)."),
+    click.option(
+        "--draft-threads", type=click.IntRange(min=1), help="Intra-op threads of the draft (default: --threads)."
+    ),
+    click.option(
         "--max-length",
         type=click.IntRange(min=1),
         help="Longest prompt + generation to hold (default: the model's maximum, at most 4096).",
-    )(func)
-    func = click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ORT's).")(
-        func
-    )
-    func = click.option(
+    ),
+    click.option(
         "--no-verify", is_flag=True, help="Skip the sha256 check of the package files (sizes are still checked)."
-    )(func)
-    return func
+    ),
+]
 
 
-def _load(
-    package: str, providers: tuple[str, ...], threads: int | None, max_length: int | None, no_verify: bool
-) -> Any:
+def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--provider / --threads / --draft-threads / --max-length / --no-verify, handed over as one `runtime` dict."""
+    names = ["providers", "threads", "draft_threads", "max_length", "no_verify"]
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, runtime={name: kwargs.pop(name) for name in names}, **kwargs)
+
+    for option in reversed(RUNTIME_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _load(package: str, runtime: dict[str, Any]) -> Any:
     from .runtime.pipeline import load
 
-    return load(package, providers=providers or None, threads=threads, max_length=max_length, verify=not no_verify)
+    return load(
+        package,
+        providers=runtime["providers"] or None,
+        threads=runtime["threads"],
+        draft_threads=runtime["draft_threads"],
+        max_length=runtime["max_length"],
+        verify=not runtime["no_verify"],
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -326,10 +344,7 @@ def generate(
     token_ids: bool,
     stats: bool,
     options: dict[str, Any],
-    providers: tuple[str, ...],
-    threads: int | None,
-    max_length: int | None,
-    no_verify: bool,
+    runtime: dict[str, Any],
 ) -> None:
     """Complete PROMPT with the model in PACKAGE (default: the embedded default pair), streaming the
     text as tokens are accepted.
@@ -345,7 +360,7 @@ def generate(
       ortspec generate ./pair "import os" --temperature 0.7 --top-p 0.9 --seed 1 --stop "\\n\\n"
     """
     package, prompt = _package_and_prompt(args)
-    pipe = _load(package, providers, threads, max_length, no_verify)
+    pipe = _load(package, runtime)
     prompt_in = _parse_token_ids(prompt) if token_ids else prompt
     result = _echo_stream(pipe.stream(prompt_in, **options))
     if stats and result is not None:
@@ -364,17 +379,14 @@ def chat(
     system: str | None,
     stats: bool,
     options: dict[str, Any],
-    providers: tuple[str, ...],
-    threads: int | None,
-    max_length: int | None,
-    no_verify: bool,
+    runtime: dict[str, Any],
 ) -> None:
     """Talk to the model in PACKAGE, rendered with its own chat template.
 
     Type a message and press Enter; the reply streams back. /reset starts over, /exit (or Ctrl-D)
     quits.
     """
-    pipe = _load(package, providers, threads, max_length, no_verify)
+    pipe = _load(package, runtime)
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     pipe.chat_prompt([*messages, {"role": "user", "content": "hi"}])  # fail now if there is no template
@@ -446,10 +458,7 @@ def bench(
     draft_tokens: int | str,
     draft_min_prob: float,
     repeats: int,
-    providers: tuple[str, ...],
-    threads: int | None,
-    max_length: int | None,
-    no_verify: bool,
+    runtime: dict[str, Any],
 ) -> None:
     """Plain vs speculative decoding of PACKAGE on the prompts, measured alternately in one run.
 
@@ -459,7 +468,7 @@ def bench(
     from .runtime.bench import compare
 
     prompts = read_prompts(prompts_file)
-    pipe = _load(package, providers, threads, max_length, no_verify)
+    pipe = _load(package, runtime)
     report = compare(
         pipe,
         prompts,
@@ -500,17 +509,14 @@ def bench(
 @main.command()
 @click.option("--rebuild", is_flag=True, help="Export the default pair again even if it is cached.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--draft-tokens", type=DraftTokens(), default=4, show_default=True, help="γ, or 'adaptive'.")
+@click.option("--draft-tokens", type=DraftTokens(), default=2, show_default=True, help="γ, 'adaptive' or 'auto'.")
 @_runtime_options
 @_user_errors
 def demo(
     rebuild: bool,
     max_new_tokens: int,
     draft_tokens: int | str,
-    providers: tuple[str, ...],
-    threads: int | None,
-    max_length: int | None,
-    no_verify: bool,
+    runtime: dict[str, Any],
 ) -> None:
     """The whole job on the embedded default pair, offline: export it (once, cached), complete a few
     Python prompts with speculative decoding, and measure the speedup over plain decoding.
@@ -519,7 +525,7 @@ def demo(
     from .runtime.bench import compare
 
     package = default_package(rebuild=rebuild, report=lambda line: click.echo(line, err=True))
-    pipe = _load(str(package), providers, threads, max_length, no_verify)
+    pipe = _load(str(package), runtime)
     for prompt in DEMO_PROMPTS:
         click.secho(f"\n### speculative completion of {prompt.splitlines()[-1]!r}", fg="cyan", err=True)
         click.echo(prompt, nl=False)
@@ -543,10 +549,7 @@ def demo(
 def calibrate(
     package: str,
     max_gamma: int,
-    providers: tuple[str, ...],
-    threads: int | None,
-    max_length: int | None,
-    no_verify: bool,
+    runtime: dict[str, Any],
 ) -> None:
     """Measure PACKAGE's step costs on this machine (stored beside its manifest) and show what they imply.
 
@@ -554,7 +557,7 @@ def calibrate(
     context lengths; then the best γ and predicted speedup for some acceptance rates. `--draft-tokens
     auto` uses these (and measures them on first use if this was never run).
     """
-    pipe = _load(package, providers, threads, max_length, no_verify)
+    pipe = _load(package, runtime)
     calibration = pipe.calibration(remeasure=True, max_gamma=max_gamma)
     click.echo(f"calibration for {calibration.key}")
     header = f"{'context':>8}{'d ms':>8}" + "".join(f"{f't({n})':>8}" for n in range(1, max_gamma + 2))

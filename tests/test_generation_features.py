@@ -183,4 +183,4 @@ def test_cli_sampling_and_ngram_options(package):
     ngram = runner.invoke(main, ["generate", root, "a b a b a b", "--draft", "ngram", "--draft-tokens", "adaptive"])
     assert ngram.exit_code == 0, ngram.output
     bad = runner.invoke(main, ["generate", root, "x", "--draft-tokens", "lots"])
-    assert bad.exit_code == 2 and "'lots' is neither a positive integer nor 'adaptive'" in bad.output
+    assert bad.exit_code == 2 and "'lots' is not a positive integer, 'adaptive' or 'auto'" in bad.output

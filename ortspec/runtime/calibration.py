@@ -132,8 +132,9 @@ def measure(
     return Calibration(key, usable, target_ms, draft_ms)
 
 
-def calibration_key(providers: Sequence[str], threads: int | None) -> str:
-    return f"{','.join(providers)}|threads={threads or 'default'}|{machine_fingerprint()}"
+def calibration_key(providers: Sequence[str], threads: int | None, draft_threads: int | None = None) -> str:
+    draft = f"|draft threads={draft_threads}" if draft_threads else ""
+    return f"{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"
 
 
 def load_calibration(package: Path, key: str) -> Calibration | None:

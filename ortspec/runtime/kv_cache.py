@@ -46,13 +46,16 @@ class KVCache(ABC):
     def _drop_after(self, length: int) -> None:
         """Layout-specific part of `truncate`, called with the new, shorter length."""
 
-    @abstractmethod
-    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
-        """Bind the cache inputs and outputs for a call that adds `new_tokens` positions."""
+    def bind_once(self, binding: ort.IOBinding) -> None:  # noqa: B027 - most layouts have none
+        """Bindings that never change between calls (done once per session binding)."""
 
     @abstractmethod
-    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
-        """Take the call's cache outputs (in `output_names` order) as the new state."""
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        """Bind what changes for a call that adds `new_tokens` positions."""
+
+    @abstractmethod
+    def update(self, outputs: Sequence, new_tokens: int) -> None:
+        """Take the call's outputs (logits first, then `output_names` in order) as the new state."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -96,8 +99,8 @@ class ConcatKVCache(KVCache):
         for name in self._present_names:
             binding.bind_output(name, self._device)
 
-    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
-        self._values = list(presents)
+    def update(self, outputs: Sequence, new_tokens: int) -> None:
+        self._values = [ort.OrtValue(outputs[i]) for i in range(1, len(outputs))]
         self._length += new_tokens
 
     def _drop_after(self, length: int) -> None:
@@ -136,17 +139,20 @@ class SharedBufferKVCache(KVCache):
     def reset(self) -> None:
         self._length = 0
 
+    def bind_once(self, binding: ort.IOBinding) -> None:
+        # The buffers never move, so they are bound once; per call only the lengths change.
+        for past, present, buffer in zip(self._past_names, self._present_names, self.buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
         total = self._length + new_tokens
         self._seqlens_k[0] = total - 1
         self._total[...] = total
         binding.bind_cpu_input("seqlens_k", self._seqlens_k)
         binding.bind_cpu_input("total_sequence_length", self._total)
-        for past, present, buffer in zip(self._past_names, self._present_names, self.buffers, strict=True):
-            binding.bind_ortvalue_input(past, buffer)
-            binding.bind_ortvalue_output(present, buffer)
 
-    def update(self, presents: Sequence[ort.OrtValue], new_tokens: int) -> None:
+    def update(self, outputs: Sequence, new_tokens: int) -> None:
         self._length += new_tokens
 
     def _drop_after(self, length: int) -> None:

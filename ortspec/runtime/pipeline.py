@@ -304,6 +304,7 @@ def load(
     providers: Sequence[str] | None = None,
     draft_providers: Sequence[str] | None = None,
     threads: int | None = None,
+    draft_threads: int | None = None,
     max_length: int | None = None,
     verify: bool = True,
 ) -> Pipeline:
@@ -311,15 +312,17 @@ def load(
 
     `providers` are ONNX Runtime execution providers in priority order (default: CPU);
     `draft_providers` (default: the same) lets the draft run elsewhere; `threads` sets intra-op
-    threads; `max_length` caps prompt + new tokens (default: the model's maximum, at most 4096; the
-    shared KV buffers are allocated for it); `verify=False` skips the sha256 check (sizes are
-    always checked).
+    threads (`draft_threads` for the draft, default the same: a tiny draft is often fastest on 1);
+    `max_length` caps prompt + new tokens (default: the model's maximum, at most 4096; the shared
+    KV buffers are allocated for it); `verify=False` skips the sha256 check (sizes are always
+    checked).
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
     target = Decoder.load(manifest.target, root, providers, threads, max_length)
     draft = None
     if manifest.draft is not None:
-        draft = Decoder.load(manifest.draft, root, draft_providers or providers, threads, max_length)
-    key = calibration_key_for(resolve_providers(providers), threads)
+        draft_threads = draft_threads or threads
+        draft = Decoder.load(manifest.draft, root, draft_providers or providers, draft_threads, max_length)
+    key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
     return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"), key)

@@ -115,9 +115,13 @@ class AutoDraftLength:
         self.estimate = estimate
         self.draft_cost = draft_cost
         self._plain_rounds = 0
+        self._choices: dict[tuple[float, int], int] = {}  # the choice is per round: keep it cheap
 
     def next(self, context: int) -> int:
-        gamma = self.calibration.best_gamma(self.estimate.alpha, context, self.draft_cost)
+        key = (round(self.estimate.alpha, 2), context // 32)
+        if key not in self._choices:
+            self._choices[key] = self.calibration.best_gamma(key[0], context, self.draft_cost)
+        gamma = self._choices[key]
         if gamma == 0:
             self._plain_rounds += 1
             if self._plain_rounds >= self.PROBE_EVERY:
