@@ -45,7 +45,7 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts (first {args.lines} lines), {args.new} new tokens, greedy")
     print(
         f"{'weights':<7}{'mode':<10}{'α':>6}{'tok/call':>9}{'plain t/s':>10}{'spec t/s':>10}"
-        f"{'speedup':>9}{'predicted':>10}{'effic.':>8}{'c':>7}{'v(γ+1)':>8}"
+        f"{'speedup':>9}{'predicted':>10}{'effic.':>8}{'c':>7}{'v(γ+1)':>8}{'ties':>6}"
     )
     for quantize in args.quantize:
         out = args.work / f"default-{quantize}"
@@ -69,7 +69,8 @@ def main() -> None:
                 f"{(report.plain.new_tokens - report.runs) / report.plain.decode_seconds:>10.0f}"
                 f"{(spec.new_tokens - report.runs) / spec.decode_seconds:>10.0f}"
                 f"{report.decode_speedup:>9.2f}{predicted:>10.2f}{report.decode_speedup / predicted:>8.2f}"
-                f"{c:>7.3f}{v:>8.2f}" + ("" if not report.mismatches else "  OUTPUT MISMATCH")
+                f"{c:>7.3f}{v:>8.2f}{len(report.near_ties):>6}"
+                + ("" if not report.mismatches else "  OUTPUT MISMATCH BEYOND A NEAR-TIE")
             )
     ngram_pipe = ortspec.load(args.work / f"default-{args.quantize[-1]}", threads=args.threads, verify=False)
     report = compare(ngram_pipe, prompts, max_new_tokens=args.new, repeats=args.repeats, draft="ngram", draft_tokens=4)

@@ -15,6 +15,7 @@ import ortspec
 from ortspec.cli import main
 from ortspec.models.default import SHIPPED, default_package, shipped_pair
 from ortspec.models.train_default import HELDOUT
+from ortspec.runtime.bench import NEAR_TIE, divergence_gap
 
 from reference import hf_model
 
@@ -90,12 +91,17 @@ def test_greedy_parity_on_real_code(quantize, cache):
 
     pipe = ortspec.load(default_package(quantize=quantize, report=lambda _: None))
     target, _ = shipped_pair()
-    for prompt in heldout_prompts(6):
-        spec = pipe.generate(prompt, max_new_tokens=64)
-        plain = pipe.generate(prompt, max_new_tokens=64, use_draft=False)
-        assert spec.token_ids == plain.token_ids
+    for prompt in heldout_prompts(12, lines=12):
+        spec = pipe.generate(prompt, max_new_tokens=96)
+        plain = pipe.generate(prompt, max_new_tokens=96, use_draft=False)
         if quantize != "none":
+            # int8-compute kernels differ in the last bits between chunked and single-token calls:
+            # a divergence is allowed only where the two choices are a near-tie (see bench.NEAR_TIE)
+            if spec.token_ids != plain.token_ids:
+                position, gap = divergence_gap(pipe, prompt, plain.token_ids, spec.token_ids)
+                assert gap < NEAR_TIE, f"diverged at {position} with a logit gap of {gap}: a bug"
             continue
+        assert spec.token_ids == plain.token_ids
         ids = pipe.tokenizer.encode(prompt)
         with torch.no_grad():
             out = (
@@ -110,6 +116,18 @@ def test_greedy_parity_on_real_code(quantize, cache):
         tied = np.flatnonzero(top2[:, 1] - top2[:, 0] < 1e-3)
         agree_until = int(tied[0]) + 1 if len(tied) else len(out)  # compare up to the first near-tie
         assert plain.token_ids[:agree_until] == out[:agree_until]
+
+
+def test_a_real_divergence_is_not_taken_for_a_near_tie(cache):
+    pipe = ortspec.load(default_package(quantize="int4", report=lambda _: None))
+    prompt = heldout_prompts(1)[0]
+    plain = pipe.generate(prompt, max_new_tokens=12, use_draft=False).token_ids
+    ids = pipe.tokenizer.encode(prompt) + plain[:5]
+    pipe.target.reset()
+    worst = int(np.argmin(pipe.target.forward(ids)[-1]))
+    wrong = [*plain[:5], worst, *plain[6:]]
+    position, gap = divergence_gap(pipe, prompt, plain, wrong)
+    assert position == 5 and gap > 1.0
 
 
 def test_shipped_heldout_loss_matches_the_card():
