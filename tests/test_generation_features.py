@@ -184,3 +184,15 @@ def test_cli_sampling_and_ngram_options(package):
     assert ngram.exit_code == 0, ngram.output
     bad = runner.invoke(main, ["generate", root, "x", "--draft-tokens", "lots"])
     assert bad.exit_code == 2 and "'lots' is not a positive integer, 'adaptive' or 'auto'" in bad.output
+
+
+def test_repetition_penalty_is_exact_under_speculation(package):
+    """The penalty depends on each position's history (prompt + drafts so far): spec must match plain."""
+    pipe = ortspec.load(package("llama", draft="same"))
+    prompt = [5, 6, 7, 5, 6, 7]
+    plain = pipe.generate(prompt, max_new_tokens=32, use_draft=False, repetition_penalty=1.8)
+    assert plain.token_ids != pipe.generate(prompt, max_new_tokens=32, use_draft=False).token_ids
+    for gamma in (1, 4):
+        spec = pipe.generate(prompt, max_new_tokens=32, draft_tokens=gamma, repetition_penalty=1.8)
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.acceptance_rate == 1.0  # the draft (a copy) applies the same penalty

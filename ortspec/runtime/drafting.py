@@ -86,7 +86,7 @@ class DraftModelProposer:
         logits = self.decoder.forward(pending)[-1, : self.vocab_limit]
         self.calls += 1
         while True:
-            seen = [*tokens, *drafts]
+            seen = chooser.history(tokens, drafts)
             if chooser.greedy:
                 confidence = _softmax_max(logits) if self.min_prob > 0 else 1.0
                 token = chooser.choose(logits, seen)

@@ -48,6 +48,10 @@ class TokenChooser:
     def greedy(self) -> bool:
         return self.config.greedy
 
+    def history(self, tokens: Sequence[int], drafts: Sequence[int]) -> Sequence[int]:
+        """The sequence so far, only built when a processor needs it (repetition penalty)."""
+        return [*tokens, *drafts] if self.config.repetition_penalty != 1.0 else ()
+
     def probs(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
         return probabilities(logits, self.config, seen)
 
@@ -143,7 +147,7 @@ def verify(proposal: Proposal, logits: np.ndarray, tokens: Sequence[int], choose
     """(number of drafts accepted, the target's own next token) for one verify call's logits."""
     drafts = proposal.tokens
     for i, draft in enumerate(drafts):
-        seen = [*tokens, *drafts[:i]]
+        seen = chooser.history(tokens, drafts[:i])
         if chooser.greedy:
             choice = chooser.choose(logits[i], seen)
             if choice != draft:
@@ -162,7 +166,7 @@ def verify(proposal: Proposal, logits: np.ndarray, tokens: Sequence[int], choose
         if residual.sum() <= 0:  # p <= q everywhere means p == q: the draft was always accepted
             residual = p
         return i, sample(residual / residual.sum(), chooser.rng)
-    return len(drafts), chooser.choose(logits[len(drafts)], [*tokens, *drafts])
+    return len(drafts), chooser.choose(logits[len(drafts)], chooser.history(tokens, drafts))
 
 
 def speculative_decode(
