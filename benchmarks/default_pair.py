@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import ortspec
-from ortspec.models.default import shipped_pair
+from ortspec.models.default_pair import shipped_pair
 from ortspec.models.train_default import HELDOUT
 from ortspec.runtime.bench import compare
 from ortspec.runtime.calibration import tokens_per_round

@@ -326,7 +326,7 @@ def _package_and_prompt(args: tuple[str, ...]) -> tuple[str, str]:
             raise click.BadParameter(f"package directory {args[0]} does not exist", param_hint="PACKAGE")
         return args[0], args[1]
     if len(args) == 1:
-        from .models.default import default_package
+        from .models.default_pair import default_package
 
         return str(default_package(report=lambda line: click.echo(line, err=True))), args[0]
     raise click.UsageError("give PROMPT, or PACKAGE and PROMPT")
@@ -529,7 +529,7 @@ def demo(
     """The whole job on the embedded default pair, offline: export it (once, cached), complete a few
     Python prompts with speculative decoding, and measure the speedup over plain decoding.
     """
-    from .models.default import DEMO_PROMPTS, default_package
+    from .models.default_pair import DEMO_PROMPTS, default_package
     from .runtime.bench import compare
 
     package = default_package(rebuild=rebuild, report=lambda line: click.echo(line, err=True))

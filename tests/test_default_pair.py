@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import ortspec
 from ortspec.cli import main
-from ortspec.models.default import SHIPPED, default_package, shipped_pair
+from ortspec.models.default_pair import SHIPPED, default_package, shipped_pair
 from ortspec.models.train_default import HELDOUT
 from ortspec.runtime.bench import NEAR_TIE, divergence_gap
 
