@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
+from ..runtime.manifest import sha256_of
 
 SHIPPED = Path(__file__).parent / "default"
 DEMO_PROMPTS = [
@@ -39,7 +40,7 @@ def _fingerprint(directories: tuple[Path, ...]) -> str:
     for directory in directories:
         for file in sorted(directory.iterdir()):
             digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
+            digest.update(sha256_of(file).encode())  # contents: a retrained pair keeps its file sizes
     return digest.hexdigest()[:12]
 
 
