@@ -37,9 +37,11 @@ RUNTIME_OPTIONS = [
         multiple=True,
         help="ONNX Runtime execution provider, in priority order (repeatable). Default: CPUExecutionProvider.",
     ),
-    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ORT's)."),
+    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads of the target (default: ORT's)."),
     click.option(
-        "--draft-threads", type=click.IntRange(min=1), help="Intra-op threads of the draft (default: --threads)."
+        "--draft-threads",
+        type=click.IntRange(min=1),
+        help="Intra-op threads of the draft (default: 1: a small draft loses more to pool sync than it gains).",
     ),
     click.option(
         "--max-length",
@@ -184,6 +186,14 @@ def _print_stats(stats: Any) -> None:
         f"target calls {stats.target_calls}, draft calls {stats.draft_calls}",
         err=True,
     )
+    if stats.undrafted_rounds and stats.draft_tokens == "auto":
+        rounds = stats.undrafted_rounds + len(stats.drafted_per_round)
+        click.echo(
+            f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: on this machine's measured "
+            "step costs (`ortspec calibrate`) no γ was predicted to beat plain decoding by 5% at the acceptance "
+            "rate seen so far",
+            err=True,
+        )
 
 
 def _parse_token_ids(prompt: str) -> list[int]:
@@ -222,10 +232,12 @@ GENERATION_OPTIONS = [
     click.option(
         "--draft-tokens",
         type=DraftTokens(),
-        default=4,
+        default="auto",
         show_default=True,
-        help="γ, tokens drafted per target call; 'adaptive' (+2 after a fully accepted round, -1 otherwise); "
-        "'auto' (the γ with the best predicted throughput from measured step costs, 0 when drafting would not pay).",
+        help="γ, tokens drafted per target call: 'auto' picks each round the γ with the best predicted throughput "
+        "from this machine's measured step costs (`ortspec calibrate`, run on first use) and the running acceptance "
+        "rate, and decodes plainly when no γ is predicted to gain 5%; a number fixes γ; 'adaptive' is +2 after a "
+        "fully accepted round, -1 otherwise.",
     ),
     click.option(
         "--draft-tokens-max",
@@ -442,9 +454,9 @@ def read_prompts(path: Path) -> list[str]:
 @click.option(
     "--draft-tokens",
     type=DraftTokens(),
-    default=4,
+    default="auto",
     show_default=True,
-    help="γ for the speculative runs, or 'adaptive'.",
+    help="γ for the speculative runs: a number, 'adaptive' or 'auto'.",
 )
 @click.option("--draft-min-prob", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the prompts.")
@@ -517,7 +529,7 @@ def bench(
 @main.command()
 @click.option("--rebuild", is_flag=True, help="Export the default pair again even if it is cached.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--draft-tokens", type=DraftTokens(), default=2, show_default=True, help="γ, 'adaptive' or 'auto'.")
+@click.option("--draft-tokens", type=DraftTokens(), default="auto", show_default=True, help="γ, 'adaptive' or 'auto'.")
 @_runtime_options
 @_user_errors
 def demo(
@@ -543,7 +555,8 @@ def demo(
     report = compare(pipe, DEMO_PROMPTS, max_new_tokens=max_new_tokens, repeats=2, draft_tokens=draft_tokens)
     alpha = report.speculative.acceptance_rate
     click.echo(
-        f"acceptance α = {alpha:.2f}, {report.tokens_per_target_call:.2f} tokens per target call; "
+        ("no drafts (auto γ decoded plainly), " if alpha is None else f"acceptance α = {alpha:.2f}, ")
+        + f"{report.tokens_per_target_call:.2f} tokens per target call; "
         f"plain {report.plain.tokens_per_second:.0f} tokens/s, speculative {report.speculative.tokens_per_second:.0f} "
         f"tokens/s: speedup {report.speedup:.2f}x; outputs identical: "
         + (
@@ -568,22 +581,32 @@ def calibrate(
 ) -> None:
     """Measure PACKAGE's step costs on this machine (stored beside its manifest) and show what they imply.
 
-    Target call time t(n) for n = 1..max-gamma+1 new positions and the draft's step time d, at a few
-    context lengths; then the best γ and predicted speedup for some acceptance rates. `--draft-tokens
-    auto` uses these (and measures them on first use if this was never run).
+    At a few context lengths: the target's call time t(n) for n = 1..max-gamma+1 new positions, the
+    draft's step time d, and the time r(γ) of a whole round (γ draft steps, then one verify call of
+    γ+1 positions) run back to back as generation runs it. Then the best γ, the predicted speedup
+    for some acceptance rates α, and the α below which drafting does not pay. `--draft-tokens auto`
+    (the default) uses these, measuring them on first use if this was never run.
     """
     pipe = _load(package, runtime)
     calibration = pipe.calibration(remeasure=True, max_gamma=max_gamma)
     click.echo(f"calibration for {calibration.key}")
-    header = f"{'context':>8}{'d ms':>8}" + "".join(f"{f't({n})':>8}" for n in range(1, max_gamma + 2))
-    click.echo(header)
-    for context, draft_ms, row in zip(calibration.contexts, calibration.draft_ms, calibration.target_ms, strict=True):
-        click.echo(f"{context:>8}{draft_ms:>8.2f}" + "".join(f"{t:>8.2f}" for t in row))
-    context = calibration.contexts[0]
-    for alpha in (0.5, 0.7, 0.8, 0.9):
-        gamma = calibration.best_gamma(alpha, context)
-        speedup = calibration.predicted_speedup(alpha, gamma, context) if gamma else 1.0
-        click.echo(f"α={alpha:.1f}: best γ = {gamma} (predicted speedup {speedup:.2f}x at context {context})")
+    click.echo(f"{'context':>8}{'':>6}" + "".join(f"{n:>8}" for n in range(1, max_gamma + 2)))
+    for i, context in enumerate(calibration.contexts):
+        click.echo(f"{context:>8}{'t(n)':>6}" + "".join(f"{t:>8.2f}" for t in calibration.target_ms[i]))
+        if calibration.round_ms:
+            click.echo(f"{'':>8}{'r(γ)':>6}" + "".join(f"{t:>8.2f}" for t in calibration.round_ms[i]))
+            click.echo(f"{'':>8}{'d':>6}{calibration.draft_ms[i]:>8.2f}")
+    click.echo("(ms; t(n): target call adding n positions; r(γ): γ draft steps + verify of γ+1; d: a draft step)")
+    drafter = "model" if pipe.draft is not None else "ngram (no draft model: drafts cost nothing)"
+    for context in calibration.contexts:
+        needed = calibration.alpha_needed(context, pipe.draft is not None)
+        predictions = []
+        for alpha in (0.5, 0.7, 0.8, 0.9):
+            gamma = calibration.best_gamma(alpha, context, pipe.draft is not None)
+            speedup = calibration.predicted_speedup(alpha, gamma, context, pipe.draft is not None) if gamma else 1.0
+            predictions.append(f"α={alpha:.1f}: γ={gamma} {speedup:.2f}x")
+        pays = "never pays here" if needed is None else f"pays from α ≥ {needed:.2f}"
+        click.echo(f"context {context}, drafter {drafter}: drafting {pays}; best " + ", ".join(predictions))
     click.echo(f"stored in {Path(package) / 'calibration.json'}")
 
 

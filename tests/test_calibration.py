@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 
 import pytest
@@ -12,13 +14,21 @@ import ortspec
 from ortspec.cli import main
 from ortspec.runtime import calibration as calibration_module
 from ortspec.runtime.calibration import CALIBRATION_FILE, Calibration, tokens_per_round
-from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength
+from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
 
 
-def synthetic(draft_ms: float = 1.0, verify_growth: float = 0.1) -> Calibration:
-    """Target 10 ms per step at context 100 (15 ms at 1000); each extra position adds `verify_growth`."""
+def synthetic(
+    draft_ms: float = 1.0, verify_growth: float = 0.1, round_overhead: float | None = None, catch_up_ms: float = 0.0
+) -> Calibration:
+    """Target 10 ms per step at context 100 (15 ms at 1000); each extra position adds `verify_growth`.
+    With `round_overhead`, whole rounds were timed too and took that many ms more than their parts;
+    `catch_up_ms`: the draft reading 64 tokens at once."""
     rows = [[base * (1 + verify_growth * (n - 1)) for n in range(1, 10)] for base in (10.0, 15.0)]
-    return Calibration("test", [100, 1000], rows, [draft_ms, draft_ms * 1.2])
+    drafts = [draft_ms, draft_ms * 1.2]
+    rounds = []
+    if round_overhead is not None:
+        rounds = [[g * d + row[g] + round_overhead for g in range(1, 9)] for row, d in zip(rows, drafts, strict=True)]
+    return Calibration("test", [100, 1000], rows, drafts, rounds, [catch_up_ms, catch_up_ms] if catch_up_ms else [])
 
 
 def test_tokens_per_round():
@@ -64,10 +74,70 @@ def test_acceptance_estimate_counts_rejections_not_unjudged_drafts():
     assert estimate.alpha == pytest.approx(2 / 3, abs=1e-3)
 
 
-def test_auto_probes_after_plain_rounds():
-    auto = AutoDraftLength(synthetic(draft_ms=50.0), AcceptanceEstimate())
-    choices = [auto.next(100) for _ in range(AutoDraftLength.PROBE_EVERY)]
-    assert choices[:-1] == [0] * (AutoDraftLength.PROBE_EVERY - 1) and choices[-1] == 1
+def test_measured_rounds_override_the_sum_of_parts():
+    cheap = synthetic(draft_ms=0.5, verify_growth=0.05)
+    assert cheap.best_gamma(0.7, 100) > 0
+    assert cheap.round(3, 100) == pytest.approx(3 * 0.5 + cheap.target(4, 100))
+    contended = synthetic(draft_ms=0.5, verify_growth=0.05, round_overhead=20.0)  # e.g. thread pools fighting
+    assert contended.round(3, 100) == pytest.approx(cheap.round(3, 100) + 20.0)
+    assert contended.best_gamma(0.7, 100) == 0
+    assert contended.best_gamma(0.7, 100, draft_cost=False) == cheap.best_gamma(0.7, 100, draft_cost=False)
+
+
+def test_alpha_needed_is_the_boundary_of_paying():
+    cal = synthetic(draft_ms=2.0, verify_growth=0.2)
+    needed = cal.alpha_needed(100)
+    assert needed is not None and 0 < needed < 0.99
+    assert cal.best_gamma(needed, 100) > 0 and cal.best_gamma(needed - 0.02, 100) == 0
+    assert synthetic(draft_ms=9.5, verify_growth=1.0).alpha_needed(100) is None  # hopeless at any α
+
+
+def test_auto_probes_with_a_bounded_share_of_the_time():
+    cal = synthetic(draft_ms=3.0, verify_growth=0.3, catch_up_ms=8.0)
+    auto = AutoDraftLength(cal, AutoState(AcceptanceEstimate(prior=0.1)))
+    probes = [i for i in range(3000) if auto.next(100, pending=64) == 1]
+    probe_ms = cal.catch_up(64, 100) + cal.round(1, 100) - cal.round(0, 100)  # what one probe costs over plain
+    assert probes and len(probes) * probe_ms <= AutoDraftLength.PROBE_SHARE * 3000 * cal.round(0, 100) * 1.01
+    gaps = {b - a for a, b in itertools.pairwise([-1, *probes])}
+    assert gaps == {math.ceil(probe_ms / (AutoDraftLength.PROBE_SHARE * cal.round(0, 100)))}
+
+
+def test_auto_never_probes_where_drafting_cannot_pay():
+    auto = AutoDraftLength(synthetic(draft_ms=9.5, verify_growth=1.0), AutoState())
+    assert all(auto.next(100) == 0 for _ in range(2000))
+
+
+def test_auto_drafts_once_the_estimate_says_it_pays():
+    state = AutoState(AcceptanceEstimate(prior=0.1))
+    auto = AutoDraftLength(synthetic(), state)
+    assert auto.next(100) == 0
+    for _ in range(40):
+        auto.update(drafted=4, accepted=4)
+    assert state.estimate.alpha > 0.9 and auto.next(100) >= 3
+
+
+def test_auto_drafts_only_if_the_saving_pays_for_the_catch_up():
+    cal = synthetic(catch_up_ms=40.0)  # the draft reading 64 unseen tokens costs 4 plain steps
+    auto = AutoDraftLength(cal, AutoState(AcceptanceEstimate(prior=0.95, strength=100)))
+    assert auto.next(100, remaining=500, pending=2) > 0  # the usual 1-2 tokens: nothing to weigh
+    assert auto.next(100, remaining=500, pending=64) > 0  # long way to go: worth it
+    assert auto.next(100, remaining=3, pending=64) == 0  # three tokens left cannot repay the catch-up
+
+
+def test_round_costs_scale_the_prediction_of_drafted_rounds():
+    costs = RoundCosts()
+    for _ in range(100):
+        costs.observe(drafted=True, measured_ms=15.0, calibrated_ms=10.0)
+        costs.observe(drafted=False, measured_ms=10.0, calibrated_ms=10.0)
+    assert costs.slowdown == pytest.approx(1.5, rel=0.01)
+    costs.observe(drafted=False, measured_ms=1000.0, calibrated_ms=10.0)  # one preempted round
+    assert costs.plain <= 1.0 + RoundCosts.WEIGHT * (RoundCosts.CLIP[1] - 1.0) + 1e-9
+    cal = synthetic(draft_ms=0.5, verify_growth=0.05)
+    state = AutoState(AcceptanceEstimate(prior=0.7, strength=100))
+    assert AutoDraftLength(cal, state).next(100) > 0
+    state.costs = RoundCosts()
+    state.costs.drafted = 3.0  # drafted rounds observed 3x slower than calibrated
+    assert AutoDraftLength(cal, state).next(100) == 0
 
 
 def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monkeypatch):
@@ -117,6 +187,8 @@ def test_calibrate_command(package, tmp_path):
     shutil.copytree(package("llama", draft="close"), root)
     result = CliRunner().invoke(main, ["calibrate", str(root), "--max-gamma", "4"])
     assert result.exit_code == 0, result.output
-    assert "t(5)" in result.output and "best γ" in result.output and (root / CALIBRATION_FILE).is_file()
+    assert "t(n)" in result.output and "r(γ)" in result.output and "drafting" in result.output
     (entry,) = json.loads((root / CALIBRATION_FILE).read_text())["calibrations"]
-    assert calibration_module.Calibration(**entry).max_gamma == 4
+    stored = calibration_module.Calibration(**entry)
+    assert stored.max_gamma == 4 and len(stored.round_ms) == len(stored.contexts)
+    assert all(len(row) == 4 and min(row) > 0 for row in stored.round_ms)

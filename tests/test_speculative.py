@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 import ortspec
+from ortspec.runtime.drafting import DraftModelProposer
+from ortspec.runtime.sampling import SamplingConfig
+from ortspec.runtime.speculative import LoopStats, TokenChooser, speculative_decode
 
 from conftest import CASE_IDS, CASES
 from reference import greedy_margin, hf_greedy
@@ -114,13 +117,52 @@ def test_quantized_speculative_equals_quantized_plain(family, exporter, quantize
 
 def test_text_prompt_and_streaming(package):
     pipe = ortspec.load(package("llama", draft="close"))
-    result = pipe.generate("def fibonacci(n):", max_new_tokens=16)
+    result = pipe.generate("def fibonacci(n):", max_new_tokens=16, draft_tokens=3)
     assert len(result.token_ids) == 16
     assert result.text == pipe.tokenizer.decode(result.token_ids)
     assert result.stats.prompt_tokens == len(pipe.tokenizer.encode("def fibonacci(n):"))
-    stream = pipe.stream("def fibonacci(n):", max_new_tokens=16)
+    stream = pipe.stream("def fibonacci(n):", max_new_tokens=16, draft_tokens=3)
     assert "".join(stream) == result.text
     assert stream.result is not None and stream.result.token_ids == result.token_ids
     stats = result.stats
     assert stats.tokens_per_second > 0 and stats.target_calls >= 1 and stats.draft_calls >= 1
     assert 0.0 <= stats.acceptance_rate <= 1.0
+
+
+class PlainStretches:
+    """γ = 0 for `plain` rounds, then γ = `gamma` for `drafted` rounds, and so on: long draft catch-ups."""
+
+    def __init__(self, plain: int, drafted: int, gamma: int) -> None:
+        self.pattern = [0] * plain + [gamma] * drafted
+        self.round = 0
+
+    def next(self, context: int, remaining: int = 0, pending: int = 0) -> int:
+        self.round += 1
+        return self.pattern[(self.round - 1) % len(self.pattern)]
+
+    def observe(self, drafted: int, measured_ms: float, context: int) -> None:
+        pass
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("window", [1, 4, 64])
+def test_windowed_catch_up_keeps_output_exact(window, package):
+    """A draft restarted on the last few tokens drafts from a shorter context: fewer acceptances, same output."""
+    pipe = ortspec.load(package("llama", draft="same"))
+    prompt = prompt_of(20, pipe.target.vocab_size)
+    plain = pipe.generate(prompt, max_new_tokens=40, use_draft=False).token_ids
+    proposer = DraftModelProposer(pipe.draft, window=window)
+    chooser = TokenChooser(SamplingConfig(), np.random.default_rng(0))
+    stats = LoopStats()
+    rounds = speculative_decode(
+        pipe.target, prompt, 40, pipe.eos_token_ids, chooser, proposer, PlainStretches(6, 2, 3), stats
+    )
+    assert [t for chunk in rounds for t in chunk] == plain
+    assert stats.drafted > 0
+    assert proposer.pending(prompt + plain) <= window
+    if window < 20:
+        assert proposer._offset > 0  # the draft really restarted on a window
+    if window == 64:
+        assert stats.accepted == stats.drafted  # full context: the draft is the target and agrees everywhere

@@ -7,7 +7,10 @@ beside the manifest (`calibration.json`, keyed by providers, threads and a machi
 inside a checksummed file) and predict the throughput of every γ:
 
     tokens per round E(α, γ) = (1 - α^(γ+1)) / (1 - α)
-    time per round           = γ·d + t(γ+1)
+    time per round r(γ)      = γ draft steps then one verify call of γ+1 positions, timed back to back
+
+r(γ) is timed as the loop runs it rather than summed from parts, because on a few cores the two
+sessions' thread pools compete: right after the draft runs, its spinning workers slow the target.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,9 @@ import onnxruntime as ort
 from .decoder import Decoder
 
 CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 2  # part of the key: entries measured the older way are remeasured
+MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
+CATCH_UP = 64  # tokens of the timed draft catch-up (the draft proposer's default window)
 DEFAULT_CONTEXTS = (64, 256, 1024)
 
 
@@ -60,6 +66,8 @@ class Calibration:
     contexts: list[int]
     target_ms: list[list[float]]  # [context][n - 1]: target call adding n positions, n = 1..len
     draft_ms: list[float]  # [context]: one draft step (0 without a draft model)
+    round_ms: list[list[float]] = field(default_factory=list)  # [context][γ - 1]: γ draft steps + verify
+    catch_up_ms: list[float] = field(default_factory=list)  # [context]: the draft reading CATCH_UP tokens at once
 
     @property
     def max_gamma(self) -> int:
@@ -74,40 +82,135 @@ class Calibration:
         return self._at([row[positions - 1] for row in self.target_ms], context)
 
     def draft(self, context: int) -> float:
+        """ms of one draft step on top of `context`."""
         return self._at(self.draft_ms, context)
 
-    def throughput(self, alpha: float, gamma: int, context: int, draft_cost: bool = True) -> float:
-        """Predicted tokens per ms with γ drafts per round (γ = 0: plain decoding)."""
-        cost = self.target(gamma + 1, context) + (gamma * self.draft(context) if draft_cost else 0.0)
+    def catch_up(self, tokens: int, context: int) -> float:
+        """ms for the draft to read `tokens` committed tokens it has not seen (0 without a draft model)."""
+        if not self.catch_up_ms or tokens <= 0:
+            return 0.0
+        return self._at(self.catch_up_ms, context) * tokens / CATCH_UP
+
+    def round(self, gamma: int, context: int, draft_cost: bool = True) -> float:
+        """ms of one round with γ drafts: the measured back-to-back time when the draft is a model."""
+        if gamma == 0 or not draft_cost:
+            return self.target(gamma + 1, context)
+        if self.round_ms:
+            return self._at([row[gamma - 1] for row in self.round_ms], context)
+        return gamma * self.draft(context) + self.target(gamma + 1, context)
+
+    def rounds(self, context: int, draft_cost: bool = True) -> list[float]:
+        """ms of a round with γ = 0..max_gamma drafts at `context` (index γ)."""
+        return [self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)]
+
+    def throughput(
+        self, alpha: float, gamma: int, context: int, draft_cost: bool = True, slowdown: float = 1.0
+    ) -> float:
+        """Predicted tokens per ms with γ drafts per round (γ = 0: plain decoding); drafted rounds
+        take `slowdown` times their calibrated cost (what the running loop observed, relative to plain)."""
+        cost = self.round(gamma, context, draft_cost) * (slowdown if gamma else 1.0)
         return tokens_per_round(alpha, gamma) / cost
 
-    def predicted_speedup(self, alpha: float, gamma: int, context: int, draft_cost: bool = True) -> float:
-        return self.throughput(alpha, gamma, context, draft_cost) / self.throughput(alpha, 0, context)
+    def predicted_speedup(
+        self, alpha: float, gamma: int, context: int, draft_cost: bool = True, slowdown: float = 1.0
+    ) -> float:
+        """Predicted throughput with γ drafts over plain decoding's."""
+        return self.throughput(alpha, gamma, context, draft_cost, slowdown) / self.throughput(alpha, 0, context)
 
-    def best_gamma(self, alpha: float, context: int, draft_cost: bool = True, min_gain: float = 1.05) -> int:
+    def best_gamma(
+        self, alpha: float, context: int, draft_cost: bool = True, min_gain: float = MIN_GAIN, slowdown: float = 1.0
+    ) -> int:
         """The γ with the highest predicted throughput; 0 unless it beats plain decoding by `min_gain`."""
-        plain = self.throughput(alpha, 0, context)
-        gamma = max(range(1, self.max_gamma + 1), key=lambda g: self.throughput(alpha, g, context, draft_cost))
-        return gamma if self.throughput(alpha, gamma, context, draft_cost) >= min_gain * plain else 0
+        return best_gamma(alpha, self.rounds(context, draft_cost), slowdown, min_gain)
+
+    def alpha_needed(
+        self, context: int, draft_cost: bool = True, min_gain: float = MIN_GAIN, slowdown: float = 1.0
+    ) -> float | None:
+        """The lowest acceptance rate (to 0.01) at which drafting is predicted to pay; None if not even at 0.99."""
+        rounds = self.rounds(context, draft_cost)
+        if best_gamma(0.99, rounds, slowdown, min_gain) == 0:
+            return None
+        low, high = 0.0, 0.99  # best_gamma(low) == 0 < best_gamma(high): bisect the boundary
+        while high - low > 0.01:
+            middle = (low + high) / 2
+            low, high = (low, middle) if best_gamma(middle, rounds, slowdown, min_gain) else (middle, high)
+        return high
 
 
-def _call_ms(decoder: Decoder, tokens: list[int], positions: Sequence[int], repeats: int) -> list[float]:
-    """Median ms of calls adding each of `positions` new positions on top of `tokens` (rolled back after)."""
-    decoder.reset()
-    decoder.forward(tokens)
-    medians = []
-    for n in positions:
-        times = []
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            decoder.forward(tokens[:n])
-            elapsed = time.perf_counter() - start
-            decoder.truncate(len(tokens))
-            if i:  # the first call warms up
-                times.append(elapsed * 1000)
-        medians.append(statistics.median(times))
-    decoder.reset()
-    return medians
+def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0, min_gain: float = MIN_GAIN) -> int:
+    """The γ maximising E(α, γ) / (rounds[γ]·slowdown), `rounds[γ]` the ms of a round with γ drafts;
+    0 (plain decoding) unless that beats rounds[0] per token by `min_gain`."""
+    gamma = max(range(1, len(rounds)), key=lambda g: tokens_per_round(alpha, g) / rounds[g])
+    gain = tokens_per_round(alpha, gamma) / (rounds[gamma] * slowdown) * rounds[0]
+    return gamma if gain >= min_gain else 0
+
+
+STEADY_RUN = 3  # each timing is the mean of this many back-to-back repetitions, as the loop runs them
+
+
+def _steady_ms(run: Callable[[], None]) -> float:
+    """ms per call of `run` repeated back to back: warm caches and pools, like consecutive rounds."""
+    start = time.perf_counter()
+    for _ in range(STEADY_RUN):
+        run()
+    return (time.perf_counter() - start) * 1000 / STEADY_RUN
+
+
+def _measure_context(
+    target: Decoder, draft: Decoder | None, tokens: list[int], max_gamma: int, repeats: int
+) -> tuple[list[float], float, list[float], float]:
+    """Median (target ms per n positions, draft step ms, round ms per γ, catch-up ms) on top of `tokens`.
+
+    Each call kind is timed as the loop runs it: back to back, picking the argmax of every logits
+    row it uses (a plain step right after a round would find the draft's weights in the CPU caches
+    and be slower than in plain decoding). Every kind is timed once per pass and the passes repeat,
+    so a burst of load on a shared machine touches all alike; caches are rolled back after each
+    call; the first pass warms up and is dropped.
+    """
+    context = len(tokens)
+    probe = (tokens * (max_gamma + 1))[: max_gamma + 1]  # tokens to add: any will do
+
+    def target_call(n: int) -> None:
+        target.forward(probe[:n]).argmax(axis=-1)
+        target.truncate(context)
+
+    def draft_step() -> None:
+        int(draft.forward(probe[:1])[-1].argmax())
+        draft.truncate(context)
+
+    def catch_up() -> None:
+        draft.truncate(max(0, context - CATCH_UP))
+        draft.forward(tokens[-CATCH_UP:])
+        draft.truncate(context)
+
+    def speculative_round(gamma: int) -> None:
+        for token in probe[:gamma]:
+            int(draft.forward([token])[-1].argmax())
+        draft.truncate(context)
+        target_call(gamma + 1)
+
+    for decoder in (target, draft):
+        if decoder is not None:
+            decoder.reset()
+            decoder.forward(tokens)
+    samples: dict[str, list[float]] = {}
+    for repeat in range(repeats + 1):
+        timings = {f"t{n}": _steady_ms(lambda n=n: target_call(n)) for n in range(1, max_gamma + 2)}
+        if draft is not None:
+            timings["d"] = _steady_ms(draft_step)
+            timings["c"] = _steady_ms(catch_up) * CATCH_UP / min(CATCH_UP, context)
+            timings |= {f"r{g}": _steady_ms(lambda g=g: speculative_round(g)) for g in range(1, max_gamma + 1)}
+        for name, ms in timings.items():
+            if repeat:
+                samples.setdefault(name, []).append(ms)
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    for decoder in (target, draft):
+        if decoder is not None:
+            decoder.reset()
+    target_ms = [median[f"t{n}"] for n in range(1, max_gamma + 2)]
+    if draft is None:
+        return target_ms, 0.0, [], 0.0
+    return target_ms, median["d"], [median[f"r{g}"] for g in range(1, max_gamma + 1)], median["c"]
 
 
 def measure(
@@ -116,25 +219,34 @@ def measure(
     key: str,
     max_gamma: int = 8,
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
-    repeats: int = 5,
+    repeats: int = 7,
 ) -> Calibration:
-    """Time the target for 1..max_gamma+1 positions and the draft for one, at each context length."""
+    """Time the target for 1..max_gamma+1 positions, the draft for one, and whole rounds of γ = 1..max_gamma
+    drafts, at each context length."""
     limit = min(target.max_length, draft.max_length if draft else target.max_length) - max_gamma - 1
     if limit < 1:
         raise ValueError(f"a context of {target.max_length} positions is too short to calibrate γ up to {max_gamma}")
     usable = sorted({min(c, limit) for c in contexts if c > 0})
     vocab = min(target.vocab_size, draft.vocab_size if draft else target.vocab_size)
     tokens = [(17 * i + 5) % vocab for i in range(max(usable))]
-    target_ms, draft_ms = [], []
+    target_ms, draft_ms, round_ms, catch_up_ms = [], [], [], []
     for context in usable:
-        target_ms.append(_call_ms(target, tokens[:context], range(1, max_gamma + 2), repeats))
-        draft_ms.append(_call_ms(draft, tokens[:context], [1], repeats)[0] if draft is not None else 0.0)
-    return Calibration(key, usable, target_ms, draft_ms)
+        target_row, draft_step, round_row, catch_up = _measure_context(
+            target, draft, tokens[:context], max_gamma, repeats
+        )
+        target_ms.append(target_row)
+        draft_ms.append(draft_step)
+        round_ms.append(round_row)
+        catch_up_ms.append(catch_up)
+    if draft is None:
+        return Calibration(key, usable, target_ms, draft_ms)
+    return Calibration(key, usable, target_ms, draft_ms, round_ms, catch_up_ms)
 
 
 def calibration_key(providers: Sequence[str], threads: int | None, draft_threads: int | None = None) -> str:
+    """What a calibration is valid for: method version, providers, thread counts and this machine."""
     draft = f"|draft threads={draft_threads}" if draft_threads else ""
-    return f"{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"
+    return f"v{CALIBRATION_VERSION}|{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"
 
 
 def load_calibration(package: Path, key: str) -> Calibration | None:

@@ -64,9 +64,10 @@ class Decoder:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         max_length: int | None = None,
+        spinning: bool = True,
     ) -> Decoder:
-        """Open the model of `spec` from the package directory `root`."""
-        return cls(spec, create_session(root / spec.onnx, providers, threads), max_length)
+        """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`)."""
+        return cls(spec, create_session(root / spec.onnx, providers, threads, spinning), max_length)
 
     @property
     def length(self) -> int:

@@ -40,6 +40,10 @@ class Proposer(Protocol):
         """Forget state beyond what agrees with the committed `tokens`."""
         ...
 
+    def pending(self, tokens: Sequence[int]) -> int:
+        """Committed tokens the proposer must still read before it can propose (its catch-up)."""
+        ...
+
     def reset(self) -> None:
         """Start a new sequence."""
         ...
@@ -60,22 +64,38 @@ class DraftModelProposer:
     proposes a token the target cannot have. If the target commits a token the draft cannot embed
     (one of the target's own padding rows), drafting stops for the rest of that sequence.
     `min_prob` stops a round early once the draft's top probability falls below it.
+
+    Catching up on more than `window` tokens (the prompt, or a stretch decoded without drafts)
+    restarts the draft on the last `window` tokens alone: reading all of them would cost more than
+    the drafts save, and a draft is only a guess (the target verifies every token), so a shorter
+    context can lower acceptance but never change the output.
     """
 
-    def __init__(self, decoder: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0) -> None:
+    def __init__(
+        self, decoder: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
+    ) -> None:
         self.decoder = decoder
         self.vocab_limit = min(vocab_limit or decoder.vocab_size, decoder.vocab_size)
         self.min_prob = min_prob
+        self.window = window
         self.calls = 0
         self._disabled = False
+        self._offset = 0  # committed tokens before the draft cache's first position
 
     def reset(self) -> None:
         self.decoder.reset()
         self._disabled = False
+        self._offset = 0
+
+    def pending(self, tokens: Sequence[int]) -> int:
+        return min(len(tokens) - self._offset - self.decoder.length, self.window)
 
     def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
-        pending = list(tokens[self.decoder.length :])
-        count = min(count, self.decoder.max_length - len(tokens) + 1)
+        if len(tokens) - self._offset - self.decoder.length > self.window:
+            self.decoder.reset()
+            self._offset = len(tokens) - self.window
+        pending = list(tokens[self._offset + self.decoder.length :])
+        count = min(count, self.decoder.max_length - (len(tokens) - self._offset) + 1)
         if self._disabled or count <= 0 or not pending:
             return Proposal([])
         if max(pending) >= self.decoder.vocab_size:
@@ -108,7 +128,7 @@ class DraftModelProposer:
     def rollback(self, tokens: Sequence[int]) -> None:
         # The draft cache holds the committed prefix plus drafts; keep what still agrees. The last
         # committed token (the target's own) is never in it yet.
-        self.decoder.truncate(min(self.decoder.length, len(tokens) - 1))
+        self.decoder.truncate(max(0, min(self.decoder.length, len(tokens) - 1 - self._offset)))
 
 
 class NgramProposer:
@@ -127,6 +147,9 @@ class NgramProposer:
 
     def rollback(self, tokens: Sequence[int]) -> None:
         pass
+
+    def pending(self, tokens: Sequence[int]) -> int:
+        return 0
 
     def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
         sequence = np.asarray(tokens)

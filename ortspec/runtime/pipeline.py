@@ -18,11 +18,19 @@ from .drafting import DraftModelProposer, NgramProposer, Proposer
 from .manifest import Manifest, load_manifest
 from .sampling import SamplingConfig
 from .session import resolve_providers
-from .speculative import AcceptanceEstimate, AutoDraftLength, DraftLength, LoopStats, TokenChooser, speculative_decode
+from .speculative import (
+    AutoDraftLength,
+    AutoState,
+    DraftLength,
+    LoopStats,
+    TokenChooser,
+    speculative_decode,
+)
 from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
 DRAFTERS = ("model", "ngram")
+DEFAULT_DRAFT_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -32,9 +40,10 @@ class GenerationConfig:
     max_new_tokens: int = 128
     use_draft: bool = True  # False: plain decoding
     draft: str | None = None  # "model" or "ngram" (prompt lookup); None: the package's draft model if any
-    # γ; "adaptive": +2 after a fully accepted round, -1 otherwise; "auto": the γ with the best predicted
-    # throughput from this machine's measured step costs and the running acceptance rate (0: no drafting)
-    draft_tokens: int | str = 4
+    # γ. "auto": each round the γ with the best predicted throughput from this machine's measured step
+    # costs and the running acceptance rate (0, plain decoding, unless some γ gains 5%); a number fixes
+    # γ; "adaptive": +2 after a fully accepted round, -1 otherwise
+    draft_tokens: int | str = "auto"
     draft_tokens_max: int = 8  # bound for adaptive γ
     draft_min_prob: float = 0.0  # stop a round early when the draft's top probability is below this
     max_ngram_size: int = 3  # prompt lookup: longest suffix n-gram searched
@@ -134,7 +143,8 @@ class Pipeline:
         self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
         self._calibration_key = calibration_key or calibration_key_for(["CPUExecutionProvider"], None)
         self._calibration: Calibration | None = None
-        self._acceptance: dict[str, AcceptanceEstimate] = {}
+        self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
+        self._auto: dict[tuple[str, int], AutoDraftLength] = {}
 
     def calibration(self, remeasure: bool = False, max_gamma: int = 8) -> Calibration:
         """This machine's step costs for the package: stored beside the manifest, measured on first use."""
@@ -150,8 +160,20 @@ class Pipeline:
         if config.draft_tokens == "adaptive":
             return DraftLength(None, config.draft_tokens_max)
         if config.draft_tokens == "auto":
-            estimate = self._acceptance.setdefault(drafter, AcceptanceEstimate())
-            return AutoDraftLength(self.calibration(max_gamma=config.draft_tokens_max), estimate, drafter == "model")
+            calibration = self.calibration(max_gamma=config.draft_tokens_max)
+            if config.seed is not None and config.temperature > 0:
+                # Reproducible: γ choices that depend on neither timings nor earlier generations (the
+                # samples depend on them), only on the stored calibration and this generation's acceptance.
+                return AutoDraftLength(
+                    calibration, AutoState(), drafter == "model", config.draft_tokens_max, learn_timings=False
+                )
+            key = (drafter, config.draft_tokens_max)
+            auto = self._auto.get(key)
+            if auto is None or auto.calibration is not calibration:  # reuse its cached per-context choices
+                state = self._auto_states.setdefault(drafter, AutoState())
+                auto = AutoDraftLength(calibration, state, drafter == "model", config.draft_tokens_max)
+                self._auto[key] = auto
+            return auto
         return DraftLength(int(config.draft_tokens))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -311,18 +333,20 @@ def load(
     """Open a deployment package written by `ortspec export`.
 
     `providers` are ONNX Runtime execution providers in priority order (default: CPU);
-    `draft_providers` (default: the same) lets the draft run elsewhere; `threads` sets intra-op
-    threads (`draft_threads` for the draft, default the same: a tiny draft is often fastest on 1);
-    `max_length` caps prompt + new tokens (default: the model's maximum, at most 4096; the shared
-    KV buffers are allocated for it); `verify=False` skips the sha256 check (sizes are always
-    checked).
+    `draft_providers` (default: the same) lets the draft run elsewhere; `threads` sets the target's
+    intra-op threads (default: ORT's, one per physical core); `draft_threads` the draft's (default
+    1: a draft small enough to pay is faster on one thread than synchronising a pool, and leaves the
+    other cores' pool threads to the target; the draft's pool never spins); `max_length` caps prompt +
+    new tokens (default: the model's maximum, at most 4096; the shared KV buffers are allocated for
+    it); `verify=False` skips the sha256 check (sizes are always checked).
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
     target = Decoder.load(manifest.target, root, providers, threads, max_length)
     draft = None
     if manifest.draft is not None:
-        draft_threads = draft_threads or threads
-        draft = Decoder.load(manifest.draft, root, draft_providers or providers, draft_threads, max_length)
+        draft_threads = draft_threads or DEFAULT_DRAFT_THREADS
+        draft_providers = draft_providers or providers
+        draft = Decoder.load(manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False)
     key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
     return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"), key)

@@ -24,23 +24,30 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return list(providers)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Full graph optimisation, quiet logs, and `threads` intra-op threads (None: ORT's default)."""
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """Full graph optimisation, quiet logs, and `threads` intra-op threads (None: ORT's default).
+
+    `spinning=False` makes idle pool threads sleep at once instead of busy-waiting for the next
+    call. The draft must not spin: its calls alternate with the target's, and a draft pool spinning
+    on the cores the target needs made whole rounds 2-3x slower on 2 cores (benchmarks in README).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 def create_session(
-    model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None
+    model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None, spinning: bool = True
 ) -> ort.InferenceSession:
     """One inference session for one ONNX graph."""
     return ort.InferenceSession(
-        str(model_path), sess_options=session_options(threads), providers=resolve_providers(providers)
+        str(model_path), sess_options=session_options(threads, spinning), providers=resolve_providers(providers)
     )
 
 

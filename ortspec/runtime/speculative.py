@@ -13,12 +13,13 @@ accepted draw the bonus token from p_{γ+1}. The output distribution is exactly 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import Calibration
+from .calibration import Calibration, best_gamma, tokens_per_round
 from .decoder import Decoder
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -70,9 +71,12 @@ class DraftLength:
         self.maximum = maximum
         self.current = fixed if fixed is not None else min(start, maximum)
 
-    def next(self, context: int) -> int:
-        """γ for the coming round, `context` positions into the sequence."""
+    def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
+        """γ for the coming round (`AutoDraftLength` explains the arguments)."""
         return self.current
+
+    def observe(self, drafted: int, measured_ms: float, context: int) -> None:
+        """Round timings only matter to `AutoDraftLength`."""
 
     def update(self, drafted: int, accepted: int) -> None:
         if self.fixed is not None or drafted == 0:
@@ -105,37 +109,139 @@ class AcceptanceEstimate:
         self.rejected = self.decay * self.rejected + (1 if accepted < drafted else 0)
 
 
-class AutoDraftLength:
-    """γ each round maximising predicted throughput E(α, γ) / (γ·d + t(γ+1)) from measured costs.
+class RoundCosts:
+    """How much slower drafted rounds run in this loop than calibrated, relative to plain rounds.
 
-    γ = 0 (plain decoding) unless some γ is predicted to beat it by 5%. After 16 plain rounds it
-    probes with γ = 1 once, so that a better-than-expected draft is noticed.
+    Calibration times the model calls in steady state; the live loop adds Python work, the draft's
+    catch-up after plain stretches, cold caches when modes alternate, and load, none of which hit
+    plain and drafted rounds alike. Each round's whole cycle (start to start of the next) over its
+    calibrated time feeds a running mean for its kind (one outlier moves it little: each sample is
+    clipped), and `slowdown` = drafted ratio / plain ratio scales the predicted cost of drafted rounds.
     """
 
-    PROBE_EVERY = 16
+    WEIGHT = 0.1  # of each new observation in the running means
+    CLIP = (0.5, 3.0)  # bounds of one observation's ratio: a preempted round must not swing the choice
 
-    def __init__(self, calibration: Calibration, estimate: AcceptanceEstimate, draft_cost: bool = True) -> None:
+    def __init__(self) -> None:
+        self.plain = 1.0
+        self.drafted = 1.0
+
+    @property
+    def slowdown(self) -> float:
+        return self.drafted / self.plain
+
+    def observe(self, drafted: bool, measured_ms: float, calibrated_ms: float) -> None:
+        ratio = min(max(measured_ms / calibrated_ms, self.CLIP[0]), self.CLIP[1])
+        if drafted:
+            self.drafted += self.WEIGHT * (ratio - self.drafted)
+        else:
+            self.plain += self.WEIGHT * (ratio - self.plain)
+
+
+@dataclass
+class AutoState:
+    """What auto γ learns about one pipeline and drafter, kept across its generations."""
+
+    estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    costs: RoundCosts = field(default_factory=RoundCosts)
+    plain_ms_since_probe: float = 0.0  # calibrated time of the plain rounds since the last drafted one
+    probe_ms: float | None = None  # what a probe round was seen to cost beyond a plain round (running mean)
+
+
+class AutoDraftLength:
+    """γ each round maximising the predicted throughput E(α, γ) / r(γ) from this machine's round costs.
+
+    γ = 0 (plain decoding) unless some γ is predicted to beat it by 5%, the calibrated costs
+    corrected by what the running loop observes (`RoundCosts`). Drafting after a stretch without
+    drafts first costs the draft's catch-up: it starts only if the time it is predicted to save over
+    the remaining tokens pays for that. While decoding plainly it probes with γ = 1 now and then so
+    that a better draft than estimated gets noticed, spending at most `PROBE_SHARE` of the plain
+    time on probes, and never where drafting could not pay even at α = 0.99. With `learn_timings`
+    off, the choices depend on the calibration and the acceptance seen alone, not on wall time.
+    """
+
+    PROBE_SHARE = 0.01
+    BUCKET = 32  # contexts are looked at in steps of this many positions: the choice is per round, keep it cheap
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        state: AutoState,
+        draft_cost: bool = True,
+        max_gamma: int | None = None,
+        learn_timings: bool = True,
+    ) -> None:
         self.calibration = calibration
-        self.estimate = estimate
+        self.state = state
         self.draft_cost = draft_cost
-        self._plain_rounds = 0
-        self._choices: dict[tuple[float, int], int] = {}  # the choice is per round: keep it cheap
+        self.learn_timings = learn_timings  # False: choices follow the calibration alone (reproducible)
+        self.max_gamma = min(max_gamma or calibration.max_gamma, calibration.max_gamma)
+        self._rounds: dict[int, list[float]] = {}  # bucket -> ms of a round with γ = 0..max drafts
+        self._catch_up: dict[int, float] = {}  # bucket -> ms per token the draft catches up on
+        self._choices: dict[tuple[float, int, float], int] = {}
+        self._can_pay: dict[tuple[int, float], bool] = {}
+        self._probing = False
 
-    def next(self, context: int) -> int:
-        key = (round(self.estimate.alpha, 2), context // 32)
+    def _center(self, bucket: int) -> int:
+        return bucket * self.BUCKET + self.BUCKET // 2
+
+    def _costs(self, bucket: int) -> list[float]:
+        if bucket not in self._rounds:
+            context = self._center(bucket)
+            self._rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
+            self._catch_up[bucket] = self.calibration.catch_up(1, context) if self.draft_cost else 0.0
+        return self._rounds[bucket]
+
+    def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
+        """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
+        most still to come, `pending` committed tokens the draft must read before drafting."""
+        bucket = context // self.BUCKET
+        rounds = self._costs(bucket)
+        alpha, slowdown = round(self.state.estimate.alpha, 2), round(self.state.costs.slowdown * 20) / 20
+        key = (alpha, bucket, slowdown)
         if key not in self._choices:
-            self._choices[key] = self.calibration.best_gamma(key[0], context, self.draft_cost)
+            self._choices[key] = best_gamma(alpha, rounds, slowdown)
         gamma = self._choices[key]
-        if gamma == 0:
-            self._plain_rounds += 1
-            if self._plain_rounds >= self.PROBE_EVERY:
-                self._plain_rounds = 0
-                return 1
-        return gamma
+        catch_up_ms = pending * self._catch_up[bucket]
+        if gamma and (pending <= 2 or self._saving_ms(alpha, gamma, rounds, remaining, slowdown) >= catch_up_ms):
+            self.state.plain_ms_since_probe = 0.0
+            return gamma
+        self.state.plain_ms_since_probe += rounds[0]
+        probe_ms = self.state.probe_ms if self.state.probe_ms is not None else catch_up_ms + rounds[1] - rounds[0]
+        if self.state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not self._can_pay_at(bucket, slowdown):
+            return 0
+        self.state.plain_ms_since_probe = 0.0
+        self._probing = True
+        return 1
+
+    @staticmethod
+    def _saving_ms(alpha: float, gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
+        """Predicted ms saved over `remaining` tokens by drafting γ per round instead of none."""
+        return remaining * (rounds[0] - rounds[gamma] * slowdown / tokens_per_round(alpha, gamma))
+
+    def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
+        """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
+        key = (bucket, slowdown)
+        if key not in self._can_pay:
+            self._can_pay[key] = best_gamma(0.99, self._costs(bucket), slowdown) > 0
+        return self._can_pay[key]
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted:
-            self.estimate.update(drafted, accepted)
+            self.state.estimate.update(drafted, accepted)
+
+    def observe(self, drafted: int, measured_ms: float, context: int) -> None:
+        """Wall time of a whole round with `drafted` drafts, start to start of the next."""
+        if not self.learn_timings:
+            return
+        rounds = self._costs(context // self.BUCKET)
+        if self._probing:  # its catch-up included: what probing really costs
+            self._probing = False
+            extra = max(measured_ms - rounds[0], 0.0)
+            previous = self.state.probe_ms
+            self.state.probe_ms = extra if previous is None else previous + 0.25 * (extra - previous)
+            return
+        self.state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
 
 
 def accept_probability(p: float, q: float) -> float:
@@ -191,6 +297,7 @@ def speculative_decode(
     logits = target.forward(tokens)[-1:]
     stats.target_calls += 1
     proposal = Proposal([])
+    last_round: tuple[float, int] | None = None  # (start, drafts) of the latest round
     while True:
         k, own = verify(proposal, logits, tokens, chooser)
         if proposal.tokens:
@@ -214,14 +321,18 @@ def speculative_decode(
         if stats.finish_reason:
             return
         target.truncate(len(tokens) - 1)
+        now = time.perf_counter()
+        if last_round is not None:  # its whole cycle: catch-up, calls, verification, the consumer's work
+            draft_length.observe(last_round[1], (now - last_round[0]) * 1000, len(tokens))
         proposal = Proposal([])
         if proposer is not None:
             proposer.rollback(tokens)
             budget = max_new_tokens - generated - 1
-            count = min(draft_length.next(len(tokens)), budget)
+            count = min(draft_length.next(len(tokens), budget, proposer.pending(tokens)), budget)
             if count > 0:
                 proposal = proposer.propose(tokens, count, chooser)
             if budget > 0 and not proposal.tokens:
                 stats.undrafted_rounds += 1
         logits = target.forward([tokens[-1], *proposal.tokens])
         stats.target_calls += 1
+        last_round = (now, len(proposal.tokens))
