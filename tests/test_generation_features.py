@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
+from ortspec.runtime.drafting import NgramProposer
 from ortspec.runtime.sampling import SamplingConfig, probabilities
 
 QWEN2_TEMPLATE = (
@@ -196,3 +197,24 @@ def test_repetition_penalty_is_exact_under_speculation(package):
         spec = pipe.generate(prompt, max_new_tokens=32, draft_tokens=gamma, repetition_penalty=1.8)
         assert spec.token_ids == plain.token_ids
         assert spec.stats.acceptance_rate == 1.0  # the draft (a copy) applies the same penalty
+
+
+def test_ngram_index_finds_the_latest_earlier_occurrence():
+    """The incremental index proposes what a full scan for the latest earlier match would."""
+
+    def scan(tokens, count, max_n):
+        for n in range(min(max_n, len(tokens) - 1), 0, -1):
+            suffix = tokens[-n:]
+            starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == suffix]
+            if starts:
+                return tokens[starts[-1] + n : starts[-1] + n + count]
+        return []
+
+    rng = np.random.default_rng(0)
+    for max_n in (1, 2, 3, 5):
+        proposer = NgramProposer(max_n)
+        tokens = [int(t) for t in rng.integers(0, 6, size=3)]
+        for _ in range(200):
+            assert proposer.propose(tokens, 4, None).tokens == scan(tokens, 4, max_n)
+            tokens += [int(t) for t in rng.integers(0, 6, size=int(rng.integers(1, 4)))]
+        assert proposer.propose([3, 1, 3], 2, None).tokens == [1, 3]  # a new, shorter sequence: index rebuilt

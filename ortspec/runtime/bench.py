@@ -21,9 +21,11 @@ class ModeTotals:
     draft_calls: int = 0
     drafted: int = 0
     accepted: int = 0
+    undrafted_rounds: int = 0  # rounds without drafts although drafting was on (auto γ = 0)
 
     def add(self, result: GenerationResult) -> None:
         s = result.stats
+        self.undrafted_rounds += s.undrafted_rounds
         self.new_tokens += s.new_tokens
         self.seconds += s.seconds
         self.decode_seconds += s.seconds - s.time_to_first_token
