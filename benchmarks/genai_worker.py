@@ -83,7 +83,8 @@ def generate(request: dict) -> dict:
     tokens = generator.get_sequence(0)[len(prompt) :].tolist()
     seconds = time.perf_counter() - start
     stats = generator.get_speculative_stats()
-    drafted, accepted = int(stats.get("draft_tokens_evaluated", 0)), int(stats.get("draft_tokens_accepted", 0))
+    # proposed, not "evaluated" (genai counts only drafts up to a round's first rejection there)
+    drafted, accepted = int(stats.get("draft_tokens_proposed", 0)), int(stats.get("draft_tokens_accepted", 0))
     return {"tokens": tokens, "seconds": seconds, "drafted": drafted, "accepted": accepted}
 
 

@@ -163,6 +163,6 @@ def genai_runner(worker: GenaiWorker, name: str, **load: Any) -> Runner:
 
     def run(prompt: Sequence[int], max_new_tokens: int) -> Run:
         answer = worker.ask(op="generate", name=name, prompt=list(prompt), max_new_tokens=max_new_tokens)
-        return Run(answer["tokens"], answer["seconds"])
+        return Run(answer["tokens"], answer["seconds"], answer.get("drafted"), answer.get("accepted"))
 
     return run

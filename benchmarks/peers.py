@@ -179,15 +179,21 @@ def report(setting: Setting, totals: dict[str, Totals], failed: dict[str, str]) 
     ours = totals.get("ortspec draft auto") or totals["ortspec plain"]
     print(f"\n## setting {setting.name}: {len(setting.prompts)} prompts")
     print(f"target {setting.target}\ndraft  {setting.draft}")
-    print(f"{'engine / mode':<28}{'tokens/s':>10}{'accept':>8}{'= own plain':>12}{'ortspec auto / this':>21}")
+    print(f"{'engine / mode':<28}{'tokens/s':>10}{'accept':>8}{'= own plain*':>13}{'ortspec auto / this':>21}")
     for row, total in totals.items():
         accept = f"{total.accepted / total.drafted:.2f}" if total.drafted else "-"
         plain = totals.get(setting.plain_of[row])
         same = f"{same_output_share(total.outputs, plain.outputs):.0%}" if plain and plain is not total else "-"
         ratio = ours.tokens_per_second / total.tokens_per_second if total.tokens_per_second else float("nan")
-        print(f"{row:<28}{total.tokens_per_second:>10.0f}{accept:>8}{same:>12}{ratio:>21.2f}")
+        print(f"{row:<28}{total.tokens_per_second:>10.0f}{accept:>8}{same:>13}{ratio:>21.2f}")
     for row, reason in failed.items():
         print(f"{row:<28} cannot run here: {reason}")
+    print(
+        "tokens/s: new tokens / wall time of whole generations (prefill included); accept: accepted / drafted\n"
+        "* share of runs whose tokens equal the same engine's plain run: with int4 accuracy-level-4 kernels a\n"
+        "  multi-position call differs from single steps in the last bits, so runs part at near-tied logits\n"
+        "  (README 'Exactness'); transformers runs fp32 PyTorch"
+    )
     pairs = [
         ("ortspec draft auto", "ortspec plain", "auto vs our plain (target >= 0.97)"),
         (f"ortspec draft γ={GAMMA}", "ortspec plain", "fixed γ vs our plain (target >= 2)"),

@@ -192,3 +192,18 @@ def test_calibrate_command(package, tmp_path):
     stored = calibration_module.Calibration(**entry)
     assert stored.max_gamma == 4 and len(stored.round_ms) == len(stored.contexts)
     assert all(len(row) == 4 and min(row) > 0 for row in stored.round_ms)
+
+
+def test_auto_output_equals_plain_when_it_drafts_and_when_it_does_not(package):
+    """Whatever auto γ chooses (forced here by injected calibrations), greedy output stays the target's."""
+    pipe = ortspec.load(package("llama", draft="close"))
+    prompt = [5, 6, 7, 9, 40, 3]
+    plain = pipe.generate(prompt, max_new_tokens=30, use_draft=False).token_ids
+    cheap_drafts = synthetic(draft_ms=0.1, verify_growth=0.01)
+    hopeless_drafts = synthetic(draft_ms=9.5, verify_growth=1.0)
+    for calibration, drafts in ((cheap_drafts, True), (hopeless_drafts, False)):
+        pipe._calibration, pipe._auto, pipe._auto_states = calibration, {}, {}
+        result = pipe.generate(prompt, max_new_tokens=30, draft_tokens="auto")
+        assert result.token_ids == plain
+        assert (result.stats.drafted_tokens > 0) == drafts
+        assert result.stats.undrafted_rounds == (0 if drafts else result.stats.target_calls - 2)

@@ -76,8 +76,8 @@ def test_trained_draft_agrees_far_more_than_a_random_one(cache, tmp_path):
         shutil.copyfile(draft / name, random_draft / name)
     export_pair(target, tmp_path / "random-pair", draft=random_draft, quantize="none", report=lambda _: None)
     random_pipe = ortspec.load(tmp_path / "random-pair")
-    trained = [pipe.generate(p, max_new_tokens=48) for p in heldout_prompts(8)]
-    untrained = [random_pipe.generate(p, max_new_tokens=48) for p in heldout_prompts(8)]
+    trained = [pipe.generate(p, max_new_tokens=48, draft_tokens=4) for p in heldout_prompts(8)]
+    untrained = [random_pipe.generate(p, max_new_tokens=48, draft_tokens=4) for p in heldout_prompts(8)]
     rate = sum(r.stats.accepted_tokens for r in trained) / sum(r.stats.drafted_tokens for r in trained)
     random_rate = sum(r.stats.accepted_tokens for r in untrained) / sum(r.stats.drafted_tokens for r in untrained)
     print(f"\nheld-out acceptance: trained draft {rate:.3f}, random draft {random_rate:.3f}")
@@ -92,7 +92,7 @@ def test_greedy_parity_on_real_code(quantize, cache):
     pipe = ortspec.load(default_package(quantize=quantize, report=lambda _: None))
     target, _ = shipped_pair()
     for prompt in heldout_prompts(12, lines=12):
-        spec = pipe.generate(prompt, max_new_tokens=96)
+        spec = pipe.generate(prompt, max_new_tokens=96, draft_tokens=4)
         plain = pipe.generate(prompt, max_new_tokens=96, use_draft=False)
         if quantize != "none":
             # int8-compute kernels differ in the last bits between chunked and single-token calls:
@@ -150,7 +150,9 @@ def test_demo_and_default_generate(cache):
     runner = CliRunner()
     demo = runner.invoke(main, ["demo", "--max-new-tokens", "24"])
     assert demo.exit_code == 0, demo.output
-    assert "speedup" in demo.output and "outputs identical: yes" in demo.output
+    for mode in ("draft model, γ=auto", "draft model, γ=2", "prompt lookup"):
+        assert mode in demo.output
+    assert "speedup" in demo.output and "identical" in demo.output and "NO (a bug)" not in demo.output
     generate = runner.invoke(main, ["generate", "def add(a, b):\n", "--max-new-tokens", "16"])
     assert generate.exit_code == 0, generate.output
     assert len(generate.output.strip()) > 0

@@ -33,5 +33,5 @@ def test_builder_export_needs_no_torch(checkpoint, tmp_path):
     import ortspec
 
     pipe = ortspec.load(out)
-    spec = pipe.generate([3, 50, 7], max_new_tokens=12)
+    spec = pipe.generate([3, 50, 7], max_new_tokens=12, draft_tokens=4)
     assert spec.token_ids == pipe.generate([3, 50, 7], max_new_tokens=12, use_draft=False).token_ids

@@ -102,7 +102,7 @@ def test_adaptive_draft_length_is_exact_and_adapts(package):
         prompt = [int(t) for t in np.random.default_rng(seed).integers(2, pipe.target.vocab_size, size=8)]
         fixed = pipe.generate(prompt, max_new_tokens=48, draft_tokens=4)
         adaptive = pipe.generate(prompt, max_new_tokens=48, draft_tokens="adaptive", draft_tokens_max=7)
-        early = pipe.generate(prompt, max_new_tokens=48, draft_min_prob=0.5)
+        early = pipe.generate(prompt, max_new_tokens=48, draft_tokens=4, draft_min_prob=0.5)
         assert adaptive.token_ids == fixed.token_ids == early.token_ids
         assert max(adaptive.stats.drafted_per_round) <= 7
     same = ortspec.load(package("llama", draft="same"))
