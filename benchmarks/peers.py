@@ -134,8 +134,13 @@ def make_setting(name: str, work: Path, args: argparse.Namespace, genai: GenaiWo
             models = genai_models(genai_python, work, {"target": target, "draft": draft})
             draft_dir = models["draft"] if options.pop("with_draft", False) else None
             return genai_runner(
-                genai, f"{name}-{row}", target=str(models["target"]), draft=str(draft_dir) if draft_dir else None,
-                threads=threads, work=str(work / "genai-configs"), **options,
+                genai,
+                f"{name}-{row}",
+                target=str(models["target"]),
+                draft=str(draft_dir) if draft_dir else None,
+                threads=threads,
+                work=str(work / "genai-configs"),
+                **options,
             )
 
         genai_python = args.genai_python
