@@ -244,7 +244,7 @@ GENERATION_OPTIONS = [
         type=click.IntRange(min=1),
         default=8,
         show_default=True,
-        help="Upper bound for adaptive γ.",
+        help="Upper bound for auto and adaptive γ.",
     ),
     click.option(
         "--draft-min-prob",

@@ -44,7 +44,7 @@ class GenerationConfig:
     # costs and the running acceptance rate (0, plain decoding, unless some γ gains 5%); a number fixes
     # γ; "adaptive": +2 after a fully accepted round, -1 otherwise
     draft_tokens: int | str = "auto"
-    draft_tokens_max: int = 8  # bound for adaptive γ
+    draft_tokens_max: int = 8  # bound for auto and adaptive γ
     draft_min_prob: float = 0.0  # stop a round early when the draft's top probability is below this
     max_ngram_size: int = 3  # prompt lookup: longest suffix n-gram searched
     temperature: float = 0.0  # 0: greedy
