@@ -207,3 +207,18 @@ def test_auto_output_equals_plain_when_it_drafts_and_when_it_does_not(package):
         assert result.token_ids == plain
         assert (result.stats.drafted_tokens > 0) == drafts
         assert result.stats.undrafted_rounds == (0 if drafts else result.stats.target_calls - 2)
+
+
+def test_a_probe_is_timed_as_a_probe_not_as_a_drafted_round():
+    cal = synthetic(draft_ms=3.0, verify_growth=0.3, catch_up_ms=8.0)
+    state = AutoState(AcceptanceEstimate(prior=0.1))
+    auto = AutoDraftLength(cal, state)
+    while auto.next(100, pending=64) != 1:
+        auto.observe(0, cal.round(0, 100), 100)
+    auto.observe(1, cal.round(0, 100) + 25.0, 100)  # the probe took 25 ms more than a plain round
+    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.drafted == 1.0
+    while auto.next(100, pending=64) != 1:  # a probe that ends a generation is never timed ...
+        pass
+    assert auto.next(100, pending=64) == 0  # ... and the next generation's plain round is not taken for it
+    auto.observe(0, cal.round(0, 100) + 40.0, 100)
+    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.plain > 1.0

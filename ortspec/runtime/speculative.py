@@ -195,6 +195,7 @@ class AutoDraftLength:
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
         most still to come, `pending` committed tokens the draft must read before drafting."""
+        self._probing = False  # a probe is timed before the next choice, or (last of a generation) never
         bucket = context // self.BUCKET
         rounds = self._costs(bucket)
         alpha, slowdown = round(self.state.estimate.alpha, 2), round(self.state.costs.slowdown * 20) / 20
