@@ -70,7 +70,7 @@ def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _load(package: str, runtime: dict[str, Any]) -> Any:
     from .runtime.pipeline import load
 
-    return load(
+    pipe = load(
         package,
         providers=runtime["providers"] or None,
         threads=runtime["threads"],
@@ -78,6 +78,11 @@ def _load(package: str, runtime: dict[str, Any]) -> Any:
         max_length=runtime["max_length"],
         verify=not runtime["no_verify"],
     )
+    pipe.on_calibrate = lambda: click.echo(
+        f"measuring this machine's step costs for auto γ (once; stored in {Path(package) / 'calibration.json'})...",
+        err=True,
+    )
+    return pipe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,8 +195,8 @@ def _print_stats(stats: Any) -> None:
         rounds = stats.undrafted_rounds + len(stats.drafted_per_round)
         click.echo(
             f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: on this machine's measured "
-            "step costs (`ortspec calibrate`) no γ was predicted to beat plain decoding by 5% at the acceptance "
-            "rate seen so far",
+            "step costs (`ortspec calibrate`) and the acceptance rate seen so far, no γ was predicted to beat plain "
+            "decoding by 5% (or to repay the draft's catch-up before the end)",
             err=True,
         )
 

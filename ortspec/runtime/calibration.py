@@ -146,18 +146,19 @@ def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0, min
 
 
 STEADY_RUN = 3  # each timing is the mean of this many back-to-back repetitions, as the loop runs them
+STEADY_UNDER_MS = 20.0  # target steps slower than this are timed once: warm caches matter little next to them
 
 
-def _steady_ms(run: Callable[[], None]) -> float:
+def _steady_ms(run: Callable[[], None], times: int) -> float:
     """ms per call of `run` repeated back to back: warm caches and pools, like consecutive rounds."""
     start = time.perf_counter()
-    for _ in range(STEADY_RUN):
+    for _ in range(times):
         run()
-    return (time.perf_counter() - start) * 1000 / STEADY_RUN
+    return (time.perf_counter() - start) * 1000 / times
 
 
 def _measure_context(
-    target: Decoder, draft: Decoder | None, tokens: list[int], max_gamma: int, repeats: int
+    target: Decoder, draft: Decoder | None, tokens: list[int], max_gamma: int, repeats: int, budget_s: float
 ) -> tuple[list[float], float, list[float], float]:
     """Median (target ms per n positions, draft step ms, round ms per γ, catch-up ms) on top of `tokens`.
 
@@ -165,7 +166,8 @@ def _measure_context(
     row it uses (a plain step right after a round would find the draft's weights in the CPU caches
     and be slower than in plain decoding). Every kind is timed once per pass and the passes repeat,
     so a burst of load on a shared machine touches all alike; caches are rolled back after each
-    call; the first pass warms up and is dropped.
+    call. The first pass warms up, is dropped, and sizes the rest: 2 to `repeats` passes, as many
+    as fit in `budget_s` (a large model on a CPU gets fewer, so that the first use stays short).
     """
     context = len(tokens)
     probe = (tokens * (max_gamma + 1))[: max_gamma + 1]  # tokens to add: any will do
@@ -189,20 +191,27 @@ def _measure_context(
         draft.truncate(context)
         target_call(gamma + 1)
 
+    def one_pass(steady: int) -> dict[str, float]:
+        timings = {f"t{n}": _steady_ms(lambda n=n: target_call(n), steady) for n in range(1, max_gamma + 2)}
+        if draft is not None:
+            timings["d"] = _steady_ms(draft_step, steady)
+            timings["c"] = _steady_ms(catch_up, steady) * CATCH_UP / min(CATCH_UP, context)
+            rounds = {f"r{g}": _steady_ms(lambda g=g: speculative_round(g), steady) for g in range(1, max_gamma + 1)}
+            timings |= rounds
+        return timings
+
     for decoder in (target, draft):
         if decoder is not None:
             decoder.reset()
             decoder.forward(tokens)
+    start = time.perf_counter()
+    warm = one_pass(1)
+    steady = STEADY_RUN if warm["t1"] < STEADY_UNDER_MS else 1
+    passes = max(2, min(repeats, int(budget_s / ((time.perf_counter() - start) * steady))))
     samples: dict[str, list[float]] = {}
-    for repeat in range(repeats + 1):
-        timings = {f"t{n}": _steady_ms(lambda n=n: target_call(n)) for n in range(1, max_gamma + 2)}
-        if draft is not None:
-            timings["d"] = _steady_ms(draft_step)
-            timings["c"] = _steady_ms(catch_up) * CATCH_UP / min(CATCH_UP, context)
-            timings |= {f"r{g}": _steady_ms(lambda g=g: speculative_round(g)) for g in range(1, max_gamma + 1)}
-        for name, ms in timings.items():
-            if repeat:
-                samples.setdefault(name, []).append(ms)
+    for _ in range(passes):
+        for name, ms in one_pass(steady).items():
+            samples.setdefault(name, []).append(ms)
     median = {name: statistics.median(values) for name, values in samples.items()}
     for decoder in (target, draft):
         if decoder is not None:
@@ -220,9 +229,10 @@ def measure(
     max_gamma: int = 8,
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
     repeats: int = 7,
+    budget_s: float = 15.0,
 ) -> Calibration:
     """Time the target for 1..max_gamma+1 positions, the draft for one, and whole rounds of γ = 1..max_gamma
-    drafts, at each context length."""
+    drafts, at each context length, in about `budget_s` seconds (at least two passes each)."""
     limit = min(target.max_length, draft.max_length if draft else target.max_length) - max_gamma - 1
     if limit < 1:
         raise ValueError(f"a context of {target.max_length} positions is too short to calibrate γ up to {max_gamma}")
@@ -232,7 +242,7 @@ def measure(
     target_ms, draft_ms, round_ms, catch_up_ms = [], [], [], []
     for context in usable:
         target_row, draft_step, round_row, catch_up = _measure_context(
-            target, draft, tokens[:context], max_gamma, repeats
+            target, draft, tokens[:context], max_gamma, repeats, budget_s / len(usable)
         )
         target_ms.append(target_row)
         draft_ms.append(draft_step)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,7 @@ class Pipeline:
         self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
         self._calibration_key = calibration_key or calibration_key_for(["CPUExecutionProvider"], None)
         self._calibration: Calibration | None = None
+        self.on_calibrate: Callable[[], None] | None = None  # called before measuring (a CLI says "calibrating")
         self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
         self._auto: dict[tuple[str, int], AutoDraftLength] = {}
 
@@ -151,6 +152,8 @@ class Pipeline:
         if self._calibration is None or remeasure:
             stored = None if remeasure else load_calibration(self.manifest.root, self._calibration_key)
             if stored is None or stored.max_gamma < max_gamma:
+                if self.on_calibrate is not None:
+                    self.on_calibrate()
                 stored = measure(self.target, self.draft, self._calibration_key, max_gamma)
                 save_calibration(self.manifest.root, stored)
             self._calibration = stored
@@ -217,10 +220,18 @@ class Pipeline:
         config = GenerationConfig(**options)
         prompt_ids = self._prompt_ids(prompt)
         self._check_lengths(prompt_ids, config.max_new_tokens)
-        return self._generate(prompt_ids, config, *self._proposer(config))
+        proposer, drafter = self._proposer(config)
+        # γ's policy now, not inside the timed generation: auto may have to calibrate first
+        draft_length = self._draft_length(config, drafter) if proposer is not None else None
+        return self._generate(prompt_ids, config, proposer, drafter, draft_length)
 
     def _generate(
-        self, prompt_ids: list[int], config: GenerationConfig, proposer: Proposer | None, drafter: str
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        proposer: Proposer | None,
+        drafter: str,
+        draft_length: DraftLength | AutoDraftLength | None,
     ) -> Iterator[tuple[str, GenerationResult | None]]:
         """Yield (text delta, None) as tokens are committed, then ("", the result)."""
         chooser = TokenChooser(config.sampling(), np.random.default_rng(config.seed))
@@ -236,7 +247,7 @@ class Pipeline:
             self.eos_token_ids,
             chooser,
             proposer,
-            self._draft_length(config, drafter),
+            draft_length,
             loop,
         )
         for chunk in rounds:
