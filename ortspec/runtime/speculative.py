@@ -236,7 +236,7 @@ class AutoDraftLength:
         if not self.learn_timings:
             return
         rounds = self._costs(context // self.BUCKET)
-        if self._probing:  # its catch-up included: what probing really costs
+        if self._probing and drafted:  # its catch-up included: what probing really costs
             self._probing = False
             extra = max(measured_ms - rounds[0], 0.0)
             previous = self.state.probe_ms
