@@ -131,7 +131,7 @@ def make_setting(name: str, work: Path, args: argparse.Namespace, genai: GenaiWo
     if genai is not None:
 
         def genai_load(row: str, **options: object) -> Runner:
-            models = genai_models(genai_python, work, {"target": target, "draft": draft})
+            models = genai_models(args.genai_python, work, {"target": target, "draft": draft})
             draft_dir = models["draft"] if options.pop("with_draft", False) else None
             return genai_runner(
                 genai,
@@ -143,7 +143,6 @@ def make_setting(name: str, work: Path, args: argparse.Namespace, genai: GenaiWo
                 **options,
             )
 
-        genai_python = args.genai_python
         runners |= {
             "genai plain": lambda: genai_load("plain"),
             f"genai draft K={GAMMA}": lambda: genai_load("draft", with_draft=True, draft_tokens=GAMMA),
@@ -159,8 +158,9 @@ def run_setting(setting: Setting, new_tokens: int, repeats: int) -> tuple[dict[s
     failed: dict[str, str] = {}
     for row, build in setting.runners.items():
         try:
-            runners[row] = build()
-            runners[row](setting.prompts[0], 4)  # warm-up
+            runner = build()
+            runner(setting.prompts[0], 4)  # warm-up: a runner that fails here is listed, not timed
+            runners[row] = runner
         except Unavailable as exc:
             failed[row] = str(exc)
         except Exception as exc:  # a peer failing in its own code is a result, not a crash of the benchmark

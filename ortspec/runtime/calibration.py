@@ -1,10 +1,11 @@
 """Measured step costs of a pair on this machine, and the speedup model built on them.
 
 Speculation pays only when the acceptance rate α, the draft's step cost c and the target's verify
-cost v(n) line up; on quantized CPU kernels v(n) grows with the number of positions n. We measure
-t(n) (target call with n new positions) and d (one draft step) at a few context lengths, store them
-beside the manifest (`calibration.json`, keyed by providers, threads and a machine fingerprint; never
-inside a checksummed file) and predict the throughput of every γ:
+cost v(n) line up; on quantized CPU kernels v(n) grows with the number of positions n. We measure,
+at a few context lengths, t(n) (target call with n new positions), d (one draft step), the draft's
+catch-up on unseen tokens and whole rounds r(γ); store them beside the manifest (`calibration.json`,
+keyed by providers, threads and a machine fingerprint; never inside a checksummed file) and predict
+the throughput of every γ:
 
     tokens per round E(α, γ) = (1 - α^(γ+1)) / (1 - α)
     time per round r(γ)      = γ draft steps then one verify call of γ+1 positions, timed back to back
@@ -103,46 +104,38 @@ class Calibration:
         """ms of a round with γ = 0..max_gamma drafts at `context` (index γ)."""
         return [self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)]
 
-    def throughput(
-        self, alpha: float, gamma: int, context: int, draft_cost: bool = True, slowdown: float = 1.0
-    ) -> float:
-        """Predicted tokens per ms with γ drafts per round (γ = 0: plain decoding); drafted rounds
-        take `slowdown` times their calibrated cost (what the running loop observed, relative to plain)."""
-        cost = self.round(gamma, context, draft_cost) * (slowdown if gamma else 1.0)
-        return tokens_per_round(alpha, gamma) / cost
+    def predicted_speedup(self, alpha: float, gamma: int, context: int, draft_cost: bool = True) -> float:
+        """Predicted throughput with γ drafts per round over plain decoding's."""
+        return predicted_speedup(alpha, gamma, self.rounds(context, draft_cost))
 
-    def predicted_speedup(
-        self, alpha: float, gamma: int, context: int, draft_cost: bool = True, slowdown: float = 1.0
-    ) -> float:
-        """Predicted throughput with γ drafts over plain decoding's."""
-        return self.throughput(alpha, gamma, context, draft_cost, slowdown) / self.throughput(alpha, 0, context)
+    def best_gamma(self, alpha: float, context: int, draft_cost: bool = True) -> int:
+        """The γ with the highest predicted throughput; 0 unless it beats plain decoding by 5%."""
+        return best_gamma(alpha, self.rounds(context, draft_cost))
 
-    def best_gamma(
-        self, alpha: float, context: int, draft_cost: bool = True, min_gain: float = MIN_GAIN, slowdown: float = 1.0
-    ) -> int:
-        """The γ with the highest predicted throughput; 0 unless it beats plain decoding by `min_gain`."""
-        return best_gamma(alpha, self.rounds(context, draft_cost), slowdown, min_gain)
-
-    def alpha_needed(
-        self, context: int, draft_cost: bool = True, min_gain: float = MIN_GAIN, slowdown: float = 1.0
-    ) -> float | None:
+    def alpha_needed(self, context: int, draft_cost: bool = True) -> float | None:
         """The lowest acceptance rate (to 0.01) at which drafting is predicted to pay; None if not even at 0.99."""
         rounds = self.rounds(context, draft_cost)
-        if best_gamma(0.99, rounds, slowdown, min_gain) == 0:
+        if best_gamma(0.99, rounds) == 0:
             return None
         low, high = 0.0, 0.99  # best_gamma(low) == 0 < best_gamma(high): bisect the boundary
         while high - low > 0.01:
             middle = (low + high) / 2
-            low, high = (low, middle) if best_gamma(middle, rounds, slowdown, min_gain) else (middle, high)
+            low, high = (low, middle) if best_gamma(middle, rounds) else (middle, high)
         return high
 
 
-def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0, min_gain: float = MIN_GAIN) -> int:
-    """The γ maximising E(α, γ) / (rounds[γ]·slowdown), `rounds[γ]` the ms of a round with γ drafts;
-    0 (plain decoding) unless that beats rounds[0] per token by `min_gain`."""
-    gamma = max(range(1, len(rounds)), key=lambda g: tokens_per_round(alpha, g) / rounds[g])
-    gain = tokens_per_round(alpha, gamma) / (rounds[gamma] * slowdown) * rounds[0]
-    return gamma if gain >= min_gain else 0
+def predicted_speedup(alpha: float, gamma: int, rounds: Sequence[float], slowdown: float = 1.0) -> float:
+    """E(α, γ) tokens per round of rounds[γ]·slowdown ms, over plain decoding's one token per rounds[0] ms
+    (`rounds[γ]`: the ms of a round with γ drafts; `slowdown`: how much slower drafted rounds really run)."""
+    if gamma == 0:
+        return 1.0
+    return tokens_per_round(alpha, gamma) * rounds[0] / (rounds[gamma] * slowdown)
+
+
+def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0) -> int:
+    """The γ with the highest predicted speedup; 0 (plain decoding) unless it reaches MIN_GAIN."""
+    gamma = max(range(1, len(rounds)), key=lambda g: predicted_speedup(alpha, g, rounds))
+    return gamma if predicted_speedup(alpha, gamma, rounds, slowdown) >= MIN_GAIN else 0
 
 
 STEADY_RUN = 3  # each timing is the mean of this many back-to-back repetitions, as the loop runs them
@@ -259,16 +252,19 @@ def calibration_key(providers: Sequence[str], threads: int | None, draft_threads
     return f"v{CALIBRATION_VERSION}|{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"
 
 
+def _stored_entries(path: Path) -> list[dict]:
+    """The calibrations stored at `path`; none for a missing or damaged file (it is just remeasured)."""
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("calibrations", [])
+    except (json.JSONDecodeError, AttributeError):
+        return []
+
+
 def load_calibration(package: Path, key: str) -> Calibration | None:
     """The stored calibration for `key`, if any."""
-    path = Path(package) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get("calibrations", [])
-    except (json.JSONDecodeError, AttributeError):
-        return None  # a damaged file is just remeasured
-    for entry in entries:
+    for entry in _stored_entries(Path(package) / CALIBRATION_FILE):
         if entry.get("key") == key:
             return Calibration(**entry)
     return None
@@ -277,13 +273,7 @@ def load_calibration(package: Path, key: str) -> Calibration | None:
 def save_calibration(package: Path, calibration: Calibration) -> bool:
     """Store (replacing the same key); False when the package directory is read-only."""
     path = Path(package) / CALIBRATION_FILE
-    entries = []
-    if path.is_file():
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8")).get("calibrations", [])
-        except (json.JSONDecodeError, AttributeError):
-            entries = []
-    entries = [e for e in entries if e.get("key") != calibration.key] + [asdict(calibration)]
+    entries = [e for e in _stored_entries(path) if e.get("key") != calibration.key] + [asdict(calibration)]
     try:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"calibrations": entries}, indent=1) + "\n", encoding="utf-8")

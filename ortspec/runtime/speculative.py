@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import Calibration, best_gamma, tokens_per_round
+from .calibration import Calibration, best_gamma, predicted_speedup
 from .decoder import Decoder
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -218,7 +218,7 @@ class AutoDraftLength:
     @staticmethod
     def _saving_ms(alpha: float, gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
         """Predicted ms saved over `remaining` tokens by drafting γ per round instead of none."""
-        return remaining * (rounds[0] - rounds[gamma] * slowdown / tokens_per_round(alpha, gamma))
+        return remaining * rounds[0] * (1 - 1 / predicted_speedup(alpha, gamma, rounds, slowdown))
 
     def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
         """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
