@@ -101,7 +101,11 @@ def main() -> None:
 
 @main.command()
 @click.argument("target")
-@click.option("--draft", help="Draft checkpoint (local directory or hub id); must share the target's tokenizer.")
+@click.option(
+    "--draft",
+    help="Draft checkpoint (local directory or hub id) sharing the target's tokenizer, or a draft head "
+    "directory written by `ortspec distill` for this target.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -173,6 +177,77 @@ def export(
         report=lambda line: click.echo(line, err=True),
     )
     click.echo(f"package written to {out}", err=True)
+
+
+@main.command()
+@click.argument("target")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the head, its data and checkpoints; run again with the same --out to resume.",
+)
+@click.option(
+    "--minutes",
+    type=click.FloatRange(min=0.1),
+    default=120,
+    show_default=True,
+    help="Time budget of this run (data, features, training); a run into an existing --out resumes its data "
+    "and training.",
+)
+@click.option(
+    "--data-share",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Share of the budget spent letting the target write training chats (the rest trains).",
+)
+@click.option(
+    "--text",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Local text files or directories to train on as well (code, docs); repeatable.",
+)
+@click.option("--quantize", type=QUANT_CHOICES, default="int4", show_default=True, help="How the target is served.")
+@click.option(
+    "--vocab", type=click.IntRange(min=16), default=4096, show_default=True, help="Tokens the head may propose."
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Threads of the target while making data (default: ORT's).")
+@_user_errors
+def distill(
+    target: str,
+    out: Path,
+    minutes: float,
+    data_share: float,
+    text: tuple[str, ...],
+    quantize: str,
+    vocab: int,
+    threads: int | None,
+) -> None:
+    """Train a draft head (EAGLE-style) for TARGET, a model that has no draft, offline.
+
+    TARGET is a Hugging Face checkpoint directory or hub id. The target writes its own training
+    chats (requests sampled from its chat template, answered greedily: on-policy data), reads them
+    once to keep its final features, and a one-layer head learns to continue those features. It
+    drafts from a subset of the vocabulary (--vocab most frequent tokens), which keeps a draft step
+    at a few percent of a target step. The held-out agreement is printed at the end. Then:
+
+    \b
+      ortspec export TARGET --draft OUT --out ./pair
+      ortspec chat ./pair --stats
+    """
+    try:
+        from .export.distill import DistillConfig
+        from .export.distill import distill as run_distill
+    except ImportError as exc:
+        raise click.ClickException(
+            f"`ortspec distill` needs the export extras ({exc.name} is missing): pip install 'ortspec[export]'"
+        ) from exc
+    config = DistillConfig(
+        minutes=minutes, data_share=data_share, text=text, quantize=quantize, vocab=vocab, threads=threads
+    )
+    run_distill(target, out, config, report=lambda line: click.echo(line, err=True))
+    click.echo(f"draft head written to {out}; use it: ortspec export {target} --draft {out} --out PACKAGE", err=True)
 
 
 def _print_stats(stats: Any) -> None:

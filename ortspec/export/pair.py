@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,18 @@ import onnx
 
 from .. import __version__
 from ..models.registry import family_of, max_positions
-from ..runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, ModelSpec, TokenizerSpec
-from .builder import build_onnx, can_build
+from ..runtime.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEAD_KIND,
+    MANIFEST_FILE,
+    Manifest,
+    ModelSpec,
+    TokenizerSpec,
+)
+from .builder import build_head_onnx, build_onnx, can_build
 from .builder.config import decoder_config
+from .builder.head import is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
 from .onnx_export import export_with_optimum
@@ -25,6 +36,15 @@ from .quantize import BITS, quantize_weights
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How one model's weights are quantized: "none", "int8" or "int4", block size, accuracy level."""
+
+    kind: str
+    block_size: int = 32
+    accuracy_level: int = 4
 
 
 class Progress:
@@ -55,9 +75,7 @@ def _export_model(
     checkpoint: Checkpoint,
     role: str,
     exporter: str,
-    quantize: str,
-    block_size: int,
-    accuracy_level: int,
+    quantize: Quantization,
     work: Path,
     root: Path,
     progress: Progress,
@@ -69,11 +87,35 @@ def _export_model(
     else:
         with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
             model = onnx.load(export_with_optimum(checkpoint, work / role))
+    return _save_model(model, role, quantize, root, progress, checkpoint, checkpoint.name, positions, exporter)
+
+
+def _export_head(
+    head_dir: Path, target: Checkpoint, quantize: Quantization, root: Path, progress: Progress
+) -> ModelSpec:
+    with progress.stage(f"building the draft head {head_dir} on the target's embeddings and lm_head"):
+        model, positions = build_head_onnx(head_dir, target.path, target.config)
+    spec = _save_model(model, "draft", quantize, root, progress, target, str(head_dir), positions, "builder")
+    return dataclasses.replace(spec, kind=HEAD_KIND, training=read_head_config(head_dir).get("training", {}))
+
+
+def _save_model(
+    model: onnx.ModelProto,
+    role: str,
+    quantize: Quantization,
+    root: Path,
+    progress: Progress,
+    checkpoint: Checkpoint,
+    source: str,
+    positions: int,
+    exporter: str,
+) -> ModelSpec:
+    """Quantize (if asked), write the graph into the package and describe it for the manifest."""
+    bits, block_size, accuracy_level = BITS[quantize.kind], quantize.block_size, quantize.accuracy_level
     quantization: dict[str, Any] = {"method": "none"}
-    bits = BITS[quantize]
     if bits is not None:
         with progress.stage(
-            f"quantizing {role} weights to {quantize} (block {block_size}, accuracy level {accuracy_level})"
+            f"quantizing {role} weights to {quantize.kind} (block {block_size}, accuracy level {accuracy_level})"
         ):
             model, quantization = quantize_weights(model, bits, block_size, accuracy_level)
     files = save_onnx(model, root / role / "model.onnx")
@@ -83,7 +125,7 @@ def _export_model(
         root=root,
         files=files,
         family=family_of(checkpoint.config).name,
-        source=checkpoint.name,
+        source=source,
         max_positions=positions,
         quantization=quantization,
         exporter=exporter,
@@ -127,6 +169,9 @@ def export_pair(
     for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
         if value not in BITS:
             raise ValueError(f"{name} must be one of {', '.join(BITS)}, got {value!r}")
+    head = draft is not None and is_head_dir(draft)
+    if head and exporter == "optimum":
+        raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
     steps = 2 + sum(1 + (BITS[q] is not None) for _, _, q in roles)
     progress = Progress(steps, report)
@@ -137,32 +182,26 @@ def export_pair(
     ):
         work = Path(tmp)
         with progress.stage("reading checkpoints and checking tokenizers"):
-            checkpoints = {role: resolve_checkpoint(name) for role, name, _ in roles}
+            checkpoints = {role: resolve_checkpoint(name) for role, name, _ in roles if not (head and role == "draft")}
             tokenizers = {
                 role: prepare_tokenizer(ckpt, work / f"{role}-tokenizer") for role, ckpt in checkpoints.items()
             }
             compatibility: PairCompatibility | None = None
-            if draft:
+            if draft and not head:
                 compatibility = check_pair(
                     tokenizers["target"],
                     tokenizers["draft"],
                     checkpoints["target"].vocab_size,
                     checkpoints["draft"].vocab_size,
                 )
-        specs = {
-            role: _export_model(
-                checkpoints[role],
-                role,
-                choose_exporter(checkpoints[role], exporters[role]),
-                q,
-                block_size,
-                accuracy_level,
-                work,
-                root,
-                progress,
-            )
-            for role, _, q in roles
-        }
+        specs = {}
+        for role, name, q in roles:
+            quantization = Quantization(q, block_size, accuracy_level)
+            if head and role == "draft":
+                specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
+                continue
+            chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
+            specs[role] = _export_model(checkpoints[role], role, chosen, quantization, work, root, progress)
         with progress.stage(f"writing the package manifest to {out}"):
             main = checkpoints["target"]
             generation = {k: v for k, v in main.generation_config.items() if not k.startswith("transformers_")}

@@ -38,9 +38,16 @@ def make_cache(spec: ModelSpec, session: ort.InferenceSession, max_length: int) 
 
 
 class Decoder:
-    """A causal LM session plus its KV cache: `forward(tokens)` returns logits for those tokens."""
+    """A causal LM session plus its KV cache: `forward(tokens)` returns logits for those tokens.
 
-    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, max_length: int | None = None) -> None:
+    Two extras serve feature-level draft heads: with `keep_hidden`, each call also keeps the graph's
+    `hidden_states` output (`hidden`, for positions from `hidden_start` on); a graph with a
+    `features` input (a head) takes one feature row per token (zeros when none are given).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, session: ort.InferenceSession, max_length: int | None = None, keep_hidden: bool = False
+    ) -> None:
         self.spec = spec
         self.session = session
         if max_length is not None and max_length < 1:
@@ -55,6 +62,17 @@ class Decoder:
         self._binding = session.io_binding()
         self._binding.bind_output("logits", "cpu")  # first, so it stays the first output
         self.cache.bind_once(self._binding)
+        self.keep_hidden = keep_hidden
+        if keep_hidden:
+            if "hidden_states" not in {o.name for o in session.get_outputs()} or spec.kv_layout != "shared-buffer":
+                raise ValueError(
+                    f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
+                )
+            self._binding.bind_output("hidden_states", "cpu")  # after logits and the cache buffers
+        self.hidden = np.zeros((0, 0), np.float32)
+        self.hidden_start = 0
+        features = next((i for i in session.get_inputs() if i.name == "features"), None)
+        self.feature_size = int(features.shape[-1]) if features is not None else 0
 
     @classmethod
     def load(
@@ -65,9 +83,10 @@ class Decoder:
         threads: int | None = None,
         max_length: int | None = None,
         spinning: bool = True,
+        keep_hidden: bool = False,
     ) -> Decoder:
         """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`)."""
-        return cls(spec, create_session(root / spec.onnx, providers, threads, spinning), max_length)
+        return cls(spec, create_session(root / spec.onnx, providers, threads, spinning), max_length, keep_hidden)
 
     @property
     def length(self) -> int:
@@ -79,7 +98,7 @@ class Decoder:
         """Columns of the logits."""
         return self.spec.vocab_size
 
-    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+    def forward(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab]."""
         n = len(token_ids)
         past = self.cache.length
@@ -97,10 +116,19 @@ class Decoder:
         if self._wants_positions:
             binding.bind_cpu_input("position_ids", self._positions[:, past : past + n])
         binding.bind_output("logits", "cpu")
+        if self.keep_hidden:
+            binding.bind_output("hidden_states", "cpu")
+        if self.feature_size:
+            if features is None:
+                features = np.zeros((n, self.feature_size), np.float32)
+            binding.bind_cpu_input("features", np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
         self.cache.bind(binding, n)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call
         self.cache.update(outputs, n)
+        if self.keep_hidden:
+            self.hidden = np.array(outputs[len(outputs) - 1].numpy()[0])
+            self.hidden_start = past
         return np.array(outputs[0].numpy()[0], dtype=np.float32)  # a copy: the binding reuses its buffer
 
     def truncate(self, length: int) -> None:

@@ -82,28 +82,39 @@ class DraftModelProposer:
         self._disabled = False
         self._offset = 0  # committed tokens before the draft cache's first position
 
+    lag = 0  # the proposer's cache holds committed positions [offset, offset + length) of tokens[lag:]
+
     def reset(self) -> None:
         self.decoder.reset()
         self._disabled = False
         self._offset = 0
 
     def pending(self, tokens: Sequence[int]) -> int:
-        return min(len(tokens) - self._offset - self.decoder.length, self.window)
+        return min(len(tokens) - self.lag - self._offset - self.decoder.length, self.window)
+
+    def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
+        """Logits after catching up on committed positions [start, end)."""
+        return self.decoder.forward(tokens[start:end])
+
+    def _step(self, token: int) -> np.ndarray:
+        """Logits after reading one drafted token."""
+        return self.decoder.forward([token])
 
     def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
-        if len(tokens) - self._offset - self.decoder.length > self.window:
+        end = len(tokens) - self.lag
+        if end - self._offset - self.decoder.length > self.window:
             self.decoder.reset()
-            self._offset = len(tokens) - self.window
-        pending = list(tokens[self._offset + self.decoder.length :])
-        count = min(count, self.decoder.max_length - (len(tokens) - self._offset) + 1)
-        if self._disabled or count <= 0 or not pending:
+            self._offset = end - self.window
+        start = self._offset + self.decoder.length
+        count = min(count, self.decoder.max_length - (end - self._offset) + 1)
+        if self._disabled or count <= 0 or start >= end:
             return Proposal([])
-        if max(pending) >= self.decoder.vocab_size:
+        if max(tokens[start + self.lag :]) >= self.decoder.vocab_size:
             self._disabled = True
             return Proposal([])
         drafts: list[int] = []
         probs: list[np.ndarray] = []
-        logits = self.decoder.forward(pending)[-1, : self.vocab_limit]
+        logits = self._read(tokens, start, end)[-1, : self.vocab_limit]
         self.calls += 1
         while True:
             seen = chooser.history(tokens, drafts)
@@ -121,7 +132,7 @@ class DraftModelProposer:
             drafts.append(token)
             if len(drafts) == count:
                 break
-            logits = self.decoder.forward([token])[-1, : self.vocab_limit]
+            logits = self._step(token)[-1, : self.vocab_limit]
             self.calls += 1
         return Proposal(drafts, None if chooser.greedy else probs)
 
@@ -129,6 +140,51 @@ class DraftModelProposer:
         # The draft cache holds the committed prefix plus drafts; keep what still agrees. The last
         # committed token (the target's own) is never in it yet.
         self.decoder.truncate(max(0, min(self.decoder.length, len(tokens) - 1 - self._offset)))
+
+
+class FeatureHeadProposer(DraftModelProposer):
+    """An EAGLE-style head: drafts from the target's own features instead of reading tokens afresh.
+
+    Head position j reads the target's final features f_j and token x_{j+1} and predicts f_{j+1},
+    whose scores (the head graph's logits) guess x_{j+2}; while drafting, its own predicted
+    features stand in for the target's. Every target call already computes the features of the
+    positions it reads, so after each round the head keeps those of the committed positions and
+    re-reads them in place of its predictions: its cache only ever holds what the target saw.
+    """
+
+    lag = 1  # head position j pairs f_j with x_{j+1}
+
+    def __init__(
+        self, head: Decoder, target: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
+    ) -> None:
+        super().__init__(head, vocab_limit, min_prob, window)
+        if not (target.keep_hidden and head.keep_hidden and head.feature_size):
+            raise ValueError("a draft head needs the target's and its own hidden_states, and a features input")
+        self.target = target
+        self._features = np.zeros((target.max_length, head.feature_size), np.float32)
+        self._predicted = self._features[:1]  # the head's latest predicted features while drafting
+        self._real = 0  # head positions read with the target's features (the rest held drafts)
+
+    def reset(self) -> None:
+        super().reset()
+        self._real = 0
+
+    def rollback(self, tokens: Sequence[int]) -> None:
+        start, hidden = self.target.hidden_start, self.target.hidden
+        end = min(start + len(hidden), len(tokens) - 1)  # features of committed positions only
+        self._features[start:end] = hidden[: end - start]
+        self.decoder.truncate(min(self.decoder.length, self._real))
+
+    def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
+        logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end])
+        self._real = self.decoder.length
+        self._predicted = self.decoder.hidden[-1:]
+        return logits
+
+    def _step(self, token: int) -> np.ndarray:
+        logits = self.decoder.forward([token], self._predicted)
+        self._predicted = self.decoder.hidden[-1:]
+        return logits
 
 
 class NgramProposer:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "ortspec-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a draft may be a feature-level head (kind "eagle-head")
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
+HEAD_KIND = "eagle-head"
+MODEL_KINDS = ("causal-lm", HEAD_KIND)
 
 
 class PackageError(Exception):
@@ -52,6 +55,12 @@ class ModelSpec:
     inputs: list[str]
     outputs: list[str]
     source: str = ""  # the checkpoint it came from (path or hub id), for humans
+    kind: str = "causal-lm"  # or "eagle-head": a draft that continues the target's features
+    training: dict[str, Any] = field(default_factory=dict)  # how a distilled draft was made, for humans
+
+    @property
+    def is_head(self) -> bool:
+        return self.kind == HEAD_KIND
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,13 @@ def _model(data: dict[str, Any] | None, role: str) -> ModelSpec | None:
     if data is None:
         return None
     spec = _build(ModelSpec, data, role)
+    if spec.kind not in MODEL_KINDS:
+        raise PackageError(
+            f"the {role} is of kind {spec.kind!r}, which this ortspec cannot run (it runs {', '.join(MODEL_KINDS)}); "
+            "upgrade ortspec"
+        )
+    if spec.kind == HEAD_KIND and role != "draft":
+        raise PackageError(f"the {role} is a draft head; only a draft can be one")
     return dataclasses.replace(spec, files=_files(spec.files, role))
 
 
@@ -150,10 +166,10 @@ def parse_manifest(data: dict[str, Any], root: Path) -> Manifest:
     if data.get("format") != FORMAT_NAME:
         raise PackageError(f"{root} is not an ortspec package (manifest format is {data.get('format')!r})")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise PackageError(
             f"package format version {version!r} is not supported by this ortspec (it reads version "
-            f"{FORMAT_VERSION}); upgrade ortspec or re-export the package with this version"
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade ortspec or re-export the package with this version"
         )
     if "target" not in data or "tokenizer" not in data:
         raise PackageError("manifest lacks the target model or the tokenizer; the package is malformed")

@@ -14,7 +14,7 @@ from .calibration import Calibration, load_calibration, measure, save_calibratio
 from .calibration import calibration_key as calibration_key_for
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, Decoder
-from .drafting import DraftModelProposer, NgramProposer, Proposer
+from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
 from .manifest import Manifest, load_manifest
 from .sampling import SamplingConfig
 from .session import resolve_providers
@@ -30,6 +30,7 @@ from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
 DRAFTERS = ("model", "ngram")
+DRAFT_MODELS = ("model", "head")  # drafters that cost model calls (a draft LM, or a feature-level head)
 DEFAULT_DRAFT_THREADS = 1
 
 
@@ -94,7 +95,7 @@ class GenerationStats:
     time_to_first_token: float
     tokens_per_second: float  # new tokens / seconds
     draft_tokens: int | str  # γ as configured: an integer, "adaptive", or 0 for plain decoding
-    drafter: str  # "model", "ngram" or "none"
+    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "ngram" or "none"
     accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
     drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
     undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
@@ -168,13 +169,13 @@ class Pipeline:
                 # Reproducible: γ choices that depend on neither timings nor earlier generations (the
                 # samples depend on them), only on the stored calibration and this generation's acceptance.
                 return AutoDraftLength(
-                    calibration, AutoState(), drafter == "model", config.draft_tokens_max, learn_timings=False
+                    calibration, AutoState(), drafter in DRAFT_MODELS, config.draft_tokens_max, learn_timings=False
                 )
             key = (drafter, config.draft_tokens_max)
             auto = self._auto.get(key)
             if auto is None or auto.calibration is not calibration:  # reuse its cached per-context choices
                 state = self._auto_states.setdefault(drafter, AutoState())
-                auto = AutoDraftLength(calibration, state, drafter == "model", config.draft_tokens_max)
+                auto = AutoDraftLength(calibration, state, drafter in DRAFT_MODELS, config.draft_tokens_max)
                 self._auto[key] = auto
             return auto
         return DraftLength(int(config.draft_tokens))
@@ -210,6 +211,8 @@ class Pipeline:
         if drafter == "model":
             if self.draft is None:
                 raise ValueError("the package has no draft model: export one with --draft, or use draft='ngram'")
+            if self.draft.spec.is_head:
+                return FeatureHeadProposer(self.draft, self.target, self._shared_vocab, config.draft_min_prob), "head"
             return DraftModelProposer(self.draft, self._shared_vocab, config.draft_min_prob), "model"
         if drafter == "ngram":
             return NgramProposer(config.max_ngram_size), "ngram"
@@ -353,11 +356,14 @@ def load(
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
-    target = Decoder.load(manifest.target, root, providers, threads, max_length)
+    head = manifest.draft is not None and manifest.draft.is_head
+    target = Decoder.load(manifest.target, root, providers, threads, max_length, keep_hidden=head)
     draft = None
     if manifest.draft is not None:
         draft_threads = draft_threads or DEFAULT_DRAFT_THREADS
         draft_providers = draft_providers or providers
-        draft = Decoder.load(manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False)
+        draft = Decoder.load(
+            manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False, keep_hidden=head
+        )
     key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
     return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"), key)

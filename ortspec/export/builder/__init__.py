@@ -13,12 +13,13 @@ import onnx
 
 from .config import SUPPORTED, DecoderConfig, UnsupportedModelError, decoder_config
 from .graph import build_decoder
+from .head import build_head, read_head_config, target_fingerprint
 from .safetensors_io import Checkpoint
 from .weights import WeightReader
 
 DEFAULT_MAX_POSITIONS = 32768  # rotary table rows baked into the graph (the KV buffer is sized at load)
 
-__all__ = ["SUPPORTED", "DecoderConfig", "UnsupportedModelError", "build_onnx", "can_build"]
+__all__ = ["SUPPORTED", "DecoderConfig", "UnsupportedModelError", "build_head_onnx", "build_onnx", "can_build"]
 
 
 def can_build(config: dict[str, Any]) -> bool:
@@ -30,9 +31,26 @@ def can_build(config: dict[str, Any]) -> bool:
     return True
 
 
+def weight_reader(checkpoint_dir: Path, config: dict[str, Any]) -> WeightReader:
+    """The builder's view of a checkpoint's weights."""
+    return WeightReader(Checkpoint(checkpoint_dir), decoder_config(config))
+
+
 def build_onnx(checkpoint_dir: Path, config: dict[str, Any]) -> tuple[onnx.ModelProto, DecoderConfig, int]:
     """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers."""
-    cfg = decoder_config(config)
-    positions = min(cfg.max_positions, DEFAULT_MAX_POSITIONS)
-    reader = WeightReader(Checkpoint(checkpoint_dir), cfg)
-    return build_decoder(reader, positions), cfg, positions
+    reader = weight_reader(checkpoint_dir, config)
+    positions = min(reader.cfg.max_positions, DEFAULT_MAX_POSITIONS)
+    return build_decoder(reader, positions), reader.cfg, positions
+
+
+def build_head_onnx(head_dir: Path, target_dir: Path, target_config: dict[str, Any]) -> tuple[onnx.ModelProto, int]:
+    """Build a draft head's graph for its target, refusing a head trained for another model."""
+    reader = weight_reader(target_dir, target_config)
+    expected = read_head_config(head_dir).get("target_fingerprint")
+    if expected != target_fingerprint(reader):
+        raise UnsupportedModelError(
+            f"the draft head in {head_dir} was trained for another target (fingerprint {expected}, this target's "
+            f"is {target_fingerprint(reader)}); distill a head for it with `ortspec distill`"
+        )
+    positions = min(reader.cfg.max_positions, DEFAULT_MAX_POSITIONS)
+    return build_head(Path(head_dir), reader, positions), positions

@@ -1,9 +1,11 @@
 """Assemble the decoder graph: GroupQueryAttention over a shared KV buffer, fused norms, fp32 weights.
 
 Inputs: input_ids [1, S], seqlens_k [1] (total length - 1), total_sequence_length (scalar) and per
-layer past_key_values.{i}.key/value [1, kv_heads, max_length, head_dim]. Outputs: logits [1, S, vocab]
-and present.{i}.key/value. The runtime binds each past and present to the same preallocated buffer,
-so GroupQueryAttention writes the new entries in place and rolling back costs nothing.
+layer past_key_values.{i}.key/value [1, kv_heads, max_length, head_dim]. Outputs: logits [1, S, vocab],
+present.{i}.key/value, and hidden_states [1, S, hidden] (the final-normed features the lm_head reads,
+which a feature-level draft head continues from; free to compute, bound only when wanted). The
+runtime binds each past and present to the same preallocated buffer, so GroupQueryAttention writes
+the new entries in place and rolling back costs nothing.
 """
 
 from __future__ import annotations
@@ -113,20 +115,23 @@ def _skip_norm(g: GraphBuilder, x: str, residual: str, weight: np.ndarray, name:
     return out[0], out[3]
 
 
-def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
-    """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`."""
-    cfg, head_dim = reader.cfg, reader.padded
-    g = GraphBuilder()
-    cos, sin = cos_sin_caches(
-        inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), max_positions, head_dim // 2
-    )
+def rotary_tables(g: GraphBuilder, cfg: DecoderConfig, max_positions: int, head_dim: int) -> None:
+    """The cos/sin caches GroupQueryAttention rotates q and k with."""
+    inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = cos_sin_caches(inv_freq, max_positions, head_dim // 2)
     g.constant("cos_cache", cos)
     g.constant("sin_cache", sin)
-    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), "input_ids"])
-    if cfg.embed_scale != 1.0:
-        hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
-    residual = hidden
-    layers = [reader.layer(i) for i in range(cfg.layers)]
+
+
+def decoder_stack(
+    g: GraphBuilder,
+    cfg: DecoderConfig,
+    layers: list[LayerWeights],
+    residual: str,
+    final_norm: np.ndarray,
+    head_dim: int,
+) -> str:
+    """Pre-norm decoder layers on the residual stream `residual`; returns the final-normed features."""
     h = _norm(g, residual, layers[0].attn_norm, "layers.0.attn_norm.weight", cfg.rms_eps)
     for i, w in enumerate(layers):
         attn = _attention(g, cfg, i, w, h, head_dim)
@@ -136,34 +141,59 @@ def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
         mlp = _mlp(g, cfg, i, w, h)
         if w.post_mlp_norm is not None:
             mlp = _norm(g, mlp, w.post_mlp_norm, f"layers.{i}.post_mlp_norm.weight", cfg.rms_eps)
-        last = i == cfg.layers - 1
-        next_norm = reader.final_norm() if last else layers[i + 1].attn_norm
+        last = i == len(layers) - 1
         h, residual = _skip_norm(
             g,
             mlp,
             residual,
-            next_norm,
+            final_norm if last else layers[i + 1].attn_norm,
             "final_norm.weight" if last else f"layers.{i + 1}.attn_norm.weight",
             cfg.rms_eps,
         )
+    return h
+
+
+def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
+    """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`."""
+    cfg, head_dim = reader.cfg, reader.padded
+    g = GraphBuilder()
+    rotary_tables(g, cfg, max_positions, head_dim)
+    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), "input_ids"])
+    if cfg.embed_scale != 1.0:
+        hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
+    residual = hidden
+    h = decoder_stack(g, cfg, [reader.layer(i) for i in range(cfg.layers)], residual, reader.final_norm(), head_dim)
     logits = g.one("MatMul", [h, g.constant("lm_head.weight", reader.lm_head())])
     if cfg.final_softcap:
         cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
         logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
+    return finish_graph(g, cfg, f"ortspec-{cfg.family}", logits, h, cfg.vocab_size, head_dim)
 
+
+def finish_graph(
+    g: GraphBuilder, cfg: DecoderConfig, name: str, logits: str, hidden: str, vocab: int, head_dim: int, extra=()
+) -> onnx.ModelProto:
+    """Name the outputs (logits, presents, hidden_states) and declare the inputs of a shared-buffer graph.
+
+    `extra` holds additional graph inputs (value infos), e.g. a draft head's features.
+    """
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
+    g.nodes.append(helper.make_node("Identity", [hidden], ["hidden_states"], name="hidden_identity"))
     cache_shape = [1, cfg.kv_heads, "max_length", head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        *extra,
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence_length", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence_length", vocab])]
     for i in range(cfg.layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, cache_shape))
-    graph = helper.make_graph(g.nodes, f"ortspec-{cfg.family}", inputs, outputs, g.initializers)
+    hidden_shape = [1, "sequence_length", cfg.hidden]
+    outputs.append(helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden_shape))
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

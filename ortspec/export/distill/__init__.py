@@ -1,0 +1,227 @@
+"""`ortspec distill`: train a draft head for a target that has no draft, on this machine, offline.
+
+The steps, each resumable (an interrupted run picks up where it stopped):
+1. export the target alone (builder, quantized as it will be served) into OUT/target-package;
+2. data: the target writes chats to itself (OUT/data/chats.jsonl, see `data.py`), plus any local
+   text given; a held-out set of chats is made with other seeds and never trained on;
+3. features: the exported target reads every sequence once and keeps its final features;
+4. train the head (`train.py`) for the rest of the time budget; write OUT/head.json,
+   OUT/head.safetensors and a model card;
+5. report the held-out acceptance by running the head in a package with the target.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..builder import weight_reader
+from ..builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
+from ..checkpoint import resolve_checkpoint
+from .data import append_jsonl, read_jsonl, self_instructed_chats, text_file_sequences
+from .features import FeatureStore, fill_features, open_feature_reader
+
+Reporter = Callable[[str], None]
+HELD_OUT_SEED = 1_000_000
+MAX_SEQUENCE = 1024
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    minutes: float = 60.0
+    data_share: float = 0.5  # of the budget spent making new chats (the rest: features and training)
+    text: tuple[str, ...] = ()  # local text files or directories to train on as well
+    quantize: str = "int4"  # how the target is exported (features come from the graph that will serve)
+    vocab: int = 4096  # tokens the head may propose: the most frequent in the data
+    held_out: int = 12  # held-out chats for the final measurement
+    threads: int | None = None
+    max_chats: int | None = None  # stop making chats after this many (tests)
+    max_answer_tokens: int = 256
+
+
+def _progress_bar(total: float | None, unit: str, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, leave=True, mininterval=1.0)
+
+
+def _export_target(target: str, package: Path, quantize: str, report: Reporter) -> None:
+    from ..pair import export_pair
+
+    if (package / "manifest.json").is_file():
+        return
+    report(f"exporting the target {target} ({quantize}) into {package}")
+    export_pair(target, package, quantize=quantize, exporter="builder", report=lambda line: report("  " + line))
+
+
+def _make_chats(pipe: Any, path: Path, seed: int, count: int, deadline: float, config: DistillConfig) -> None:
+    """Append chats to `path` until `count` exist or the deadline passes."""
+    have = len(read_jsonl(path))
+    if have >= count or time.monotonic() >= deadline:
+        return
+    with _progress_bar(count if count < 10**6 else None, "chat", f"target writing chats ({path.name})") as bar:
+        bar.update(have)
+        chats = self_instructed_chats(pipe, 10**9, seed=seed + have, max_answer_tokens=config.max_answer_tokens)
+        for _ in append_jsonl(path, chats):
+            bar.update(1)
+            if bar.n >= count or time.monotonic() >= deadline:
+                break
+
+
+def _sequences(data: Path, config: DistillConfig, pipe: Any) -> list[list[int]]:
+    """Every training sequence: the chats, then the local text (cut to MAX_SEQUENCE tokens)."""
+    longest = min(MAX_SEQUENCE, pipe.target.max_length)
+    texts = data / "text.jsonl"
+    if config.text and not texts.is_file():
+        pieces = text_file_sequences(pipe, [Path(p) for p in config.text], min(512, longest))
+        for _ in append_jsonl(texts, pieces):
+            pass
+    items = read_jsonl(texts) + read_jsonl(data / "chats.jsonl")  # chats last: they may grow on a resumed run
+    return [item["tokens"][:longest] for item in items if len(item["tokens"]) >= 2]
+
+
+def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size: int) -> tuple[np.ndarray, float]:
+    """The `size` most frequent tokens of the data, and the share of token occurrences they cover."""
+    counts = Counter(t for seq in sequences for t in seq)
+    chosen = [t for t, _ in counts.most_common(size) if t < vocab_size]
+    covered = sum(counts[t] for t in chosen) / max(sum(counts.values()), 1)
+    return np.array(sorted(chosen), np.int64), covered
+
+
+def _features(store: FeatureStore, sequences: list[list[int]], package: Path, config: DistillConfig) -> None:
+    missing = sequences[len(store) :]
+    if not missing:
+        return
+    reader = open_feature_reader(package, config.threads, MAX_SEQUENCE)
+    with _progress_bar(sum(map(len, missing)), "tok", "target features") as bar:
+        fill_features(store, sequences, reader, bar.update)
+
+
+def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
+    """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`."""
+    import ortspec
+
+    from .head_model import FeatureHead, save_head_weights
+    from .train import TrainConfig, agreement, train_head
+
+    start = time.monotonic()
+    deadline = start + config.minutes * 60
+    out = Path(out)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    package = out / "target-package"
+    _export_target(target, package, config.quantize, report)
+    pipe = ortspec.load(package, threads=config.threads, verify=False)
+
+    held_out_path = data / "held-out.jsonl"
+    if pipe.manifest.tokenizer.chat_template:
+        _make_chats(pipe, held_out_path, HELD_OUT_SEED, config.held_out, float("inf"), config)
+        data_deadline = start + config.minutes * 60 * config.data_share
+        _make_chats(pipe, data / "chats.jsonl", 0, config.max_chats or 10**9, data_deadline, config)
+    else:
+        report("the target has no chat template: training on the local text (--text) alone")
+    sequences = _sequences(data, config, pipe)
+    if not sequences:
+        raise ValueError("no training data was made: raise --minutes or give --text")
+    held_out = [item["tokens"][: pipe.target.max_length] for item in read_jsonl(held_out_path)]
+
+    checkpoint = resolve_checkpoint(target)
+    reader = weight_reader(checkpoint.path, checkpoint.config)
+    cfg = reader.cfg
+    store = FeatureStore(data, cfg.hidden)
+    _features(store, sequences, package, config)
+    held_store = None
+    if held_out:
+        (data / "held-out").mkdir(exist_ok=True)
+        held_store = FeatureStore(data / "held-out", cfg.hidden)
+        _features(held_store, held_out, package, config)
+
+    subset, coverage = vocabulary_subset(sequences, config.vocab, cfg.vocab_size)
+    subset_path = out / "vocab_subset.npy"
+    if subset_path.is_file():  # a resumed run keeps the subset its head was trained with
+        subset = np.load(subset_path)
+    np.save(subset_path, subset)
+    lm_head = reader.lm_head()
+    head = FeatureHead(head_decoder_config(cfg), reader.embedding(), lm_head[:, subset].T)
+    last = cfg.layers - 1
+    head.init_from_target(_layer_tensors(reader, last), reader.final_norm())
+
+    seconds = max(deadline - time.monotonic(), 10.0)
+    token_arrays = [np.asarray(s, np.int64) for s in sequences]
+    report(
+        f"training the head on {sum(map(len, sequences)):,} tokens in {len(sequences)} sequences "
+        f"for {seconds / 60:.1f} min (vocabulary subset {len(subset)} tokens, covering {coverage:.1%} of the data)"
+    )
+    with _progress_bar(round(seconds), "s", "training") as bar:
+
+        def on_step(progress: Any, loss: float, agree: float) -> None:
+            if progress.steps % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", agree=f"{agree:.2f}", refresh=False)
+                bar.update(min(round(progress.seconds), bar.total) - bar.n)
+
+        progress = train_head(head, token_arrays, store.load(), TrainConfig(seconds=seconds), out, on_step)
+    held_agreement = None
+    if held_store is not None:
+        held_agreement = agreement(
+            head, [np.asarray(s, np.int64) for s in held_out], held_store.load(), TrainConfig(1).chunk
+        )
+    save_head_weights(head, subset, out)
+    training = {
+        "target": str(target),
+        "data": "on-policy: requests sampled from the target's own chat template, answered greedily by it"
+        + (f"; plus local text from {', '.join(config.text)}" if config.text else ""),
+        "sequences": len(sequences),
+        "tokens": int(sum(map(len, sequences))),
+        "tokens_seen": progress.tokens,
+        "steps": progress.steps,
+        "train_seconds": round(progress.seconds),
+        "vocab_subset": len(subset),
+        "vocab_coverage": round(coverage, 4),
+        "held_out_agreement": None if held_agreement is None else round(held_agreement, 4),
+        "target_quantization": config.quantize,
+    }
+    head_config = {
+        "kind": HEAD_KIND,
+        "format": 1,
+        "target_fingerprint": target_fingerprint(reader),
+        "hidden_size": cfg.hidden,
+        "vocab_size": cfg.vocab_size,
+        "training": training,
+    }
+    (out / HEAD_CONFIG).write_text(json.dumps(head_config, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(head_config, config))
+    if held_agreement is not None:
+        report(f"held-out teacher-forced agreement (subset argmax == target's): {held_agreement:.3f}")
+    return out
+
+
+def _layer_tensors(reader: Any, index: int) -> dict[str, np.ndarray]:
+    """The target's layer `index` under transformers' LlamaDecoderLayer names (q/k/v unpadded)."""
+    from .head_model import LAYER_PARTS
+
+    ckpt, prefix = reader.ckpt, f"model.layers.{index}."
+    return {name: ckpt.get(prefix + name) for name in LAYER_PARTS}
+
+
+def model_card(head_config: dict[str, Any], config: DistillConfig) -> str:
+    t = head_config["training"]
+    return (
+        "# Draft head (EAGLE-style) distilled by `ortspec distill`\n\n"
+        f"- Target: `{t['target']}` (fingerprint `{head_config['target_fingerprint']}`; the head fits no other model)\n"
+        f"- Kind: one Llama decoder layer over [token embedding; target features], "
+        f"scoring the {t['vocab_subset']} most frequent tokens ({t['vocab_coverage']:.1%} of the data)\n"
+        f"- Data: {t['data']}\n"
+        f"- {t['sequences']} sequences, {t['tokens']:,} tokens; {t['tokens_seen']:,} tokens seen in "
+        f"{t['steps']} steps ({t['train_seconds']} s of training); features from the {t['target_quantization']} "
+        "export of the target\n"
+        f"- Held-out teacher-forced agreement: {t['held_out_agreement']}\n"
+        f"- Settings: {json.dumps(asdict(config))}\n\n"
+        "Use it: `ortspec export TARGET --draft THIS_DIR --out PACKAGE` puts target and head in one package.\n"
+    )

@@ -1,0 +1,179 @@
+"""Train a draft head on the target's features, within a wall-clock budget, resumably.
+
+Each example is a chunk of one sequence: the head reads pairs (f_j, x_{j+1}) and must predict f_{j+1}
+(smooth L1, in units of the features' spread) and the target's next-token distribution over the
+vocabulary subset (KL). While drafting, the head reads its own predictions instead of the target's
+features, so the features it reads in training are perturbed with noise (as EAGLE does). Chunks are
+as long as the context the runtime gives the head (its catch-up window), so training sees what
+serving sees. The learning rate follows the budget: warm-up, then cosine decay to the deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .head_model import FeatureHead
+
+STATE_FILE = "train-state.pt"
+
+
+@dataclass
+class TrainConfig:
+    seconds: float
+    chunk: int = 96
+    batch: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    noise: float = 0.2  # uniform feature noise, in units of the features' standard deviation
+    kl_weight: float = 1.0
+    save_every: float = 60.0  # seconds between checkpoints
+    seed: int = 0
+
+
+@dataclass
+class TrainProgress:
+    """What a run has done so far (saved with the checkpoint)."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # a few (step, loss, agreement) points
+
+
+def _chunks(lengths: Sequence[int], chunk: int) -> list[tuple[int, int, int]]:
+    """(sequence, start, pairs) covering every training pair (f_j, x_{j+1}) with a target f_{j+1}."""
+    out = []
+    for i, length in enumerate(lengths):
+        pairs = length - 1  # j = 0 .. length-2
+        for start in range(0, pairs, chunk):
+            out.append((i, start, min(chunk, pairs - start)))
+    return out
+
+
+def _batch(
+    chunks: Sequence[tuple[int, int, int]],
+    tokens: Sequence[np.ndarray],
+    features: Sequence[np.ndarray],
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens x_{j+1} [B, T], features f_j [B, T, H], targets f_{j+1} [B, T, H], mask [B, T])."""
+    hidden = features[0].shape[1]
+    b = len(chunks)
+    x = np.zeros((b, chunk), np.int64)
+    f_in = np.zeros((b, chunk, hidden), np.float32)
+    f_out = np.zeros((b, chunk, hidden), np.float32)
+    mask = np.zeros((b, chunk), np.float32)
+    for row, (i, start, n) in enumerate(chunks):
+        x[row, :n] = tokens[i][start + 1 : start + 1 + n]
+        f_in[row, :n] = features[i][start : start + n]
+        f_out[row, :n] = features[i][start + 1 : start + 1 + n]
+        mask[row, :n] = 1.0
+    return torch.from_numpy(x), torch.from_numpy(f_in), torch.from_numpy(f_out), torch.from_numpy(mask)
+
+
+def head_losses(
+    head: FeatureHead, batch: tuple[torch.Tensor, ...], noise: float, kl_weight: float, scale: float
+) -> tuple[torch.Tensor, float]:
+    """(loss, top-1 agreement with the target over the subset) of one batch."""
+    x, f_in, f_out, mask = batch
+    if noise:
+        f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * noise * scale
+    predicted, scores = head(x, f_in)
+    count = mask.sum().clamp(min=1)
+    regression = (F.smooth_l1_loss(predicted / scale, f_out / scale, reduction="none").mean(-1) * mask).sum() / count
+    target_scores = head.scores(f_out)
+    target_logp = F.log_softmax(target_scores, -1)
+    kl = (target_logp.exp() * (target_logp - F.log_softmax(scores, -1))).sum(-1)
+    kl = (kl * mask).sum() / count
+    agree = ((scores.argmax(-1) == target_scores.argmax(-1)).float() * mask).sum() / count
+    return regression + kl_weight * kl, float(agree)
+
+
+def train_head(
+    head: FeatureHead,
+    tokens: Sequence[np.ndarray],
+    features: Sequence[np.ndarray],
+    config: TrainConfig,
+    state_dir: Path,
+    on_step: Callable[[TrainProgress, float, float], None] = lambda progress, loss, agree: None,
+) -> TrainProgress:
+    """Train `head` for `config.seconds` more, continuing from the checkpoint in `state_dir` if any."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    progress = TrainProgress()
+    state_path = Path(state_dir) / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = state["progress"]
+        rng = np.random.default_rng(config.seed + progress.steps)
+    chunks = _chunks([len(t) for t in tokens], config.chunk)
+    if not chunks:
+        raise ValueError("no training sequences of two or more tokens")
+    sample = np.concatenate([np.asarray(f[:64], np.float32) for f in features[:256]])
+    scale = float(sample.std()) or 1.0
+    order = rng.permutation(len(chunks))
+    earlier, total = progress.seconds, progress.seconds + config.seconds  # the schedule spans all runs
+    cursor, started, last_save = 0, time.monotonic(), time.monotonic()
+    head.train()
+    while True:
+        elapsed = earlier + time.monotonic() - started
+        if elapsed >= total:
+            break
+        if cursor + config.batch > len(order):
+            order, cursor = rng.permutation(len(chunks)), 0
+        picked = [chunks[k] for k in order[cursor : cursor + config.batch]]
+        cursor += config.batch
+        warm = min(1.0, (progress.steps + 1) / config.warmup_steps)
+        lr = config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(elapsed / total, 1.0)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, agree = head_losses(
+            head, _batch(picked, tokens, features, config.chunk), config.noise, config.kl_weight, scale
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        progress.steps += 1
+        progress.tokens += sum(n for _, _, n in picked)
+        progress.seconds = earlier + time.monotonic() - started
+        if progress.steps % 50 == 0:
+            progress.history.append({"step": progress.steps, "loss": float(loss.detach()), "agreement": agree})
+        on_step(progress, float(loss.detach()), agree)
+        if time.monotonic() - last_save >= config.save_every:
+            save_state(head, optimizer, progress, state_path)
+            last_save = time.monotonic()
+    save_state(head, optimizer, progress, state_path)
+    head.eval()
+    return progress
+
+
+def save_state(head: FeatureHead, optimizer: torch.optim.Optimizer, progress: TrainProgress, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress}, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def agreement(head: FeatureHead, tokens: Sequence[np.ndarray], features: Sequence[np.ndarray], chunk: int) -> float:
+    """Teacher-forced top-1 agreement of the head with the target over the subset (no noise)."""
+    chunks = _chunks([len(t) for t in tokens], chunk)
+    agree, count = 0.0, 0.0
+    for i in range(0, len(chunks), 32):
+        x, f_in, f_out, mask = _batch(chunks[i : i + 32], tokens, features, chunk)
+        _, scores = head(x, f_in)
+        agree += float(((scores.argmax(-1) == head.scores(f_out).argmax(-1)).float() * mask).sum())
+        count += float(mask.sum())
+    return agree / max(count, 1.0)

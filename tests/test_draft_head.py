@@ -1,0 +1,165 @@
+"""Feature-level draft heads: the ONNX graph equals the PyTorch head, drafting with one is exact, the
+head's cache only ever holds the target's own features, and `distill` makes a loadable head."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ortspec
+from ortspec.export import export_pair
+from ortspec.export.builder import UnsupportedModelError, weight_reader
+from ortspec.export.builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
+from ortspec.export.checkpoint import resolve_checkpoint
+from ortspec.export.distill import DistillConfig, distill, vocabulary_subset
+from ortspec.export.distill.head_model import FeatureHead, save_head_weights
+from ortspec.runtime.drafting import FeatureHeadProposer
+
+PROMPT = list(range(5, 29))
+
+
+def make_head(target_dir: Path, out: Path, subset_size: int = 200, seed: int = 0) -> Path:
+    """A random (untrained) head for `target_dir`, saved as `ortspec distill` saves one."""
+    ckpt = resolve_checkpoint(target_dir)
+    reader = weight_reader(ckpt.path, ckpt.config)
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(reader.cfg.vocab_size, subset_size, replace=False))
+    torch.manual_seed(seed)
+    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    out.mkdir(parents=True, exist_ok=True)
+    save_head_weights(head, subset, out)
+    config = {"kind": HEAD_KIND, "format": 1, "target_fingerprint": target_fingerprint(reader), "training": {}}
+    (out / HEAD_CONFIG).write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def head_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("head")
+    head = make_head(checkpoint("llama"), root / "head")
+    out = root / "pkg"
+    export_pair(checkpoint("llama"), out, draft=head, quantize="none", report=lambda _: None)
+    return out
+
+
+def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """The ONNX head (prefill of several pairs, then single steps on its cache) == the PyTorch head."""
+    from ortspec.export.distill.head_model import LAYER_PARTS
+    from safetensors.numpy import load_file
+
+    target = checkpoint("llama")
+    head_dir = make_head(target, tmp_path / "head", subset_size=64, seed=3)
+    out = tmp_path / "pkg"
+    export_pair(target, out, draft=head_dir, quantize="none", report=lambda _: None)
+    pipe = ortspec.load(out)
+    assert pipe.manifest.draft.kind == HEAD_KIND and pipe.manifest.format_version == 2
+
+    ckpt = resolve_checkpoint(target)
+    reader = weight_reader(ckpt.path, ckpt.config)
+    weights = load_file(str(head_dir / "head.safetensors"))
+    subset = weights["vocab_subset"]
+    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T)
+    head.layer.load_state_dict({n: torch.from_numpy(weights[f"model.layers.0.{n}"]) for n in LAYER_PARTS})
+    head.fc.weight.data = torch.from_numpy(weights["fc.weight"])
+    head.norm.weight.data = torch.from_numpy(weights["model.norm.weight"])
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, reader.cfg.vocab_size, 12)
+    features = rng.normal(size=(12, reader.cfg.hidden)).astype(np.float32)
+    with torch.no_grad():
+        want_hidden, want_scores = head(torch.from_numpy(tokens)[None], torch.from_numpy(features)[None])
+    draft = pipe.draft
+    draft.reset()
+    logits = [draft.forward(tokens[:8], features[:8])]
+    hidden = [draft.hidden]
+    for i in range(8, 12):
+        logits.append(draft.forward(tokens[i : i + 1], features[i : i + 1]))
+        hidden.append(draft.hidden)
+    logits, hidden = np.concatenate(logits), np.concatenate(hidden)
+    np.testing.assert_allclose(hidden, want_hidden[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits[:, subset], want_scores[0].numpy(), atol=1e-3)
+    outside = np.setdiff1d(np.arange(reader.cfg.vocab_size), subset)
+    assert np.all(np.isneginf(logits[:, outside]))  # it never proposes a token outside its subset
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, "auto"])
+def test_head_speculation_equals_plain(head_package: Path, draft_tokens: int | str) -> None:
+    pipe = ortspec.load(head_package)
+    plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
+    spec = pipe.generate(PROMPT, max_new_tokens=40, draft_tokens=draft_tokens)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.drafter == "head"
+    if draft_tokens != "auto":
+        assert spec.stats.drafted_tokens > 0 and spec.stats.draft_calls > 0
+
+
+def test_head_sampling_runs_from_the_full_vocabulary(head_package: Path) -> None:
+    """Sampled drafts come from the head's subset, the target still samples its own distribution."""
+    pipe = ortspec.load(head_package)
+    res = pipe.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=4, draft_tokens=2)
+    again = pipe.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=4, draft_tokens=2)
+    assert res.token_ids == again.token_ids and res.stats.drafted_tokens > 0
+    assert all(0 <= t < pipe.target.vocab_size for t in res.token_ids)
+
+
+def test_head_cache_holds_only_target_features(head_package: Path) -> None:
+    """Each round's first draft equals what a fresh head computes from the target's features of the
+    committed sequence: the head re-read the committed positions with the target's own features."""
+    pipe = ortspec.load(head_package)
+    seen: list[tuple[list[int], np.ndarray]] = []
+
+    class Recording(FeatureHeadProposer):
+        def _read(self, tokens, start, end):  # type: ignore[no-untyped-def]
+            logits = super()._read(tokens, start, end)
+            seen.append((list(tokens), logits[-1].copy()))
+            return logits
+
+    proposer = Recording(pipe.draft, pipe.target, window=1000)
+    pipe._proposer = lambda config: (proposer, "head")  # type: ignore[method-assign]
+    pipe.generate(PROMPT, max_new_tokens=30, draft_tokens=3)
+    assert len(seen) > 3
+    for tokens, logits in seen[1:]:
+        pipe.target.reset()
+        pipe.target.forward(tokens)
+        features = pipe.target.hidden
+        pipe.draft.reset()
+        fresh = pipe.draft.forward(tokens[1:], features[:-1])[-1]
+        finite = np.isfinite(fresh)
+        np.testing.assert_allclose(logits[finite], fresh[finite], atol=1e-3)
+
+
+def test_head_for_another_target_is_refused(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    head = make_head(checkpoint("llama"), tmp_path / "head")
+    with pytest.raises(UnsupportedModelError, match="trained for another target"):
+        export_pair(checkpoint("llama", "other"), tmp_path / "pkg", draft=head, report=lambda _: None)
+
+
+def test_vocabulary_subset_takes_the_most_frequent() -> None:
+    subset, coverage = vocabulary_subset([[1, 1, 1, 2, 2, 3], [1, 4]], 2, vocab_size=10)
+    assert subset.tolist() == [1, 2] and coverage == pytest.approx(6 / 8)
+
+
+def test_distill_makes_a_loadable_head(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """A seconds-long run on a tiny target (trained on local text: it has no chat template), resumed once."""
+    text = tmp_path / "text.txt"
+    text.write_text(Path(ortspec.__file__).with_name("cli.py").read_text(encoding="utf-8")[:6000])
+    config = DistillConfig(minutes=0.05, text=(str(text),), quantize="none", vocab=64, held_out=0, threads=1)
+    out = distill(str(checkpoint("llama")), tmp_path / "head", config, report=lambda _: None)
+    first = json.loads((out / HEAD_CONFIG).read_text())["training"]
+    assert first["steps"] > 0 and first["vocab_subset"] <= 64
+    distill(str(checkpoint("llama")), out, DistillConfig(**{**config.__dict__, "minutes": 0.1}), report=lambda _: None)
+    second = json.loads((out / HEAD_CONFIG).read_text())["training"]
+    assert second["steps"] > first["steps"]  # resumed from the checkpoint, not started over
+    pkg = tmp_path / "pkg"
+    export_pair(checkpoint("llama"), pkg, draft=out, quantize="int4", report=lambda _: None)
+    pipe = ortspec.load(pkg)
+    res = pipe.generate(PROMPT, max_new_tokens=12, draft_tokens=2)
+    assert res.stats.drafter == "head" and len(res.token_ids) == 12
