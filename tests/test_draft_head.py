@@ -52,8 +52,9 @@ def head_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempP
 
 def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     """The ONNX head (prefill of several pairs, then single steps on its cache) == the PyTorch head."""
-    from ortspec.export.distill.head_model import LAYER_PARTS
     from safetensors.numpy import load_file
+
+    from ortspec.export.distill.head_model import LAYER_PARTS
 
     target = checkpoint("llama")
     head_dir = make_head(target, tmp_path / "head", subset_size=64, seed=3)
