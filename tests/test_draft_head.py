@@ -65,7 +65,10 @@ def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: P
 
     ckpt = resolve_checkpoint(target)
     reader = weight_reader(ckpt.path, ckpt.config)
-    weights = load_file(str(head_dir / "head.safetensors"))
+    weights = {
+        k: v.astype(np.float32) if v.dtype == np.float16 else v
+        for k, v in load_file(str(head_dir / "head.safetensors")).items()
+    }
     subset = weights["vocab_subset"]
     head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T)
     head.layer.load_state_dict({n: torch.from_numpy(weights[f"model.layers.0.{n}"]) for n in LAYER_PARTS})

@@ -103,7 +103,8 @@ class FeatureHead(nn.Module):
         tensors = {f"model.layers.0.{name}": layer[name] for name in LAYER_PARTS}
         tensors["fc.weight"] = self.fc.weight
         tensors["model.norm.weight"] = self.norm.weight
-        out = {k: v.detach().float().contiguous().numpy() for k, v in tensors.items()}
+        # float16: half the size (a head small enough to ship), and a draft's guesses lose nothing that matters
+        out = {k: v.detach().to(torch.float16).contiguous().numpy() for k, v in tensors.items()}
         out["vocab_subset"] = np.asarray(vocab_subset, np.int64)
         return out
 
