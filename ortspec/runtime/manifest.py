@@ -52,6 +52,7 @@ class ModelSpec:
     inputs: list[str]
     outputs: list[str]
     source: str = ""  # the checkpoint it came from (path or hub id), for humans
+    source_info: dict[str, Any] = field(default_factory=dict)  # e.g. a GGUF source: format, tensor types
 
 
 @dataclass(frozen=True)

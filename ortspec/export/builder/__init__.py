@@ -1,7 +1,9 @@
-"""The fast path for Llama-family models: ONNX graphs built straight from config.json + safetensors.
+"""The fast path for Llama-family models: ONNX graphs built straight from config.json + safetensors,
+or from a GGUF file (llama and qwen2 architectures; weights dequantized to float32).
 
-No PyTorch needed: weights are read with numpy, the graph is written with onnx.helper, and it uses
-GroupQueryAttention over a shared, preallocated KV buffer (O(1) rollback for speculation).
+No PyTorch needed: weights are read with numpy (and the `gguf` package), the graph is written with
+onnx.helper, and it uses GroupQueryAttention over a shared, preallocated KV buffer (O(1) rollback
+for speculation).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import onnx
 
 from .config import SUPPORTED, DecoderConfig, UnsupportedModelError, decoder_config
+from .gguf_io import GGUFCheckpoint, is_gguf
 from .graph import build_decoder
 from .safetensors_io import Checkpoint
 from .weights import WeightReader
@@ -30,9 +33,16 @@ def can_build(config: dict[str, Any]) -> bool:
     return True
 
 
-def build_onnx(checkpoint_dir: Path, config: dict[str, Any]) -> tuple[onnx.ModelProto, DecoderConfig, int]:
-    """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers."""
+def build_onnx(
+    source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any]
+) -> tuple[onnx.ModelProto, DecoderConfig, int]:
+    """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers.
+
+    `source` is a checkpoint directory (safetensors), a .gguf file, or an opened checkpoint of either kind.
+    """
     cfg = decoder_config(config)
     positions = min(cfg.max_positions, DEFAULT_MAX_POSITIONS)
-    reader = WeightReader(Checkpoint(checkpoint_dir), cfg)
+    if isinstance(source, (str, Path)):
+        source = GGUFCheckpoint(source) if is_gguf(source) else Checkpoint(Path(source))
+    reader = WeightReader(source, cfg)
     return build_decoder(reader, positions), cfg, positions
