@@ -139,11 +139,12 @@ def _post_processor(
             specials.append((token, int(meta[f"tokenizer.ggml.{key}_token_id"])))
     if not specials:
         return processors.ByteLevel(trim_offsets=False) if byte_level else None
-    first = [f"{bos}:0"] if add_bos else []
-    last = [f"{eos}:0"] if add_eos else []
-    single = [*first, "$A:0", *last]
-    pair = [*single, *(t.replace(":0", ":1") for t in first), "$B:1", *(t.replace(":0", ":1") for t in last)]
-    return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=specials)
+
+    def template(sequence: str, type_id: int) -> list[str]:  # a list, so tokens may contain spaces
+        return [f"{bos}:{type_id}"] * add_bos + [f"${sequence}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos
+
+    single, pair = template("A", 0), template("A", 0) + template("B", 1)
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 def gguf_tokenizer(model: GGUFModel) -> tuple[Tokenizer, dict[str, Any]]:
