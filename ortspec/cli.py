@@ -103,8 +103,8 @@ def main() -> None:
 @click.argument("target")
 @click.option(
     "--draft",
-    help="Draft checkpoint (local directory or hub id) sharing the target's tokenizer, or a draft head "
-    "directory written by `ortspec distill` for this target.",
+    help="Draft checkpoint (local directory, .gguf file or hub id) sharing the target's tokenizer, or a draft "
+    "head directory written by `ortspec distill` for this target.",
 )
 @click.option(
     "--out",
@@ -134,9 +134,9 @@ def main() -> None:
     type=click.Choice(["auto", "builder", "optimum"]),
     default="auto",
     show_default=True,
-    help="builder: ONNX built from safetensors with GroupQueryAttention and a shared KV buffer (llama, "
-    "mistral, qwen2, qwen3, phi3, gemma, gemma2; no torch needed); optimum: the generic exporter; "
-    "auto: the builder when it applies.",
+    help="builder: ONNX built from safetensors or GGUF with GroupQueryAttention and a shared KV buffer "
+    "(llama, mistral, qwen2, qwen3, phi3, gemma, gemma2; GGUF: llama, qwen2; no torch needed); optimum: the "
+    "generic exporter (not for GGUF); auto: the builder when it applies.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing package at --out.")
 @_user_errors
@@ -153,9 +153,11 @@ def export(
 ) -> None:
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
 
-    TARGET and --draft are Hugging Face checkpoint directories or hub ids (hub ids need a network
-    or a filled Hugging Face cache). The package appears only once complete: an interrupted export
-    leaves no half-written package behind.
+    TARGET and --draft are Hugging Face checkpoint directories, hub ids (hub ids need a network
+    or a filled Hugging Face cache) or GGUF files (llama.cpp's format, llama and qwen2
+    architectures, any weight type the gguf package dequantizes: F32, F16, BF16, Q4_0, Q4_1, Q8_0,
+    K-quants...; read without torch, the weights dequantized to fp32 before --quantize). The package
+    appears only once complete: an interrupted export leaves no half-written package behind.
     """
     try:
         from .export import export_pair
@@ -163,7 +165,8 @@ def export(
         raise click.ClickException(
             f"`ortspec export` needs the export extras ({exc.name} is missing): pip install 'ortspec[export]'"
         ) from exc
-    out = out or Path(f"{Path(target.rstrip('/')).name}-ortspec")
+    name = Path(target.rstrip("/")).name
+    out = out or Path(f"{name[: -len('.gguf')] if name.lower().endswith('.gguf') else name}-ortspec")
     export_pair(
         target,
         out,

@@ -1,10 +1,15 @@
-"""The builder exports supported families in a process where torch, transformers and optimum cannot load."""
+"""The builder exports supported families (safetensors or GGUF) in a process where torch, transformers and
+optimum cannot load."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+from gguf_files import write_gguf
 
 SCRIPT = """
 import importlib.abc, json, sys
@@ -22,8 +27,18 @@ print(json.dumps([manifest.target.exporter, manifest.draft.exporter, manifest.ta
 """
 
 
-def test_builder_export_needs_no_torch(checkpoint, tmp_path):
-    target, draft = checkpoint("qwen3"), checkpoint("qwen3", "close")
+def sources(kind: str, checkpoint, tmp_path) -> tuple[str, str]:
+    if kind == "safetensors":
+        return checkpoint("qwen3"), checkpoint("qwen3", "close")
+    # GGUF target and draft, written here (the writer reads safetensors with numpy, not torch)
+    return tuple(
+        write_gguf(checkpoint("llama", role), tmp_path / f"{role}.gguf", weights="Q8_0") for role in ("target", "close")
+    )
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_builder_export_needs_no_torch(kind, checkpoint, tmp_path):
+    target, draft = sources(kind, checkpoint, tmp_path)
     out = tmp_path / "pkg"
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(target), str(draft), str(out)], capture_output=True, text=True, timeout=300

@@ -1,9 +1,9 @@
-"""Resolve a local checkpoint directory or a Hugging Face Hub id; read its configs and tokenizer."""
+"""Resolve a local checkpoint directory, a GGUF file or a Hugging Face Hub id; read its configs and tokenizer."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,17 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A Hugging Face causal LM checkpoint on disk."""
+    """A Hugging Face causal LM checkpoint on disk, or a GGUF file read as one."""
 
     name: str  # as the user gave it
-    path: Path
+    path: Path  # the checkpoint directory, or the .gguf file
     config: dict[str, Any]
     generation_config: dict[str, Any]
+    source_info: dict[str, Any] = field(default_factory=dict)  # for GGUF: format, architecture, tensor types
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.source_info.get("format") == "gguf"
 
     @property
     def model_type(self) -> str:
@@ -69,10 +74,26 @@ def _download(name: str) -> Path:
         ) from exc
 
 
+def _gguf_checkpoint(text: str, path: Path) -> Checkpoint:
+    """A GGUF file as a checkpoint: config and generation config from its metadata (no torch needed)."""
+    from .builder.gguf_io import GGUFError, open_gguf
+
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {text} does not exist")
+    try:
+        model = open_gguf(path)
+        config = model.config()
+    except GGUFError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return Checkpoint(text, path, config, model.generation_config(), model.source_info())
+
+
 def resolve_checkpoint(name: str | Path) -> Checkpoint:
-    """A local directory with config.json, or a hub id downloaded into the Hugging Face cache."""
+    """A local directory with config.json, a local .gguf file, or a hub id downloaded into the Hugging Face cache."""
     text = str(name)
     path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        return _gguf_checkpoint(text, path)
     looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
     if looks_local:
         if not path.is_dir():
@@ -80,13 +101,24 @@ def resolve_checkpoint(name: str | Path) -> Checkpoint:
     else:
         path = _download(text)
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{text} has no config.json: not a Hugging Face model checkpoint")
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to export a GGUF, pass the file itself (e.g. {ggufs[0]})" if ggufs else ""
+        raise CheckpointError(f"{text} has no config.json: not a Hugging Face model checkpoint{hint}")
     return Checkpoint(text, path, _read_json(path / "config.json"), _read_json(path / "generation_config.json"))
 
 
 def prepare_tokenizer(checkpoint: Checkpoint, out_dir: Path) -> Path:
-    """A directory holding the checkpoint's tokenizer.json (converted by transformers if it has none)."""
+    """A directory holding the checkpoint's tokenizer.json (converted by transformers if it has none;
+    rebuilt from the metadata, without transformers, for a GGUF file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint.is_gguf:
+        from .builder.gguf_io import GGUFError, open_gguf
+        from .gguf_tokenizer import write_gguf_tokenizer
+
+        try:
+            return write_gguf_tokenizer(open_gguf(checkpoint.path), out_dir)
+        except GGUFError as exc:
+            raise CheckpointError(str(exc)) from exc
     if (checkpoint.path / "tokenizer.json").is_file():
         for file in TOKENIZER_FILES:
             if (checkpoint.path / file).is_file():

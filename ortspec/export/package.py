@@ -76,6 +76,7 @@ def describe_model(
     max_positions: int,
     quantization: dict[str, Any],
     exporter: str,
+    source_info: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """The manifest entry of an exported graph, read from the graph itself.
 
@@ -108,6 +109,7 @@ def describe_model(
         inputs=list(inputs),
         outputs=list(outputs),
         source=source,
+        source_info=source_info or {},
     )
 
 

@@ -63,7 +63,14 @@ class Progress:
 
 
 def choose_exporter(checkpoint: Checkpoint, exporter: str) -> str:
-    """`auto` -> the builder for the families it builds exactly, optimum for the rest."""
+    """`auto` -> the builder for the families it builds exactly, optimum for the rest; GGUF: the builder."""
+    if checkpoint.is_gguf:
+        if exporter == "optimum":
+            raise ValueError(
+                f"{checkpoint.name} is a GGUF file, which only the builder exports; use --exporter builder (or auto)"
+            )
+        decoder_config(checkpoint.config)  # raises UnsupportedModelError with the reason
+        return "builder"
     if exporter == "auto":
         return "builder" if can_build(checkpoint.config) else "optimum"
     if exporter == "builder":
@@ -82,7 +89,8 @@ def _export_model(
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     if exporter == "builder":
-        with progress.stage(f"building {role} {checkpoint.name} ({checkpoint.model_type}) as ONNX with the builder"):
+        source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+        with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
             model, _, positions = build_onnx(checkpoint.path, checkpoint.config)
     else:
         with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
@@ -129,6 +137,7 @@ def _save_model(
         max_positions=positions,
         quantization=quantization,
         exporter=exporter,
+        source_info=checkpoint.source_info,
     )
 
 

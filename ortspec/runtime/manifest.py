@@ -55,6 +55,7 @@ class ModelSpec:
     inputs: list[str]
     outputs: list[str]
     source: str = ""  # the checkpoint it came from (path or hub id), for humans
+    source_info: dict[str, Any] = field(default_factory=dict)  # e.g. a GGUF source: format, tensor types
     kind: str = "causal-lm"  # or "eagle-head": a draft that continues the target's features
     training: dict[str, Any] = field(default_factory=dict)  # how a distilled draft was made, for humans
 

@@ -1,7 +1,9 @@
-"""The fast path for Llama-family models: ONNX graphs built straight from config.json + safetensors.
+"""The fast path for Llama-family models: ONNX graphs built straight from config.json + safetensors,
+or from a GGUF file (llama and qwen2 architectures; weights dequantized to float32).
 
-No PyTorch needed: weights are read with numpy, the graph is written with onnx.helper, and it uses
-GroupQueryAttention over a shared, preallocated KV buffer (O(1) rollback for speculation).
+No PyTorch needed: weights are read with numpy (and the `gguf` package), the graph is written with
+onnx.helper, and it uses GroupQueryAttention over a shared, preallocated KV buffer (O(1) rollback
+for speculation).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import onnx
 
 from .config import SUPPORTED, DecoderConfig, UnsupportedModelError, decoder_config
+from .gguf_io import GGUFCheckpoint, is_gguf
 from .graph import build_decoder
 from .head import build_head, read_head_config, target_fingerprint
 from .safetensors_io import Checkpoint
@@ -31,21 +34,27 @@ def can_build(config: dict[str, Any]) -> bool:
     return True
 
 
-def weight_reader(checkpoint_dir: Path, config: dict[str, Any]) -> WeightReader:
-    """The builder's view of a checkpoint's weights."""
-    return WeightReader(Checkpoint(checkpoint_dir), decoder_config(config))
+def weight_reader(source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any]) -> WeightReader:
+    """The builder's view of a checkpoint's weights: a safetensors directory, a .gguf file, or either opened."""
+    if isinstance(source, (str, Path)):
+        source = GGUFCheckpoint(source) if is_gguf(source) else Checkpoint(Path(source))
+    return WeightReader(source, decoder_config(config))
 
 
-def build_onnx(checkpoint_dir: Path, config: dict[str, Any]) -> tuple[onnx.ModelProto, DecoderConfig, int]:
+def build_onnx(
+    source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any]
+) -> tuple[onnx.ModelProto, DecoderConfig, int]:
     """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers."""
-    reader = weight_reader(checkpoint_dir, config)
+    reader = weight_reader(source, config)
     positions = min(reader.cfg.max_positions, DEFAULT_MAX_POSITIONS)
     return build_decoder(reader, positions), reader.cfg, positions
 
 
-def build_head_onnx(head_dir: Path, target_dir: Path, target_config: dict[str, Any]) -> tuple[onnx.ModelProto, int]:
+def build_head_onnx(
+    head_dir: Path, target: Path | Checkpoint | GGUFCheckpoint, target_config: dict[str, Any]
+) -> tuple[onnx.ModelProto, int]:
     """Build a draft head's graph for its target, refusing a head trained for another model."""
-    reader = weight_reader(target_dir, target_config)
+    reader = weight_reader(target, target_config)
     expected = read_head_config(head_dir).get("target_fingerprint")
     if expected != target_fingerprint(reader):
         raise UnsupportedModelError(

@@ -57,7 +57,7 @@ def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in ("default", None):
         return None
-    if kind not in ("llama3", "linear"):
+    if kind not in ("llama3", "linear", "freq_factors"):  # freq_factors: from GGUF files (rope_freqs)
         raise UnsupportedModelError(
             f"rope scaling {kind!r} is not supported by the builder (llama3 and linear are); use --exporter optimum"
         )

@@ -9,11 +9,20 @@ import numpy as np
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
-    """inv_freq of the default rope, adjusted for llama3 or linear scaling (float32, like PyTorch)."""
+    """inv_freq of the default rope, adjusted for llama3 or linear scaling (float32, like PyTorch).
+
+    `freq_factors` divides each frequency by a given factor: llama.cpp stores Llama 3.1's scaling that
+    way in GGUF files (the `rope_freqs` tensor), not as the llama3 parameters.
+    """
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "freq_factors":
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{factors.size} rope frequency factors for {inv_freq.size} frequencies")
+        return (inv_freq / factors).astype(np.float32)
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
         return (inv_freq / factor).astype(np.float32)

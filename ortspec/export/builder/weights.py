@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DecoderConfig
+from .gguf_io import GGUFCheckpoint
 from .safetensors_io import Checkpoint
 
 
@@ -55,7 +56,7 @@ class LayerWeights:
 class WeightReader:
     """Reads and reshapes the tensors of one Llama-family checkpoint for the graph builder."""
 
-    def __init__(self, checkpoint: Checkpoint, cfg: DecoderConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint | GGUFCheckpoint, cfg: DecoderConfig) -> None:
         self.ckpt = checkpoint
         self.cfg = cfg
         self.padded = padded_head_dim(cfg.head_dim)

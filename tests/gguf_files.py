@@ -1,0 +1,154 @@
+"""Tiny GGUF files written from the suite's random checkpoints, the way llama.cpp's converter writes them.
+
+numpy, gguf and tokenizers only: the llama q/k rows are permuted for llama.cpp's rotary layout,
+Llama 3 rope scaling becomes a `rope_freqs` tensor, 1-D tensors stay F32, 2-D ones are stored as
+F32, F16 or a block-quantized type, and the byte-level BPE tokenizer goes into `tokenizer.ggml.*`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
+from tokenizers import Tokenizer
+
+from ortspec.export.builder.safetensors_io import Checkpoint
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|endoftext|>assistant\n' }}{% endif %}"
+)
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute`: interleave the two rotary halves of each head's rows."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 rope scaling."""
+    scaling = config["rope_scaling"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (config["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _encode(w: np.ndarray, weights: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    if w.ndim == 1 or weights == "F32":
+        return w.astype(np.float32), None
+    if weights == "F16":
+        return w.astype(np.float16), None
+    qtype = GGMLQuantizationType[weights]
+    return quantize(w.astype(np.float32), qtype), qtype
+
+
+def add_bpe_tokenizer(writer: GGUFWriter, checkpoint_dir: Path) -> None:
+    """The checkpoint's byte-level BPE tokenizer as llama.cpp stores a `gpt2` vocabulary."""
+    data = json.loads((Path(checkpoint_dir) / "tokenizer.json").read_text())
+    vocab = Tokenizer.from_file(str(Path(checkpoint_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    specials = {t["content"] for t in data["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+
+
+def write_gguf(
+    checkpoint_dir: Path,
+    path: Path,
+    *,
+    weights: str = "F32",
+    architecture: str | None = None,
+    tokenizer: bool = True,
+    add_bos: bool | None = None,
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> Path:
+    """Write the llama/qwen2 checkpoint at `checkpoint_dir` as a GGUF file at `path`.
+
+    `weights`: F32, F16 or a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...).
+    `architecture` overrides general.architecture (to test refusals).
+    """
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    family = config["model_type"]
+    arch = architecture or family
+    ckpt = Checkpoint(checkpoint_dir)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny random {family}")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    if family == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if tokenizer:
+        add_bpe_tokenizer(writer, checkpoint_dir)
+        writer.add_bos_token_id(config["bos_token_id"])
+        writer.add_eos_token_id(config["eos_token_id"])
+        writer.add_pad_token_id(config["pad_token_id"])
+        writer.add_eot_token_id(1)  # a second end-of-generation id, as Llama 3 files have
+        if add_bos is not None:
+            writer.add_add_bos_token(add_bos)
+        if chat_template:
+            writer.add_chat_template(chat_template)
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if not config.get("tie_word_embeddings") and "lm_head.weight" in ckpt:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(config["num_hidden_layers"]):
+        for hf, gg in LAYER_NAMES.items():
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    for hf, gg in names.items():
+        if hf not in ckpt:
+            continue
+        w = ckpt.get(hf)
+        if family == "llama" and (".attn_q." in gg or ".attn_k." in gg):
+            w = llama_cpp_permute(w, heads if ".attn_q." in gg else kv_heads)
+        data, qtype = _encode(w, weights)
+        writer.add_tensor(gg, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -1,0 +1,246 @@
+"""GGUF input: config, weights (dequantized, llama q/k un-permuted) and tokenizer read without torch, exported
+by the builder; logits match PyTorch, encodings match transformers' own GGUF conversion."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFWriter, TokenType
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+import ortspec
+from ortspec.cli import main as cli
+from ortspec.export import export_pair
+from ortspec.export.builder import UnsupportedModelError
+from ortspec.export.builder.gguf_io import open_gguf
+from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
+from ortspec.models.random import CORPUS
+from ortspec.runtime.tokenizer import TextTokenizer
+
+from gguf_files import CHAT_TEMPLATE, write_gguf
+from reference import hf_model
+
+TEXTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !@#$%^&*()",
+    "  leading spaces,\ttabs\nand newlines\r\n\n\n   trailing   ",
+    "Ünïcödé: 日本語, emoji 🙂, accents éàü, ﬁ ligature, e\u0301 combining",
+    "<|endoftext|>user\nhello<|pad|>\n<|endoftext|>assistant\n",
+    "x<|endoftext|>y <|endoftext|> z",
+    "",
+    " ",
+    "class Stack:\n    def push(self, item):\n        self.items.append(item)  # 2024-11-27",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(checkpoint, tmp_path_factory):
+    """gguf_file(family, weights, variant, kind, **write options) -> a .gguf written from the suite's checkpoint."""
+    made: dict[tuple, Path] = {}
+
+    def get(family="llama", weights="F32", variant="", kind="target", **options) -> Path:
+        key = (family, weights, variant, kind, tuple(sorted(options.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp("gguf") / f"{family}-{weights}-{variant or 'base'}-{kind}.gguf"
+            made[key] = write_gguf(checkpoint(family, kind, variant), path, weights=weights, **options)
+        return made[key]
+
+    return get
+
+
+def export(gguf: Path, out: Path, **options) -> ortspec.Pipeline:
+    export_pair(gguf, out, quantize=options.pop("quantize", "none"), report=lambda _: None, **options)
+    return ortspec.load(out)
+
+
+def transformers_from_gguf(path: Path):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def assert_logits_match(pipe, model) -> None:
+    """Prefill then single steps through our package vs one PyTorch forward over the same ids."""
+    import torch
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor([ids])).logits[0].float().numpy()
+    pipe.target.reset()
+    got = [pipe.target.forward(ids[:12])] + [pipe.target.forward([t]) for t in ids[12:]]
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=0)
+
+
+# (family, GGUF weight type, checkpoint variant, reference): "checkpoint" compares with the HF checkpoint
+# the GGUF was written from (exact for F32: tests the un-permutation and rope_freqs independently of
+# transformers' GGUF reader); "gguf" with transformers loading the same (dequantized) GGUF.
+LOGIT_CASES = [
+    ("llama", "F32", "", "checkpoint"),
+    ("llama", "F32", "llama3-rope", "checkpoint"),
+    ("llama", "Q8_0", "", "gguf"),
+    ("llama", "Q4_1", "tied", "gguf"),
+    ("qwen2", "F32", "", "checkpoint"),
+    ("qwen2", "F16", "", "gguf"),
+]
+
+
+@pytest.mark.parametrize(("family", "weights", "variant", "reference"), LOGIT_CASES)
+def test_gguf_logits_match_pytorch(family, weights, variant, reference, gguf_file, checkpoint, tmp_path):
+    gguf = gguf_file(family, weights, variant)
+    pipe = export(gguf, tmp_path / "pkg")
+    spec = pipe.manifest.target
+    assert (spec.exporter, spec.kv_layout, spec.family) == ("builder", "shared-buffer", family)
+    model = hf_model(checkpoint(family, variant=variant)) if reference == "checkpoint" else transformers_from_gguf(gguf)
+    assert_logits_match(pipe, model)
+    if variant == "llama3-rope":  # the scaling arrives as a rope_freqs tensor, and it matters:
+        assert open_gguf(gguf).config()["rope_scaling"]["rope_type"] == "freq_factors"
+        with pytest.raises(AssertionError):  # transformers 4.57 ignores rope_freqs when it reads a GGUF
+            assert_logits_match(pipe, transformers_from_gguf(gguf))
+
+
+def test_quantized_gguf_really_differs_from_fp32(gguf_file, checkpoint, tmp_path):
+    """The Q4_1 comparison above can only catch a dequantization bug if Q4_1 changes the logits."""
+    pipe = export(gguf_file("llama", "Q4_1", "tied"), tmp_path / "pkg")
+    with pytest.raises(AssertionError):
+        assert_logits_match(pipe, hf_model(checkpoint("llama", variant="tied")))
+
+
+def test_manifest_records_source_chat_template_and_eos(gguf_file, tmp_path):
+    gguf = gguf_file("llama", "Q8_0")
+    pipe = export(gguf, tmp_path / "pkg", quantize="int4")
+    m = pipe.manifest
+    assert m.target.source == str(gguf)
+    assert m.target.source_info["format"] == "gguf"
+    assert m.target.source_info["tensor_types"] == {"Q8_0": 2 * 7 + 2, "F32": 2 * 2 + 1}
+    assert m.target.quantization["bits"] == 4
+    assert m.tokenizer.chat_template == CHAT_TEMPLATE
+    assert m.tokenizer.eos_token_ids == [0, 1]  # eos and eot
+    assert (m.tokenizer.bos_token_id, m.tokenizer.pad_token_id) == (0, 1)
+    assert m.generation["eos_token_id"] == [0, 1]
+    messages = [{"role": "user", "content": "def f(x):"}]
+    assert pipe.tokenizer.decode(pipe.chat_prompt(messages)) == "user\ndef f(x):assistant\n"  # specials dropped
+    assert 0 < len(pipe.generate("def fibonacci(n):", max_new_tokens=8, use_draft=False).token_ids) <= 8
+
+
+@pytest.mark.parametrize(("family", "add_bos"), [("llama", None), ("llama", True), ("llama", False), ("qwen2", None)])
+def test_tokenizer_encodes_like_transformers(family, add_bos, gguf_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    gguf = gguf_file(family, add_bos=add_bos)
+    ours = export(gguf, tmp_path / "pkg").tokenizer
+    theirs = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for text in TEXTS:
+        if family == "qwen2" and "<|pad|>" in text:
+            # transformers makes only <|endoftext|>, <|im_start|> and <|im_end|> special for qwen2; we take
+            # every control token of the file as llama.cpp does (all of them are added tokens in Qwen's own)
+            assert ours.encode("<|pad|>") == [1]
+            continue
+        assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"], text
+        with_specials = theirs(text)["input_ids"]
+        if add_bos is False:  # transformers 4.57 ignores tokenizer.ggml.add_bos_token = false; llama.cpp does not
+            with_specials = with_specials[1:]
+        assert ours.encode(text) == with_specials, text
+        plain = text.replace("<|endoftext|>", "").replace("<|pad|>", "")  # decoding drops special tokens
+        if family == "qwen2":
+            plain = unicodedata.normalize("NFC", plain)  # Qwen2's tokenizer normalizes first
+        assert ours.decode(ours.encode(text, add_special_tokens=False)) == plain, text
+
+
+def write_sentencepiece_gguf(path: Path, model: str = "llama") -> Path:
+    """A tokenizer-only llama GGUF with a SentencePiece-style vocabulary: scores, byte tokens, no merges."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    pieces = [p for p, _ in sorted(bpe.get_vocab().items(), key=lambda item: item[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    types += [TokenType.NORMAL] * len(pieces)
+    writer = GGUFWriter(str(path), "llama")
+    for add, value in [
+        (writer.add_context_length, 64),
+        (writer.add_embedding_length, 32),
+        (writer.add_block_count, 1),
+        (writer.add_feed_forward_length, 64),
+        (writer.add_head_count, 2),
+        (writer.add_head_count_kv, 2),
+        (writer.add_layer_norm_rms_eps, 1e-5),
+        (writer.add_vocab_size, len(tokens)),
+        (writer.add_tokenizer_model, model),
+        (writer.add_token_list, tokens),
+        (writer.add_token_scores, [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]),
+        (writer.add_token_types, types),
+        (writer.add_bos_token_id, 1),
+        (writer.add_eos_token_id, 2),
+        (writer.add_unk_token_id, 0),
+    ]:
+        add(value)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_tokenizer_encodes_like_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ortspec.export.gguf_tokenizer import write_gguf_tokenizer
+
+    gguf = write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    write_gguf_tokenizer(open_gguf(gguf), tmp_path / "tok")
+    ours = TextTokenizer(tmp_path / "tok")
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    texts = [*TEXTS, "<s>hello</s> <unk> world", "hello  world", "\nstart"]
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+
+
+def test_merges_from_scores_rank_by_merged_score_then_parts():
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    scores = [0.0, 0.0, -1.0, -2.0, -1.0, -3.0]
+    # bc (-1) before ab (-2) before abc (-3); abc = a+bc (parts 0, -1) before ab+c (parts -2, -1)
+    assert merges_from_scores(tokens, scores) == [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+
+
+def test_unsupported_architecture_is_refused(checkpoint, tmp_path):
+    gguf = write_gguf(checkpoint("llama"), tmp_path / "phi.gguf", architecture="phi2")
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'phi2' is not supported"):
+        export_pair(gguf, tmp_path / "pkg", report=lambda _: None)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_unsupported_tokenizer_is_refused(tmp_path):
+    from ortspec.export.gguf_tokenizer import gguf_tokenizer
+
+    gguf = write_sentencepiece_gguf(tmp_path / "bert.gguf", model="bert")
+    with pytest.raises(UnsupportedTokenizerError, match="tokenizer model 'bert' is not supported"):
+        gguf_tokenizer(open_gguf(gguf))
+
+
+def test_optimum_exporter_is_refused_for_gguf(gguf_file, tmp_path):
+    with pytest.raises(ValueError, match="only the builder exports"):
+        export_pair(gguf_file(), tmp_path / "pkg", exporter="optimum", report=lambda _: None)
+
+
+def test_cli_exports_gguf_target_and_draft(gguf_file, tmp_path):
+    assert "GGUF" in CliRunner().invoke(cli, ["export", "--help"]).output
+    target, draft = gguf_file("llama", "Q8_0"), gguf_file("llama", "Q8_0", kind="close")
+    out = tmp_path / "pair"
+    result = CliRunner().invoke(cli, ["export", str(target), "--draft", str(draft), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["draft"]["source_info"]["format"] == "gguf"
+    assert manifest["compatibility"]["tokenizers_equal"] is True
+    pipe = ortspec.load(out)
+    spec = pipe.generate([3, 50, 7], max_new_tokens=10, draft_tokens=3)
+    assert spec.token_ids == pipe.generate([3, 50, 7], max_new_tokens=10, use_draft=False).token_ids
