@@ -56,6 +56,30 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replace Transpose(initializer) by the transposed initializer, so the quantizer sees a constant.
+
+    Exports of tied embeddings (GPT-2's lm_head = wte.T) compute the lm_head weight at run time; as a
+    constant it gets its own quantized copy (the embedding table stays for Gather). Returns how many.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes, folded = [], 0
+    for node in graph.node:
+        source = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
+        if source is None:
+            nodes.append(node)
+            continue
+        array = numpy_helper.to_array(source)
+        perm = _attribute(node, "perm", list(range(array.ndim))[::-1])
+        graph.initializer.append(numpy_helper.from_array(array.transpose(perm).copy(), node.output[0]))
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(model)
+    return folded
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
     keep = [init for init in model.graph.initializer if init.name in used]
@@ -83,6 +107,7 @@ def quantize_weights(
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
     gemms = gemm_to_matmul(model)
+    fold_weight_transposes(model)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(
         model,
