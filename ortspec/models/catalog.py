@@ -50,6 +50,17 @@ CATALOG = {
 }
 
 
+# What `ortspec demo --model` asks: an edit (the answer repeats the input), an explanation, a rewrite.
+DEMO_CHATS = [
+    "Fix the bug in this Python function and show the corrected code:\n\n"
+    "def average(numbers):\n    total = 0\n    for n in numbers:\n        total += n\n"
+    "    return total / len(number)\n",
+    "Explain in a few sentences why the sky is blue.",
+    'Rewrite this sentence in a more formal tone: "hey, the meeting got moved to friday, '
+    "so don't forget to bring the slides.\"",
+]
+
+
 def catalog_model(name: str) -> CatalogModel:
     if name not in CATALOG:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(CATALOG)}")
