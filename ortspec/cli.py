@@ -231,8 +231,9 @@ GENERATION_OPTIONS = [
     click.option(
         "--draft",
         "drafter",
-        type=click.Choice(["model", "ngram"]),
-        help="Who drafts: the package's draft model (default when it has one) or prompt lookup (ngram).",
+        type=click.Choice(["model", "ngram", "suffix"]),
+        help="Who drafts: the package's draft model (default when it has one), suffix matches in the prompt, "
+        "the output so far and this session's earlier outputs (suffix), or prompt lookup (ngram).",
     ),
     click.option(
         "--draft-tokens",
@@ -453,7 +454,7 @@ def read_prompts(path: Path) -> list[str]:
 @click.option(
     "--draft",
     "drafter",
-    type=click.Choice(["model", "ngram"]),
+    type=click.Choice(["model", "ngram", "suffix"]),
     help="Who drafts in the speculative runs (default: the package's draft model).",
 )
 @click.option(
