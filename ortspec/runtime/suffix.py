@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .calibration import expected_tokens
 from .drafting import Proposal
-from .token_index import SEPARATOR, TokenIndex
+from .token_index import TokenIndex
 
 if TYPE_CHECKING:
     from .speculative import TokenChooser
@@ -30,7 +30,10 @@ SHARES = 4  # share classes: < 1/2 of the continuations agree, < all, all of one
 
 
 def match_class(length: int) -> int:
-    return sum(length >= bound for bound in MATCH_CLASSES) - 1
+    return _MATCH_CLASS[min(length, MATCH_CLASSES[-1])]
+
+
+_MATCH_CLASS = [sum(length >= bound for bound in MATCH_CLASSES) - 1 for length in range(MATCH_CLASSES[-1] + 1)]
 
 
 def share_class(agreeing: int, support: int) -> int:
@@ -162,19 +165,18 @@ class SuffixProposer:
         """Up to `count` tokens continuing the longest match of `tokens`' suffix in `index`."""
         matches = index.find(tokens, self.LIMIT)
         candidate = Candidate()
-        alive = matches.starts
+        alive = [index.continuation(start, count) for start in matches.starts]
         for offset in range(count):
-            tally: dict[int, int] = {}
-            for start in alive:
-                token = index.at(start + offset)
-                if token != SEPARATOR:
-                    tally[token] = tally.get(token, 0) + 1
-            if not tally:
+            alive = [continuation for continuation in alive if len(continuation) > offset]
+            if not alive:
                 break
+            tally: dict[int, int] = {}
+            for continuation in alive:
+                tally[continuation[offset]] = tally.get(continuation[offset], 0) + 1
             token = max(tally, key=tally.__getitem__)  # on a tie, the latest occurrence's
-            kind = bucket(source, matches.length + offset, tally[token], sum(tally.values()))
+            kind = bucket(source, matches.length + offset, tally[token], len(alive))
             candidate.tokens.append(token)
             candidate.buckets.append(kind)
             candidate.chances.append(self.memory.confidence.chance(kind))
-            alive = [start for start in alive if index.at(start + offset) == token]
+            alive = [continuation for continuation in alive if continuation[offset] == token]
         return candidate

@@ -1,15 +1,17 @@
 """Token sequences indexed by their n-grams: where has the end of a sequence occurred before, and what followed?
 
 Sequences are stored one after another in a flat list, separated by a marker no token equals, so a
-match or a continuation never runs from one sequence into the next. Every n-gram of the orders in
-`ORDERS` maps (by hash) to the positions right after its occurrences, oldest first; adding tokens
-indexes only the new ones. With `max_tokens` the oldest sequences are evicted (their index entries
-with them) once the store holds more: memory stays bounded however many sequences are added.
+match or a continuation never runs from one sequence into the next. For every n-gram of the orders in
+`ORDERS`, a dict maps its hash to its latest occurrence and a per-order array links each occurrence to
+the one before (as in llama.cpp's n-gram cache and zlib's hash chains): one dict entry per distinct
+n-gram and 8 bytes per token and order, and adding tokens indexes only the new ones. With
+`max_tokens` the oldest sequences are evicted (their index entries with them) once the store holds
+more: memory stays bounded however many sequences are added.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +30,22 @@ class Matches:
 
 
 class TokenIndex:
-    """Stored token sequences, their n-gram index and the lookup of a query's longest matching suffix."""
+    """Stored token sequences, their n-gram index and the lookup of a query's longest matching suffix.
+
+    Positions count tokens (and separators) ever stored, so they survive evictions; an n-gram's
+    occurrence is named by the position right after it, where its continuation starts.
+    """
 
     def __init__(self, max_tokens: int | None = None) -> None:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.max_tokens = max_tokens
         self._tokens: list[int] = []
-        self._base = 0  # position (never reused) of _tokens[0]: positions survive evictions
+        self._base = 0  # position of _tokens[0]
         self._starts: deque[int] = deque()  # position where each stored sequence starts, oldest first
-        self._follows: dict[int, list[int]] = {}  # hash of an n-gram -> positions right after it, oldest first
+        self._latest: dict[int, int] = {}  # hash of an n-gram -> position after its latest occurrence
+        # per order, aligned with _tokens: position after the previous occurrence of the n-gram ending there, or 0
+        self._previous = [array("q") for _ in ORDERS]
         self._stored = 0  # tokens held, separators excluded
 
     @property
@@ -51,8 +59,8 @@ class TokenIndex:
 
     @property
     def entries(self) -> int:
-        """Index entries held: at most len(ORDERS) per token."""
-        return sum(len(positions) for positions in self._follows.values())
+        """Distinct n-grams indexed."""
+        return len(self._latest)
 
     @property
     def end(self) -> int:
@@ -68,20 +76,25 @@ class TokenIndex:
         """Later tokens begin a new sequence: nothing matches or continues across the boundary."""
         if self._tokens:
             self._tokens.append(SEPARATOR)
+            for previous in self._previous:
+                previous.append(0)
         self._starts.append(self.end)
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Append `tokens` to the current sequence and index the n-grams that end in them."""
         if not self._starts:
             self.start_sequence()
-        store, start = self._tokens, self._starts[-1] - self._base
+        store, start, latest = self._tokens, self._starts[-1] - self._base, self._latest
         for token in tokens:
             store.append(int(token))
             end = len(store)
-            for n in ORDERS:
+            for n, previous in zip(ORDERS, self._previous, strict=True):
                 if end - n < start:
-                    break
-                self._follows.setdefault(hash(tuple(store[end - n : end])), []).append(self._base + end)
+                    previous.append(0)
+                    continue
+                key = hash(tuple(store[end - n : end]))
+                previous.append(latest.get(key, 0))
+                latest[key] = self._base + end
         self._stored += len(tokens)
         self._evict()
 
@@ -102,42 +115,47 @@ class TokenIndex:
                     if end - n < 0:
                         break
                     key = hash(tuple(old[end - n : end]))
-                    positions = self._follows.get(key)
-                    if positions is None:
-                        continue
-                    del positions[: bisect_left(positions, following)]
-                    if not positions:
-                        del self._follows[key]
-            del self._tokens[: following - self._base]
+                    if self._latest.get(key, following) < following:  # no later occurrence survives
+                        del self._latest[key]
+            cut = following - self._base
+            del self._tokens[:cut]
+            for previous in self._previous:
+                del previous[:cut]
             self._base = following
             self._stored -= len(old)
 
     def find(self, query: Sequence[int], limit: int = 16) -> Matches:
         """Occurrences of the longest suffix of `query` (up to MAX_MATCH tokens) followed by at least one
         stored token; of the latest `limit` hits of the longest indexed n-gram that has any."""
-        for n in reversed(ORDERS):
+        for n, previous in zip(reversed(ORDERS), reversed(self._previous), strict=True):
             if n > len(query):
                 continue
-            positions = self._follows.get(hash(tuple(query[-n:])))
-            if not positions:
-                continue
-            best, starts = 0, []
-            for start in reversed(positions[-limit - 1 :]):
-                if self.at(start) == SEPARATOR:
-                    continue  # nothing followed (the query's own end, or the end of a sequence)
-                length = self._match_length(query, start)
-                if length > best:
-                    best, starts = length, [start]
-                elif length == best and length:
-                    starts.append(start)
+            position = self._latest.get(hash(tuple(query[-n:])), 0)
+            best, starts, seen = 0, [], 0
+            while position > self._base and seen <= limit:  # links into evicted sequences end the chain
+                seen += 1
+                if self.at(position) != SEPARATOR:  # something followed (not the query's own end)
+                    length = self._match_length(query, position)
+                    if length > best:
+                        best, starts = length, [position]
+                    elif length == best and length:
+                        starts.append(position)
+                position = previous[position - 1 - self._base]
             if best:
                 return Matches(best, starts[:limit])
         return Matches(0, [])
 
+    def continuation(self, start: int, count: int) -> list[int]:
+        """Up to `count` stored tokens from `start` on, ending at the end of their sequence."""
+        index = start - self._base
+        tokens = self._tokens[index : index + count] if index >= 0 else []
+        return tokens[: tokens.index(SEPARATOR)] if SEPARATOR in tokens else tokens
+
     def _match_length(self, query: Sequence[int], start: int) -> int:
         """How many tokens before `start` equal the end of `query` (at most MAX_MATCH)."""
-        limit = min(MAX_MATCH, len(query))
+        store, last = self._tokens, start - 1 - self._base
+        limit = min(MAX_MATCH, len(query), last + 1)
         length = 0
-        while length < limit and self.at(start - 1 - length) == query[-1 - length]:
+        while length < limit and store[last - length] == query[-1 - length]:  # a separator equals no token
             length += 1
         return length
