@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,9 @@ class Calibration:
         return gamma * self.draft(context) + self.target(gamma + 1, context)
 
     def rounds(self, context: int, draft_cost: bool = True) -> list[float]:
-        """ms of a round with γ = 0..max_gamma drafts at `context` (index γ)."""
-        return [self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)]
+        """ms of a round with γ = 0..max_gamma drafts at `context` (index γ). A round with more drafts
+        never costs less than one with fewer: a measured dip (load on a shared machine) is noise."""
+        return list(accumulate((self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)), max))
 
     def predicted_speedup(self, alpha: float, gamma: int, context: int, draft_cost: bool = True) -> float:
         """Predicted throughput with γ drafts per round over plain decoding's."""

@@ -42,7 +42,7 @@ class GenerationConfig:
     max_new_tokens: int = 128
     use_draft: bool = True  # False: plain decoding
     # "model", "ngram" (prompt lookup) or "suffix" (suffix matches in this sequence and earlier outputs);
-    # None: the package's draft model if any
+    # None: the package's draft model, suffix drafting for packages without one
     draft: str | None = None
     # γ. "auto": each round the γ with the best predicted throughput from this machine's measured step
     # costs and the running acceptance rate (0, plain decoding, unless some γ gains 5%); a number fixes
@@ -212,7 +212,7 @@ class Pipeline:
     def _proposer(self, config: GenerationConfig) -> tuple[Proposer | None, str]:
         if not config.use_draft:
             return None, "none"
-        drafter = config.draft or ("model" if self.draft is not None else "none")
+        drafter = config.draft or ("model" if self.draft is not None else "suffix")
         if drafter == "model":
             if self.draft is None:
                 raise ValueError(
