@@ -31,7 +31,7 @@ import numpy as np
 
 import ortspec
 from ortspec.runtime.bench import NEAR_TIE, BenchReport, compare_modes
-from ortspec.runtime.suffix import LOCAL, MATCH_CLASSES, POOL, ConfidenceBuckets, SuffixMemory, bucket
+from ortspec.runtime.suffix import LOCAL, MATCH_CLASSES, POOL, SHARES, ConfidenceBuckets, SuffixMemory, bucket_index
 
 EDIT = [
     "Fix the bug in this function:\n\n```python\ndef average(values):\n    total = 0\n    for value in values:\n"
@@ -180,15 +180,15 @@ def print_confidence(table: ConfidenceBuckets) -> None:
     print(f"{'source':<8}" + "".join(f"{f'match {bound}+':>14}" for bound in MATCH_CLASSES))
     for source, label in ((LOCAL, "sequence"), (POOL, "pool")):
         cells = []
-        for length in MATCH_CLASSES:
-            indices = [bucket(source, length, 1, 1) - 2 + share for share in range(4)]
+        for length_class in range(len(MATCH_CLASSES)):
+            indices = [bucket_index(source, length_class, share) for share in range(SHARES)]
             judged = sum(table.judged[i] for i in indices)
             accepted = sum(table.accepted[i] for i in indices)
             cells.append(f"{accepted / judged:.2f} ({judged:.0f})" if judged else "-")
         print(f"{label:<8}" + "".join(f"{cell:>14}" for cell in cells))
     print(f"{'':<8}by agreement of the continuations (all sources and lengths):")
     for share, label in enumerate(("< half agree", "most agree", "single occurrence", "several, all agree")):
-        indices = [i for i in range(len(table.judged)) if i % 4 == share]
+        indices = [i for i in range(len(table.judged)) if i % SHARES == share]
         judged = sum(table.judged[i] for i in indices)
         accepted = sum(table.accepted[i] for i in indices)
         print(f"{'':<8}{label:<20}{accepted / judged if judged else float('nan'):.2f} ({judged:.0f})")

@@ -185,6 +185,14 @@ def test_weak_evidence_drafts_short_or_nothing_strong_evidence_long():
     assert proposer.propose(disagreeing, 8, None).probs is None  # deterministic: one-hot q when sampling
 
 
+def test_a_repeating_stretch_drafts_past_one_period():
+    draft = SuffixProposer(SuffixMemory()).propose([9, 4, 1, 2, 3, 1, 2, 3, 1, 2, 3], 8, None).tokens
+    assert len(draft) > 3 and draft == ([1, 2, 3] * 3)[: len(draft)]
+    memory = SuffixMemory()
+    memory.pool.add([7, 5, 6, 8])  # a pooled sequence's end is its end: nothing reads on past it
+    assert SuffixProposer(memory)._candidate(memory.pool, [1, 5, 6], 8, POOL).tokens == [8]
+
+
 def test_the_current_sequence_wins_ties_and_the_pool_wins_on_longer_matches():
     memory = SuffixMemory()
     memory.pool.add([1, 2, 3, 4, 20, 21, 22])
@@ -259,3 +267,10 @@ def test_auto_asks_scored_drafters_for_the_most_and_sends_the_best_prefix():
     assert auto.choose(Proposal([5, 6, 7]), 100) == 3  # unscored proposals were sized by `next`
     auto.state.costs.drafted = 2.0  # drafted rounds observed 2x slower than calibrated
     assert auto.choose(proposal, 100) == 0
+
+
+def test_round_costs_never_fall_with_more_drafts():
+    """A calibration measured under load can dip (t(5) < t(4)); a dip must not lure auto γ into longer rounds."""
+    dipped = Calibration("test", [100], [[10.0, 12.0, 16.0, 22.0, 19.0, 30.0, 31.0, 32.0, 33.0]], [0.0])
+    assert dipped.rounds(100, draft_cost=False) == [10.0, 12.0, 16.0, 22.0, 22.0, 30.0, 31.0, 32.0, 33.0]
+    assert best_prefix([0.9, 0.9, 0.9, 0.3, 0.3], dipped.rounds(100, draft_cost=False)) < 4
