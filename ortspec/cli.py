@@ -272,10 +272,15 @@ def _print_stats(stats: Any) -> None:
     )
     if stats.undrafted_rounds and stats.draft_tokens == "auto":
         rounds = stats.undrafted_rounds + len(stats.drafted_per_round)
+        why = (
+            "no suffix match was found, or none whose tokens' chances of acceptance"
+            if stats.drafter == "suffix"
+            else "no γ, at the acceptance rate seen so far,"
+        )
         click.echo(
-            f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: on this machine's measured "
-            "step costs (`ortspec calibrate`) and the acceptance rate seen so far, no γ was predicted to beat plain "
-            "decoding by 5% (or to repay the draft's catch-up before the end)",
+            f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: {why} was predicted to "
+            "beat plain decoding by 5% on this machine's measured step costs (`ortspec calibrate`)"
+            + ("" if stats.drafter == "suffix" else " (or to repay the draft's catch-up before the end)"),
             err=True,
         )
 
@@ -310,8 +315,10 @@ GENERATION_OPTIONS = [
     click.option(
         "--draft",
         "drafter",
-        type=click.Choice(["model", "ngram"]),
-        help="Who drafts: the package's draft model (default when it has one) or prompt lookup (ngram).",
+        type=click.Choice(["model", "ngram", "suffix"]),
+        help="Who drafts: the package's draft model (default when it has one), suffix matches in the prompt, "
+        "the output so far and this session's earlier outputs (suffix; default without a draft model), or "
+        "prompt lookup (ngram).",
     ),
     click.option(
         "--draft-tokens",
@@ -532,8 +539,9 @@ def read_prompts(path: Path) -> list[str]:
 @click.option(
     "--draft",
     "drafter",
-    type=click.Choice(["model", "ngram"]),
-    help="Who drafts in the speculative runs (default: the package's draft model).",
+    type=click.Choice(["model", "ngram", "suffix"]),
+    help="Who drafts in the speculative runs (default: the package's draft model, suffix drafting without one; "
+    "its pool keeps the outputs of earlier runs, so repeats draft from a prompt's earlier answers).",
 )
 @click.option(
     "--draft-tokens",
@@ -578,7 +586,7 @@ def bench(
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"
     click.echo(
         f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={max_new_tokens}, "
-        f"drafter {drafter or 'model'}, γ={draft_tokens}, greedy"
+        f"drafter {drafter or ('model' if pipe.draft is not None else 'suffix')}, γ={draft_tokens}, greedy"
     )
     click.echo(f"{'mode':<12}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'target calls':>14}{'draft calls':>13}")
     for name, totals in (("plain", plain), ("speculative", spec)):
@@ -722,7 +730,7 @@ def calibrate(
             click.echo(f"{'':>8}{'r(γ)':>6}" + "".join(f"{t:>8.2f}" for t in calibration.round_ms[i]))
             click.echo(f"{'':>8}{'d':>6}{calibration.draft_ms[i]:>8.2f}")
     click.echo("(ms; t(n): target call adding n positions; r(γ): γ draft steps + verify of γ+1; d: a draft step)")
-    drafter = "model" if pipe.draft is not None else "ngram (no draft model: drafts cost nothing)"
+    drafter = "model" if pipe.draft is not None else "suffix or ngram (no draft model: drafts cost nothing)"
     for context in calibration.contexts:
         needed = calibration.alpha_needed(context, pipe.draft is not None)
         predictions = []

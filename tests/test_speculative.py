@@ -140,6 +140,9 @@ class PlainStretches:
         self.round += 1
         return self.pattern[(self.round - 1) % len(self.pattern)]
 
+    def choose(self, proposal, context: int) -> int:
+        return len(proposal.tokens)
+
     def observe(self, drafted: int, measured_ms: float, context: int) -> None:
         pass
 

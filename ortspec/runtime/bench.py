@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,36 +93,66 @@ def compare(
 ) -> BenchReport:
     """Run every prompt plain and speculative (greedy), alternating which goes first, `repeats` times.
 
-    `draft_options` go to the speculative runs: draft ("model"/"ngram"), draft_tokens, draft_min_prob...
+    `draft_options` go to the speculative runs: draft ("model"/"ngram"/"suffix"), draft_tokens, draft_min_prob...
     """
+    modes = {"speculative": draft_options}
+    return compare_modes(pipe, prompts, modes, max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup)[
+        "speculative"
+    ]
+
+
+def compare_modes(
+    pipe: Pipeline,
+    prompts: Sequence[str | Sequence[int]],
+    modes: dict[str, dict[str, Any]],
+    *,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+    warmup: bool = True,
+    before_run: Callable[[str, int], None] | None = None,
+    near_tie: float | None = None,
+) -> dict[str, BenchReport]:
+    """Plain decoding and each speculative mode (its generate options) on every prompt, greedy, `repeats`
+    times; the order of the runs rotates from prompt to prompt, so that load on a shared machine hits
+    every mode alike. Every report holds the same plain totals. `before_run(mode, prompt index)` is
+    called before each run ("plain" for plain decoding), e.g. to set up what a drafter remembers.
+    Divergences whose logit gap is below `near_tie` (default NEAR_TIE) count as near-ties, not bugs.
+    """
+    near_tie = NEAR_TIE if near_tie is None else near_tie
     if not prompts:
         raise ValueError("no prompts to benchmark")
-    if pipe.draft is None and draft_options.get("draft") != "ngram":
-        raise ValueError("the package has no draft model: benchmark prompt lookup with draft='ngram'")
+    if pipe.draft is None and any(options.get("draft") == "model" for options in modes.values()):
+        raise ValueError("the package has no draft model: benchmark draft='suffix' or draft='ngram'")
 
-    def run(prompt: str | Sequence[int], speculative: bool) -> GenerationResult:
-        options = draft_options if speculative else {}
-        return pipe.generate(prompt, max_new_tokens=max_new_tokens, use_draft=speculative, **options)
+    def run(mode: str, index: int) -> GenerationResult:
+        if before_run is not None:
+            before_run(mode, index)
+        options = modes.get(mode, {"use_draft": False})
+        return pipe.generate(prompts[index], max_new_tokens=max_new_tokens, **options)
 
+    names = ["plain", *modes]
     if warmup:
-        run(prompts[0], False)
-        run(prompts[0], True)
-    report = BenchReport(prompts=len(prompts))
+        for name in names:
+            run(name, 0)
+    plain = ModeTotals()
+    reports = {name: BenchReport(plain=plain, prompts=len(prompts)) for name in modes}
     for repeat in range(repeats):
         for index, prompt in enumerate(prompts):
-            order = (False, True) if (repeat + index) % 2 == 0 else (True, False)
-            results = {speculative: run(prompt, speculative) for speculative in order}
-            report.plain.add(results[False])
-            report.speculative.add(results[True])
-            report.runs += 1
-            plain_ids, spec_ids = results[False].token_ids, results[True].token_ids
-            if plain_ids != spec_ids:
-                position, gap = divergence_gap(pipe, prompt, plain_ids, spec_ids)
-                if gap < NEAR_TIE:
-                    report.near_ties.append((index, position, gap))
-                elif index not in report.mismatches:
-                    report.mismatches.append(index)
-    return report
+            shift = (repeat + index) % len(names)
+            results = {name: run(name, index) for name in names[shift:] + names[:shift]}
+            plain.add(results["plain"])
+            plain_ids = results["plain"].token_ids
+            for name, report in reports.items():
+                report.speculative.add(results[name])
+                report.runs += 1
+                spec_ids = results[name].token_ids
+                if plain_ids != spec_ids:
+                    position, gap = divergence_gap(pipe, prompt, plain_ids, spec_ids)
+                    if gap < near_tie:
+                        report.near_ties.append((index, position, gap))
+                    elif index not in report.mismatches:
+                        report.mismatches.append(index)
+    return reports
 
 
 # Quantized CPU kernels (MatMulNBits with int8 compute) take different code paths for one position

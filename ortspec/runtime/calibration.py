@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,9 @@ class Calibration:
         return gamma * self.draft(context) + self.target(gamma + 1, context)
 
     def rounds(self, context: int, draft_cost: bool = True) -> list[float]:
-        """ms of a round with γ = 0..max_gamma drafts at `context` (index γ)."""
-        return [self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)]
+        """ms of a round with γ = 0..max_gamma drafts at `context` (index γ). A round with more drafts
+        never costs less than one with fewer: a measured dip (load on a shared machine) is noise."""
+        return list(accumulate((self.round(g, context, draft_cost) for g in range(self.max_gamma + 1)), max))
 
     def predicted_speedup(self, alpha: float, gamma: int, context: int, draft_cost: bool = True) -> float:
         """Predicted throughput with γ drafts per round over plain decoding's."""
@@ -124,18 +126,46 @@ class Calibration:
         return high
 
 
-def predicted_speedup(alpha: float, gamma: int, rounds: Sequence[float], slowdown: float = 1.0) -> float:
-    """E(α, γ) tokens per round of rounds[γ]·slowdown ms, over plain decoding's one token per rounds[0] ms
+def expected_tokens(acceptance: Sequence[float]) -> float:
+    """Tokens a round is expected to commit when its drafts are accepted with these chances, each given
+    that the drafts before it were accepted: 1 + Σ_i Π_{j≤i} a_j (the target's own token included)."""
+    tokens, chain = 1.0, 1.0
+    for chance in acceptance:
+        chain *= chance
+        tokens += chain
+    return tokens
+
+
+def round_speedup(tokens: float, gamma: int, rounds: Sequence[float], slowdown: float = 1.0) -> float:
+    """`tokens` per round of rounds[γ]·slowdown ms, over plain decoding's one token per rounds[0] ms
     (`rounds[γ]`: the ms of a round with γ drafts; `slowdown`: how much slower drafted rounds really run)."""
     if gamma == 0:
         return 1.0
-    return tokens_per_round(alpha, gamma) * rounds[0] / (rounds[gamma] * slowdown)
+    return tokens * rounds[0] / (rounds[gamma] * slowdown)
+
+
+def predicted_speedup(alpha: float, gamma: int, rounds: Sequence[float], slowdown: float = 1.0) -> float:
+    """Predicted throughput with γ drafts per round, each accepted with chance α, over plain decoding's."""
+    return round_speedup(tokens_per_round(alpha, gamma), gamma, rounds, slowdown)
+
+
+def best_prefix(acceptance: Sequence[float], rounds: Sequence[float], slowdown: float = 1.0) -> int:
+    """How many leading drafts of a round to send, given each one's chance of acceptance (given the
+    ones before it were accepted): the count with the highest predicted speedup, 0 (plain decoding)
+    unless it reaches MIN_GAIN. Drafts beyond the calibrated round costs are never sent."""
+    best, best_speedup, tokens, chain = 0, 0.0, 1.0, 1.0
+    for gamma, chance in enumerate(acceptance[: len(rounds) - 1], start=1):
+        chain *= chance
+        tokens += chain
+        speedup = round_speedup(tokens, gamma, rounds, slowdown)
+        if speedup > best_speedup:
+            best, best_speedup = gamma, speedup
+    return best if best_speedup >= MIN_GAIN else 0
 
 
 def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0) -> int:
-    """The γ with the highest predicted speedup; 0 (plain decoding) unless it reaches MIN_GAIN."""
-    gamma = max(range(1, len(rounds)), key=lambda g: predicted_speedup(alpha, g, rounds))
-    return gamma if predicted_speedup(alpha, gamma, rounds, slowdown) >= MIN_GAIN else 0
+    """The γ with the highest predicted speedup at acceptance α; 0 (plain decoding) unless it reaches MIN_GAIN."""
+    return best_prefix([alpha] * (len(rounds) - 1), rounds, slowdown)
 
 
 STEADY_RUN = 3  # each timing is the mean of this many back-to-back repetitions, as the loop runs them

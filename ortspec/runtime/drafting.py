@@ -1,4 +1,7 @@
-"""Draft proposers: cheap guesses of the next tokens, for the target to verify in one call."""
+"""Draft proposers: cheap guesses of the next tokens, for the target to verify in one call.
+
+A draft model and prompt lookup live here; suffix drafting (with a pool across generations) in `suffix.py`.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +23,22 @@ class Proposal:
     """Proposed tokens and, for sampled drafts, the distribution each was drawn from.
 
     `probs` is None for deterministic proposals (greedy drafts, prompt lookup): to the acceptance
-    rule that is a one-hot distribution on the proposed token.
+    rule that is a one-hot distribution on the proposed token. `confidence`, from proposers that
+    score their tokens, is each token's chance of acceptance given the tokens before it were
+    accepted: auto γ then sends the prefix with the best expected throughput.
     """
 
     tokens: list[int]
     probs: list[np.ndarray] | None = None
+    confidence: list[float] | None = None
+
+    def prefix(self, count: int) -> Proposal:
+        """The first `count` proposed tokens."""
+        if count >= len(self.tokens):
+            return self
+        probs = None if self.probs is None else self.probs[:count]
+        confidence = None if self.confidence is None else self.confidence[:count]
+        return Proposal(self.tokens[:count], probs, confidence)
 
 
 class Proposer(Protocol):
@@ -46,6 +60,10 @@ class Proposer(Protocol):
 
     def reset(self) -> None:
         """Start a new sequence."""
+        ...
+
+    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """A generation finished: proposers that draft from earlier outputs keep what they need."""
         ...
 
 
@@ -136,6 +154,9 @@ class DraftModelProposer:
             self.calls += 1
         return Proposal(drafts, None if chooser.greedy else probs)
 
+    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        pass
+
     def rollback(self, tokens: Sequence[int]) -> None:
         # The draft cache holds the committed prefix plus drafts; keep what still agrees. The last
         # committed token (the target's own) is never in it yet.
@@ -208,6 +229,9 @@ class NgramProposer:
         self._indexed = 0  # n-grams ending before this position are in the index
 
     def rollback(self, tokens: Sequence[int]) -> None:
+        pass
+
+    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
         pass
 
     def pending(self, tokens: Sequence[int]) -> int:

@@ -26,11 +26,13 @@ from .speculative import (
     TokenChooser,
     speculative_decode,
 )
+from .suffix import SuffixMemory, SuffixProposer
 from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
-DRAFTERS = ("model", "ngram")
+DRAFTERS = ("model", "ngram", "suffix")
 DRAFT_MODELS = ("model", "head")  # drafters that cost model calls (a draft LM, or a feature-level head)
+SCORED_DRAFTERS = ("suffix",)  # free drafters that score each token: auto γ sends the best prefix
 DEFAULT_DRAFT_THREADS = 1
 
 
@@ -40,7 +42,9 @@ class GenerationConfig:
 
     max_new_tokens: int = 128
     use_draft: bool = True  # False: plain decoding
-    draft: str | None = None  # "model" or "ngram" (prompt lookup); None: the package's draft model if any
+    # "model", "ngram" (prompt lookup) or "suffix" (suffix matches in this sequence and earlier outputs);
+    # None: the package's draft model, suffix drafting for packages without one
+    draft: str | None = None
     # γ. "auto": each round the γ with the best predicted throughput from this machine's measured step
     # costs and the running acceptance rate (0, plain decoding, unless some γ gains 5%); a number fixes
     # γ; "adaptive": +2 after a fully accepted round, -1 otherwise
@@ -95,7 +99,7 @@ class GenerationStats:
     time_to_first_token: float
     tokens_per_second: float  # new tokens / seconds
     draft_tokens: int | str  # γ as configured: an integer, "adaptive", or 0 for plain decoding
-    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "ngram" or "none"
+    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "ngram", "suffix" or "none"
     accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
     drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
     undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
@@ -147,6 +151,8 @@ class Pipeline:
         self.on_calibrate: Callable[[], None] | None = None  # called before measuring (a CLI says "calibrating")
         self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
         self._auto: dict[tuple[str, int], AutoDraftLength] = {}
+        # what draft="suffix" keeps across generations: earlier outputs (bounded) and its confidence table
+        self.suffix_memory = SuffixMemory()
 
     def calibration(self, remeasure: bool = False, max_gamma: int = 8) -> Calibration:
         """This machine's step costs for the package: stored beside the manifest, measured on first use."""
@@ -165,17 +171,17 @@ class Pipeline:
             return DraftLength(None, config.draft_tokens_max)
         if config.draft_tokens == "auto":
             calibration = self.calibration(max_gamma=config.draft_tokens_max)
-            if config.seed is not None and config.temperature > 0:
-                # Reproducible: γ choices that depend on neither timings nor earlier generations (the
-                # samples depend on them), only on the stored calibration and this generation's acceptance.
-                return AutoDraftLength(
-                    calibration, AutoState(), drafter in DRAFT_MODELS, config.draft_tokens_max, learn_timings=False
-                )
+            costs = dict(draft_cost=drafter in DRAFT_MODELS, max_gamma=config.draft_tokens_max)
+            scored = drafter in SCORED_DRAFTERS
+            if _reproducible(config):
+                # γ choices that depend on neither timings nor earlier generations (the samples depend
+                # on them), only on the stored calibration and this generation's acceptance.
+                return AutoDraftLength(calibration, AutoState(), **costs, learn_timings=False, scored=scored)
             key = (drafter, config.draft_tokens_max)
             auto = self._auto.get(key)
             if auto is None or auto.calibration is not calibration:  # reuse its cached per-context choices
                 state = self._auto_states.setdefault(drafter, AutoState())
-                auto = AutoDraftLength(calibration, state, drafter in DRAFT_MODELS, config.draft_tokens_max)
+                auto = AutoDraftLength(calibration, state, **costs, scored=scored)
                 self._auto[key] = auto
             return auto
         return DraftLength(int(config.draft_tokens))
@@ -207,15 +213,19 @@ class Pipeline:
     def _proposer(self, config: GenerationConfig) -> tuple[Proposer | None, str]:
         if not config.use_draft:
             return None, "none"
-        drafter = config.draft or ("model" if self.draft is not None else "none")
+        drafter = config.draft or ("model" if self.draft is not None else "suffix")
         if drafter == "model":
             if self.draft is None:
-                raise ValueError("the package has no draft model: export one with --draft, or use draft='ngram'")
+                raise ValueError(
+                    "the package has no draft model: export one with --draft, or use draft='suffix' or 'ngram'"
+                )
             if self.draft.spec.is_head:
                 return FeatureHeadProposer(self.draft, self.target, self._shared_vocab, config.draft_min_prob), "head"
             return DraftModelProposer(self.draft, self._shared_vocab, config.draft_min_prob), "model"
         if drafter == "ngram":
             return NgramProposer(config.max_ngram_size), "ngram"
+        if drafter == "suffix":  # seeded sampling drafts from this sequence alone: the same seed, the same text
+            return SuffixProposer(SuffixMemory() if _reproducible(config) else self.suffix_memory), "suffix"
         return None, "none"
 
     def _start(self, prompt: Prompt, options: dict[str, Any]) -> Iterator[tuple[str, GenerationResult | None]]:
@@ -266,6 +276,8 @@ class Pipeline:
             if delta := text.delta():
                 yield delta, None
         text.finish()
+        if proposer is not None:
+            proposer.learn(prompt_ids, ids)
         if delta := text.delta(final=True):
             yield delta, None
         seconds = time.perf_counter() - start
@@ -294,7 +306,7 @@ class Pipeline:
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
         """Generate a continuation of `prompt` (text, encoded with the tokenizer's special tokens, or
         token ids used as-is). Greedy unless `temperature` > 0; with a draft (the package's draft
-        model, or draft="ngram") decoding is speculative and lossless: greedy output equals the
+        model, or draft="suffix" or "ngram") decoding is speculative and lossless: greedy output equals the
         target's own, sampled output follows exactly the target's distribution. Options: see
         `GenerationConfig` (max_new_tokens, use_draft, draft_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ...).
@@ -332,6 +344,11 @@ class Pipeline:
     def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
         """Like `chat`, streaming text deltas."""
         return self.stream(self.chat_prompt(messages), **options)
+
+
+def _reproducible(config: GenerationConfig) -> bool:
+    """Seeded sampling: drafting must not depend on timings or earlier generations, which change the samples."""
+    return config.seed is not None and config.temperature > 0
 
 
 def load(

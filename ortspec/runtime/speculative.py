@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import Calibration, best_gamma, predicted_speedup
+from .calibration import Calibration, best_gamma, best_prefix, predicted_speedup
 from .decoder import Decoder
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -74,6 +74,10 @@ class DraftLength:
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         """γ for the coming round (`AutoDraftLength` explains the arguments)."""
         return self.current
+
+    def choose(self, proposal: Proposal, context: int) -> int:
+        """How many of the proposed tokens to send: all of them (γ was fixed before proposing)."""
+        return len(proposal.tokens)
 
     def observe(self, drafted: int, measured_ms: float, context: int) -> None:
         """Round timings only matter to `AutoDraftLength`."""
@@ -158,6 +162,10 @@ class AutoDraftLength:
     that a better draft than estimated gets noticed, spending at most `PROBE_SHARE` of the plain
     time on probes, and never where drafting could not pay even at α = 0.99. With `learn_timings`
     off, the choices depend on the calibration and the acceptance seen alone, not on wall time.
+
+    With `scored`, the proposer is free and gives each token its own chance of acceptance
+    (`Proposal.confidence`): it is asked for up to `max_gamma` tokens every round, and `choose` sends
+    the prefix with the best predicted throughput on the same round costs (none unless it gains 5%).
     """
 
     PROBE_SHARE = 0.01
@@ -170,10 +178,12 @@ class AutoDraftLength:
         draft_cost: bool = True,
         max_gamma: int | None = None,
         learn_timings: bool = True,
+        scored: bool = False,
     ) -> None:
         self.calibration = calibration
         self.state = state
         self.draft_cost = draft_cost
+        self.scored = scored  # the proposer scores each token: ask for the most, send the best prefix
         self.learn_timings = learn_timings  # False: choices follow the calibration alone (reproducible)
         self.max_gamma = min(max_gamma or calibration.max_gamma, calibration.max_gamma)
         self._rounds: dict[int, list[float]] = {}  # bucket -> ms of a round with γ = 0..max drafts
@@ -196,6 +206,8 @@ class AutoDraftLength:
         """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
         most still to come, `pending` committed tokens the draft must read before drafting."""
         self._probing = False  # a probe is timed before the next choice, or (last of a generation) never
+        if self.scored:
+            return self.max_gamma
         bucket = context // self.BUCKET
         rounds = self._costs(bucket)
         alpha, slowdown = round(self.state.estimate.alpha, 2), round(self.state.costs.slowdown * 20) / 20
@@ -214,6 +226,14 @@ class AutoDraftLength:
         self.state.plain_ms_since_probe = 0.0
         self._probing = True
         return 1
+
+    def choose(self, proposal: Proposal, context: int) -> int:
+        """How many of the proposed tokens to send: all, unless the proposer scored them; then the
+        prefix whose expected tokens per round over its calibrated cost is best."""
+        if proposal.confidence is None:
+            return len(proposal.tokens)
+        slowdown = round(self.state.costs.slowdown * 20) / 20
+        return best_prefix(proposal.confidence, self._costs(context // self.BUCKET), slowdown)
 
     @staticmethod
     def _saving_ms(alpha: float, gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
@@ -332,6 +352,7 @@ def speculative_decode(
             count = min(draft_length.next(len(tokens), budget, proposer.pending(tokens)), budget)
             if count > 0:
                 proposal = proposer.propose(tokens, count, chooser)
+                proposal = proposal.prefix(draft_length.choose(proposal, len(tokens)))
             if budget > 0 and not proposal.tokens:
                 stats.undrafted_rounds += 1
         logits = target.forward([tokens[-1], *proposal.tokens])
