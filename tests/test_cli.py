@@ -9,6 +9,7 @@ import sys
 from click.testing import CliRunner
 
 from ortspec.cli import main
+from ortspec.runtime.manifest import FORMAT_VERSION
 
 
 def run(*args: str):
@@ -27,7 +28,7 @@ def test_export_info_generate_bench(checkpoint, tmp_path):
     assert info.exit_code == 0
     assert "int4 MatMulNBits" in info.output and "draft:" in info.output and "KV layout shared-buffer" in info.output
     assert "exported by builder" in info.output
-    assert json.loads(run("info", out, "--json").output)["format_version"] == 1
+    assert json.loads(run("info", out, "--json").output)["format_version"] == FORMAT_VERSION
 
     gen = subprocess.run(
         [
