@@ -244,3 +244,25 @@ def test_cli_exports_gguf_target_and_draft(gguf_file, tmp_path):
     pipe = ortspec.load(out)
     spec = pipe.generate([3, 50, 7], max_new_tokens=10, draft_tokens=3)
     assert spec.token_ids == pipe.generate([3, 50, 7], max_new_tokens=10, use_draft=False).token_ids
+
+
+def test_catalog_package_exports_the_fetched_gguf_with_its_head(gguf_file, tmp_path, monkeypatch):
+    """What `ortspec demo --model` runs: the fetched GGUF exported with the shipped head (the PyPI fetch
+    is stubbed: tests use no network), cached, and drafting with the head is exact."""
+    from ortspec.models import catalog
+
+    from test_draft_head import make_head
+
+    gguf = gguf_file("llama", "Q8_0")
+    make_head(gguf, tmp_path / "heads" / "smollm2")
+    monkeypatch.setattr(catalog, "HEADS", tmp_path / "heads")
+    monkeypatch.setattr(catalog, "fetch_gguf", lambda model, report: gguf)
+    monkeypatch.setenv("ORTSPEC_CACHE", str(tmp_path / "cache"))
+    out = catalog.catalog_package("smollm2", quantize="none", report=lambda _: None)
+    assert out.parent == tmp_path / "cache"
+    assert catalog.catalog_package("smollm2", quantize="none", report=lambda _: None) == out  # cached
+    pipe = ortspec.load(out)
+    assert pipe.manifest.draft.is_head
+    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft_tokens=2)
+    assert spec.stats.drafter == "head"
+    assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids
