@@ -84,6 +84,18 @@ def test_unknown_format_version_is_refused(copy_of):
         ortspec.load(root)
 
 
+def test_version_1_packages_still_load_and_unknown_model_kinds_are_refused(copy_of):
+    root = copy_of(family="llama", draft=None)
+    edit_manifest(root, lambda m: m.update(format_version=1))
+    assert ortspec.load(root).manifest.format_version == 1
+    edit_manifest(root, lambda m: m["target"].update(kind="mixture-of-drafts"))
+    with pytest.raises(PackageError, match=r"kind 'mixture-of-drafts'.*upgrade ortspec"):
+        ortspec.load(root)
+    edit_manifest(root, lambda m: m["target"].update(kind="eagle-head"))
+    with pytest.raises(PackageError, match="only a draft can be one"):
+        ortspec.load(root)
+
+
 def test_not_a_package(tmp_path):
     with pytest.raises(PackageError, match=r"no manifest\.json"):
         ortspec.load(tmp_path)

@@ -169,7 +169,7 @@ def parse_manifest(data: dict[str, Any], root: Path) -> Manifest:
     version = data.get("format_version")
     if version not in READABLE_VERSIONS:
         raise PackageError(
-            f"package format version {version!r} is not supported by this ortspec (it reads version "
+            f"package format version {version!r} is not supported by this ortspec (it reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade ortspec or re-export the package with this version"
         )
     if "target" not in data or "tokenizer" not in data:

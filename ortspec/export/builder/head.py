@@ -24,12 +24,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ...runtime.manifest import HEAD_KIND
 from .config import DecoderConfig
 from .graph import GraphBuilder, decoder_stack, finish_graph, rotary_tables
 from .safetensors_io import Checkpoint
 from .weights import WeightReader
 
-HEAD_KIND = "eagle-head"
 HEAD_CONFIG = "head.json"
 HEAD_WEIGHTS = "head.safetensors"
 
