@@ -266,3 +266,17 @@ def test_catalog_package_exports_the_fetched_gguf_with_its_head(gguf_file, tmp_p
     spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft_tokens=2)
     assert spec.stats.drafter == "head"
     assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids
+
+
+def test_distill_reads_a_gguf_target(gguf_file, tmp_path):
+    """`ortspec distill model.gguf`: the head's layer starts from the GGUF's last layer, torch reads no HF files."""
+    from ortspec.export.distill import DistillConfig, distill
+
+    gguf = gguf_file("llama", "Q8_0")
+    text = tmp_path / "text.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    config = DistillConfig(minutes=0.02, text=(str(text),), quantize="none", vocab=32, held_out=0, threads=1)
+    head = distill(str(gguf), tmp_path / "head", config, report=lambda _: None)
+    pipe = export(gguf, tmp_path / "pkg", draft=head)
+    assert pipe.manifest.draft.is_head
+    assert pipe.generate([3, 50, 7], max_new_tokens=8, draft_tokens=2).stats.drafter == "head"

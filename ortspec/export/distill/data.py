@@ -38,10 +38,11 @@ def self_instructed_chats(
     Each item holds the request text and the token ids of the whole rendered chat (prompt + answer).
     """
     opening = user_turn_opening(pipe)
+    room = pipe.target.max_length
     for i in range(count):
         request = pipe.generate(
             opening,
-            max_new_tokens=max_request_tokens,
+            max_new_tokens=min(max_request_tokens, room - len(opening)),
             temperature=1.0,
             top_p=0.95,
             seed=seed * 1_000_003 + i,
@@ -51,7 +52,9 @@ def self_instructed_chats(
         if request.stats.finish_reason != "eos" or len(text) < 8:
             continue  # cut off or empty: not a request a user would send
         prompt = pipe.chat_prompt([{"role": "user", "content": text}])
-        answer = pipe.generate(prompt, max_new_tokens=max_answer_tokens, use_draft=False)
+        if len(prompt) >= room:
+            continue
+        answer = pipe.generate(prompt, max_new_tokens=min(max_answer_tokens, room - len(prompt)), use_draft=False)
         yield {"request": text, "tokens": prompt + answer.token_ids}
 
 
