@@ -672,13 +672,12 @@ def demo(
     modes["suffix lookup, γ=auto"] = dict(draft="suffix")
     modes["prompt lookup, γ=auto"] = dict(draft="ngram")
     _compare_table(pipe, prompts, modes, max_new_tokens)
-    if model:
-        click.echo(
-            "(suffix lookup's pool holds this pipeline's earlier answers, here to the same prompts: the case of a "
-            "repeated request; benchmarks/real_model.py keeps each measured prompt's own answer out of it)",
-            err=True,
-        )
-    else:
+    click.echo(
+        "(suffix lookup's pool holds this pipeline's earlier answers, here to the same prompts: the case of a "
+        "repeated request; benchmarks/real_model.py keeps each measured prompt's own answer out of it)",
+        err=True,
+    )
+    if not model:
         click.echo(
             "(auto γ drafts only where this machine's calibrated costs predict a 5% gain: the default pair's 7M "
             "target is so small that its steps are mostly fixed per-call cost, and a draft rarely pays on CPU)",
