@@ -275,8 +275,10 @@ def test_distill_reads_a_gguf_target(gguf_file, tmp_path):
     gguf = gguf_file("llama", "Q8_0")
     text = tmp_path / "text.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
-    config = DistillConfig(minutes=0.02, text=(str(text),), quantize="none", vocab=32, held_out=0, threads=1)
+    config = DistillConfig(minutes=0.02, text=(str(text),), quantize="none", vocab=32, held_out=1, threads=1)
     head = distill(str(gguf), tmp_path / "head", config, report=lambda _: None)
+    training = json.loads((head / "head.json").read_text())["training"]
+    assert training["held_out_agreement"] is None or 0 <= training["held_out_agreement"] <= 1
     pipe = export(gguf, tmp_path / "pkg", draft=head)
     assert pipe.manifest.draft.is_head
     assert pipe.generate([3, 50, 7], max_new_tokens=8, draft_tokens=2).stats.drafter == "head"

@@ -35,7 +35,8 @@ def self_instructed_chats(
 ) -> Iterator[dict[str, Any]]:
     """`count` chats the target writes alone: a sampled user request, then its greedy answer.
 
-    Each item holds the request text and the token ids of the whole rendered chat (prompt + answer).
+    Each item holds the request text, the token ids of the whole rendered chat (prompt + answer) and
+    how many of them are the prompt.
     """
     opening = user_turn_opening(pipe)
     room = pipe.target.max_length
@@ -55,7 +56,7 @@ def self_instructed_chats(
         if len(prompt) >= room:
             continue
         answer = pipe.generate(prompt, max_new_tokens=min(max_answer_tokens, room - len(prompt)), use_draft=False)
-        yield {"request": text, "tokens": prompt + answer.token_ids}
+        yield {"request": text, "tokens": prompt + answer.token_ids, "prompt_tokens": len(prompt)}
 
 
 def text_file_sequences(pipe: Any, paths: Sequence[Path], length: int = 512) -> Iterator[dict[str, Any]]:

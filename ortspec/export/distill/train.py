@@ -167,13 +167,22 @@ def save_state(head: FeatureHead, optimizer: torch.optim.Optimizer, progress: Tr
 
 
 @torch.no_grad()
-def agreement(head: FeatureHead, tokens: Sequence[np.ndarray], features: Sequence[np.ndarray], chunk: int) -> float:
-    """Teacher-forced top-1 agreement of the head with the target over the subset (no noise)."""
-    chunks = _chunks([len(t) for t in tokens], chunk)
-    agree, count = 0.0, 0.0
-    for i in range(0, len(chunks), 32):
-        x, f_in, f_out, mask = _batch(chunks[i : i + 32], tokens, features, chunk)
-        _, scores = head(x, f_in)
-        agree += float(((scores.argmax(-1) == head.scores(f_out).argmax(-1)).float() * mask).sum())
-        count += float(mask.sum())
-    return agree / max(count, 1.0)
+def answer_agreement(
+    head: FeatureHead,
+    subset: np.ndarray,
+    tokens: Sequence[np.ndarray],
+    features: Sequence[np.ndarray],
+    starts: Sequence[int],
+) -> float:
+    """Share of answer tokens (from `starts[i]` on) the head guesses right, reading the target's features:
+    what γ = 1 would accept, since the answers are the target's own greedy output."""
+    hits = count = 0
+    for ids, feats, start in zip(tokens, features, starts, strict=True):
+        if len(ids) < 3:
+            continue
+        _, scores = head(torch.from_numpy(ids[1:-1])[None], torch.from_numpy(np.asarray(feats[:-2], np.float32))[None])
+        guesses = subset[scores[0].argmax(-1).numpy()]  # the guesses of ids[2:]
+        answer = np.arange(2, len(ids)) >= start
+        hits += int((guesses[answer] == ids[2:][answer]).sum())
+        count += int(answer.sum())
+    return hits / max(count, 1)
