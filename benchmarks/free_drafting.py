@@ -109,11 +109,7 @@ def main() -> None:
     confidence = {mode: ConfidenceBuckets() for mode in MODES}
 
     def pool(measured: list[int] | None, own: bool) -> SuffixMemory:
-        memory = SuffixMemory()
-        for prompt, answer in answers.items():
-            if list(prompt) != measured or own:
-                memory.remember(prompt, answer)
-        return memory
+        return answers_pool(answers, None if own else measured)
 
     for mode, options in MODES.items():  # teach each mode's confidence table and auto γ on the warm-up chats
         if options["draft"] == "suffix":
@@ -155,6 +151,15 @@ def main() -> None:
         for mode, report in reports.items():
             print(row(name, mode, report))
     print_confidence(confidence["suffix auto"])
+
+
+def answers_pool(answers: dict[tuple, list[int]], leave_out: list[int] | None = None) -> SuffixMemory:
+    """A suffix pool holding every (prompt, answer) but the answer to the prompt `leave_out`."""
+    memory = SuffixMemory()
+    for prompt, answer in answers.items():
+        if list(prompt) != leave_out:
+            memory.remember(prompt, answer)
+    return memory
 
 
 def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:

@@ -25,9 +25,8 @@ from pathlib import Path
 import ortspec
 from ortspec.runtime.bench import NEAR_TIE, BenchReport, compare_modes
 from ortspec.runtime.calibration import Calibration, tokens_per_round
-from ortspec.runtime.suffix import SuffixMemory
 
-from free_drafting import CHAT, EDIT, WARMUP, path_noise, row
+from free_drafting import CHAT, EDIT, WARMUP, answers_pool, path_noise, row
 
 MODES = {
     "suffix auto": dict(draft="suffix"),
@@ -127,14 +126,6 @@ def main() -> None:
         for options in MODES.values():
             pipe.generate(prompt, max_new_tokens=args.new, **options)
 
-    def leave_one_out(measured: list[int]) -> SuffixMemory:
-        memory = SuffixMemory()
-        memory.confidence = pipe.suffix_memory.confidence
-        for prompt, answer in answers.items():
-            if list(prompt) != measured:
-                memory.remember(prompt, answer)
-        return memory
-
     print(
         f"{len(EDIT)} edit-style + {len(CHAT)} open-chat prompts, {args.new} new tokens, greedy, {args.threads} "
         f"threads, {args.repeats} repeats; near-tie threshold {max(noise, NEAR_TIE):.3f} (measured path noise)"
@@ -146,8 +137,10 @@ def main() -> None:
     for name, prompts in sets.items():
 
         def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
-            if mode == "suffix auto":
-                pipe.suffix_memory = leave_one_out(prompts[index])
+            if mode == "suffix auto":  # the pool: every answer but the measured prompt's; one confidence table
+                confidence = pipe.suffix_memory.confidence
+                pipe.suffix_memory = answers_pool(answers, leave_out=prompts[index])
+                pipe.suffix_memory.confidence = confidence
 
         reports = compare_modes(
             pipe,

@@ -95,12 +95,12 @@ def catalog_package(
     name: str, quantize: str = "int4", rebuild: bool = False, report: Callable[[str], None] = print
 ) -> Path:
     """The model (with its shipped head as the draft, if any) as a package in the cache."""
-    from .default_pair import _fingerprint
+    from .default_pair import content_fingerprint
 
     model = catalog_model(name)
     gguf = fetch_gguf(model, report)
     head = model.head
-    tag = _fingerprint((head,)) if head else "nohead"
+    tag = content_fingerprint((head,)) if head else "nohead"
     out = cache_dir() / f"{name}-{quantize}-{tag}"
     if rebuild or not (out / "manifest.json").is_file():
         from ..export import export_pair

@@ -34,7 +34,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortspec"
 
 
-def _fingerprint(directories: tuple[Path, ...]) -> str:
+def content_fingerprint(directories: tuple[Path, ...]) -> str:
     """Changes whenever the shipped weights or this ortspec version change."""
     digest = hashlib.sha256(__version__.encode())
     for directory in directories:
@@ -47,7 +47,7 @@ def _fingerprint(directories: tuple[Path, ...]) -> str:
 def default_package(quantize: str = "int4", rebuild: bool = False, report: Callable[[str], None] = print) -> Path:
     """The default pair as a deployment package, exported on first use (no torch needed: the builder)."""
     pair = shipped_pair()
-    out = cache_dir() / f"default-{quantize}-{_fingerprint(pair)}"
+    out = cache_dir() / f"default-{quantize}-{content_fingerprint(pair)}"
     if rebuild or not (out / "manifest.json").is_file():
         from ..export import export_pair
 

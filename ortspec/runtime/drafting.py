@@ -89,6 +89,8 @@ class DraftModelProposer:
     context can lower acceptance but never change the output.
     """
 
+    lag = 0  # the proposer's cache holds committed positions [offset, offset + length) of tokens[lag:]
+
     def __init__(
         self, decoder: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
     ) -> None:
@@ -99,8 +101,6 @@ class DraftModelProposer:
         self.calls = 0
         self._disabled = False
         self._offset = 0  # committed tokens before the draft cache's first position
-
-    lag = 0  # the proposer's cache holds committed positions [offset, offset + length) of tokens[lag:]
 
     def reset(self) -> None:
         self.decoder.reset()
@@ -183,7 +183,7 @@ class FeatureHeadProposer(DraftModelProposer):
             raise ValueError("a draft head needs the target's and its own hidden_states, and a features input")
         self.target = target
         self._features = np.zeros((target.max_length, head.feature_size), np.float32)
-        self._predicted = self._features[:1]  # the head's latest predicted features while drafting
+        self._predicted = np.zeros((1, head.feature_size), np.float32)  # its latest predicted features
         self._real = 0  # head positions read with the target's features (the rest held drafts)
 
     def reset(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ class TrainProgress:
     seconds: float = 0.0
     steps: int = 0
     tokens: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # a few (step, loss, agreement) points
 
 
 def _chunks(lengths: Sequence[int], chunk: int) -> list[tuple[int, int, int]]:
@@ -149,8 +148,6 @@ def train_head(
         progress.steps += 1
         progress.tokens += sum(n for _, _, n in picked)
         progress.seconds = earlier + time.monotonic() - started
-        if progress.steps % 50 == 0:
-            progress.history.append({"step": progress.steps, "loss": float(loss.detach()), "agreement": agree})
         on_step(progress, float(loss.detach()), agree)
         if time.monotonic() - last_save >= config.save_every:
             save_state(head, optimizer, progress, state_path)
