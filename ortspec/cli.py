@@ -139,7 +139,11 @@ def main() -> None:
     "(llama, mistral, qwen2, qwen3, phi3, gemma, gemma2; GGUF: llama, qwen2; no torch needed); optimum: the "
     "generic exporter (not for GGUF); auto: the builder when it applies.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing package at --out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the ortspec package at --out: the files it wrote; other files there are kept.",
+)
 @_user_errors
 def export(
     target: str,
@@ -158,7 +162,8 @@ def export(
     or a filled Hugging Face cache) or GGUF files (llama.cpp's format, llama and qwen2
     architectures, any weight type the gguf package dequantizes: F32, F16, BF16, Q4_0, Q4_1, Q8_0,
     K-quants...; read without torch, the weights dequantized to fp32 before --quantize). The package
-    appears only once complete: an interrupted export leaves no half-written package behind.
+    appears only once complete: an interrupted export (Ctrl-C, SIGTERM) leaves no half-written
+    package behind, and one export at a time may write an --out.
     """
     try:
         from .export import export_pair

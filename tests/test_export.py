@@ -8,7 +8,7 @@ import pytest
 import ortspec
 from ortspec.export import CheckpointError, IncompatiblePairError, export_pair
 from ortspec.export.checkpoint import resolve_checkpoint
-from ortspec.export.package import PackageExistsError
+from ortspec.export.publish import PackageExistsError
 from ortspec.models.random import make_checkpoint, perturbed_copy
 
 

@@ -1,52 +1,16 @@
-"""Write a deployment package: models, tokenizer, checksummed manifest, published atomically."""
+"""Write a deployment package's contents: models, tokenizer, checksummed manifest (`publish.py` puts it in place)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from ..runtime.manifest import MANIFEST_FILE, FileEntry, ModelSpec, file_entry
+from ..runtime.manifest import FileEntry, ModelSpec, file_entry
 
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # protobuf cannot hold more than 2 GB in one file
-
-
-class PackageExistsError(FileExistsError):
-    """The output directory exists and replacing it was not asked for (or is not safe)."""
-
-
-@contextmanager
-def staging_directory(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` only when the block finishes without error.
-
-    An interrupted export leaves at most a hidden `.NAME.partial-*` directory, never a package
-    that looks valid.
-    """
-    out = Path(out)
-    if out.exists():
-        if not force:
-            raise PackageExistsError(f"{out} already exists; pass --force to replace it")
-        if not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
-            raise PackageExistsError(f"{out} exists and is not an ortspec package; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(retired)
-            staging.rename(out)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:

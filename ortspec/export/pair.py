@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,8 @@ from .builder.head import is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
 from .onnx_export import export_with_optimum
-from .package import copy_tokenizer, describe_model, save_onnx, staging_directory
+from .package import copy_tokenizer, describe_model, save_onnx
+from .publish import staging_directory
 from .quantize import BITS, quantize_weights
 
 Reporter = Callable[[str], None]
@@ -168,7 +168,9 @@ def export_pair(
 
     `quantize`/`draft_quantize` are "none", "int8" or "int4" (the draft defaults to the target's).
     `exporter` is "auto" (the builder where it applies, else optimum), "builder" or "optimum";
-    `draft_exporter` defaults to the same. The package appears at `out` only once complete.
+    `draft_exporter` defaults to the same. The package appears at `out` only once complete; `force` replaces
+    the files of an ortspec package there (and nothing else). SIGTERM stops the export like Ctrl-C: it cleans
+    up and raises KeyboardInterrupt.
     """
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
     for value in exporters.values():
@@ -185,11 +187,7 @@ def export_pair(
     steps = 2 + sum(1 + (BITS[q] is not None) for _, _, q in roles)
     progress = Progress(steps, report)
     out = Path(out)
-    with (
-        staging_directory(out, force) as root,
-        tempfile.TemporaryDirectory(dir=root.parent, prefix=".ortspec-work-") as tmp,
-    ):
-        work = Path(tmp)
+    with staging_directory(out, force, report) as (root, work):
         with progress.stage("reading checkpoints and checking tokenizers"):
             checkpoints = {role: resolve_checkpoint(name) for role, name, _ in roles if not (head and role == "draft")}
             tokenizers = {
