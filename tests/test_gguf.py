@@ -195,7 +195,7 @@ def test_sentencepiece_tokenizer_encodes_like_transformers(tmp_path):
 
     gguf = write_sentencepiece_gguf(tmp_path / "spm.gguf")
     write_gguf_tokenizer(open_gguf(gguf), tmp_path / "tok")
-    ours = TextTokenizer(tmp_path / "tok")
+    ours = TextTokenizer.from_directory(tmp_path / "tok")
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
     texts = [*TEXTS, "<s>hello</s> <unk> world", "hello  world", "\nstart"]
     for text in texts:

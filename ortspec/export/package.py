@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from ..runtime import graph_names as names
 from ..runtime.manifest import FileEntry, ModelSpec, file_entry
 
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # protobuf cannot hold more than 2 GB in one file
@@ -42,27 +43,24 @@ def describe_model(
     exporter: str,
     source_info: dict[str, Any] | None = None,
 ) -> ModelSpec:
-    """The manifest entry of an exported graph, read from the graph itself.
-
-    Graphs from the builder (GroupQueryAttention) use the shared-buffer KV layout; optimum's concat.
-    """
+    """The manifest entry of an exported graph, read from the graph itself (its KV layout included)."""
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
-    layers = sum(name.startswith("past_key_values.") and name.endswith(".key") for name in inputs)
-    if layers == 0 or "logits" not in outputs or "input_ids" not in inputs:
+    layers = names.count_layers(inputs)
+    if layers == 0 or names.LOGITS not in outputs or names.INPUT_IDS not in inputs:
         raise ValueError(f"the {role} graph has no input_ids/logits/past_key_values.*: not a causal LM with a cache")
-    _, kv_heads, _, head_dim = _dims(inputs["past_key_values.0.key"])
-    vocab = _dims(outputs["logits"])[-1]
+    _, kv_heads, _, head_dim = _dims(inputs[names.past_name(0, "key")])
+    vocab = _dims(outputs[names.LOGITS])[-1]
     if not all(isinstance(d, int) for d in (kv_heads, head_dim, vocab)):
         raise ValueError(f"the {role} graph has symbolic KV heads/head dim/vocab; cannot describe its cache")
-    elem = outputs["logits"].type.tensor_type.elem_type
+    elem = outputs[names.LOGITS].type.tensor_type.elem_type
     return ModelSpec(
         role=role,
         family=family,
         exporter=exporter,
         onnx=files[0].relative_to(root).as_posix(),
         files=[file_entry(root, f) for f in files],
-        kv_layout="shared-buffer" if exporter == "builder" else "concat",
+        kv_layout=names.kv_layout(inputs),
         num_layers=layers,
         num_kv_heads=kv_heads,
         head_dim=head_dim,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnxruntime as ort
 
+from . import graph_names as names
 from .kv_cache import ConcatKVCache, KVCache, SharedBufferKVCache
-from .manifest import ModelSpec
+from .manifest import ModelSpec, PackageError, resolve_inside
 from .session import create_session, output_device
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -20,19 +22,60 @@ class ContextLengthError(ValueError):
     """A sequence would grow past what the model (or its cache) can hold."""
 
 
+def check_graph(spec: ModelSpec, session: ort.InferenceSession) -> str:
+    """Refuse a graph whose inputs, outputs or shapes disagree with its manifest entry, naming the field;
+    return its KV layout, read from its inputs."""
+    role = spec.role
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+
+    def refuse(problem: str) -> NoReturn:
+        raise PackageError(f"the {role} graph {spec.onnx} {problem}; the package is inconsistent, re-export it")
+
+    for field, listed, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        if unlisted := [name for name in actual if name not in listed]:
+            refuse(f"has {field} {', '.join(unlisted)} that {role}.{field} does not list")
+        if absent := [name for name in listed if name not in actual]:
+            refuse(f"lacks {field} {', '.join(absent)} that {role}.{field} lists")
+    if names.INPUT_IDS not in inputs or names.LOGITS not in outputs:
+        refuse(f"has no {names.INPUT_IDS} input or no {names.LOGITS} output")
+    layers = names.count_layers(inputs)
+    if layers != spec.num_layers:
+        refuse(f"has a cache of {layers} layers, {role}.num_layers says {spec.num_layers}")
+    layout = names.kv_layout(inputs)
+    if layout != spec.kv_layout:
+        refuse(f"has the {layout} KV layout, {role}.kv_layout says {spec.kv_layout}")
+    if layout == names.SHARED_BUFFER and names.TOTAL_SEQUENCE_LENGTH not in inputs:
+        refuse(f"has no {names.TOTAL_SEQUENCE_LENGTH} input")
+    cache = [(n, inputs.get(n)) for n in names.past_names(layers)]
+    cache += [(n, outputs.get(n)) for n in names.present_names(layers)]
+    for name, value in cache:
+        if value is None:
+            refuse(f"lacks cache tensor {name}")
+        if value.type != cache[0][1].type or value.type not in ONNX_TO_NUMPY:
+            refuse(f"has cache tensor {name} of type {value.type}")
+        shape = value.shape
+        if len(shape) != 4:
+            refuse(f"has cache tensor {name} of shape {shape}, not [batch, kv_heads, positions, head_dim]")
+        if shape[1] != spec.num_kv_heads:
+            refuse(f"has {shape[1]} KV heads in {name}, {role}.num_kv_heads says {spec.num_kv_heads}")
+        if shape[3] != spec.head_dim:
+            refuse(f"has a head dim of {shape[3]} in {name}, {role}.head_dim says {spec.head_dim}")
+    logits = outputs[names.LOGITS]
+    if not logits.shape or logits.shape[-1] != spec.vocab_size:
+        refuse(f"has logits of shape {logits.shape}, {role}.vocab_size says {spec.vocab_size}")
+    if logits.type not in ONNX_TO_NUMPY or np.dtype(ONNX_TO_NUMPY[logits.type]).name != spec.dtype:
+        refuse(f"has logits of type {logits.type}, {role}.dtype says {spec.dtype}")
+    return layout
+
+
 def make_cache(spec: ModelSpec, session: ort.InferenceSession, max_length: int) -> KVCache:
-    """The cache implementation for the package's declared KV layout."""
-    if spec.kv_layout not in ("concat", "shared-buffer"):
-        raise ValueError(f"KV layout {spec.kv_layout!r} of the {spec.role} is not supported by this ortspec")
-    pasts = [f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
-    presents = [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
-    types = {i.name: i.type for i in session.get_inputs()}
-    missing = [name for name in pasts if name not in types]
-    if missing:
-        raise ValueError(f"the {spec.role} graph lacks cache input {missing[0]}; the package is inconsistent")
-    dtype = ONNX_TO_NUMPY[types[pasts[0]]]
+    """The cache for the graph's KV layout, after checking the graph against the manifest."""
+    layout = check_graph(spec, session)
+    pasts, presents = names.past_names(spec.num_layers), names.present_names(spec.num_layers)
+    dtype = ONNX_TO_NUMPY[next(i.type for i in session.get_inputs() if i.name == pasts[0])]
     device = output_device(session)
-    if spec.kv_layout == "shared-buffer":
+    if layout == names.SHARED_BUFFER:
         return SharedBufferKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, max_length, dtype, device)
     return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, dtype, device)
 
@@ -55,23 +98,24 @@ class Decoder:
         self.max_length = min(spec.max_positions, max_length or DEFAULT_MAX_LENGTH)
         self.cache = make_cache(spec, session, self.max_length)
         input_names = {i.name for i in session.get_inputs()}
-        self._wants_mask = "attention_mask" in input_names
-        self._wants_positions = "position_ids" in input_names
+        self._wants_mask = names.ATTENTION_MASK in input_names
+        self._wants_positions = names.POSITION_IDS in input_names
         self._ones = np.ones((1, self.max_length), dtype=np.int64)
         self._positions = np.arange(self.max_length, dtype=np.int64)[None, :]
         self._binding = session.io_binding()
-        self._binding.bind_output("logits", "cpu")  # first, so it stays the first output
+        self._binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
         self.cache.bind_once(self._binding)
         self.keep_hidden = keep_hidden
         if keep_hidden:
-            if "hidden_states" not in {o.name for o in session.get_outputs()} or spec.kv_layout != "shared-buffer":
+            has_hidden = names.HIDDEN_STATES in {o.name for o in session.get_outputs()}
+            if not has_hidden or not isinstance(self.cache, SharedBufferKVCache):
                 raise ValueError(
                     f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
                 )
-            self._binding.bind_output("hidden_states", "cpu")  # after logits and the cache buffers
+            self._binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
         self.hidden = np.zeros((0, 0), np.float32)
         self.hidden_start = 0
-        features = next((i for i in session.get_inputs() if i.name == "features"), None)
+        features = next((i for i in session.get_inputs() if i.name == names.FEATURES), None)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
 
     @classmethod
@@ -85,8 +129,12 @@ class Decoder:
         spinning: bool = True,
         keep_hidden: bool = False,
     ) -> Decoder:
-        """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`)."""
-        return cls(spec, create_session(root / spec.onnx, providers, threads, spinning), max_length, keep_hidden)
+        """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`).
+
+        `spec` comes from `load_manifest`, which has checked the graph file and its external data.
+        """
+        session = create_session(resolve_inside(root, spec.onnx), providers, threads, spinning)
+        return cls(spec, session, max_length, keep_hidden)
 
     @property
     def length(self) -> int:
@@ -110,18 +158,18 @@ class Decoder:
                 f"{past} cached + {n} new would exceed it"
             )
         binding = self._binding  # rebinding a name replaces it; unchanged bindings (cache buffers) stay
-        binding.bind_cpu_input("input_ids", np.asarray(token_ids, dtype=np.int64)[None, :])
+        binding.bind_cpu_input(names.INPUT_IDS, np.asarray(token_ids, dtype=np.int64)[None, :])
         if self._wants_mask:
-            binding.bind_cpu_input("attention_mask", self._ones[:, : past + n])
+            binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, : past + n])
         if self._wants_positions:
-            binding.bind_cpu_input("position_ids", self._positions[:, past : past + n])
-        binding.bind_output("logits", "cpu")
+            binding.bind_cpu_input(names.POSITION_IDS, self._positions[:, past : past + n])
+        binding.bind_output(names.LOGITS, "cpu")
         if self.keep_hidden:
-            binding.bind_output("hidden_states", "cpu")
+            binding.bind_output(names.HIDDEN_STATES, "cpu")
         if self.feature_size:
             if features is None:
                 features = np.zeros((n, self.feature_size), np.float32)
-            binding.bind_cpu_input("features", np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
+            binding.bind_cpu_input(names.FEATURES, np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
         self.cache.bind(binding, n)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .graph_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+
 
 class KVCache(ABC):
     """KV state of one decoder: how many positions it holds, and how to bind it for the next call."""
@@ -149,8 +151,8 @@ class SharedBufferKVCache(KVCache):
         total = self._length + new_tokens
         self._seqlens_k[0] = total - 1
         self._total[...] = total
-        binding.bind_cpu_input("seqlens_k", self._seqlens_k)
-        binding.bind_cpu_input("total_sequence_length", self._total)
+        binding.bind_cpu_input(SEQLENS_K, self._seqlens_k)
+        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, self._total)
 
     def update(self, outputs: Sequence, new_tokens: int) -> None:
         self._length += new_tokens

@@ -15,7 +15,7 @@ from .calibration import calibration_key as calibration_key_for
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, Decoder
 from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
-from .manifest import Manifest, load_manifest
+from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
 from .sampling import SamplingConfig
 from .session import resolve_providers
 from .speculative import (
@@ -383,4 +383,7 @@ def load(
             manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False, keep_hidden=head
         )
     key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
-    return Pipeline(manifest, target, draft, TextTokenizer(root / "tokenizer"), key)
+    tokenizer = TextTokenizer(
+        manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
+    )  # the files load_manifest checked, no others
+    return Pipeline(manifest, target, draft, tokenizer, key)

@@ -9,17 +9,20 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-TOKENIZER_FILE = "tokenizer.json"
+from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, PackageError
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _special_tokens(directory: Path) -> dict[str, str]:
+def _special_tokens(config_path: Path | None) -> dict[str, str]:
     """bos/eos/pad/unk token strings from tokenizer_config.json (chat templates use them)."""
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{config_path} is not valid JSON ({exc}); the package is corrupted") from exc
     tokens = {}
     for key in SPECIAL_TOKEN_KEYS:
-        value = config.get(key)
+        value = config.get(key) if isinstance(config, dict) else None
         if isinstance(value, dict):  # older configs store AddedToken dicts
             value = value.get("content")
         if isinstance(value, str):
@@ -28,12 +31,24 @@ def _special_tokens(directory: Path) -> dict[str, str]:
 
 
 class TextTokenizer:
-    """The package's tokenizer: encode prompts the way `transformers` does, decode without specials."""
+    """The package's tokenizer: encode prompts the way `transformers` does, decode without specials.
 
-    def __init__(self, directory: Path) -> None:
-        directory = Path(directory)
-        self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-        self.special_tokens = _special_tokens(directory)
+    It reads exactly the files it is given (the manifest's checked ones): `tokenizer.json`, and
+    `tokenizer_config.json` when there is one.
+    """
+
+    def __init__(self, tokenizer_file: Path, config_file: Path | None = None) -> None:
+        try:
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise PackageError(f"{tokenizer_file} is not a valid tokenizer ({exc}); the package is corrupted") from exc
+        self.special_tokens = _special_tokens(config_file)
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> TextTokenizer:
+        """The tokenizer saved in `directory` (outside a package, e.g. one just converted)."""
+        config = Path(directory) / TOKENIZER_CONFIG_FILE
+        return cls(Path(directory) / TOKENIZER_FILE, config if config.is_file() else None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, by default with the special tokens the post-processor adds (e.g. BOS)."""

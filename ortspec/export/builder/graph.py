@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...runtime import graph_names as names
 from .config import DecoderConfig
 from .rope import cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
@@ -70,14 +71,14 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
         "GroupQueryAttention",
         [
             *query,
-            f"past_key_values.{i}.key",
-            f"past_key_values.{i}.value",
-            "seqlens_k",
-            "total_sequence_length",
+            names.past_name(i, "key"),
+            names.past_name(i, "value"),
+            names.SEQLENS_K,
+            names.TOTAL_SEQUENCE_LENGTH,
             "cos_cache",
             "sin_cache",
         ],
-        [f"layers.{i}.attn.output", f"present.{i}.key", f"present.{i}.value"],
+        [f"layers.{i}.attn.output", names.present_name(i, "key"), names.present_name(i, "value")],
         domain=MS_DOMAIN,
         **attrs,
     )[0]
@@ -158,7 +159,7 @@ def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
     cfg, head_dim = reader.cfg, reader.padded
     g = GraphBuilder()
     rotary_tables(g, cfg, max_positions, head_dim)
-    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), "input_ids"])
+    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), names.INPUT_IDS])
     if cfg.embed_scale != 1.0:
         hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
     residual = hidden
@@ -177,22 +178,21 @@ def finish_graph(
 
     `extra` holds additional graph inputs (value infos), e.g. a draft head's features.
     """
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_identity"))
-    g.nodes.append(helper.make_node("Identity", [hidden], ["hidden_states"], name="hidden_identity"))
+    g.nodes.append(helper.make_node("Identity", [logits], [names.LOGITS], name="logits_identity"))
+    g.nodes.append(helper.make_node("Identity", [hidden], [names.HIDDEN_STATES], name="hidden_identity"))
     cache_shape = [1, cfg.kv_heads, "max_length", head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        helper.make_tensor_value_info(names.INPUT_IDS, TensorProto.INT64, [1, "sequence_length"]),
         *extra,
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info(names.SEQLENS_K, TensorProto.INT32, [1]),
+        helper.make_tensor_value_info(names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence_length", vocab])]
-    for i in range(cfg.layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, cache_shape))
+    outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [1, "sequence_length", vocab])]
+    for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
+        inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
+        outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))
     hidden_shape = [1, "sequence_length", cfg.hidden]
-    outputs.append(helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, hidden_shape))
+    outputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, TensorProto.FLOAT, hidden_shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,

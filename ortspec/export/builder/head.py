@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ...runtime import graph_names as names
 from ...runtime.manifest import HEAD_KIND
 from .config import DecoderConfig
 from .graph import GraphBuilder, decoder_stack, finish_graph, rotary_tables
@@ -77,7 +78,7 @@ def target_fingerprint(target: WeightReader) -> str:
 def _scatter_to_vocab(g: GraphBuilder, scores: str, subset: np.ndarray, vocab: int) -> str:
     """[1, S, K] scores of the subset -> [1, S, vocab] logits, -inf for tokens outside it."""
     full_shape = g.one(
-        "Concat", [g.one("Shape", ["input_ids"]), g.constant("vocab_dim", np.array([vocab], np.int64))], axis=0
+        "Concat", [g.one("Shape", [names.INPUT_IDS]), g.constant("vocab_dim", np.array([vocab], np.int64))], axis=0
     )
     base = g.one("Expand", [g.constant("minus_inf", np.array([-np.inf], np.float32)), full_shape])
     index = g.one("Expand", [g.constant("vocab_subset", subset.reshape(1, 1, -1)), g.one("Shape", [scores])])
@@ -96,14 +97,14 @@ def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx
     g = GraphBuilder()
     rotary_tables(g, cfg, max_positions, reader.padded)
     table = g.constant("embed_tokens.weight", target.embedding().astype(np.float16))
-    embedded = g.one("Cast", [g.one("Gather", [table, "input_ids"])], to=TensorProto.FLOAT)
-    joined = g.one("Concat", [embedded, "features"], axis=-1)
+    embedded = g.one("Cast", [g.one("Gather", [table, names.INPUT_IDS])], to=TensorProto.FLOAT)
+    joined = g.one("Concat", [embedded, names.FEATURES], axis=-1)
     x = g.one("MatMul", [joined, g.constant("fc.weight", reader.linear("fc.weight"))])
     h = decoder_stack(g, cfg, [reader.layer(0)], x, reader.final_norm(), reader.padded)
     lm_head = np.ascontiguousarray(target.lm_head()[:, subset])
     scores = g.one("MatMul", [h, g.constant("lm_head.weight", lm_head)])
     logits = _scatter_to_vocab(g, scores, subset, cfg.vocab_size)
-    features = helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "sequence_length", cfg.hidden])
+    features = helper.make_tensor_value_info(names.FEATURES, TensorProto.FLOAT, [1, "sequence_length", cfg.hidden])
     return finish_graph(g, cfg, "ortspec-eagle-head", logits, h, cfg.vocab_size, reader.padded, extra=[features])
 
 
