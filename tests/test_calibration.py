@@ -13,7 +13,8 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.runtime import calibration as calibration_module
-from ortspec.runtime.calibration import CALIBRATION_FILE, Calibration, tokens_per_round
+from ortspec.runtime.calibration import Calibration, tokens_per_round
+from ortspec.runtime.calibration_store import CALIBRATION_FILE
 from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
 
 
