@@ -744,9 +744,8 @@ def calibrate(
             predictions.append(f"α={alpha:.1f}: γ={gamma} {speedup:.2f}x")
         pays = "never pays here" if needed is None else f"pays from α ≥ {needed:.2f}"
         click.echo(f"context {context}, drafter {drafter}: drafting {pays}; best " + ", ".join(predictions))
-    if pipe.calibration_file is None:  # the reason went to stderr with the other calibration messages
+    if pipe.calibration_file is None:  # where it went, or why nowhere, went to stderr as it happened
         raise click.ClickException("the calibration could not be stored in the package or the user cache")
-    click.echo(f"stored in {pipe.calibration_file}")
 
 
 def describe(manifest: Manifest) -> str:

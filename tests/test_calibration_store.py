@@ -105,7 +105,7 @@ def _capture(work, errors: list[BaseException]):
     def run() -> None:
         try:
             work()
-        except BaseException as error:  # noqa: BLE001 - reported by the test's thread
+        except BaseException as error:  # reported by the test in its own thread
             errors.append(error)
 
     return run
@@ -164,7 +164,7 @@ def test_damaged_calibration_warns_library_users(root, measured):
 def test_calibrate_command_repairs_a_damaged_file(root, measured):
     path = root / CALIBRATION_FILE
     key = ortspec.load(root)._calibration_key
-    for contents in damaged(key)[:3] + [b"\xff\xfe{}", b'{"calibrations": {"key": 1}}']:
+    for contents in [*damaged(key)[:3], b"\xff\xfe{}", b'{"calibrations": {"key": 1}}']:
         path.write_bytes(contents)
         result = CliRunner().invoke(main, ["calibrate", str(root), "--max-gamma", "4"])
         assert result.exit_code == 0, result.output

@@ -181,6 +181,7 @@ class Pipeline:
         return self._calibration
 
     def _tell(self, message: str, problem: bool = False) -> None:
+        """A calibration message to on_calibrate; without one, problems become warnings."""
         if self.on_calibrate is not None:
             self.on_calibrate(message)
         elif problem:
