@@ -79,10 +79,7 @@ def _load(package: str, runtime: dict[str, Any]) -> Any:
         max_length=runtime["max_length"],
         verify=not runtime["no_verify"],
     )
-    pipe.on_calibrate = lambda: click.echo(
-        f"measuring this machine's step costs for auto γ (once; stored in {Path(package) / 'calibration.json'})...",
-        err=True,
-    )
+    pipe.on_calibrate = lambda message: click.echo(message, err=True)
     return pipe
 
 
@@ -723,7 +720,8 @@ def calibrate(
     max_gamma: int,
     runtime: dict[str, Any],
 ) -> None:
-    """Measure PACKAGE's step costs on this machine (stored beside its manifest) and show what they imply.
+    """Measure PACKAGE's step costs on this machine (stored beside its manifest, or in the user cache
+    if the package cannot take them) and show what they imply.
 
     At a few context lengths: the target's call time t(n) for n = 1..max-gamma+1 new positions, the
     draft's step time d, and the time r(γ) of a whole round (γ draft steps, then one verify call of
@@ -751,7 +749,8 @@ def calibrate(
             predictions.append(f"α={alpha:.1f}: γ={gamma} {speedup:.2f}x")
         pays = "never pays here" if needed is None else f"pays from α ≥ {needed:.2f}"
         click.echo(f"context {context}, drafter {drafter}: drafting {pays}; best " + ", ".join(predictions))
-    click.echo(f"stored in {Path(package) / 'calibration.json'}")
+    if pipe.calibration_file is None:  # where it went, or why nowhere, went to stderr as it happened
+        raise click.ClickException("the calibration could not be stored in the package or the user cache")
 
 
 def describe(manifest: Manifest) -> str:

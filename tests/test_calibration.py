@@ -13,7 +13,8 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.runtime import calibration as calibration_module
-from ortspec.runtime.calibration import CALIBRATION_FILE, Calibration, tokens_per_round
+from ortspec.runtime.calibration import Calibration, tokens_per_round
+from ortspec.runtime.calibration_store import CALIBRATION_FILE
 from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
 
 
@@ -166,9 +167,10 @@ def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monk
     )
 
 
-def test_read_only_package_still_calibrates(package, tmp_path):
+def test_read_only_package_still_calibrates(package, tmp_path, monkeypatch):
     import shutil
 
+    monkeypatch.setenv("ORTSPEC_CACHE", str(tmp_path / "cache"))  # where a non-root user's run stores it
     root = tmp_path / "ro"
     shutil.copytree(package("llama", draft="close"), root)
     os.chmod(root, 0o555)

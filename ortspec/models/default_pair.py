@@ -4,12 +4,12 @@ into a user cache directory and reused."""
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
 from ..runtime.manifest import sha256_of
+from ..runtime.user_cache import cache_dir  # where exported packages are kept
 
 SHIPPED = Path(__file__).parent / "default"
 DEMO_PROMPTS = [
@@ -25,13 +25,6 @@ def shipped_pair() -> tuple[Path, Path]:
     if not (target / "config.json").is_file() or not (draft / "config.json").is_file():
         raise FileNotFoundError(f"the default pair is missing from {SHIPPED}; reinstall ortspec")
     return target, draft
-
-
-def cache_dir() -> Path:
-    """Where exported packages are kept: $ORTSPEC_CACHE, else $XDG_CACHE_HOME/ortspec or ~/.cache/ortspec."""
-    if os.environ.get("ORTSPEC_CACHE"):
-        return Path(os.environ["ORTSPEC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ortspec"
 
 
 def content_fingerprint(directories: tuple[Path, ...]) -> str:

@@ -3,9 +3,8 @@
 Speculation pays only when the acceptance rate α, the draft's step cost c and the target's verify
 cost v(n) line up; on quantized CPU kernels v(n) grows with the number of positions n. We measure,
 at a few context lengths, t(n) (target call with n new positions), d (one draft step), the draft's
-catch-up on unseen tokens and whole rounds r(γ); store them beside the manifest (`calibration.json`,
-keyed by providers, threads and a machine fingerprint; never inside a checksummed file) and predict
-the throughput of every γ:
+catch-up on unseen tokens and whole rounds r(γ); store them (calibration_store: beside the manifest,
+keyed by providers, threads and a machine fingerprint) and predict the throughput of every γ:
 
     tokens per round E(α, γ) = (1 - α^(γ+1)) / (1 - α)
     time per round r(γ)      = γ draft steps then one verify call of γ+1 positions, timed back to back
@@ -16,13 +15,12 @@ sessions' thread pools compete: right after the draft runs, its spinning workers
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
@@ -31,7 +29,6 @@ import onnxruntime as ort
 
 from .decoder import Decoder
 
-CALIBRATION_FILE = "calibration.json"
 CALIBRATION_VERSION = 2  # part of the key: entries measured the older way are remeasured
 MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
 CATCH_UP = 64  # tokens of the timed draft catch-up (the draft proposer's default window)
@@ -280,34 +277,3 @@ def calibration_key(providers: Sequence[str], threads: int | None, draft_threads
     """What a calibration is valid for: method version, providers, thread counts and this machine."""
     draft = f"|draft threads={draft_threads}" if draft_threads else ""
     return f"v{CALIBRATION_VERSION}|{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"
-
-
-def _stored_entries(path: Path) -> list[dict]:
-    """The calibrations stored at `path`; none for a missing or damaged file (it is just remeasured)."""
-    if not path.is_file():
-        return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("calibrations", [])
-    except (json.JSONDecodeError, AttributeError):
-        return []
-
-
-def load_calibration(package: Path, key: str) -> Calibration | None:
-    """The stored calibration for `key`, if any."""
-    for entry in _stored_entries(Path(package) / CALIBRATION_FILE):
-        if entry.get("key") == key:
-            return Calibration(**entry)
-    return None
-
-
-def save_calibration(package: Path, calibration: Calibration) -> bool:
-    """Store (replacing the same key); False when the package directory is read-only."""
-    path = Path(package) / CALIBRATION_FILE
-    entries = [e for e in _stored_entries(path) if e.get("key") != calibration.key] + [asdict(calibration)]
-    try:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"calibrations": entries}, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        return False
-    return True

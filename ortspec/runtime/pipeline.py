@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .calibration import Calibration, load_calibration, measure, save_calibration
+from .calibration import Calibration, measure
 from .calibration import calibration_key as calibration_key_for
+from .calibration_store import calibration_files, load_calibration, save_calibration
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, Decoder
 from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
@@ -148,23 +151,41 @@ class Pipeline:
         self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
         self._calibration_key = calibration_key or calibration_key_for(["CPUExecutionProvider"], None)
         self._calibration: Calibration | None = None
-        self.on_calibrate: Callable[[], None] | None = None  # called before measuring (a CLI says "calibrating")
+        # told, one line each, when calibration measures, skips a damaged file or stores (a CLI prints them);
+        # without it, only the problems are raised as warnings
+        self.on_calibrate: Callable[[str], None] | None = None
+        self.calibration_file: Path | None = None  # where the last measured calibration was stored (None: nowhere)
         self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
         self._auto: dict[tuple[str, int], AutoDraftLength] = {}
         # what draft="suffix" keeps across generations: earlier outputs (bounded) and its confidence table
         self.suffix_memory = SuffixMemory()
 
     def calibration(self, remeasure: bool = False, max_gamma: int = 8) -> Calibration:
-        """This machine's step costs for the package: stored beside the manifest, measured on first use."""
+        """This machine's step costs for the package, measured on first use and stored beside the
+        manifest (in the user cache where the package cannot hold them)."""
         if self._calibration is None or remeasure:
-            stored = None if remeasure else load_calibration(self.manifest.root, self._calibration_key)
-            if stored is None or stored.max_gamma < max_gamma:
-                if self.on_calibrate is not None:
-                    self.on_calibrate()
-                stored = measure(self.target, self.draft, self._calibration_key, max_gamma)
-                save_calibration(self.manifest.root, stored)
+            files = calibration_files(self.manifest)
+            problem = partial(self._tell, problem=True)
+            key = self._calibration_key
+            stored = None if remeasure else load_calibration(files, key, max_gamma, problem)
+            if stored is None:
+                self._tell("measuring this machine's step costs for auto γ (once)...")
+                stored = measure(self.target, self.draft, key, max_gamma)
+                try:
+                    self.calibration_file = save_calibration(files, stored)
+                    self._tell(f"calibration stored in {self.calibration_file}")
+                except OSError as error:
+                    self.calibration_file = None
+                    problem(f"could not store the calibration, it is measured again next time ({error})")
             self._calibration = stored
         return self._calibration
+
+    def _tell(self, message: str, problem: bool = False) -> None:
+        """A calibration message to on_calibrate; without one, problems become warnings."""
+        if self.on_calibrate is not None:
+            self.on_calibrate(message)
+        elif problem:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _draft_length(self, config: GenerationConfig, drafter: str) -> DraftLength | AutoDraftLength:
         if config.draft_tokens == "adaptive":
