@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..runtime.calibration import CALIBRATION_FILE
+from ..runtime.calibration_store import CALIBRATION_FILE
 from ..runtime.manifest import FORMAT_NAME, MANIFEST_FILE, READABLE_VERSIONS, PackageError, parse_manifest
 
 Reporter = Callable[[str], None]
