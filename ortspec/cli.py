@@ -753,6 +753,78 @@ def calibrate(
         raise click.ClickException("the calibration could not be stored in the package or the user cache")
 
 
+def _quantization_label(manifest: Manifest) -> str:
+    quant = manifest.target.quantization
+    if quant.get("method") == "none":
+        return manifest.target.dtype
+    return f"int{quant['bits']}, block {quant['block_size']}"
+
+
+@main.command("eval")
+@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="UTF-8 text to score, ideally like what you will serve (held out from any training).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, file_okay=False),
+    help="A package of the same model to compare with, e.g. its `--quantize none` export: "
+    "top-1 agreement and mean KL(reference || package).",
+)
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=2), default=8192, show_default=True, help="Score at most this many."
+)
+@_runtime_options
+@_user_errors
+def evaluate_package(
+    package: str,
+    text_path: str,
+    reference: str | None,
+    window: int,
+    max_tokens: int,
+    runtime: dict[str, Any],
+) -> None:
+    """How much PACKAGE's quantization costs in quality, measured on a text (torch-free).
+
+    Prints the perplexity of PACKAGE's target on the text and, with --reference, the perplexity of
+    the reference, how often the two agree on the most likely next token, and the mean KL divergence
+    of their next-token distributions. The text is read in windows of --window tokens, each from
+    scratch. Compare int8 and int4 exports against the fp32 one to choose --quantize.
+    """
+    from .runtime.evaluate import evaluate, special_prefix, windows
+
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{text_path} is not UTF-8 text") from exc
+    pipe = _load(package, runtime)
+    ref = _load(reference, runtime) if reference else None
+    tokens = pipe.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+    if ref is not None and ref.tokenizer.encode(text, add_special_tokens=False)[:max_tokens] != tokens:
+        raise ValueError(f"{reference} tokenizes the text differently: compare packages of the same model")
+    window = min(window, pipe.target.max_length, ref.target.max_length if ref else window)
+    pieces = windows(tokens, window, special_prefix(pipe.tokenizer))
+    total = sum(len(p) - 1 for p in pieces)
+    with click.progressbar(length=total, label="scoring", file=sys.stderr) as bar:
+        report = evaluate(pipe.target, pieces, ref.target if ref else None, on_window=bar.update)
+    click.echo(f"package     {package} ({_quantization_label(pipe.manifest)})")
+    click.echo(f"text        {text_path}: {report.tokens:,} positions scored in {len(pieces)} windows of ≤ {window}")
+    line = f"perplexity  {report.perplexity:.3f}"
+    if ref is not None and report.reference_perplexity is not None:
+        change = report.perplexity / report.reference_perplexity - 1
+        line += f" (reference {report.reference_perplexity:.3f}, {change:+.1%}; {_quantization_label(ref.manifest)})"
+    click.echo(line)
+    if report.top1_agreement is not None and report.mean_kl is not None:
+        click.echo(f"top-1 agreement with the reference  {report.top1_agreement:.1%}")
+        click.echo(f"mean KL(reference || package)       {report.mean_kl:.4f} nats per position")
+    click.echo(f"({report.seconds:.1f} s)")
+
+
 def describe(manifest: Manifest) -> str:
     """A readable summary of a package's manifest."""
     lines = [
