@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ortspec
+from ortspec.export.families import FAMILIES
 
 from conftest import CASE_IDS, CASES
 from reference import hf_model
@@ -47,6 +48,10 @@ def test_logits_match_pytorch(family, exporter, checkpoint, package):
     assert pipe.manifest.target.exporter == exporter
     assert pipe.manifest.target.kv_layout == ("shared-buffer" if exporter == "builder" else "concat")
     check_against_pytorch(pipe, checkpoint(family))
+
+
+def test_families_marked_tested_are_the_tested_ones():
+    assert {f.name for f in FAMILIES.values() if f.tested} == {family for family, _ in CASES}
 
 
 @pytest.mark.parametrize("variant", BUILDER_VARIANTS)

@@ -15,7 +15,6 @@ from typing import Any
 import onnx
 
 from .. import __version__
-from ..models.registry import family_of, max_positions
 from ..runtime.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -30,6 +29,7 @@ from .builder.config import decoder_config
 from .builder.head import is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
+from .families import family_of, max_positions
 from .onnx_export import export_with_optimum
 from .package import copy_tokenizer, describe_model, save_onnx, staging_directory
 from .quantize import BITS, quantize_weights
