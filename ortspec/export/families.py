@@ -27,6 +27,7 @@ FAMILIES = {
         Family("phi3", tested=True),
         Family("gemma", tested=True),
         Family("gemma2", tested=True),
+        Family("gemma3_text", tested=True),
         Family("granite", tested=False),
         Family("olmo", tested=False),
     ]
