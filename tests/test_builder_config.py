@@ -7,6 +7,7 @@ import pytest
 
 from ortspec.export.builder import UnsupportedModelError, can_build
 from ortspec.export.builder.config import decoder_config
+from ortspec.export.builder.head import head_decoder_config
 from ortspec.export.builder.rope import inverse_frequencies
 
 BASE = {
@@ -61,6 +62,7 @@ def test_phi3_longrope_matches_transformers():
         np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)  # float32 pow: within an ulp
         assert cfg.rope_scaling["attention_factor"] == pytest.approx(factor, rel=1e-12)
     assert cfg.rope_scaling["attention_factor"] > 1.0
+    assert head_decoder_config(cfg).long_rope_after is None  # a draft head rotates one way (full rotary, no switch)
 
 
 @pytest.mark.parametrize(
