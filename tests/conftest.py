@@ -53,7 +53,7 @@ FAMILY_SHAPES: dict[str, dict] = {
         },
     },
 }
-# Builder corner cases, as variants of llama (and of qwen3: its q/k norms on padded heads)
+# Builder corner cases, as variants of llama (and of qwen3: its q/k norms on padded heads; gemma3: its vocabulary)
 VARIANTS: dict[str, dict] = {
     "": {},
     "head-dim-40": {"hidden": 160, "heads": 4, "kv_heads": 2, "head_dim": 40, "norm_std": 0.3},
@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict] = {
     "bf16": {"dtype": "bfloat16"},
     "sharded": {"shard_size": "100KB"},
     "tied": {"tie_word_embeddings": True},
+    "vocab-262k": {"vocab_size": 262144, "tie_word_embeddings": True},  # Gemma 3's vocabulary
 }
 
 

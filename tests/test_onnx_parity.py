@@ -11,8 +11,10 @@ from ortspec.export.families import FAMILIES
 from conftest import CASE_IDS, CASES
 from reference import hf_logits, hf_model
 
-BUILDER_VARIANTS = [("llama", variant) for variant in ("head-dim-40", "llama3-rope", "bf16", "sharded", "tied")] + [
-    ("qwen3", "head-dim-40")
+BUILDER_VARIANTS = [
+    *[("llama", variant) for variant in ("head-dim-40", "llama3-rope", "bf16", "sharded", "tied")],
+    ("qwen3", "head-dim-40"),
+    pytest.param("gemma3_text", "vocab-262k", marks=pytest.mark.slow),
 ]
 
 
