@@ -6,19 +6,21 @@ import numpy as np
 import pytest
 
 import ortspec
+from ortspec.export.families import FAMILIES
 
 from conftest import CASE_IDS, CASES
-from reference import hf_model
+from reference import hf_logits, hf_model
 
-BUILDER_VARIANTS = ["head-dim-40", "llama3-rope", "bf16", "sharded", "tied"]
+BUILDER_VARIANTS = [
+    *[("llama", variant) for variant in ("head-dim-40", "llama3-rope", "bf16", "sharded", "tied")],
+    ("qwen3", "head-dim-40"),
+    pytest.param("gemma3_text", "vocab-262k", marks=pytest.mark.slow),
+]
 
 
 def check_against_pytorch(pipe, checkpoint_dir) -> None:
-    import torch
-
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=40)]
-    with torch.no_grad():
-        expected = hf_model(checkpoint_dir)(torch.tensor([ids])).logits[0].float().numpy()
+    expected = hf_logits(checkpoint_dir, ids)
     decoder = pipe.target
     decoder.reset()
     steps = [
@@ -39,6 +41,8 @@ def check_against_pytorch(pipe, checkpoint_dir) -> None:
             decoder.forward(ids[position : position + 1])[0], expected[position], atol=1e-4, rtol=0
         )
     assert decoder.length == 40
+    decoder.truncate(20)  # a long rollback (past sliding windows, below phi3's longrope switch), then regrow
+    np.testing.assert_allclose(decoder.forward(ids[20:36]), expected[20:36], atol=1e-4, rtol=0, err_msg="regrown")
 
 
 @pytest.mark.parametrize(("family", "exporter"), CASES, ids=CASE_IDS)
@@ -49,10 +53,14 @@ def test_logits_match_pytorch(family, exporter, checkpoint, package):
     check_against_pytorch(pipe, checkpoint(family))
 
 
-@pytest.mark.parametrize("variant", BUILDER_VARIANTS)
-def test_builder_variants_match_pytorch(variant, checkpoint, package):
-    pipe = ortspec.load(package("llama", draft=None, exporter="builder", variant=variant))
-    check_against_pytorch(pipe, checkpoint("llama", variant=variant))
+def test_families_marked_tested_are_the_tested_ones():
+    assert {f.name for f in FAMILIES.values() if f.tested} == {family for family, _ in CASES}
+
+
+@pytest.mark.parametrize(("family", "variant"), BUILDER_VARIANTS)
+def test_builder_variants_match_pytorch(family, variant, checkpoint, package):
+    pipe = ortspec.load(package(family, draft=None, exporter="builder", variant=variant))
+    check_against_pytorch(pipe, checkpoint(family, variant=variant))
     if variant == "head-dim-40":
         assert pipe.manifest.target.head_dim == 48  # zero-padded to a multiple of 16 for GroupQueryAttention
 

@@ -1,10 +1,15 @@
-"""Serving needs onnxruntime, numpy and tokenizers only: prove torch/transformers/optimum never load."""
+"""Serving needs onnxruntime, numpy and tokenizers only: prove torch/transformers/optimum never load.
+Also the layering of the packages: export never imports the shipped models."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import ortspec
 
 SCRIPT = """
 import importlib.abc, json, sys
@@ -34,3 +39,18 @@ def test_serving_loads_no_torch_transformers_or_optimum(package):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert len(result["tokens"]) == 8 and result["tokens"] == result["plain"]
+
+
+def test_export_does_not_import_the_shipped_models():
+    """models/ holds shipped models and recipes that use export; export must not depend back on them."""
+    root = Path(ortspec.__file__).parent
+    offenders = []
+    for file in sorted((root / "export").rglob("*.py")):
+        package = ".".join(file.relative_to(root.parent).parent.parts)
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(part for part in (base, node.module) if part)
+                if module == "ortspec.models" or module.startswith("ortspec.models."):
+                    offenders.append(f"{file.relative_to(root)}: {module}")
+    assert offenders == []

@@ -14,7 +14,6 @@ from typing import Any
 import onnx
 
 from .. import __version__
-from ..models.registry import family_of, max_positions
 from ..runtime.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,6 +28,7 @@ from .builder.config import decoder_config
 from .builder.head import is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
+from .families import family_of, max_positions
 from .onnx_export import export_with_optimum
 from .package import copy_tokenizer, describe_model, save_onnx
 from .publish import staging_directory
@@ -88,14 +88,17 @@ def _export_model(
     progress: Progress,
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
+    long_rope_after = None
     if exporter == "builder":
         source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
         with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
-            model, _, positions = build_onnx(checkpoint.path, checkpoint.config)
+            model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config)
+        long_rope_after = cfg.long_rope_after
     else:
         with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
             model = onnx.load(export_with_optimum(checkpoint, work / role))
-    return _save_model(model, role, quantize, root, progress, checkpoint, checkpoint.name, positions, exporter)
+    spec = _save_model(model, role, quantize, root, progress, checkpoint, checkpoint.name, positions, exporter)
+    return dataclasses.replace(spec, long_rope_after=long_rope_after)
 
 
 def _export_head(

@@ -81,9 +81,11 @@ def make_checkpoint(
     intermediate: int | None = None,
     dtype: str = "float32",
     shard_size: str | None = None,
+    norm_std: float = 0.0,
     **config_overrides: object,
 ) -> Path:
-    """Save a random `family` causal LM to `directory`; `vocab_size` beyond the tokenizer adds padding rows."""
+    """Save a random `family` causal LM to `directory`; `vocab_size` beyond the tokenizer adds padding rows;
+    `norm_std` adds noise to the norm weights (which transformers initialises to constants)."""
     import torch
     import transformers
 
@@ -120,6 +122,10 @@ def make_checkpoint(
         )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if norm_std and "norm" in name:
+                p.add_(torch.randn_like(p) * norm_std)
     model.generation_config.eos_token_id = eos
     model.generation_config.bos_token_id = 0
     model.generation_config.pad_token_id = 1

@@ -86,6 +86,11 @@ class Decoder:
     Two extras serve feature-level draft heads: with `keep_hidden`, each call also keeps the graph's
     `hidden_states` output (`hidden`, for positions from `hidden_start` on); a graph with a
     `features` input (a head) takes one feature row per token (zeros when none are given).
+
+    Longrope models (`spec.long_rope_after`) rotate with other factors once the sequence is longer
+    than the switch point, and transformers' Phi-3 then recomputes the cached keys: so does
+    `forward`, whenever the cache holds the other table's keys (after growing past the switch,
+    or after rolling back below it). Each row of logits is then the one the sequence up to it gets.
     """
 
     def __init__(
@@ -117,6 +122,8 @@ class Decoder:
         self.hidden_start = 0
         features = next((i for i in session.get_inputs() if i.name == names.FEATURES), None)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
+        self._tokens: list[int] = []  # the cached sequence, to recompute it (longrope)
+        self._long = False  # whether the cache holds longrope's long-factor keys
 
     @classmethod
     def load(
@@ -157,6 +164,26 @@ class Decoder:
                 f"the {self.spec.role} model holds at most {self.max_length} positions; "
                 f"{past} cached + {n} new would exceed it"
             )
+        switch = self.spec.long_rope_after
+        if switch is None:
+            return self._run(token_ids, features)
+        short = max(0, min(n, switch - past))  # the new positions whose sequence still fits the short table
+        parts = [(list(token_ids[:short]), False), (list(token_ids[short:]), True)]
+        return np.concatenate([self._run_rotated(tokens, long) for tokens, long in parts if tokens])
+
+    def _run_rotated(self, token_ids: list[int], long: bool) -> np.ndarray:
+        """`_run` with the cache's keys from the `long` (or short) table, recomputing them if need be."""
+        if self._long == long or self.cache.length == 0:
+            self._long = long
+            return self._run(token_ids)
+        history = self._tokens[: self.cache.length]
+        self.cache.reset()
+        self._long = long
+        return self._run(history + token_ids)[len(history) :]
+
+    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
+        n = len(token_ids)
+        past = self.cache.length
         binding = self._binding  # rebinding a name replaces it; unchanged bindings (cache buffers) stay
         binding.bind_cpu_input(names.INPUT_IDS, np.asarray(token_ids, dtype=np.int64)[None, :])
         if self._wants_mask:
@@ -174,6 +201,7 @@ class Decoder:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call
         self.cache.update(outputs, n)
+        self._tokens[past:] = token_ids
         if self.keep_hidden:
             self.hidden = np.array(outputs[len(outputs) - 1].numpy()[0])
             self.hidden_start = past

@@ -69,6 +69,8 @@ class ModelSpec:
     source_info: dict[str, Any] = field(default_factory=dict)  # e.g. a GGUF source: format, tensor types
     kind: str = "causal-lm"  # or "eagle-head": a draft that continues the target's features
     training: dict[str, Any] = field(default_factory=dict)  # how a distilled draft was made, for humans
+    # longrope (Phi-3): longer sequences rotate with other factors, so crossing this length recomputes the cache
+    long_rope_after: int | None = None
 
     @property
     def is_head(self) -> bool:

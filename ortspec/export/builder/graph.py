@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...runtime import graph_names as names
 from .config import DecoderConfig
-from .rope import cos_sin_caches, inverse_frequencies
+from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
 
 OPSET = 21
@@ -55,13 +55,12 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
             f"layers.{i}.attn.split", np.array([cfg.heads, cfg.kv_heads, cfg.kv_heads], np.int64) * head_dim
         )
         q, k, v = g.op("Split", [qkv, sizes], 3, axis=-1)
-        q = _head_norm(g, q, g.constant(f"layers.{i}.attn.q_norm.weight", w.q_norm), cfg.heads, head_dim, cfg.rms_eps)
-        k = _head_norm(
-            g, k, g.constant(f"layers.{i}.attn.k_norm.weight", w.k_norm), cfg.kv_heads, head_dim, cfg.rms_eps
-        )
+        q = _head_norm(g, q, w.q_norm, f"layers.{i}.attn.q_norm.weight", cfg, cfg.heads, head_dim)
+        k = _head_norm(g, k, w.k_norm, f"layers.{i}.attn.k_norm.weight", cfg, cfg.kv_heads, head_dim)
         query = [q, k, v]
     else:
         query = [qkv, "", ""]
+    cos, sin = rotary_names(cfg, i)
     attrs = dict(num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, scale=cfg.scale, do_rotary=1, rotary_interleaved=0)
     if cfg.attn_softcap:
         attrs["softcap"] = cfg.attn_softcap
@@ -75,8 +74,8 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
             names.past_name(i, "value"),
             names.SEQLENS_K,
             names.TOTAL_SEQUENCE_LENGTH,
-            "cos_cache",
-            "sin_cache",
+            cos,
+            sin,
         ],
         [f"layers.{i}.attn.output", names.present_name(i, "key"), names.present_name(i, "value")],
         domain=MS_DOMAIN,
@@ -85,10 +84,17 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
     return g.one("MatMul", [out, g.constant(f"layers.{i}.attn.o_proj.weight", w.o_proj)])
 
 
-def _head_norm(g: GraphBuilder, x: str, weight: str, heads: int, head_dim: int, eps: float) -> str:
-    """RMSNorm over each head (qwen3's q/k norms): [1, S, heads*d] -> [1, S, heads, d] -> norm -> back."""
+def _head_norm(
+    g: GraphBuilder, x: str, weight: np.ndarray, name: str, cfg: DecoderConfig, heads: int, head_dim: int
+) -> str:
+    """RMSNorm over each head (q/k norms): [1, S, heads*d] -> [1, S, heads, d] -> norm -> back.
+
+    A zero-padded head has the same sum of squares over more dims: eps and the weight are rescaled
+    so the mean is still over the real dims."""
+    ratio = cfg.head_dim / head_dim
     per_head = g.one("Reshape", [x, g.constant(f"{x}.shape", np.array([0, 0, heads, head_dim], np.int64))])
-    normed = g.op("SimplifiedLayerNormalization", [per_head, weight], 1, axis=-1, epsilon=eps)[0]
+    scale = g.constant(name, (weight * np.float32(ratio**0.5)).astype(np.float32))
+    normed = g.op("SimplifiedLayerNormalization", [per_head, scale], 1, axis=-1, epsilon=cfg.rms_eps * ratio)[0]
     return g.one("Reshape", [normed, g.constant(f"{x}.back", np.array([0, 0, heads * head_dim], np.int64))])
 
 
@@ -116,12 +122,43 @@ def _skip_norm(g: GraphBuilder, x: str, residual: str, weight: np.ndarray, name:
     return out[0], out[3]
 
 
+def rotary_names(cfg: DecoderConfig, i: int) -> tuple[str, str]:
+    """The cos/sin caches layer `i` rotates with: gemma3's sliding layers have their own."""
+    if cfg.local_rope_theta is not None and cfg.sliding_layers[i]:
+        return "cos_cache_local", "sin_cache_local"
+    return "cos_cache", "sin_cache"
+
+
 def rotary_tables(g: GraphBuilder, cfg: DecoderConfig, max_positions: int, head_dim: int) -> None:
-    """The cos/sin caches GroupQueryAttention rotates q and k with."""
-    inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    cos, sin = cos_sin_caches(inv_freq, max_positions, head_dim // 2)
-    g.constant("cos_cache", cos)
-    g.constant("sin_cache", sin)
+    """The cos/sin caches GroupQueryAttention rotates q and k with (see `rotary_names`).
+
+    Longrope has a short and a long table; the graph takes the long one's rows once the sequence
+    (total_sequence_length) is longer than the switch point, as transformers' Phi-3 does.
+    """
+    half, dim, scaling = head_dim // 2, cfg.rotary, cfg.rope_scaling
+    if cfg.local_rope_theta is not None:
+        local = cos_sin_caches(inverse_frequencies(dim, cfg.local_rope_theta, None), max_positions, half)
+        g.constant("cos_cache_local", local[0])
+        g.constant("sin_cache_local", local[1])
+    scale = attention_factor(scaling)
+    short = cos_sin_caches(inverse_frequencies(dim, cfg.rope_theta, scaling), max_positions, half, scale)
+    if cfg.long_rope_after is None:
+        g.constant("cos_cache", short[0])
+        g.constant("sin_cache", short[1])
+        return
+    long = cos_sin_caches(inverse_frequencies(dim, cfg.rope_theta, scaling, long=True), max_positions, half, scale)
+    total = g.one("Cast", [names.TOTAL_SEQUENCE_LENGTH], to=TensorProto.INT64)
+    is_long = g.one("Greater", [total, g.constant("long_rope_after", np.array(cfg.long_rope_after, np.int64))])
+    offset = g.one(
+        "Mul", [g.one("Cast", [is_long], to=TensorProto.INT64), g.constant("rope_rows", np.int64(max_positions))]
+    )
+    one = g.constant("rope_one", np.array([1], np.int64))  # total_sequence_length may come as [] or [1]
+    start = g.one("Reshape", [offset, one])
+    end = g.one("Add", [start, g.one("Reshape", [total, one])])
+    axes = g.constant("rope_axes", np.array([0], np.int64))
+    for kind, index in (("cos", 0), ("sin", 1)):
+        table = g.constant(f"{kind}_tables", np.concatenate([short[index], long[index]]))  # short rows, then long
+        g.op("Slice", [table, start, end, axes], [f"{kind}_cache"])
 
 
 def decoder_stack(

@@ -48,7 +48,9 @@ def read_head_config(path: str | Path) -> dict[str, Any]:
 
 
 def head_decoder_config(target: DecoderConfig) -> DecoderConfig:
-    """The head's layer: a plain Llama layer of the target's width, whatever the target's family."""
+    """The head's layer: a plain Llama layer of the target's width, whatever the target's family
+    (with the target's rope, but not longrope's switch: a draft need not be exact, and a head's
+    cache is not recomputed)."""
     return DecoderConfig(
         family="llama",
         vocab_size=target.vocab_size,
@@ -60,7 +62,7 @@ def head_decoder_config(target: DecoderConfig) -> DecoderConfig:
         intermediate=target.intermediate,
         rms_eps=target.rms_eps,
         rope_theta=target.rope_theta,
-        rope_scaling=target.rope_scaling,
+        rope_scaling=None if target.long_rope_after else target.rope_scaling,
         max_positions=target.max_positions,
         tie_embeddings=False,
     )

@@ -8,14 +8,19 @@ from typing import Any
 import numpy as np
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
-    """inv_freq of the default rope, adjusted for llama3 or linear scaling (float32, like PyTorch).
+def inverse_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None, long: bool = False) -> np.ndarray:
+    """inv_freq of the default rope over `dim` rotary dims, adjusted for llama3, linear or longrope scaling
+    (float32, like PyTorch); `long` picks longrope's long factors.
 
     `freq_factors` divides each frequency by a given factor: llama.cpp stores Llama 3.1's scaling that
     way in GGUF files (the `rope_freqs` tensor), not as the llama3 parameters.
     """
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    powers = np.power(np.float32(theta), exponents)
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        factors = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        return (1.0 / (factors * powers)).astype(np.float32)
+    inv_freq = (1.0 / powers).astype(np.float32)
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "freq_factors":
@@ -36,11 +41,19 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def cos_sin_caches(inv_freq: np.ndarray, positions: int, padded_half: int) -> tuple[np.ndarray, np.ndarray]:
-    """[positions, padded_half] tables; padding columns rotate by 0 (cos 1, sin 0)."""
+def attention_factor(scaling: dict[str, Any] | None) -> float:
+    """Longrope scales cos and sin (so each attention score by its square); other ropes do not."""
+    return float(scaling.get("attention_factor", 1.0)) if scaling else 1.0
+
+
+def cos_sin_caches(
+    inv_freq: np.ndarray, positions: int, padded_half: int, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """[positions, padded_half] tables times `scale`; the columns past inv_freq (padding, and the dims
+    partial rotary leaves alone) rotate by 0 and are not scaled (cos 1, sin 0)."""
     angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = np.ones((positions, padded_half), dtype=np.float32)
     sin = np.zeros((positions, padded_half), dtype=np.float32)
-    cos[:, : len(inv_freq)] = np.cos(angles)
-    sin[:, : len(inv_freq)] = np.sin(angles)
+    cos[:, : len(inv_freq)] = np.cos(angles) * np.float32(scale)
+    sin[:, : len(inv_freq)] = np.sin(angles) * np.float32(scale)
     return cos, sin

@@ -3,6 +3,11 @@
 Heads whose size is not a multiple of 16 (which GroupQueryAttention refuses) are zero-padded:
 q/k per rotary half, so rotation pairs stay paired; v at the end, with matching zero rows in the
 output projection. Padded dimensions add nothing to scores or outputs, so results are exact.
+
+With partial rotary (phi3), GroupQueryAttention still rotates whole heads, pairing dim j with
+j + half: each q/k head is reordered so its rotary halves open the two halves and the dims that
+do not rotate follow them, where the rotary tables hold cos 1, sin 0. q and k get the same order,
+so their dot products, hence the attention, are unchanged.
 """
 
 from __future__ import annotations
@@ -25,10 +30,16 @@ def _pad_last(array: np.ndarray, size: int) -> np.ndarray:
     return array if pad == 0 else np.pad(array, [(0, 0)] * (array.ndim - 1) + [(0, pad)])
 
 
-def pad_rotary_heads(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np.ndarray:
-    """[..., heads*head_dim] -> [..., heads*padded], padding each half of each head."""
+def pad_rotary_heads(w: np.ndarray, heads: int, head_dim: int, padded: int, rotary: int | None = None) -> np.ndarray:
+    """[..., heads*head_dim] -> [..., heads*padded]: each half of each head holds half of its `rotary`
+    dims, then half of the rest, then zeros."""
     lead = w.shape[:-1]
-    halves = w.reshape(*lead, heads, 2, head_dim // 2)
+    per_head = w.reshape(*lead, heads, head_dim)
+    rotary = rotary or head_dim
+    r, rest = rotary // 2, (head_dim - rotary) // 2
+    first = np.concatenate([per_head[..., :r], per_head[..., rotary : rotary + rest]], axis=-1)
+    second = np.concatenate([per_head[..., r:rotary], per_head[..., rotary + rest :]], axis=-1)
+    halves = np.stack([first, second], axis=-2)  # [..., heads, 2, head_dim // 2]
     return _pad_last(halves, padded // 2).reshape(*lead, heads * padded)
 
 
@@ -43,12 +54,12 @@ class LayerWeights:
     attn_norm: np.ndarray
     qkv: np.ndarray  # [hidden, (heads + 2 kv_heads) * padded_head_dim]
     qkv_bias: np.ndarray | None
-    q_norm: np.ndarray | None
+    q_norm: np.ndarray | None  # [padded_head_dim], in the q/k head layout
     k_norm: np.ndarray | None
     o_proj: np.ndarray  # [heads * padded_head_dim, hidden]
-    post_attn_norm: np.ndarray | None  # gemma2 only
+    post_attn_norm: np.ndarray | None  # gemma2/3 only
     mlp_norm: np.ndarray
-    post_mlp_norm: np.ndarray | None  # gemma2 only
+    post_mlp_norm: np.ndarray | None  # gemma2/3 only
     gate_up: np.ndarray  # [hidden, 2 * intermediate]
     down: np.ndarray  # [intermediate, hidden]
 
@@ -90,21 +101,25 @@ class WeightReader:
         bias = None
         if f"{prefix}.q_proj.bias" in self.ckpt:
             bias = [self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"]
-        pad = self.padded
+        pad, rot = self.padded, cfg.rotary
         parts = [
-            pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad),
-            pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad),
+            pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad, rot),
+            pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad, rot),
             pad_value_heads(v, cfg.kv_heads, cfg.head_dim, pad),
         ]
         if bias is not None:
             bias = np.concatenate(
                 [
-                    pad_rotary_heads(bias[0], cfg.heads, cfg.head_dim, pad),
-                    pad_rotary_heads(bias[1], cfg.kv_heads, cfg.head_dim, pad),
+                    pad_rotary_heads(bias[0], cfg.heads, cfg.head_dim, pad, rot),
+                    pad_rotary_heads(bias[1], cfg.kv_heads, cfg.head_dim, pad, rot),
                     pad_value_heads(bias[2], cfg.kv_heads, cfg.head_dim, pad),
                 ]
             )
         return np.concatenate(parts, axis=-1), bias
+
+    def head_norm(self, name: str) -> np.ndarray:
+        """A q/k norm's weight in the heads' layout (padding entries 0: they scale zeros)."""
+        return pad_rotary_heads(self.norm(name), 1, self.cfg.head_dim, self.padded, self.cfg.rotary)
 
     def _o_proj(self, prefix: str) -> np.ndarray:
         cfg = self.cfg
@@ -127,8 +142,8 @@ class WeightReader:
             attn_norm=self.norm(f"{p}.input_layernorm.weight"),
             qkv=qkv,
             qkv_bias=bias,
-            q_norm=self.norm(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
-            k_norm=self.norm(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
+            q_norm=self.head_norm(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
+            k_norm=self.head_norm(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
             o_proj=self._o_proj(f"{p}.self_attn"),
             post_attn_norm=self.norm(f"{p}.post_attention_layernorm.weight") if sandwich else None,
             mlp_norm=self.norm(
