@@ -90,6 +90,7 @@ MODEL = record(
         "source_info": optional(OBJECT),
         "kind": optional(STRING),  # which kinds this ortspec runs is checked with the model, for a clearer message
         "training": optional(OBJECT),
+        "long_rope_after": optional(nullable(POSITIVE)),  # Phi-3 longrope: positions before the long factors
     }
 )
 TOKENIZER = record(
