@@ -68,17 +68,21 @@ def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(package: str, runtime: dict[str, Any]) -> Any:
-    from .runtime.pipeline import load
-
-    pipe = load(
-        package,
+def _load_options(runtime: dict[str, Any]) -> dict[str, Any]:
+    """The runtime options as `ortspec.load` keywords."""
+    return dict(
         providers=runtime["providers"] or None,
         threads=runtime["threads"],
         draft_threads=runtime["draft_threads"],
         max_length=runtime["max_length"],
         verify=not runtime["no_verify"],
     )
+
+
+def _load(package: str, runtime: dict[str, Any]) -> Any:
+    from .runtime.pipeline import load
+
+    pipe = load(package, **_load_options(runtime))
     pipe.on_calibrate = lambda message: click.echo(message, err=True)
     return pipe
 
@@ -876,6 +880,87 @@ def info(package: str, as_json: bool, verify: bool) -> None:
     click.echo(manifest.to_json() if as_json else describe(manifest))
     if verify:
         click.echo("all files match their sha256")
+
+
+@main.command()
+@click.argument("package", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Slots: generations running at once. Each slot loads its own copy of the package for now.",
+)
+@click.option(
+    "--max-queue", type=click.IntRange(min=0), default=16, show_default=True, help="Requests waiting; beyond, 429."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds per request, waiting for a slot included (503 while waiting, 504 while generating).",
+)
+@click.option("--max-body", type=click.IntRange(min=1), default=1 << 20, show_default=True, help="Bytes; beyond, 413.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="For requests that set none."
+)
+@click.option("--model-name", help="The model id clients use (default: the package directory's name).")
+@click.option("--draft", type=click.Choice(["model", "ngram", "suffix"]), help="Default drafter of requests.")
+@click.option("--draft-tokens", default="auto", show_default=True, help="Default γ of requests: N, adaptive or auto.")
+@_runtime_options
+@_user_errors
+def serve(
+    package: str | None,
+    host: str,
+    port: int,
+    parallel: int,
+    max_queue: int,
+    timeout: float,
+    max_body: int,
+    max_tokens: int,
+    model_name: str | None,
+    draft: str | None,
+    draft_tokens: str,
+    runtime: dict[str, Any],
+) -> None:
+    """Serve PACKAGE (default: the embedded default pair) over an OpenAI-compatible HTTP API:
+    /v1/chat/completions and /v1/completions (streaming or not), /v1/models, /health.
+
+    \b
+    Needs the serve extra: pip install 'ortspec[serve]'. Example:
+      ortspec serve ./pair --port 8000 --parallel 2
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "def fibonacci(n):", "max_tokens": 32}'
+    """
+    try:
+        from .serve import ServeSettings
+        from .serve import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(
+            f"ortspec serve needs the serve extra: pip install 'ortspec[serve]' ({exc})"
+        ) from exc
+    report = lambda line: click.echo(line, err=True)  # noqa: E731
+    if package is None:
+        from .models.default_pair import default_package
+
+        package, name = str(default_package(report=report)), "ortspec-default"
+    else:
+        name = Path(package).resolve().name
+    defaults: dict[str, Any] = {"draft_tokens": int(draft_tokens) if draft_tokens.isdigit() else draft_tokens}
+    if draft:
+        defaults["draft"] = draft
+    settings = ServeSettings(
+        model=model_name or name,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_body_bytes=max_body,
+        max_tokens=max_tokens,
+        defaults=defaults,
+    )
+    run_server(package, settings, parallel, host, port, _load_options(runtime), report)
 
 
 if __name__ == "__main__":

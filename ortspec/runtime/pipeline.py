@@ -131,6 +131,10 @@ class TextStream:
     def __next__(self) -> str:
         return next(self._deltas)
 
+    def close(self) -> None:
+        """Stop the generation here (a server whose client left); iterating further raises StopIteration."""
+        self._deltas.close()
+
 
 class Pipeline:
     """A loaded deployment package: target, optional draft and tokenizer, ready to generate."""

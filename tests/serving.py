@@ -1,0 +1,99 @@
+"""Helpers for the server tests: a tiny package with a chat template, a server in a thread, a slowed pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from ortspec import TextStream
+from ortspec.export import export_pair
+from ortspec.serve import ServeSettings, create_app
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2", "print(", "while True", "# note"]
+
+
+def chat_package(checkpoint: Any, out: Path) -> Path:
+    """The tiny llama pair of the fixtures, its tokenizer given a chat template."""
+    source = out / "checkpoint"
+    shutil.copytree(checkpoint("llama"), source)
+    config_path = source / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    export_pair(source, out / "tiny-chat", draft=checkpoint("llama", "close"), quantize="none", report=lambda _: None)
+    return out / "tiny-chat"
+
+
+@contextmanager
+def running(pipelines: list[Any], **settings: Any) -> Iterator[str]:
+    """Serve `pipelines` on 127.0.0.1 (a free port) in a background thread; yields the base URL."""
+    app = create_app(pipelines, ServeSettings(model="tiny", **settings))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class Slowed:
+    """A pipeline whose streams wait `delay` seconds before each text delta, so that a test can hold a slot
+    busy; it counts the generations that ended before their last delta (`closed_early`)."""
+
+    def __init__(self, pipe: Any, delay: float) -> None:
+        self.pipe = pipe
+        self.delay = delay
+        self.closed_early = 0
+        self.finished = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def stream(self, prompt: Any, **options: Any) -> TextStream:
+        inner = self.pipe.stream(prompt, **options)
+
+        def deltas() -> Iterator[str]:
+            done = False
+            try:
+                for delta in inner:
+                    time.sleep(self.delay)
+                    yield delta
+                outer.result = inner.result
+                done = True
+                self.finished += 1
+            finally:
+                inner.close()
+                if not done:
+                    self.closed_early += 1
+
+        outer = TextStream(deltas())
+        return outer
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
