@@ -129,3 +129,25 @@ def package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def chat_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama pair (draft "close") with a chat template in its tokenizer: the server's tests."""
+    import json
+    import shutil
+
+    from ortspec.export import export_pair
+
+    root = tmp_path_factory.mktemp("chat-pkg")
+    source = root / "checkpoint"
+    shutil.copytree(checkpoint("llama"), source)
+    config_path = source / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    config_path.write_text(json.dumps(config))
+    export_pair(source, root / "tiny-chat", draft=checkpoint("llama", "close"), quantize="none", report=lambda _: None)
+    return root / "tiny-chat"

@@ -1,39 +1,25 @@
-"""Helpers for the server tests: a tiny package with a chat template, a server in a thread, a slowed pipeline."""
+"""Helpers for the server tests: a server in a thread, the client for it, a slowed pipeline."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
+import openai
 import uvicorn
 
 from ortspec import TextStream
-from ortspec.export import export_pair
 from ortspec.serve import ServeSettings, create_app
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2", "print(", "while True", "# note"]
 
 
-def chat_package(checkpoint: Any, out: Path) -> Path:
-    """The tiny llama pair of the fixtures, its tokenizer given a chat template."""
-    source = out / "checkpoint"
-    shutil.copytree(checkpoint("llama"), source)
-    config_path = source / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    export_pair(source, out / "tiny-chat", draft=checkpoint("llama", "close"), quantize="none", report=lambda _: None)
-    return out / "tiny-chat"
+def client_for(url: str) -> openai.OpenAI:
+    """The official client on the server at `url`, without retries (a 429 must show)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
 
 
 @contextmanager

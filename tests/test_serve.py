@@ -14,19 +14,14 @@ from click.testing import CliRunner
 from ortspec.cli import main
 from ortspec.serve import load_pipelines
 
-from serving import Slowed, chat_package, running, wait_until
+from serving import Slowed, client_for, running, wait_until
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoint, tmp_path_factory):
-    return chat_package(checkpoint, tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny):
-    return load_pipelines(tiny, 2)
+def pipes(chat_package):
+    return load_pipelines(chat_package, 2)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +33,6 @@ def server(pipes):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0)
-
-
-def client_for(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
 
 
 def test_completion_is_the_pipelines_greedy_output_with_speculative_usage(client, pipes):
