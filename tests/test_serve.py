@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -210,3 +213,45 @@ def _idle(slots: int) -> dict:
 def test_cli_serve_refuses_bad_settings_before_loading(tmp_path):
     result = CliRunner().invoke(main, ["serve", str(tmp_path), "--draft-tokens", "lots"])
     assert result.exit_code == 1 and "draft_tokens" in result.output
+
+
+SERVE_SCRIPT = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "optimum"):
+            raise ImportError(f"{name} must not be imported by the server")
+
+sys.meta_path.insert(0, Blocker())
+from ortspec.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_cli_serve_end_to_end_without_torch(chat_package):
+    """`ortspec serve` as a user runs it: a process that never imports torch, transformers or optimum."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", str(chat_package), "--port", str(port), "--parallel", "2", "--model-name", "m", "--max-queue", "3"]
+    server = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, *args], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(up, timeout=60)
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "slots": 2, "busy": 0, "waiting": 0}
+        reply = client_for(url).completions.create(model="m", prompt="def f(x):", max_tokens=5)
+        assert reply.usage.completion_tokens == 5
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=30)
+    assert "must not be imported" not in errors
+    assert f"serving 'm' from {chat_package} on http://127.0.0.1:{port}/v1 (2 slot(s))" in errors

@@ -16,11 +16,11 @@ from starlette.requests import ClientDisconnect
 from ..runtime import GenerationConfig, GenerationResult, Pipeline
 from .errors import APIError, as_api_error, install_error_handlers
 from .schema import (
-    FINISH_REASONS,
     ChatRequest,
     CompletionRequest,
     GenerationRequest,
     Responses,
+    finish_reason,
     parse_body,
     validate,
 )
@@ -197,7 +197,7 @@ async def _sse(
         while not isinstance(item, GenerationResult):
             yield _event(responses.chunk(item))
             item = await anext(events)
-        yield _event(responses.chunk(None, finish=FINISH_REASONS[item.stats.finish_reason]))
+        yield _event(responses.chunk(None, finish=finish_reason(item.stats)))
         if include_usage:
             yield _event(responses.usage_chunk(item.stats))
         yield b"data: [DONE]\n\n"

@@ -199,6 +199,11 @@ def _short(value: Any, limit: int = 80) -> str:
 # --- responses ---------------------------------------------------------------------------------------
 
 
+def finish_reason(stats: GenerationStats) -> str:
+    """OpenAI's name for how the generation ended: "stop" (eos or a stop string) or "length"."""
+    return FINISH_REASONS.get(stats.finish_reason, stats.finish_reason)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -239,7 +244,7 @@ class Responses:
 
     def complete(self, text: str, stats: GenerationStats) -> dict[str, Any]:
         """The whole answer (non-streaming)."""
-        finish = FINISH_REASONS[stats.finish_reason]
+        finish = finish_reason(stats)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             body = self._envelope("chat.completion", [choice])
