@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import datetime
-from functools import lru_cache
-from typing import Any
-
-from jinja2 import Template, TemplateError
+from typing import TYPE_CHECKING, Any
 
 from .options import check_text
-from .sandbox import Budget, ChatTemplateError, bounded_environment, compile_bounded, expect, render
+
+if TYPE_CHECKING:
+    from .sandbox import Budget
 
 Message = dict[str, Any]
 
-__all__ = ["ChatTemplateError", "Message", "render_chat"]
 
-
-def _raise(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # Jinja's own tojson escapes HTML characters, which chat templates do not want.
-    if indent:  # each line gains up to `indent` per level: bound the text before writing it
-        compact = json.dumps(value, ensure_ascii=ensure_ascii, separators=separators)
-        expect((len(compact) + 1) * (1 + (len(indent) if isinstance(indent, str) else indent)))
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str) -> Template:
-    env = bounded_environment()
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return compile_bounded(env, template)
-    except TemplateError as exc:
-        raise ChatTemplateError(f"the chat template is not valid Jinja: {exc}") from None
+class ChatTemplateError(ValueError):
+    """The package has no chat template, or the template rejected the conversation (or broke a limit)."""
 
 
 def check_messages(messages: Any) -> list[Message]:
@@ -56,11 +29,15 @@ def check_messages(messages: Any) -> list[Message]:
         for key in ("role", "content"):
             if not isinstance(message[key], str):
                 raise ChatTemplateError(f"message {index}'s {key} must be a string, got {message[key]!r:.200}")
-            try:
-                check_text(f"message {index}'s {key}", message[key])
-            except ValueError as exc:
-                raise ChatTemplateError(str(exc)) from None
+            _text(f"message {index}'s {key}", message[key])
     return list(messages)
+
+
+def _text(what: str, text: str) -> str:
+    try:
+        return check_text(what, text)
+    except ValueError as exc:
+        raise ChatTemplateError(str(exc)) from None
 
 
 def render_chat(
@@ -71,20 +48,13 @@ def render_chat(
     budget: Budget | None = None,
 ) -> str:
     """The prompt text for `messages` (dicts with `role` and `content`), rendered within `budget` (default:
-    the sandbox's time and size limits)."""
+    the sandbox's limits of time and size)."""
     if not template:
         raise ChatTemplateError(
             "this model has no chat template (tokenizer_config.json has no chat_template): "
             "use generate() with a plain prompt instead"
         )
+    from .sandbox import render  # jinja2 is imported only when a chat is rendered
+
     variables = dict(messages=check_messages(messages), add_generation_prompt=add_generation_prompt, **special_tokens)
-    try:
-        text = render(_compile(template), variables, budget or Budget())
-    except ChatTemplateError:
-        raise
-    except Exception as exc:  # the template is a package's code: whatever it raises is its error
-        raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}"[:500]) from None
-    try:
-        return check_text("the chat template's output", text)
-    except ValueError as exc:
-        raise ChatTemplateError(str(exc)) from None
+    return _text("the chat template's output", render(template, variables, budget))

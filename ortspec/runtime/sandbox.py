@@ -1,35 +1,36 @@
-"""A Jinja sandbox bounded in time and size, for the chat templates that packages bring with them.
+"""Chat templates rendered as transformers renders them, in a Jinja sandbox bounded in time and size.
 
 Jinja's sandbox stops a template from reaching Python internals, not from running forever or
 filling memory. Here every loop iteration, call, filter, output piece and use of the +, *, ** and %
 operators is checked against a deadline, and every value a render builds and all the text it writes
 against a size limit; the operations that can make a value far larger than their inputs (`*`, `**`, format
 widths, `replace`, `join`) are checked before they run. A template over a limit stops with a
-ChatTemplateError.
+ChatTemplateError. (Imported only to render: jinja2 takes ~0.1 s to import.)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import Template, nodes, pass_context, pass_eval_context
+from jinja2 import Template, TemplateError, nodes, pass_context, pass_eval_context
 from jinja2.filters import do_format, do_join, do_replace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
+
+from .chat import ChatTemplateError
 
 MAX_CHARS = 4_000_000  # text written, and any value built on the way: far beyond any context
 MAX_SECONDS = 5.0  # real chat templates render in milliseconds
 MAX_RESULT_BITS = 3 * MAX_CHARS  # an integer is as large as its decimal digits
 PERCENT_WIDTHS = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d*))?")
 BRACE_SPECS = re.compile(r"\{[^{}]*:([^{}]*)\}")
-
-
-class ChatTemplateError(ValueError):
-    """The package has no chat template, or the template rejected the conversation (or broke a limit)."""
 
 
 class Budget:
@@ -97,11 +98,6 @@ def size(value: Any, limit: int) -> int:
 
 def _budget() -> Budget:
     return _BUDGET.get()
-
-
-def expect(size: int, what: str = "a value") -> None:
-    """For a template's helper functions: refuse to build something of `size` past the render's limit."""
-    _budget().expect(size, what)
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
@@ -237,23 +233,41 @@ class _Guard(NodeTransformer):
         return node if node.node is None else self.wrap(node, "_ortspec_value")
 
 
-def bounded_environment() -> ImmutableSandboxedEnvironment:
-    """A sandbox whose templates (from `compile_bounded`) render only within a `Budget` (see `render`);
-    with loop controls and transformers' chat-template settings."""
+def _raise(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # Jinja's own tojson escapes HTML characters, which chat templates do not want.
+    if indent:  # each line gains up to `indent` per level: bound the text before writing it
+        compact = json.dumps(value, ensure_ascii=ensure_ascii, separators=separators)
+        _budget().expect((len(compact) + 1) * (1 + (len(indent) if isinstance(indent, str) else indent)))
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def compile_template(source: str) -> Template:
+    """A chat template compiled with every loop, output, concatenation and filter routed through the checks,
+    in a sandbox with loop controls and transformers' chat-template settings and helpers."""
     env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters.update(GUARDS, replace=_replace, join=_join, format=_format)
-    return env
-
-
-def compile_bounded(env: ImmutableSandboxedEnvironment, source: str) -> Template:
-    """`source` compiled with every loop, output, concatenation and filter routed through the checks."""
-    return env.from_string(_Guard(env).visit(env.parse(source)))
-
-
-def render(template: Template, variables: dict[str, Any], budget: Budget) -> str:
-    """`template` rendered with `variables` within `budget`."""
-    token = _BUDGET.set(budget)
+    env.filters.update(GUARDS, replace=_replace, join=_join, format=_format, tojson=_tojson)
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
-        return template.render(**variables)
+        return env.from_string(_Guard(env).visit(env.parse(source)))
+    except TemplateError as exc:
+        raise ChatTemplateError(f"the chat template is not valid Jinja: {exc}") from None
+
+
+def render(source: str, variables: dict[str, Any], budget: Budget | None = None) -> str:
+    """Chat template `source` rendered with `variables` within `budget` (default: MAX_SECONDS, MAX_CHARS)."""
+    token = _BUDGET.set(budget or Budget())
+    try:
+        return compile_template(source).render(**variables)
+    except ChatTemplateError:
+        raise
+    except Exception as exc:  # the template is a package's code: whatever it raises is its error
+        raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}"[:500]) from None
     finally:
         _BUDGET.reset(token)
