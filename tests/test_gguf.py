@@ -128,24 +128,28 @@ def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
     }
 
 
-# (GGUF type, --quantize, whether MatMulNBits can hold the blocks as they are). Q4_0-searched: Q4_0 blocks
-# whose largest code is not -8 (as importance-matrix quantization leaves some), which ONNX Runtime's
-# quantizer (scale = largest / -8) re-quantizes with an error; so it does Q8_0's (scale = largest / -128).
+# (GGUF type, --quantize, --block-size, whether MatMulNBits can hold the blocks as they are). Q4_0-searched:
+# Q4_0 blocks whose largest code is not -8 (as importance-matrix quantization leaves some), which ONNX
+# Runtime's quantizer (scale = largest / -8) re-quantizes with an error; so it does Q8_0 (largest / -128).
 BLOCK_CASES = [
-    ("Q4_0", "int4", True),
-    ("Q4_0-searched", "int4", True),
-    ("Q8_0", "int8", True),
-    ("Q4_0", "int8", True),
-    ("Q8_0", "int4", False),
-    ("Q4_1", "int4", False),
+    ("Q4_0", "int4", 32, True),
+    ("Q4_0-searched", "int4", 32, True),
+    ("Q8_0", "int8", 32, True),
+    ("Q4_0", "int8", 32, True),
+    ("Q5_0", "int8", 32, True),
+    ("Q4_0-searched", "int4", 16, True),
+    ("Q4_0-searched", "int4", 64, False),
+    ("Q8_0", "int4", 32, False),
+    ("Q4_1", "int4", 32, False),
 ]
 
 
-@pytest.mark.parametrize(("weights", "quantize", "exact"), BLOCK_CASES)
-def test_gguf_blocks_import_without_requantization(weights, quantize, exact, gguf_file, tmp_path):
+@pytest.mark.parametrize(("weights", "quantize", "block_size", "exact"), BLOCK_CASES)
+def test_gguf_blocks_import_without_requantization(weights, quantize, block_size, exact, gguf_file, tmp_path):
     gguf = gguf_file("llama", weights, "tied")  # tied: the token embedding reads the lm_head's blocks
     reference = export(gguf, tmp_path / "fp32")
-    pipe = export(gguf, tmp_path / "pkg", quantize=quantize, accuracy_level=0)  # fp32 compute: float tolerance
+    # accuracy level 0 (fp32 compute), so exact weights give logits equal to float tolerance
+    pipe = export(gguf, tmp_path / "pkg", quantize=quantize, block_size=block_size, accuracy_level=0)
     expected, got = projection_weights(reference), projection_weights(pipe)
     assert got.keys() == expected.keys()
     same = [np.array_equal(got[name], expected[name]) for name in expected]
