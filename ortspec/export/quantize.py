@@ -144,32 +144,35 @@ def lossless_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
     return packed, scales
 
 
+def _store_blocks(graph: onnx.GraphProto, weight: onnx.TensorProto, bits: int, block_size: int) -> list[str] | None:
+    """Add the `lossless_blocks` of `weight` as initializers; return their names, or None if they do not fit."""
+    fit = lossless_blocks(numpy_helper.to_array(weight), bits, block_size)
+    if fit is None:
+        return None
+    names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales"]
+    graph.initializer.extend(numpy_helper.from_array(array, name) for array, name in zip(fit, names, strict=True))
+    return names
+
+
 def quantize_lossless(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> int:
     """Replace each MatMul whose constant weight fits `lossless_blocks` by an exact MatMulNBits; return how many."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    made: dict[str, tuple[str, str, int, int] | None] = {}
-    nodes, exact = [], 0
+    stored: dict[str, list[str] | None] = {}  # weight name -> its blocks and scales (None: they do not fit)
+    exact = 0
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is not None and len(weight.dims) == 2 and weight.name not in made:
-            fit = lossless_blocks(numpy_helper.to_array(weight), bits, block_size)
-            made[weight.name] = None
-            if fit is not None:
-                packed, scales = fit
-                names = f"{weight.name}_Q{bits}", f"{weight.name}_scales"
-                graph.initializer.extend(
-                    [numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])]
-                )
-                made[weight.name] = (*names, *weight.dims)
-        if weight is None or made.get(weight.name) is None:
-            nodes.append(node)
+        if weight is None or len(weight.dims) != 2:
             continue
-        packed_name, scales_name, k, n = made[weight.name]
-        nodes.append(
+        if weight.name not in stored:
+            stored[weight.name] = _store_blocks(graph, weight, bits, block_size)
+        if stored[weight.name] is None:
+            continue
+        k, n = weight.dims
+        node.CopyFrom(
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0], packed_name, scales_name],
+                [node.input[0], *stored[weight.name]],
                 list(node.output),
                 name=f"{node.name}_Q{bits}",
                 domain=MS_DOMAIN,
@@ -181,8 +184,6 @@ def quantize_lossless(model: onnx.ModelProto, bits: int, block_size: int, accura
             )
         )
         exact += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
     _drop_unused_initializers(model)
     return exact
 
@@ -224,38 +225,36 @@ def share_tied_embeddings(model: onnx.ModelProto, tied: dict[str, str]) -> int:
     nodes, shared = [], 0
     for node in graph.node:
         head = producers.get(tied.get(node.output[0], ""))
-        plain = head is not None and head.op_type == "MatMulNBits" and not any(head.input[3:])
-        k, n = (_attribute(head, "K", 0), _attribute(head, "N", 0)) if plain else (0, 0)
-        bits, block = (_attribute(head, "bits", 4), _attribute(head, "block_size", 0)) if plain else (0, 0)
-        if not plain or k % block:
-            nodes.append(node)  # not quantized, zero points, bias or a padded last block: keep the fp32 Gather
+        if head is None or head.op_type != "MatMulNBits" or any(head.input[3:]):
+            nodes.append(node)  # not quantized, or with zero points or a bias: keep the fp32 Gather
             continue
-        prefix = f"{node.name or node.output[0]}_shared"
+        k, n, bits, block = (_attribute(head, name, 0) for name in ("K", "N", "bits", "block_size"))
+        if k % block:
+            nodes.append(node)  # a padded last block would need cutting off: keep the fp32 Gather
+            continue
+        p = f"{node.name or node.output[0]}_shared"
         graph.initializer.extend(
             [
-                numpy_helper.from_array(np.array([n, -(-k // block), 1], np.int64), f"{prefix}_scales_shape"),
-                numpy_helper.from_array(np.array([k], np.int64), f"{prefix}_hidden"),
+                numpy_helper.from_array(np.array([n, k // block, 1], np.int64), f"{p}_scales_shape"),
+                numpy_helper.from_array(np.array([k], np.int64), f"{p}_hidden"),
             ]
         )
-        scales = f"{prefix}_scales"
-        rows = f"{prefix}_blocks"
-        shape = f"{prefix}_shape"
         nodes += [
-            helper.make_node("Reshape", [head.input[2], f"{prefix}_scales_shape"], [scales], name=scales),
+            helper.make_node("Reshape", [head.input[2], f"{p}_scales_shape"], [f"{p}_scales"], name=f"{p}_scales"),
             helper.make_node(
                 "GatherBlockQuantized",
-                [head.input[1], node.input[1], scales],
-                [rows],  # [..., k_blocks, block]
-                name=rows,
+                [head.input[1], node.input[1], f"{p}_scales"],
+                [f"{p}_blocks"],  # [*ids.shape, k_blocks, block]
+                name=f"{p}_blocks",
                 domain=MS_DOMAIN,
                 bits=bits,
                 block_size=block,
                 gather_axis=0,
                 quantize_axis=2,
             ),
-            helper.make_node("Shape", [node.input[1]], [f"{prefix}_ids_shape"], name=f"{prefix}_ids_shape"),
-            helper.make_node("Concat", [f"{prefix}_ids_shape", f"{prefix}_hidden"], [shape], name=shape, axis=0),
-            helper.make_node("Reshape", [rows, shape], list(node.output), name=node.name or f"{prefix}_rows"),
+            helper.make_node("Shape", [node.input[1]], [f"{p}_ids_shape"], name=f"{p}_ids_shape"),
+            helper.make_node("Concat", [f"{p}_ids_shape", f"{p}_hidden"], [f"{p}_shape"], name=f"{p}_shape", axis=0),
+            helper.make_node("Reshape", [f"{p}_blocks", f"{p}_shape"], list(node.output), name=f"{p}_rows"),
         ]
         shared += 1
     del graph.node[:]
