@@ -39,7 +39,7 @@ class ServeSettings:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # generation options under each request's own
 
     def __post_init__(self) -> None:
-        GenerationConfig(**self.defaults)  # a bad default fails here, not on every request
+        GenerationConfig.from_options(dict(self.defaults))  # a bad default fails here, not on every request
 
 
 def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAPI:
@@ -96,7 +96,7 @@ def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAP
         _check_model(body.model, settings.model)
         options = {**settings.defaults, **body.options()}
         try:
-            GenerationConfig(**options)  # bad options are a 400 before the request waits for a slot
+            GenerationConfig.from_options(options)  # bad options are a 400 before the request waits for a slot
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 

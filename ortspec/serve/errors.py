@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -63,10 +62,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
-    if isinstance(exc, ValueError):  # bad options, prompt token ids, no chat template, ...
+    if isinstance(exc, ValueError):  # bad options or prompt token ids, a chat template's error (ChatTemplateError)
         return APIError(400, str(exc))
-    if isinstance(exc, jinja2.TemplateError):
-        return APIError(400, f"the model's chat template rejected the messages: {exc}", param="messages")
     log.error("generation failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
 
