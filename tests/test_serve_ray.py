@@ -12,7 +12,7 @@ import pytest
 
 from serving import PROMPTS, client_for, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from ray's own code
 
 
 @pytest.fixture(scope="module")
