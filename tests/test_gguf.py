@@ -72,8 +72,8 @@ def assert_logits_match(pipe, model) -> None:
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
     with torch.no_grad():
         expected = model.eval()(torch.tensor([ids])).logits[0].float().numpy()
-    pipe.target.reset()
-    got = [pipe.target.forward(ids[:12])] + [pipe.target.forward([t]) for t in ids[12:]]
+    target = pipe.target.new_state()
+    got = [target.forward(ids[:12])] + [target.forward([t]) for t in ids[12:]]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=0)
 
 
