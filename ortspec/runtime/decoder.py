@@ -157,15 +157,19 @@ class DecoderState:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.cache = model.new_cache()
-        self._binding = model.session.io_binding()
-        self._binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
-        self.cache.bind_once(self._binding)
-        if model.keep_hidden:
-            self._binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
+        self._binding = self._new_binding()
         self.hidden = np.zeros((0, 0), np.float32)
         self.hidden_start = 0
         self._tokens: list[int] = []  # the cached sequence (longrope recomputes it; `check` compares it)
         self._long = False  # whether the cache holds longrope's long-factor keys
+
+    def _new_binding(self) -> ort.IOBinding:
+        binding = self.model.session.io_binding()
+        binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
+        self.cache.bind_once(binding)
+        if self.model.keep_hidden:
+            binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
+        return binding
 
     @property
     def spec(self) -> ModelSpec:
@@ -252,8 +256,11 @@ class DecoderState:
         self.cache.truncate(length)
 
     def reset(self) -> None:
-        """Start a new sequence."""
+        """Start a new sequence, letting go of what the last call left behind: its outputs stay in the
+        binding (a prefill's logits: positions x vocabulary floats) and, with concat caches, its pasts."""
         self.cache.reset()
+        self._binding = self._new_binding()
+        self.hidden = np.zeros((0, 0), np.float32)
 
     def check(self, sequence: Sequence[int], start: int, end: int) -> None:
         """Raise CacheStateError unless the cache holds `sequence[start:end]`: as many positions, ending in
