@@ -7,15 +7,18 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
 from .models.catalog import CATALOG
 from .runtime.decoder import ContextLengthError
 from .runtime.manifest import Manifest, PackageError, load_manifest
+from .runtime.options import OPTIONS, check_option, spec_of
 
 QUANT_CHOICES = click.Choice(["none", "int8", "int4"])
+# the generation options of `bench` (greedy by design: it checks that both modes give the same tokens)
+BENCH_OPTIONS = ("max_new_tokens", "draft", "draft_tokens", "draft_tokens_max", "draft_min_prob", "max_ngram_size")
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -294,126 +297,86 @@ def _parse_token_ids(prompt: str) -> list[int]:
         raise click.BadParameter("with --token-ids the prompt must be integers separated by spaces or commas") from exc
 
 
-class DraftTokens(click.ParamType):
-    """γ on the command line: a positive integer, 'adaptive' or 'auto'."""
+class OptionValue(click.ParamType):
+    """A generation option on the command line, checked by the API's own `check_option` (same rules, same
+    messages): numbers are parsed, the rest is left as text for the check to judge."""
 
-    name = "N|adaptive|auto"
+    METAVARS: ClassVar[dict[str, str]] = {
+        "int": "INTEGER",
+        "float": "FLOAT",
+        "gamma": "N|adaptive|auto",
+        "strings": "TEXT",
+    }
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
-        if value in ("adaptive", "auto") or isinstance(value, int):
-            return value
+    def __init__(self, option: str) -> None:
+        self.option = option
+        self.spec = spec_of(option)
+        self.name = option
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return f"[{'|'.join(self.spec.choices)}]" if self.spec.kind == "choice" else self.METAVARS[self.spec.kind]
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if self.spec.kind == "strings":
+            value = self._unescape(value, param, ctx)
+        elif isinstance(value, str):
+            value = _number(value)
         try:
-            number = int(value)
+            checked = check_option(self.option, value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return checked[0] if self.spec.kind == "strings" else checked  # strings: one value per use
+
+    def _unescape(self, value: str, param: Any, ctx: Any) -> str:
+        """A "\\n" typed on a command line arrives as backslash + n: understand the usual escapes."""
+        try:
+            return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as exc:
+            self.fail(f"{value!r} holds an invalid escape ({exc.reason}); write a backslash as \\\\", param, ctx)
+
+
+def _number(text: str) -> int | float | str:
+    for parse in (int, float):
+        try:
+            return parse(text)
         except ValueError:
-            self.fail(f"{value!r} is not a positive integer, 'adaptive' or 'auto'", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is not a positive integer", param, ctx)
-        return number
+            pass
+    return text
 
 
-GENERATION_OPTIONS = [
-    click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
-    click.option("--no-draft", is_flag=True, help="Plain decoding with the target alone."),
-    click.option(
-        "--draft",
-        "drafter",
-        type=click.Choice(["model", "ngram", "suffix"]),
-        help="Who drafts: the package's draft model (default when it has one), suffix matches in the prompt, "
-        "the output so far and this session's earlier outputs (suffix; default without a draft model), or "
-        "prompt lookup (ngram).",
-    ),
-    click.option(
-        "--draft-tokens",
-        type=DraftTokens(),
-        default="auto",
-        show_default=True,
-        help="γ, tokens drafted per target call: 'auto' picks each round the γ with the best predicted throughput "
-        "from this machine's measured step costs (`ortspec calibrate`, run on first use) and the running acceptance "
-        "rate, and decodes plainly when no γ is predicted to gain 5%; a number fixes γ; 'adaptive' is +2 after a "
-        "fully accepted round, -1 otherwise.",
-    ),
-    click.option(
-        "--draft-tokens-max",
-        type=click.IntRange(min=1),
-        default=8,
-        show_default=True,
-        help="Upper bound for auto and adaptive γ.",
-    ),
-    click.option(
-        "--draft-min-prob",
-        type=click.FloatRange(0, 1, max_open=True),
-        default=0.0,
-        show_default=True,
-        help="End a round early when the draft's top probability falls below this (like llama.cpp's p-min).",
-    ),
-    click.option(
-        "--max-ngram-size",
-        type=click.IntRange(min=1),
-        default=3,
-        show_default=True,
-        help="Prompt lookup: the longest suffix n-gram searched for.",
-    ),
-    click.option(
-        "--temperature",
-        type=click.FloatRange(min=0),
-        default=0.0,
-        show_default=True,
-        help="0 is greedy; above 0 samples (speculative sampling keeps the target's distribution exactly).",
-    ),
-    click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0: off)."),
-    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="Nucleus sampling mass."),
-    click.option(
-        "--min-p",
-        type=click.FloatRange(0, 1, max_open=True),
-        default=0.0,
-        help="Drop tokens below min-p x the top probability.",
-    ),
-    click.option(
-        "--repetition-penalty",
-        type=click.FloatRange(min=0, min_open=True),
-        default=1.0,
-        help="Penalise tokens already in the sequence (1.0: off).",
-    ),
-    click.option("--seed", type=int, help="Random seed: the same seed gives the same sampled output."),
-    click.option(
-        "--stop", multiple=True, help="Stop string (repeatable; escapes like \\n work); the text ends before it."
-    ),
-]
+def _generation_option(name: str, default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one GenerationConfig field, from its spec."""
+    spec = spec_of(name)
+    flag = spec.flag or "--" + name.replace("_", "-")
+    if spec.kind == "bool":  # a flag that turns the default off (or on)
+        return click.option(flag, name, is_flag=True, flag_value=not default, default=default, help=spec.help)
+    must = spec.bounds() if spec.kind == "int" else f"a finite number {spec.bounds()}" if spec.kind == "float" else ""
+    return click.option(
+        flag,
+        name,
+        type=OptionValue(name),
+        default=default,
+        multiple=spec.kind == "strings",
+        show_default=default not in (None, ()),
+        help=spec.help + (f" Must be {must.rstrip()}." if must else ""),
+    )
 
 
-def _generation_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The sampling/drafting options, handed to the command as one `options` dict for Pipeline calls."""
-    names = [
-        "max_new_tokens",
-        "no_draft",
-        "drafter",
-        "draft_tokens",
-        "draft_tokens_max",
-        "draft_min_prob",
-        "max_ngram_size",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "seed",
-        "stop",
-    ]
+def generation_options(*names: str, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options for the named GenerationConfig fields (default: all), built from their specs; `defaults`
+    replaces a field's default for this command. The command receives them as one `options` dict."""
+    names = names or tuple(OPTIONS)
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        options = {name: kwargs.pop(name) for name in names}
-        options["use_draft"] = not options.pop("no_draft")
-        options["draft"] = options.pop("drafter")
-        # "\n" typed on a command line arrives as backslash + n: understand the usual escapes
-        options["stop"] = tuple(
-            s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in options["stop"]
-        )
-        return func(*args, options=options, **kwargs)
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return func(*args, options={name: kwargs.pop(name) for name in names}, **kwargs)
 
-    for option in reversed(GENERATION_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+        for name in reversed(names):
+            wrapper = _generation_option(name, defaults.get(name, OPTIONS[name].default))(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def _echo_stream(stream: Any) -> Any:
@@ -441,7 +404,7 @@ def _package_and_prompt(args: tuple[str, ...]) -> tuple[str, str]:
 @click.argument("args", nargs=-1, metavar="[PACKAGE] PROMPT")
 @click.option("--token-ids", is_flag=True, help="PROMPT is a list of token ids, used as-is.")
 @click.option("--stats", is_flag=True, help="Print acceptance, tokens/s and call counts (to stderr).")
-@_generation_options
+@generation_options()
 @_runtime_options
 @_user_errors
 def generate(
@@ -476,7 +439,7 @@ def generate(
 @click.argument("package", type=click.Path(exists=True, file_okay=False))
 @click.option("--system", help="A system message to start the conversation with.")
 @click.option("--stats", is_flag=True, help="Print acceptance and speed after each reply (to stderr).")
-@_generation_options
+@generation_options()
 @_runtime_options
 @_user_errors
 def chat(
@@ -537,58 +500,35 @@ def read_prompts(path: Path) -> list[str]:
     required=True,
     help='One prompt per line, or .jsonl with a JSON string or {"prompt": ...} per line.',
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--draft",
-    "drafter",
-    type=click.Choice(["model", "ngram", "suffix"]),
-    help="Who drafts in the speculative runs (default: the package's draft model, suffix drafting without one; "
-    "its pool keeps the outputs of earlier runs, so repeats draft from a prompt's earlier answers).",
-)
-@click.option(
-    "--draft-tokens",
-    type=DraftTokens(),
-    default="auto",
-    show_default=True,
-    help="γ for the speculative runs: a number, 'adaptive' or 'auto'.",
-)
-@click.option("--draft-min-prob", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@generation_options(*BENCH_OPTIONS, max_new_tokens=64)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the prompts.")
 @_runtime_options
 @_user_errors
 def bench(
     package: str,
     prompts_file: Path,
-    max_new_tokens: int,
-    drafter: str | None,
-    draft_tokens: int | str,
-    draft_min_prob: float,
     repeats: int,
+    options: dict[str, Any],
     runtime: dict[str, Any],
 ) -> None:
     """Plain vs speculative decoding of PACKAGE on the prompts, measured alternately in one run.
 
     Prints the acceptance rate α, tokens per target call, tokens/s of both modes and the speedup,
-    and checks that both modes produced identical tokens.
+    and checks that both modes produced identical tokens. The drafting options apply to the
+    speculative runs; suffix drafting's pool keeps the outputs of earlier runs, so repeats draft
+    from a prompt's earlier answers.
     """
     from .runtime.bench import compare
 
     prompts = read_prompts(prompts_file)
     pipe = _load(package, runtime)
-    report = compare(
-        pipe,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        repeats=repeats,
-        draft=drafter,
-        draft_tokens=draft_tokens,
-        draft_min_prob=draft_min_prob,
-    )
+    report = compare(pipe, prompts, repeats=repeats, **options)
     spec, plain = report.speculative, report.plain
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"
+    drafter = options["draft"] or ("model" if pipe.draft is not None else "suffix")
     click.echo(
-        f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={max_new_tokens}, "
-        f"drafter {drafter or ('model' if pipe.draft is not None else 'suffix')}, γ={draft_tokens}, greedy"
+        f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={options['max_new_tokens']}, "
+        f"drafter {drafter}, γ={options['draft_tokens']}, greedy"
     )
     click.echo(f"{'mode':<12}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}{'target calls':>14}{'draft calls':>13}")
     for name, totals in (("plain", plain), ("speculative", spec)):
@@ -628,15 +568,13 @@ def bench(
     "download) and exported torch-free with its shipped draft head.",
 )
 @click.option("--rebuild", is_flag=True, help="Export the package again even if it is cached.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--draft-tokens", type=DraftTokens(), default="auto", show_default=True, help="γ, 'adaptive' or 'auto'.")
+@generation_options("max_new_tokens", "draft_tokens", max_new_tokens=96)
 @_runtime_options
 @_user_errors
 def demo(
     model: str | None,
     rebuild: bool,
-    max_new_tokens: int,
-    draft_tokens: int | str,
+    options: dict[str, Any],
     runtime: dict[str, Any],
 ) -> None:
     """The whole job, offline after the install: export a pair (once, cached), generate with
@@ -648,6 +586,7 @@ def demo(
     """
     from .models.default_pair import DEMO_PROMPTS, default_package
 
+    max_new_tokens, draft_tokens = options["max_new_tokens"], options["draft_tokens"]
     report = lambda line: click.echo(line, err=True)  # noqa: E731
     if model:
         from .models.catalog import DEMO_CHATS, catalog_package

@@ -47,8 +47,8 @@ def measured(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def root(package, tmp_path) -> Path:
-    """A writable copy of a package with a draft model."""
-    shutil.copytree(package("llama", draft="close"), tmp_path / "pkg")
+    """A writable copy of a package with a draft model, without the calibrations other tests stored in it."""
+    shutil.copytree(package("llama", draft="close"), tmp_path / "pkg", ignore=shutil.ignore_patterns("calibration.*"))
     return tmp_path / "pkg"
 
 

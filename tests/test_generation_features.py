@@ -184,7 +184,7 @@ def test_cli_sampling_and_ngram_options(package):
     ngram = runner.invoke(main, ["generate", root, "a b a b a b", "--draft", "ngram", "--draft-tokens", "adaptive"])
     assert ngram.exit_code == 0, ngram.output
     bad = runner.invoke(main, ["generate", root, "x", "--draft-tokens", "lots"])
-    assert bad.exit_code == 2 and "'lots' is not a positive integer, 'adaptive' or 'auto'" in bad.output
+    assert bad.exit_code == 2 and "draft_tokens must be a positive integer, 'adaptive' or 'auto'" in bad.output
 
 
 def test_repetition_penalty_is_exact_under_speculation(package):

@@ -1,41 +1,43 @@
-"""Chat templates: render a checkpoint's Jinja `chat_template` the way transformers does."""
+"""Chat templates: render a checkpoint's Jinja `chat_template` the way transformers does, within limits."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import datetime
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .options import check_text
+
+if TYPE_CHECKING:
+    from .sandbox import Budget
 
 Message = dict[str, Any]
 
 
 class ChatTemplateError(ValueError):
-    """The package has no chat template, or the template rejected the conversation."""
+    """The package has no chat template, or the template rejected the conversation (or broke a limit)."""
 
 
-def _raise(message: str) -> None:
-    raise ChatTemplateError(message)
+def check_messages(messages: Any) -> list[Message]:
+    """`messages` as a list, if it is a list of dicts whose `role` and `content` are strings."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatTemplateError(f"message {index} needs a 'role' and a 'content', got {message!r:.200}")
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise ChatTemplateError(f"message {index}'s {key} must be a string, got {message[key]!r:.200}")
+            _text(f"message {index}'s {key}", message[key])
+    return list(messages)
 
 
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # Jinja's own tojson escapes HTML characters, which chat templates do not want.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+def _text(what: str, text: str) -> str:
+    try:
+        return check_text(what, text)
+    except ValueError as exc:
+        raise ChatTemplateError(str(exc)) from None
 
 
 def render_chat(
@@ -43,16 +45,16 @@ def render_chat(
     messages: Sequence[Message],
     special_tokens: dict[str, str],
     add_generation_prompt: bool = True,
+    budget: Budget | None = None,
 ) -> str:
-    """The prompt text for `messages` (dicts with `role` and `content`)."""
+    """The prompt text for `messages` (dicts with `role` and `content`), rendered within `budget` (default:
+    the sandbox's limits of time and size)."""
     if not template:
         raise ChatTemplateError(
             "this model has no chat template (tokenizer_config.json has no chat_template): "
             "use generate() with a plain prompt instead"
         )
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ChatTemplateError(f"each message needs a 'role' and a 'content', got {message!r}")
-    return _compile(template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, **special_tokens
-    )
+    from .sandbox import render  # jinja2 is imported only when a chat is rendered
+
+    variables = dict(messages=check_messages(messages), add_generation_prompt=add_generation_prompt, **special_tokens)
+    return _text("the chat template's output", render(template, variables, budget))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from .chat import Message, render_chat
 from .decoder import ContextLengthError, DecoderState, Model
 from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
 from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
+from .options import GenerationConfig, check_text
 from .sampling import SamplingConfig
 from .session import resolve_providers
 from .speculative import (
@@ -37,57 +39,9 @@ from .suffix import SuffixMemory, SuffixProposer
 from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
-DRAFTERS = ("model", "ngram", "suffix")
 DRAFT_MODELS = ("model", "head")  # drafters that cost model calls (a draft LM, or a feature-level head)
 SCORED_DRAFTERS = ("suffix",)  # free drafters that score each token: auto γ sends the best prefix
 DEFAULT_DRAFT_THREADS = 1
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Everything `generate`, `stream` and `chat` accept besides the prompt."""
-
-    max_new_tokens: int = 128
-    use_draft: bool = True  # False: plain decoding
-    # "model", "ngram" (prompt lookup) or "suffix" (suffix matches in this sequence and earlier outputs);
-    # None: the package's draft model, suffix drafting for packages without one
-    draft: str | None = None
-    # γ. "auto": each round the γ with the best predicted throughput from this machine's measured step
-    # costs and the running acceptance rate (0, plain decoding, unless some γ gains 5%); a number fixes
-    # γ; "adaptive": +2 after a fully accepted round, -1 otherwise
-    draft_tokens: int | str = "auto"
-    draft_tokens_max: int = 8  # bound for auto and adaptive γ
-    draft_min_prob: float = 0.0  # stop a round early when the draft's top probability is below this
-    max_ngram_size: int = 3  # prompt lookup: longest suffix n-gram searched
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before them
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.draft is not None and self.draft not in DRAFTERS:
-            raise ValueError(f"draft must be one of {', '.join(DRAFTERS)}, got {self.draft!r}")
-        if isinstance(self.draft_tokens, str):
-            if self.draft_tokens not in ("adaptive", "auto"):
-                raise ValueError(
-                    f"draft_tokens must be a positive integer, 'adaptive' or 'auto', got {self.draft_tokens!r}"
-                )
-        elif self.draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be at least 1, got {self.draft_tokens}")
-        if self.draft_tokens_max < 1:
-            raise ValueError(f"draft_tokens_max must be at least 1, got {self.draft_tokens_max}")
-        if not 0 <= self.draft_min_prob < 1:
-            raise ValueError(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}")
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        self.sampling()  # validates the sampling fields
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
 
 
 @dataclass(frozen=True)
@@ -246,17 +200,24 @@ class Pipeline:
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(check_text("the prompt", prompt))
         else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})"
-                )
+            ids = self._token_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         return ids
+
+    def _token_ids(self, prompt: Any) -> list[int]:
+        """Token ids given as a prompt, checked: integers (not floats, strings or bools) in the vocabulary."""
+        if isinstance(prompt, (bytes, bytearray, memoryview, dict)) or not isinstance(prompt, Iterable):
+            raise ValueError(f"the prompt must be text or a sequence of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ValueError(f"prompt token ids must be integers, got {token!r} at position {position}")
+            if not 0 <= token < self.target.vocab_size:
+                raise ValueError(f"prompt token id {token} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+        return [int(t) for t in ids]
 
     def _check_lengths(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         limit = self.target.max_length
@@ -306,25 +267,27 @@ class Pipeline:
                 yield target, draft
 
     def _start(self, prompt: Prompt, options: dict[str, Any]) -> Events:
-        """Check everything up front (so errors surface at the call), then return the generation."""
-        config = GenerationConfig(**options)
+        """Check everything up front (so errors surface at the call, even for `stream`), then return the
+        generation, a generator that has not started."""
+        config = GenerationConfig.from_options(options)
         prompt_ids = self._prompt_ids(prompt)
         self._check_lengths(prompt_ids, config.max_new_tokens)
         drafter = self._drafter(config)
         # γ's policy now, not inside the timed generation: auto may have to calibrate first
         draft_length = self._draft_length(config, drafter) if drafter != "none" else None
-        return self._generate(prompt_ids, config, drafter, draft_length)
+        chooser = TokenChooser(_sampling(config), np.random.default_rng(config.seed))
+        return self._generate(prompt_ids, config, chooser, drafter, draft_length)
 
     def _generate(
         self,
         prompt_ids: list[int],
         config: GenerationConfig,
+        chooser: TokenChooser,
         drafter: str,
         draft_length: DraftLength | AutoDraftLength | None,
     ) -> Events:
         """Yield (text delta, None) as tokens are committed, then ("", the result). Decodes in states of
         its own, taken when it starts and handed back when it ends, is closed or is collected."""
-        chooser = TokenChooser(config.sampling(), np.random.default_rng(config.seed))
         loop = LoopStats()
         text = TextAssembler(self.tokenizer.stream(), config.stop)
         ids: list[int] = []
@@ -417,6 +380,12 @@ class Pipeline:
     def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
         """Like `chat`, streaming text deltas."""
         return self.stream(self.chat_prompt(messages), **options)
+
+
+def _sampling(config: GenerationConfig) -> SamplingConfig:
+    return SamplingConfig(
+        config.temperature, config.top_k, config.top_p, config.min_p, config.repetition_penalty, config.seed
+    )
 
 
 def _reproducible(config: GenerationConfig) -> bool:

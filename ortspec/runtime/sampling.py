@@ -7,9 +7,11 @@ ratio speculative sampling uses are exactly the ones the tokens were drawn from.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from .options import check_option
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1.0: off
     seed: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    def __post_init__(self) -> None:  # the bounds of GenerationConfig's fields of the same names
+        for f in fields(self):
+            object.__setattr__(self, f.name, check_option(f.name, getattr(self, f.name)))
 
     @property
     def greedy(self) -> bool:
