@@ -63,11 +63,29 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+def q4_0_searched(w: np.ndarray, level: int = -7) -> np.ndarray:
+    """Q4_0 bytes whose scale puts each block's largest weight at code `level` + 8.
+
+    llama.cpp's reference quantizer uses level -8 (d = max / -8); its importance-matrix scale search
+    often settles on another level, so the largest code of a block is not always -8.
+    """
+    blocks = w.astype(np.float32).reshape(-1, 32)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[:, None], -1)
+    d = (largest / level).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.nan_to_num(np.clip(np.rint(blocks / d.astype(np.float32)), -8, 7)).astype(np.int8) + 8
+    q = q.astype(np.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)  # ggml's layout: element j in the low nibble, j + 16 in the high one
+    return np.concatenate([d.view(np.uint8), packed], axis=1).reshape(*w.shape[:-1], w.shape[-1] // 32 * 18)
+
+
 def _encode(w: np.ndarray, weights: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
     if w.ndim == 1 or weights == "F32":
         return w.astype(np.float32), None
     if weights == "F16":
         return w.astype(np.float16), None
+    if weights == "Q4_0-searched":
+        return q4_0_searched(w), GGMLQuantizationType.Q4_0
     qtype = GGMLQuantizationType[weights]
     return quantize(w.astype(np.float32), qtype), qtype
 
@@ -98,7 +116,8 @@ def write_gguf(
 ) -> Path:
     """Write the llama/qwen2 checkpoint at `checkpoint_dir` as a GGUF file at `path`.
 
-    `weights`: F32, F16 or a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...).
+    `weights`: F32, F16, a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...) or
+    Q4_0-searched (`q4_0_searched`).
     `architecture` overrides general.architecture (to test refusals).
     """
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())

@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFWriter, TokenType
@@ -19,6 +20,7 @@ from ortspec.export import export_pair
 from ortspec.export.builder import UnsupportedModelError
 from ortspec.export.builder.gguf_io import open_gguf
 from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
+from ortspec.export.quantize import dequantized_weight
 from ortspec.models.random import CORPUS
 from ortspec.runtime.tokenizer import TextTokenizer
 
@@ -109,6 +111,54 @@ def test_quantized_gguf_really_differs_from_fp32(gguf_file, checkpoint, tmp_path
     pipe = export(gguf_file("llama", "Q4_1", "tied"), tmp_path / "pkg")
     with pytest.raises(AssertionError):
         assert_logits_match(pipe, hf_model(checkpoint("llama", variant="tied")))
+
+
+def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
+    """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
+    graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
+    inits = {init.name: init for init in graph.initializer}
+    return {
+        node.output[0]: (
+            dequantized_weight(node, inits)
+            if node.op_type == "MatMulNBits"
+            else onnx.numpy_helper.to_array(inits[node.input[1]])
+        )
+        for node in graph.node
+        if node.op_type in ("MatMul", "MatMulNBits")
+    }
+
+
+# (GGUF type, --quantize, --block-size, whether MatMulNBits can hold the blocks as they are). Q4_0-searched:
+# Q4_0 blocks whose largest code is not -8 (as importance-matrix quantization leaves some), which ONNX
+# Runtime's quantizer (scale = largest / -8) re-quantizes with an error; so it does Q8_0 (largest / -128).
+BLOCK_CASES = [
+    ("Q4_0", "int4", 32, True),
+    ("Q4_0-searched", "int4", 32, True),
+    ("Q8_0", "int8", 32, True),
+    ("Q4_0", "int8", 32, True),
+    ("Q5_0", "int8", 32, True),
+    ("Q4_0-searched", "int4", 16, True),
+    ("Q4_0-searched", "int4", 64, False),
+    ("Q8_0", "int4", 32, False),
+    ("Q4_1", "int4", 32, False),
+]
+
+
+@pytest.mark.parametrize(("weights", "quantize", "block_size", "exact"), BLOCK_CASES)
+def test_gguf_blocks_import_without_requantization(weights, quantize, block_size, exact, gguf_file, tmp_path):
+    gguf = gguf_file("llama", weights, "tied")  # tied: the token embedding reads the lm_head's blocks
+    reference = export(gguf, tmp_path / "fp32")
+    # accuracy level 0 (fp32 compute), so exact weights give logits equal to float tolerance
+    pipe = export(gguf, tmp_path / "pkg", quantize=quantize, block_size=block_size, accuracy_level=0)
+    expected, got = projection_weights(reference), projection_weights(pipe)
+    assert got.keys() == expected.keys()
+    same = [np.array_equal(got[name], expected[name]) for name in expected]
+    assert all(same) if exact else not any(same)
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
+    reference.target.reset()
+    close = np.allclose(pipe.target.forward(ids), reference.target.forward(ids), atol=1e-4, rtol=0)
+    assert close == exact
+    assert pipe.manifest.target.quantization["lossless_nodes"] == (2 * 4 + 1 if exact else 0)
 
 
 def test_manifest_records_source_chat_template_and_eos(gguf_file, tmp_path):
