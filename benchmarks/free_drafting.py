@@ -165,7 +165,7 @@ def answers_pool(answers: dict[tuple, list[int]], leave_out: list[int] | None = 
 def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:
     """Largest change of the top-2 logit margin along the plain answers between the one-position
     kernels (token by token, as plain decoding runs) and the many-position ones (one chunk)."""
-    target, worst = pipe.target, 0.0
+    target, worst = pipe.target.new_state(), 0.0
     for prompt in prompts:
         answer = answers[tuple(prompt)]
         target.reset()
@@ -175,7 +175,6 @@ def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[t
         for single, many in zip(steps, chunk, strict=True):
             second, first = np.argsort(single)[-2:]
             worst = max(worst, abs((single[first] - single[second]) - (many[first] - many[second])))
-    target.reset()
     return float(worst)
 
 

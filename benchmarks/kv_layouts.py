@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.decoder import Decoder
+from ortspec.runtime.decoder import Model
 
 from common import bench_checkpoints, exported
 
 
-def step_ms(decoder: Decoder, context: int, steps: int = 16, repeats: int = 3) -> float:
+def step_ms(model: Model, context: int, steps: int = 16, repeats: int = 3) -> float:
     """Median ms of `steps` consecutive single-token steps starting at `context` cached positions."""
     tokens = [(7 * i) % 1000 + 10 for i in range(context + steps)]
-    decoder.reset()
+    decoder = model.new_state()
     decoder.forward(tokens[:context])
     times = []
     for _ in range(repeats):

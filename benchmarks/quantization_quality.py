@@ -40,7 +40,7 @@ def default_text(lines: int = 300) -> str:
 
 def step_ms(pipe: ortspec.Pipeline, context: int = 64, steps: int = 64, repeats: int = 3) -> float:
     """Median time of a one-token target call after `context` positions."""
-    target = pipe.target
+    target = pipe.target.new_state()
     times = []
     for _ in range(repeats):
         target.reset()
@@ -49,7 +49,6 @@ def step_ms(pipe: ortspec.Pipeline, context: int = 64, steps: int = 64, repeats:
             start = time.perf_counter()
             target.forward([100 + i])
             times.append(time.perf_counter() - start)
-    target.reset()
     return statistics.median(times) * 1000
 
 

@@ -123,8 +123,7 @@ def test_a_real_divergence_is_not_taken_for_a_near_tie(cache):
     prompt = heldout_prompts(1)[0]
     plain = pipe.generate(prompt, max_new_tokens=12, use_draft=False).token_ids
     ids = pipe.tokenizer.encode(prompt) + plain[:5]
-    pipe.target.reset()
-    worst = int(np.argmin(pipe.target.forward(ids)[-1]))
+    worst = int(np.argmin(pipe.target.new_state().forward(ids)[-1]))
     wrong = [*plain[:5], worst, *plain[6:]]
     position, gap = divergence_gap(pipe, prompt, plain, wrong)
     assert position == 5 and gap > 1.0

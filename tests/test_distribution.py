@@ -43,7 +43,7 @@ def pair(tmp_path_factory):
 def exact_joint(pipe, options) -> np.ndarray:
     """P(t2, t3) = sum over t1 of p(t1) p(t2 | t1) p(t3 | t1, t2), from the target's own logits."""
     config = SamplingConfig(**options)
-    target = pipe.target
+    target = pipe.target.new_state()
 
     def next_probs(sequence):
         target.reset()

@@ -80,8 +80,7 @@ def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: P
     features = rng.normal(size=(12, reader.cfg.hidden)).astype(np.float32)
     with torch.no_grad():
         want_hidden, want_scores = head(torch.from_numpy(tokens)[None], torch.from_numpy(features)[None])
-    draft = pipe.draft
-    draft.reset()
+    draft = pipe.draft.new_state()
     logits = [draft.forward(tokens[:8], features[:8])]
     hidden = [draft.hidden]
     for i in range(8, 12):
@@ -126,16 +125,19 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
             seen.append((list(tokens), logits[-1].copy()))
             return logits
 
-    proposer = Recording(pipe.draft, pipe.target, window=1000)
-    pipe._proposer = lambda config: (proposer, "head")  # type: ignore[method-assign]
+    def recording(config, drafter, target, draft):  # type: ignore[no-untyped-def]
+        return Recording(draft, target, window=1000)
+
+    pipe._proposer = recording  # type: ignore[method-assign]
     pipe.generate(PROMPT, max_new_tokens=30, draft_tokens=3)
     assert len(seen) > 3
+    target, head = pipe.target.new_state(), pipe.draft.new_state()
     for tokens, logits in seen[1:]:
-        pipe.target.reset()
-        pipe.target.forward(tokens)
-        features = pipe.target.hidden
-        pipe.draft.reset()
-        fresh = pipe.draft.forward(tokens[1:], features[:-1])[-1]
+        target.reset()
+        target.forward(tokens)
+        features = target.hidden
+        head.reset()
+        fresh = head.forward(tokens[1:], features[:-1])[-1]
         finite = np.isfinite(fresh)
         np.testing.assert_allclose(logits[finite], fresh[finite], atol=1e-3)
 

@@ -22,8 +22,8 @@ def random_windows(vocab: int, count: int = 3, length: int = CHUNK + 72, seed: i
     return windows(rng.integers(0, vocab, count * length).tolist(), length)
 
 
-def whole_window_logprobs(decoder, piece: list[int]) -> torch.Tensor:
-    decoder.reset()
+def whole_window_logprobs(model, piece: list[int]) -> torch.Tensor:
+    decoder = model.new_state()
     return torch.log_softmax(torch.from_numpy(decoder.forward(piece[:-1])).double(), -1)
 
 

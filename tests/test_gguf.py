@@ -74,8 +74,8 @@ def assert_logits_match(pipe, model) -> None:
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
     with torch.no_grad():
         expected = model.eval()(torch.tensor([ids])).logits[0].float().numpy()
-    pipe.target.reset()
-    got = [pipe.target.forward(ids[:12])] + [pipe.target.forward([t]) for t in ids[12:]]
+    target = pipe.target.new_state()
+    got = [target.forward(ids[:12])] + [target.forward([t]) for t in ids[12:]]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=0)
 
 
@@ -155,8 +155,8 @@ def test_gguf_blocks_import_without_requantization(weights, quantize, block_size
     same = [np.array_equal(got[name], expected[name]) for name in expected]
     assert all(same) if exact else not any(same)
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
-    reference.target.reset()
-    close = np.allclose(pipe.target.forward(ids), reference.target.forward(ids), atol=1e-4, rtol=0)
+    logits = [package.target.new_state().forward(ids) for package in (pipe, reference)]
+    close = np.allclose(*logits, atol=1e-4, rtol=0)
     assert close == exact
     assert pipe.manifest.target.quantization["lossless_nodes"] == (2 * 4 + 1 if exact else 0)
 

@@ -11,7 +11,7 @@ from ortspec.runtime.kv_cache import SharedBufferKVCache
 
 def test_rollback_and_steps_keep_the_same_buffers(package):
     pipe = ortspec.load(package("llama", draft=None, exporter="builder"), max_length=64)
-    decoder = pipe.target
+    decoder = pipe.target.new_state()
     cache = decoder.cache
     assert isinstance(cache, SharedBufferKVCache)
     pointers = [b.data_ptr() for b in cache.buffers]
@@ -36,4 +36,4 @@ def test_max_length_bounds_generation(package):
     result = pipe.generate([5] * 30, max_new_tokens=2, draft_tokens=5)  # exactly fills the buffer
     assert len(result.token_ids) == 2
     with pytest.raises(ortspec.ContextLengthError, match="holds at most 32 positions"):
-        pipe.target.forward([5] * 33)
+        pipe.target.new_state().forward([5] * 33)

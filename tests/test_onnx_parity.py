@@ -21,8 +21,7 @@ BUILDER_VARIANTS = [
 def check_against_pytorch(pipe, checkpoint_dir) -> None:
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=40)]
     expected = hf_logits(checkpoint_dir, ids)
-    decoder = pipe.target
-    decoder.reset()
+    decoder = pipe.target.new_state()
     steps = [
         ("prefill", slice(0, 8)),
         ("single step", slice(8, 9)),

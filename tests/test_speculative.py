@@ -156,11 +156,11 @@ def test_windowed_catch_up_keeps_output_exact(window, package):
     pipe = ortspec.load(package("llama", draft="same"))
     prompt = prompt_of(20, pipe.target.vocab_size)
     plain = pipe.generate(prompt, max_new_tokens=40, use_draft=False).token_ids
-    proposer = DraftModelProposer(pipe.draft, window=window)
+    proposer = DraftModelProposer(pipe.draft.new_state(), window=window)
     chooser = TokenChooser(SamplingConfig(), np.random.default_rng(0))
     stats = LoopStats()
     rounds = speculative_decode(
-        pipe.target, prompt, 40, pipe.eos_token_ids, chooser, proposer, PlainStretches(6, 2, 3), stats
+        pipe.target.new_state(), prompt, 40, pipe.eos_token_ids, chooser, proposer, PlainStretches(6, 2, 3), stats
     )
     assert [t for chunk in rounds for t in chunk] == plain
     assert stats.drafted > 0

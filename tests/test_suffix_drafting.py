@@ -102,9 +102,11 @@ def test_sampling_with_suffix_drafts_keeps_the_target_distribution(tmp_path):
     prompt = list(range(2, 24)) * 2  # whatever the first new token (but 0 and 1), the suffix drafts after it
     config = SamplingConfig(temperature=1.0)
 
+    target = tiny.target.new_state()
+
     def next_probs(sequence):
-        tiny.target.reset()
-        return probabilities(tiny.target.forward(sequence)[-1], config, sequence)
+        target.reset()
+        return probabilities(target.forward(sequence)[-1], config, sequence)
 
     p1 = next_probs(prompt)
     exact = sum(p1[t] * next_probs([*prompt, t]) for t in range(len(p1)) if p1[t] > 0)

@@ -174,7 +174,6 @@ def divergence_gap(
     if position >= min(len(plain_ids), len(spec_ids)):
         return position, float("inf")  # one stopped early (eos) where the other went on: not a tie
     prompt_ids = pipe.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    pipe.target.reset()
-    logits = pipe.target.forward([*prompt_ids, *plain_ids[:position]])[-1]
-    pipe.target.reset()
+    with pipe.target_states.state() as target:
+        logits = target.forward([*prompt_ids, *plain_ids[:position]])[-1]
     return position, float(abs(logits[plain_ids[position]] - logits[spec_ids[position]]))

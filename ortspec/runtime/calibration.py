@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .decoder import Decoder
+from .decoder import DecoderState, Model
 
 CALIBRATION_VERSION = 2  # part of the key: entries measured the older way are remeasured
 MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
@@ -178,7 +178,12 @@ def _steady_ms(run: Callable[[], None], times: int) -> float:
 
 
 def _measure_context(
-    target: Decoder, draft: Decoder | None, tokens: list[int], max_gamma: int, repeats: int, budget_s: float
+    target: DecoderState,
+    draft: DecoderState | None,
+    tokens: list[int],
+    max_gamma: int,
+    repeats: int,
+    budget_s: float,
 ) -> tuple[list[float], float, list[float], float]:
     """Median (target ms per n positions, draft step ms, round ms per γ, catch-up ms) on top of `tokens`.
 
@@ -243,8 +248,8 @@ def _measure_context(
 
 
 def measure(
-    target: Decoder,
-    draft: Decoder | None,
+    target: Model,
+    draft: Model | None,
     key: str,
     max_gamma: int = 8,
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
@@ -252,17 +257,19 @@ def measure(
     budget_s: float = 15.0,
 ) -> Calibration:
     """Time the target for 1..max_gamma+1 positions, the draft for one, and whole rounds of γ = 1..max_gamma
-    drafts, at each context length, in about `budget_s` seconds (at least two passes each)."""
+    drafts, at each context length, in about `budget_s` seconds (at least two passes each), on
+    sequences of its own (generations running meanwhile are not disturbed, but slow the timings)."""
     limit = min(target.max_length, draft.max_length if draft else target.max_length) - max_gamma - 1
     if limit < 1:
         raise ValueError(f"a context of {target.max_length} positions is too short to calibrate γ up to {max_gamma}")
     usable = sorted({min(c, limit) for c in contexts if c > 0})
     vocab = min(target.vocab_size, draft.vocab_size if draft else target.vocab_size)
     tokens = [(17 * i + 5) % vocab for i in range(max(usable))]
+    target_state, draft_state = target.new_state(), draft.new_state() if draft else None
     target_ms, draft_ms, round_ms, catch_up_ms = [], [], [], []
     for context in usable:
         target_row, draft_step, round_row, catch_up = _measure_context(
-            target, draft, tokens[:context], max_gamma, repeats, budget_s / len(usable)
+            target_state, draft_state, tokens[:context], max_gamma, repeats, budget_s / len(usable)
         )
         target_ms.append(target_row)
         draft_ms.append(draft_step)

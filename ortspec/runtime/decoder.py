@@ -1,4 +1,6 @@
-"""One ONNX causal LM: feed tokens, get their logits, keep the cache. Knows nothing of speculation."""
+"""One ONNX causal LM: a shared, immutable `Model` (session and graph facts), and per sequence a
+`DecoderState` (KV cache, IO binding, position) that feeds tokens and returns their logits.
+Knows nothing of speculation."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import graph_names as names
-from .kv_cache import ConcatKVCache, KVCache, SharedBufferKVCache
+from .kv_cache import CacheStateError, ConcatKVCache, KVCache, SharedBufferKVCache
 from .manifest import ModelSpec, PackageError, resolve_inside
 from .session import create_session, output_device
 
@@ -69,61 +71,39 @@ def check_graph(spec: ModelSpec, session: ort.InferenceSession) -> str:
     return layout
 
 
-def make_cache(spec: ModelSpec, session: ort.InferenceSession, max_length: int) -> KVCache:
-    """The cache for the graph's KV layout, after checking the graph against the manifest."""
-    layout = check_graph(spec, session)
-    pasts, presents = names.past_names(spec.num_layers), names.present_names(spec.num_layers)
-    dtype = ONNX_TO_NUMPY[next(i.type for i in session.get_inputs() if i.name == pasts[0])]
-    device = output_device(session)
-    if layout == names.SHARED_BUFFER:
-        return SharedBufferKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, max_length, dtype, device)
-    return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, dtype, device)
+class Model:
+    """One ONNX causal LM, loaded once: its manifest entry, session and graph facts. Immutable, so one
+    `Model` serves any number of sequences at once (ORT's `InferenceSession.run*` is thread-safe);
+    each sequence decodes in a `DecoderState` of its own, from `new_state()`.
 
-
-class Decoder:
-    """A causal LM session plus its KV cache: `forward(tokens)` returns logits for those tokens.
-
-    Two extras serve feature-level draft heads: with `keep_hidden`, each call also keeps the graph's
-    `hidden_states` output (`hidden`, for positions from `hidden_start` on); a graph with a
-    `features` input (a head) takes one feature row per token (zeros when none are given).
-
-    Longrope models (`spec.long_rope_after`) rotate with other factors once the sequence is longer
-    than the switch point, and transformers' Phi-3 then recomputes the cached keys: so does
-    `forward`, whenever the cache holds the other table's keys (after growing past the switch,
-    or after rolling back below it). Each row of logits is then the one the sequence up to it gets.
+    With `keep_hidden`, states also keep the graph's `hidden_states` output (feature-level draft
+    heads read the target's); a graph with a `features` input (a head) takes one feature row per token.
     """
 
     def __init__(
         self, spec: ModelSpec, session: ort.InferenceSession, max_length: int | None = None, keep_hidden: bool = False
     ) -> None:
-        self.spec = spec
-        self.session = session
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
+        self.spec = spec
+        self.session = session
         self.max_length = min(spec.max_positions, max_length or DEFAULT_MAX_LENGTH)
-        self.cache = make_cache(spec, session, self.max_length)
-        input_names = {i.name for i in session.get_inputs()}
-        self._wants_mask = names.ATTENTION_MASK in input_names
-        self._wants_positions = names.POSITION_IDS in input_names
-        self._ones = np.ones((1, self.max_length), dtype=np.int64)
-        self._positions = np.arange(self.max_length, dtype=np.int64)[None, :]
-        self._binding = session.io_binding()
-        self._binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
-        self.cache.bind_once(self._binding)
-        self.keep_hidden = keep_hidden
-        if keep_hidden:
-            has_hidden = names.HIDDEN_STATES in {o.name for o in session.get_outputs()}
-            if not has_hidden or not isinstance(self.cache, SharedBufferKVCache):
-                raise ValueError(
-                    f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
-                )
-            self._binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
-        self.hidden = np.zeros((0, 0), np.float32)
-        self.hidden_start = 0
-        features = next((i for i in session.get_inputs() if i.name == names.FEATURES), None)
+        self.layout = check_graph(spec, session)
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.cache_dtype = ONNX_TO_NUMPY[inputs[names.past_names(spec.num_layers)[0]].type]
+        self.device = output_device(session)
+        self.wants_mask = names.ATTENTION_MASK in inputs
+        self.wants_positions = names.POSITION_IDS in inputs
+        self.ones = np.ones((1, self.max_length), dtype=np.int64)  # read-only slices feed every state
+        self.positions = np.arange(self.max_length, dtype=np.int64)[None, :]
+        features = inputs.get(names.FEATURES)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
-        self._tokens: list[int] = []  # the cached sequence, to recompute it (longrope)
-        self._long = False  # whether the cache holds longrope's long-factor keys
+        self.keep_hidden = keep_hidden
+        has_hidden = names.HIDDEN_STATES in {o.name for o in session.get_outputs()}
+        if keep_hidden and (not has_hidden or self.layout != names.SHARED_BUFFER):
+            raise ValueError(
+                f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
+            )
 
     @classmethod
     def load(
@@ -135,7 +115,7 @@ class Decoder:
         max_length: int | None = None,
         spinning: bool = True,
         keep_hidden: bool = False,
-    ) -> Decoder:
+    ) -> Model:
         """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`).
 
         `spec` comes from `load_manifest`, which has checked the graph file and its external data.
@@ -144,14 +124,77 @@ class Decoder:
         return cls(spec, session, max_length, keep_hidden)
 
     @property
-    def length(self) -> int:
-        """Positions currently in the cache."""
-        return self.cache.length
-
-    @property
     def vocab_size(self) -> int:
         """Columns of the logits."""
         return self.spec.vocab_size
+
+    def new_cache(self) -> KVCache:
+        """Empty KV buffers for one sequence (a shared-buffer cache allocates `max_length` positions)."""
+        spec = self.spec
+        pasts, presents = names.past_names(spec.num_layers), names.present_names(spec.num_layers)
+        if self.layout == names.SHARED_BUFFER:
+            return SharedBufferKVCache(
+                pasts, presents, spec.num_kv_heads, spec.head_dim, self.max_length, self.cache_dtype, self.device
+            )
+        return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, self.cache_dtype, self.device)
+
+    def new_state(self) -> DecoderState:
+        """A fresh sequence on this model, with KV buffers of its own."""
+        return DecoderState(self)
+
+
+class DecoderState:
+    """One sequence on a `Model`: its KV cache, IO binding, cached token ids and (with `keep_hidden`)
+    latest hidden states. `forward(tokens)` returns logits for those tokens. Not thread-safe: one
+    generation at a time uses a state; many states share one model.
+
+    Longrope models (`spec.long_rope_after`) rotate with other factors once the sequence is longer
+    than the switch point, and transformers' Phi-3 then recomputes the cached keys: so does
+    `forward`, whenever the cache holds the other table's keys (after growing past the switch,
+    or after rolling back below it). Each row of logits is then the one the sequence up to it gets.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.cache = model.new_cache()
+        self._binding = self._new_binding()
+        self.hidden = np.zeros((0, 0), np.float32)
+        self.hidden_start = 0
+        self._tokens: list[int] = []  # the cached sequence (longrope recomputes it; `check` compares it)
+        self._long = False  # whether the cache holds longrope's long-factor keys
+
+    def _new_binding(self) -> ort.IOBinding:
+        binding = self.model.session.io_binding()
+        binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
+        self.cache.bind_once(binding)
+        if self.model.keep_hidden:
+            binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
+        return binding
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def max_length(self) -> int:
+        return self.model.max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def keep_hidden(self) -> bool:
+        return self.model.keep_hidden
+
+    @property
+    def feature_size(self) -> int:
+        return self.model.feature_size
+
+    @property
+    def length(self) -> int:
+        """Positions currently in the cache."""
+        return self.cache.length
 
     def forward(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab]."""
@@ -184,25 +227,26 @@ class Decoder:
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         n = len(token_ids)
         past = self.cache.length
+        model = self.model
         binding = self._binding  # rebinding a name replaces it; unchanged bindings (cache buffers) stay
         binding.bind_cpu_input(names.INPUT_IDS, np.asarray(token_ids, dtype=np.int64)[None, :])
-        if self._wants_mask:
-            binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, : past + n])
-        if self._wants_positions:
-            binding.bind_cpu_input(names.POSITION_IDS, self._positions[:, past : past + n])
+        if model.wants_mask:
+            binding.bind_cpu_input(names.ATTENTION_MASK, model.ones[:, : past + n])
+        if model.wants_positions:
+            binding.bind_cpu_input(names.POSITION_IDS, model.positions[:, past : past + n])
         binding.bind_output(names.LOGITS, "cpu")
-        if self.keep_hidden:
+        if model.keep_hidden:
             binding.bind_output(names.HIDDEN_STATES, "cpu")
-        if self.feature_size:
+        if model.feature_size:
             if features is None:
-                features = np.zeros((n, self.feature_size), np.float32)
+                features = np.zeros((n, model.feature_size), np.float32)
             binding.bind_cpu_input(names.FEATURES, np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
         self.cache.bind(binding, n)
-        self.session.run_with_iobinding(binding)
+        model.session.run_with_iobinding(binding)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call
         self.cache.update(outputs, n)
         self._tokens[past:] = token_ids
-        if self.keep_hidden:
+        if model.keep_hidden:
             self.hidden = np.array(outputs[len(outputs) - 1].numpy()[0])
             self.hidden_start = past
         return np.array(outputs[0].numpy()[0], dtype=np.float32)  # a copy: the binding reuses its buffer
@@ -212,5 +256,21 @@ class Decoder:
         self.cache.truncate(length)
 
     def reset(self) -> None:
-        """Start a new sequence."""
+        """Start a new sequence, letting go of what the last call left behind: its outputs stay in the
+        binding (a prefill's logits: positions x vocabulary floats) and, with concat caches, its pasts."""
         self.cache.reset()
+        self._binding = self._new_binding()
+        self.hidden = np.zeros((0, 0), np.float32)
+
+    def check(self, sequence: Sequence[int], start: int, end: int) -> None:
+        """Raise CacheStateError unless the cache holds `sequence[start:end]`: as many positions, ending in
+        the same token (the last one only: a round's check costs O(1) however long the sequence)."""
+        length = self.cache.length
+        last = self._tokens[length - 1] if length else None
+        expected = sequence[end - 1] if start < end <= len(sequence) else None
+        if length != end - start or end > len(sequence) or last != expected:
+            raise CacheStateError(
+                f"internal error: the {self.spec.role} cache holds {length} positions ending in token {last}, "
+                f"the decoding loop expects {end - start} ending in {expected}; this is a bug in ortspec, "
+                "please report it"
+            )

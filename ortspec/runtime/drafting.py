@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .decoder import Decoder
+from .decoder import DecoderState
 from .sampling import sample
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class DraftModelProposer:
     lag = 0  # the proposer's cache holds committed positions [offset, offset + length) of tokens[lag:]
 
     def __init__(
-        self, decoder: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
+        self, decoder: DecoderState, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
     ) -> None:
         self.decoder = decoder
         self.vocab_limit = min(vocab_limit or decoder.vocab_size, decoder.vocab_size)
@@ -161,6 +161,13 @@ class DraftModelProposer:
         # The draft cache holds the committed prefix plus drafts; keep what still agrees. The last
         # committed token (the target's own) is never in it yet.
         self.decoder.truncate(max(0, min(self.decoder.length, len(tokens) - 1 - self._offset)))
+        self._check(tokens)
+
+    def _check(self, tokens: Sequence[int]) -> None:
+        """After a rollback the cache holds committed tokens only, the last one excepted (some may
+        still be pending): raise CacheStateError otherwise."""
+        start = self._offset + self.lag
+        self.decoder.check(tokens, start, min(start + self.decoder.length, len(tokens) - 1))
 
 
 class FeatureHeadProposer(DraftModelProposer):
@@ -176,7 +183,12 @@ class FeatureHeadProposer(DraftModelProposer):
     lag = 1  # head position j pairs f_j with x_{j+1}
 
     def __init__(
-        self, head: Decoder, target: Decoder, vocab_limit: int | None = None, min_prob: float = 0.0, window: int = 64
+        self,
+        head: DecoderState,
+        target: DecoderState,
+        vocab_limit: int | None = None,
+        min_prob: float = 0.0,
+        window: int = 64,
     ) -> None:
         super().__init__(head, vocab_limit, min_prob, window)
         if not (target.keep_hidden and head.keep_hidden and head.feature_size):
@@ -195,6 +207,7 @@ class FeatureHeadProposer(DraftModelProposer):
         end = min(start + len(hidden), len(tokens) - 1)  # features of committed positions only
         self._features[start:end] = hidden[: end - start]
         self.decoder.truncate(min(self.decoder.length, self._real))
+        self._check(tokens)
 
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
         logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decoder import Decoder
+from .decoder import DecoderState, Model
 from .tokenizer import TextTokenizer
 
 CHUNK = 128  # positions per call: bounds the logits in memory (CHUNK x vocab floats) at any vocabulary
@@ -55,7 +55,7 @@ def special_prefix(tokenizer: TextTokenizer) -> list[int]:
     return full[: full.index(plain[0])] if plain and plain[0] in full else []
 
 
-def _window_logprobs(decoder: Decoder, window: Sequence[int]) -> list[np.ndarray]:
+def _window_logprobs(decoder: DecoderState, window: Sequence[int]) -> list[np.ndarray]:
     """Log-probabilities of every position of `window` but the last, one array per chunk."""
     decoder.reset()
     out = []
@@ -65,9 +65,9 @@ def _window_logprobs(decoder: Decoder, window: Sequence[int]) -> list[np.ndarray
 
 
 def evaluate(
-    target: Decoder,
+    target: Model,
     token_windows: Sequence[Sequence[int]],
-    reference: Decoder | None = None,
+    reference: Model | None = None,
     on_window: Callable[[int], None] = lambda positions: None,
 ) -> EvalReport:
     """Perplexity of `target` on the windows; agreement and KL against `reference` when given."""
@@ -77,12 +77,13 @@ def evaluate(
             "compare packages of the same model"
         )
     started = time.perf_counter()
+    state, ref_state = target.new_state(), reference.new_state() if reference is not None else None
     nll = ref_nll = kl = 0.0
     agree = count = 0
     for window in token_windows:
         nexts = np.asarray(window[1:], np.int64)
-        chunks = _window_logprobs(target, window)
-        ref_chunks = _window_logprobs(reference, window) if reference is not None else [None] * len(chunks)
+        chunks = _window_logprobs(state, window)
+        ref_chunks = _window_logprobs(ref_state, window) if ref_state is not None else [None] * len(chunks)
         offset = 0
         for logp, ref_logp in zip(chunks, ref_chunks, strict=True):
             rows = np.arange(len(logp))

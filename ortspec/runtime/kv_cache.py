@@ -16,6 +16,10 @@ import onnxruntime as ort
 from .graph_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
 
+class CacheStateError(RuntimeError):
+    """Internal error: a cache no longer holds the sequence the decoding loop expects (a bug, never bad input)."""
+
+
 class KVCache(ABC):
     """KV state of one decoder: how many positions it holds, and how to bind it for the next call."""
 
@@ -39,7 +43,10 @@ class KVCache(ABC):
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (rejected drafts)."""
         if not 0 <= length <= self._length:
-            raise ValueError(f"cannot truncate a cache of {self._length} positions to {length}")
+            raise CacheStateError(
+                f"internal error: cannot truncate a cache of {self._length} positions to {length}; "
+                "this is a bug in ortspec, please report it"
+            )
         if length != self._length:
             self._drop_after(length)
             self._length = length

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,7 +19,7 @@ from .calibration import Calibration, measure
 from .calibration import calibration_key as calibration_key_for
 from .calibration_store import calibration_files, load_calibration, save_calibration
 from .chat import Message, render_chat
-from .decoder import ContextLengthError, Decoder
+from .decoder import ContextLengthError, DecoderState, Model
 from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
 from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
 from .options import GenerationConfig, check_text
@@ -25,12 +27,14 @@ from .sampling import SamplingConfig
 from .session import resolve_providers
 from .speculative import (
     AutoDraftLength,
+    AutoMemo,
     AutoState,
     DraftLength,
     LoopStats,
     TokenChooser,
     speculative_decode,
 )
+from .state_pool import DEFAULT_IDLE_STATES, StatePool
 from .suffix import SuffixMemory, SuffixProposer
 from .tokenizer import TextAssembler, TextTokenizer
 
@@ -72,18 +76,34 @@ class GenerationResult:
     stats: GenerationStats
 
 
-class TextStream:
-    """Iterator of text deltas from `Pipeline.stream`; `.result` holds the full result once exhausted."""
+Events = Generator[tuple[str, GenerationResult | None], None, None]  # text deltas, then ("", the result)
 
-    def __init__(self, deltas: Iterator[str]) -> None:
-        self._deltas = deltas
+
+class TextStream:
+    """Iterator of text deltas from `Pipeline.stream`; `.result` holds the full result once exhausted.
+
+    Each stream decodes in states of its own: streams advanced in turns, or alongside `generate`
+    calls, do not affect one another. `close()` (or dropping the stream) ends it early.
+    """
+
+    def __init__(self, events: Events) -> None:
+        self._events = events  # held directly, no cycle: a dropped stream ends (and frees its states) at once
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        for delta, result in self._events:
+            if result is not None:
+                self.result = result
+            elif delta:
+                return delta
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop generating and hand the stream's decoder states back to the pipeline."""
+        self._events.close()
 
     def close(self) -> None:
         """Stop the generation here (a server whose client left); iterating further raises StopIteration."""
@@ -91,19 +111,31 @@ class TextStream:
 
 
 class Pipeline:
-    """A loaded deployment package: target, optional draft and tokenizer, ready to generate."""
+    """A loaded deployment package: target, optional draft and tokenizer, ready to generate.
+
+    Thread-safe: any number of threads may call `generate`, `stream` and `chat` on one pipeline at
+    once. The models (`target`, `draft`: sessions and weights) are shared; each generation takes
+    decoder states of its own (KV cache, position, drafter) from `target_states` / `draft_states`
+    and returns them when it ends, and the pools keep up to `idle_states` of each for reuse. What
+    generations learn from one another (auto γ's estimates, suffix drafting's memory) is shared
+    under locks. For direct model calls, `pipe.target.new_state()` gives a sequence of your own.
+    """
 
     def __init__(
         self,
         manifest: Manifest,
-        target: Decoder,
-        draft: Decoder | None,
+        target: Model,
+        draft: Model | None,
         tokenizer: TextTokenizer,
         calibration_key: str = "",
+        idle_states: int = DEFAULT_IDLE_STATES,
     ) -> None:
         self.manifest = manifest
         self.target = target
         self.draft = draft
+        self.target_states = StatePool(target, idle_states)
+        self.draft_states = StatePool(draft, idle_states) if draft is not None else None
+        self._lock = threading.Lock()  # calibration (measured once) and auto γ's shared state
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(manifest.tokenizer.eos_token_ids)
         self._shared_vocab = manifest.compatibility.get("shared_vocab_size")
@@ -114,13 +146,18 @@ class Pipeline:
         self.on_calibrate: Callable[[str], None] | None = None
         self.calibration_file: Path | None = None  # where the last measured calibration was stored (None: nowhere)
         self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
-        self._auto: dict[tuple[str, int], AutoDraftLength] = {}
+        self._auto: dict[tuple[str, int], tuple[Calibration, AutoMemo]] = {}  # its cached per-context choices
         # what draft="suffix" keeps across generations: earlier outputs (bounded) and its confidence table
         self.suffix_memory = SuffixMemory()
 
     def calibration(self, remeasure: bool = False, max_gamma: int = 8) -> Calibration:
         """This machine's step costs for the package, measured on first use and stored beside the
-        manifest (in the user cache where the package cannot hold them)."""
+        manifest (in the user cache where the package cannot hold them). Threads asking at once wait for
+        one measurement."""
+        with self._lock:
+            return self._calibrated(remeasure, max_gamma)
+
+    def _calibrated(self, remeasure: bool, max_gamma: int) -> Calibration:
         if self._calibration is None or remeasure:
             files = calibration_files(self.manifest)
             problem = partial(self._tell, problem=True)
@@ -157,12 +194,12 @@ class Pipeline:
                 # on them), only on the stored calibration and this generation's acceptance.
                 return AutoDraftLength(calibration, AutoState(), **costs, learn_timings=False, scored=scored)
             key = (drafter, config.draft_tokens_max)
-            auto = self._auto.get(key)
-            if auto is None or auto.calibration is not calibration:  # reuse its cached per-context choices
+            with self._lock:
+                memo = self._auto.get(key)
+                if memo is None or memo[0] is not calibration:  # reuse the cached per-context choices
+                    memo = self._auto[key] = (calibration, AutoMemo())
                 state = self._auto_states.setdefault(drafter, AutoState())
-                auto = AutoDraftLength(calibration, state, **costs, scored=scored)
-                self._auto[key] = auto
-            return auto
+            return AutoDraftLength(calibration, state, **costs, scored=scored, memo=memo[1])
         return DraftLength(int(config.draft_tokens))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -196,76 +233,97 @@ class Pipeline:
                 f"(at most {max(limit - len(prompt_ids), 0)} new tokens fit)"
             )
 
-    def _proposer(self, config: GenerationConfig) -> tuple[Proposer | None, str]:
+    def _drafter(self, config: GenerationConfig) -> str:
+        """Which drafter a generation uses: "model", "head", "ngram", "suffix" or "none"."""
         if not config.use_draft:
-            return None, "none"
+            return "none"
         drafter = config.draft or ("model" if self.draft is not None else "suffix")
         if drafter == "model":
             if self.draft is None:
                 raise ValueError(
                     "the package has no draft model: export one with --draft, or use draft='suffix' or 'ngram'"
                 )
-            if self.draft.spec.is_head:
-                return FeatureHeadProposer(self.draft, self.target, self._shared_vocab, config.draft_min_prob), "head"
-            return DraftModelProposer(self.draft, self._shared_vocab, config.draft_min_prob), "model"
-        if drafter == "ngram":
-            return NgramProposer(config.max_ngram_size), "ngram"
-        if drafter == "suffix":  # seeded sampling drafts from this sequence alone: the same seed, the same text
-            return SuffixProposer(SuffixMemory() if _reproducible(config) else self.suffix_memory), "suffix"
-        return None, "none"
+            return "head" if self.draft.spec.is_head else "model"
+        return drafter
 
-    def _start(self, prompt: Prompt, options: dict[str, Any]) -> Iterator[tuple[str, GenerationResult | None]]:
+    def _proposer(
+        self, config: GenerationConfig, drafter: str, target: DecoderState, draft: DecoderState | None
+    ) -> Proposer | None:
+        """One generation's proposer, drafting with its own `draft` state (and `target`'s features)."""
+        if drafter == "head":
+            return FeatureHeadProposer(draft, target, self._shared_vocab, config.draft_min_prob)
+        if drafter == "model":
+            return DraftModelProposer(draft, self._shared_vocab, config.draft_min_prob)
+        if drafter == "ngram":
+            return NgramProposer(config.max_ngram_size)
+        if drafter == "suffix":  # seeded sampling drafts from this sequence alone: the same seed, the same text
+            return SuffixProposer(SuffixMemory() if _reproducible(config) else self.suffix_memory)
+        return None
+
+    @contextmanager
+    def _states(self, drafter: str) -> Iterator[tuple[DecoderState, DecoderState | None]]:
+        """A target state, and a draft state for drafters that are models, for one generation."""
+        with self.target_states.state() as target:
+            if drafter not in DRAFT_MODELS or self.draft_states is None:
+                yield target, None
+                return
+            with self.draft_states.state() as draft:
+                yield target, draft
+
+    def _start(self, prompt: Prompt, options: dict[str, Any]) -> Events:
         """Check everything up front (so errors surface at the call, even for `stream`), then return the
         generation, a generator that has not started."""
         config = GenerationConfig.from_options(options)
         prompt_ids = self._prompt_ids(prompt)
         self._check_lengths(prompt_ids, config.max_new_tokens)
-        proposer, drafter = self._proposer(config)
+        drafter = self._drafter(config)
         # γ's policy now, not inside the timed generation: auto may have to calibrate first
-        draft_length = self._draft_length(config, drafter) if proposer is not None else None
+        draft_length = self._draft_length(config, drafter) if drafter != "none" else None
         chooser = TokenChooser(_sampling(config), np.random.default_rng(config.seed))
-        return self._generate(prompt_ids, config, chooser, proposer, drafter, draft_length)
+        return self._generate(prompt_ids, config, chooser, drafter, draft_length)
 
     def _generate(
         self,
         prompt_ids: list[int],
         config: GenerationConfig,
         chooser: TokenChooser,
-        proposer: Proposer | None,
         drafter: str,
         draft_length: DraftLength | AutoDraftLength | None,
-    ) -> Iterator[tuple[str, GenerationResult | None]]:
-        """Yield (text delta, None) as tokens are committed, then ("", the result)."""
+    ) -> Events:
+        """Yield (text delta, None) as tokens are committed, then ("", the result). Decodes in states of
+        its own, taken when it starts and handed back when it ends, is closed or is collected."""
         loop = LoopStats()
         text = TextAssembler(self.tokenizer.stream(), config.stop)
         ids: list[int] = []
-        start = time.perf_counter()
-        first_token_at = None
-        rounds = speculative_decode(
-            self.target,
-            prompt_ids,
-            config.max_new_tokens,
-            self.eos_token_ids,
-            chooser,
-            proposer,
-            draft_length,
-            loop,
-        )
-        for chunk in rounds:
-            first_token_at = first_token_at or time.perf_counter()
-            for token in chunk:
-                ids.append(token)
-                if text.push(token):
-                    loop.finish_reason = "stop"
+        with self._states(drafter) as (target, draft):
+            start = time.perf_counter()
+            first_token_at = None
+            proposer = self._proposer(config, drafter, target, draft)
+            rounds = speculative_decode(
+                target,
+                prompt_ids,
+                config.max_new_tokens,
+                self.eos_token_ids,
+                chooser,
+                proposer,
+                draft_length,
+                loop,
+            )
+            for chunk in rounds:
+                first_token_at = first_token_at or time.perf_counter()
+                for token in chunk:
+                    ids.append(token)
+                    if text.push(token):
+                        loop.finish_reason = "stop"
+                        break
+                if loop.finish_reason == "stop":
+                    rounds.close()
                     break
-            if loop.finish_reason == "stop":
-                rounds.close()
-                break
-            if delta := text.delta():
-                yield delta, None
+                if delta := text.delta():
+                    yield delta, None
+            if proposer is not None:
+                proposer.learn(prompt_ids, ids)
         text.finish()
-        if proposer is not None:
-            proposer.learn(prompt_ids, ids)
         if delta := text.delta(final=True):
             yield delta, None
         seconds = time.perf_counter() - start
@@ -299,24 +357,18 @@ class Pipeline:
         `GenerationConfig` (max_new_tokens, use_draft, draft_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ...).
         """
-        for _, result in self._start(prompt, options):
-            if result is not None:
-                return result
+        events = self._start(prompt, options)
+        try:
+            for _, result in events:
+                if result is not None:
+                    return result
+        finally:
+            events.close()
         raise AssertionError("generation ended without a result")
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Like `generate`, but yields text deltas as tokens are committed; see `TextStream.result`."""
-        events = self._start(prompt, options)
-
-        def deltas() -> Iterator[str]:
-            for delta, result in events:
-                if result is not None:
-                    text_stream.result = result
-                elif delta:
-                    yield delta
-
-        text_stream = TextStream(deltas())
-        return text_stream
+        return TextStream(self._start(prompt, options))
 
     def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template (as transformers renders it)."""
@@ -354,6 +406,7 @@ def load(
     draft_threads: int | None = None,
     max_length: int | None = None,
     verify: bool = True,
+    idle_states: int = DEFAULT_IDLE_STATES,
 ) -> Pipeline:
     """Open a deployment package written by `ortspec export`.
 
@@ -363,21 +416,23 @@ def load(
     1: a draft small enough to pay is faster on one thread than synchronising a pool, and leaves the
     other cores' pool threads to the target; the draft's pool never spins); `max_length` caps prompt +
     new tokens (default: the model's maximum, at most 4096; the shared KV buffers are allocated for
-    it); `verify=False` skips the sha256 check (sizes are always checked).
+    it); `verify=False` skips the sha256 check (sizes are always checked). Each generation running at
+    once has KV buffers of its own; `idle_states` bounds how many of them per model are kept for
+    reuse when no generation holds them.
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
     head = manifest.draft is not None and manifest.draft.is_head
-    target = Decoder.load(manifest.target, root, providers, threads, max_length, keep_hidden=head)
+    target = Model.load(manifest.target, root, providers, threads, max_length, keep_hidden=head)
     draft = None
     if manifest.draft is not None:
         draft_threads = draft_threads or DEFAULT_DRAFT_THREADS
         draft_providers = draft_providers or providers
-        draft = Decoder.load(
+        draft = Model.load(
             manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False, keep_hidden=head
         )
     key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
     tokenizer = TextTokenizer(
         manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others
-    return Pipeline(manifest, target, draft, tokenizer, key)
+    return Pipeline(manifest, target, draft, tokenizer, key, idle_states)

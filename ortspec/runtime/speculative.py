@@ -2,7 +2,9 @@
 
 The target cache always holds every committed token but the last. A round feeds the target
 [last committed, d1..dγ]; its logits at those γ+1 positions judge d1..dγ and give one token of its
-own after the accepted prefix. Both caches are then rolled back to the committed sequence.
+own after the accepted prefix. Both caches are then rolled back to the committed sequence, and each
+round checks that they hold it (as llama.cpp's explicit `seq_rm` does): a cache out of step with
+the sequence raises `CacheStateError` instead of decoding on from the wrong context.
 With no proposer (or γ = 0) the same loop is plain decoding: one token per target call.
 
 Greedy decoding keeps the longest prefix equal to the target's argmax choices. Sampling uses the
@@ -13,6 +15,7 @@ accepted draw the bonus token from p_{γ+1}. The output distribution is exactly 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .calibration import Calibration, best_gamma, best_prefix, predicted_speedup
-from .decoder import Decoder
+from .decoder import DecoderState
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
 
@@ -144,12 +147,25 @@ class RoundCosts:
 
 @dataclass
 class AutoState:
-    """What auto γ learns about one pipeline and drafter, kept across its generations."""
+    """What auto γ learns about one pipeline and drafter, kept across its generations (concurrent ones
+    too: they update it under `lock`)."""
 
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     costs: RoundCosts = field(default_factory=RoundCosts)
     plain_ms_since_probe: float = 0.0  # calibrated time of the plain rounds since the last drafted one
     probe_ms: float | None = None  # what a probe round was seen to cost beyond a plain round (running mean)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+@dataclass
+class AutoMemo:
+    """Auto γ's per-context choices, pure functions of one calibration: shared by the generations that
+    use it (a race only computes an entry twice, to the same value)."""
+
+    rounds: dict[int, list[float]] = field(default_factory=dict)  # bucket -> ms of a round with γ = 0..max drafts
+    catch_up: dict[int, float] = field(default_factory=dict)  # bucket -> ms per token the draft catches up on
+    choices: dict[tuple[float, int, float], int] = field(default_factory=dict)
+    can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
 
 class AutoDraftLength:
@@ -166,6 +182,9 @@ class AutoDraftLength:
     With `scored`, the proposer is free and gives each token its own chance of acceptance
     (`Proposal.confidence`): it is asked for up to `max_gamma` tokens every round, and `choose` sends
     the prefix with the best predicted throughput on the same round costs (none unless it gains 5%).
+
+    One instance serves one generation; `state` (what is learned) and `memo` (cached choices) may be
+    shared across generations.
     """
 
     PROBE_SHARE = 0.01
@@ -179,6 +198,7 @@ class AutoDraftLength:
         max_gamma: int | None = None,
         learn_timings: bool = True,
         scored: bool = False,
+        memo: AutoMemo | None = None,
     ) -> None:
         self.calibration = calibration
         self.state = state
@@ -186,21 +206,19 @@ class AutoDraftLength:
         self.scored = scored  # the proposer scores each token: ask for the most, send the best prefix
         self.learn_timings = learn_timings  # False: choices follow the calibration alone (reproducible)
         self.max_gamma = min(max_gamma or calibration.max_gamma, calibration.max_gamma)
-        self._rounds: dict[int, list[float]] = {}  # bucket -> ms of a round with γ = 0..max drafts
-        self._catch_up: dict[int, float] = {}  # bucket -> ms per token the draft catches up on
-        self._choices: dict[tuple[float, int, float], int] = {}
-        self._can_pay: dict[tuple[int, float], bool] = {}
+        self.memo = memo if memo is not None else AutoMemo()
         self._probing = False
 
     def _center(self, bucket: int) -> int:
         return bucket * self.BUCKET + self.BUCKET // 2
 
     def _costs(self, bucket: int) -> list[float]:
-        if bucket not in self._rounds:
+        memo = self.memo
+        if bucket not in memo.rounds:
             context = self._center(bucket)
-            self._rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
-            self._catch_up[bucket] = self.calibration.catch_up(1, context) if self.draft_cost else 0.0
-        return self._rounds[bucket]
+            memo.catch_up[bucket] = self.calibration.catch_up(1, context) if self.draft_cost else 0.0
+            memo.rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
+        return memo.rounds[bucket]
 
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
@@ -210,20 +228,22 @@ class AutoDraftLength:
             return self.max_gamma
         bucket = context // self.BUCKET
         rounds = self._costs(bucket)
-        alpha, slowdown = round(self.state.estimate.alpha, 2), round(self.state.costs.slowdown * 20) / 20
-        key = (alpha, bucket, slowdown)
-        if key not in self._choices:
-            self._choices[key] = best_gamma(alpha, rounds, slowdown)
-        gamma = self._choices[key]
-        catch_up_ms = pending * self._catch_up[bucket]
-        if gamma and (pending <= 2 or self._saving_ms(alpha, gamma, rounds, remaining, slowdown) >= catch_up_ms):
-            self.state.plain_ms_since_probe = 0.0
-            return gamma
-        self.state.plain_ms_since_probe += rounds[0]
-        probe_ms = self.state.probe_ms if self.state.probe_ms is not None else catch_up_ms + rounds[1] - rounds[0]
-        if self.state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not self._can_pay_at(bucket, slowdown):
-            return 0
-        self.state.plain_ms_since_probe = 0.0
+        state, choices = self.state, self.memo.choices
+        with state.lock:
+            alpha, slowdown = round(state.estimate.alpha, 2), round(state.costs.slowdown * 20) / 20
+            key = (alpha, bucket, slowdown)
+            if key not in choices:
+                choices[key] = best_gamma(alpha, rounds, slowdown)
+            gamma = choices[key]
+            catch_up_ms = pending * self.memo.catch_up[bucket]
+            if gamma and (pending <= 2 or self._saving_ms(alpha, gamma, rounds, remaining, slowdown) >= catch_up_ms):
+                state.plain_ms_since_probe = 0.0
+                return gamma
+            state.plain_ms_since_probe += rounds[0]
+            probe_ms = state.probe_ms if state.probe_ms is not None else catch_up_ms + rounds[1] - rounds[0]
+            if state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not self._can_pay_at(bucket, slowdown):
+                return 0
+            state.plain_ms_since_probe = 0.0
         self._probing = True
         return 1
 
@@ -243,26 +263,30 @@ class AutoDraftLength:
     def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
         """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
         key = (bucket, slowdown)
-        if key not in self._can_pay:
-            self._can_pay[key] = best_gamma(0.99, self._costs(bucket), slowdown) > 0
-        return self._can_pay[key]
+        can_pay = self.memo.can_pay
+        if key not in can_pay:
+            can_pay[key] = best_gamma(0.99, self._costs(bucket), slowdown) > 0
+        return can_pay[key]
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted:
-            self.state.estimate.update(drafted, accepted)
+            with self.state.lock:
+                self.state.estimate.update(drafted, accepted)
 
     def observe(self, drafted: int, measured_ms: float, context: int) -> None:
         """Wall time of a whole round with `drafted` drafts, start to start of the next."""
         if not self.learn_timings:
             return
         rounds = self._costs(context // self.BUCKET)
-        if self._probing and drafted:  # its catch-up included: what probing really costs
-            self._probing = False
-            extra = max(measured_ms - rounds[0], 0.0)
-            previous = self.state.probe_ms
-            self.state.probe_ms = extra if previous is None else previous + 0.25 * (extra - previous)
-            return
-        self.state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
+        state = self.state
+        with state.lock:
+            if self._probing and drafted:  # its catch-up included: what probing really costs
+                self._probing = False
+                extra = max(measured_ms - rounds[0], 0.0)
+                previous = state.probe_ms
+                state.probe_ms = extra if previous is None else previous + 0.25 * (extra - previous)
+                return
+            state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
 
 
 def accept_probability(p: float, q: float) -> float:
@@ -297,7 +321,7 @@ def verify(proposal: Proposal, logits: np.ndarray, tokens: Sequence[int], choose
 
 
 def speculative_decode(
-    target: Decoder,
+    target: DecoderState,
     prompt: Sequence[int],
     max_new_tokens: int,
     eos_token_ids: Collection[int],
@@ -342,6 +366,7 @@ def speculative_decode(
         if stats.finish_reason:
             return
         target.truncate(len(tokens) - 1)
+        target.check(tokens, 0, len(tokens) - 1)
         now = time.perf_counter()
         if last_round is not None:  # its whole cycle: catch-up, calls, verification, the consumer's work
             draft_length.observe(last_round[1], (now - last_round[0]) * 1000, len(tokens))

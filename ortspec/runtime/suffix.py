@@ -11,6 +11,7 @@ the prefix with the best expected throughput on this machine's calibrated round 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -86,15 +87,18 @@ class ConfidenceBuckets:
 @dataclass
 class SuffixMemory:
     """What suffix drafting keeps across one pipeline's generations: earlier outputs (bounded; the
-    oldest are evicted first) and how often each evidence class of drafts was accepted."""
+    oldest are evicted first) and how often each evidence class of drafts was accepted. Concurrent
+    generations share it: every use holds `lock`."""
 
     pool: TokenIndex = field(default_factory=lambda: TokenIndex(POOL_TOKENS))
     confidence: ConfidenceBuckets = field(default_factory=ConfidenceBuckets)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def remember(self, prompt: Sequence[int], output: Sequence[int]) -> None:
         """Pool a finished generation's output, with the end of its prompt as the context it began in."""
         if output:
-            self.pool.add([*prompt[-LEAD:], *output])
+            with self.lock:
+                self.pool.add([*prompt[-LEAD:], *output])
 
 
 @dataclass
@@ -138,13 +142,14 @@ class SuffixProposer:
             return
         position, candidate = self._latest
         self._latest = None
-        for offset, (draft, index) in enumerate(zip(candidate.tokens, candidate.buckets, strict=True)):
-            if position + offset >= len(tokens):
-                break
-            accepted = tokens[position + offset] == draft
-            self.memory.confidence.observe(index, accepted)
-            if not accepted:
-                break
+        with self.memory.lock:
+            for offset, (draft, index) in enumerate(zip(candidate.tokens, candidate.buckets, strict=True)):
+                if position + offset >= len(tokens):
+                    break
+                accepted = tokens[position + offset] == draft
+                self.memory.confidence.observe(index, accepted)
+                if not accepted:
+                    break
 
     def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
         self.memory.remember(prompt, output)
@@ -153,8 +158,9 @@ class SuffixProposer:
         if len(tokens) < self._local.tokens:  # not the sequence indexed so far: start over
             self._local = TokenIndex()
         self._local.extend(tokens[self._local.tokens :])
-        local = self._candidate(self._local, tokens, count, LOCAL)
-        pooled = self._candidate(self.memory.pool, tokens, count, POOL)
+        with self.memory.lock:
+            local = self._candidate(self._local, tokens, count, LOCAL)
+            pooled = self._candidate(self.memory.pool, tokens, count, POOL)
         best = pooled if expected_tokens(pooled.chances) > expected_tokens(local.chances) else local
         self._latest = (len(tokens), best)
         keep, reach = 0, 1.0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...runtime.decoder import Decoder
+from ...runtime.decoder import DecoderState, Model
 from ...runtime.manifest import load_manifest
 
 CHUNK = 256  # tokens per target call while reading a sequence
@@ -54,13 +54,14 @@ class FeatureStore:
         return [data[start : start + rows] for start, rows in self.index]
 
 
-def open_feature_reader(package: Path, threads: int | None, max_length: int) -> Decoder:
-    """The exported target, keeping its hidden_states output."""
+def open_feature_reader(package: Path, threads: int | None, max_length: int) -> DecoderState:
+    """A sequence on the exported target, keeping its hidden_states output."""
     manifest = load_manifest(package, verify=False)
-    return Decoder.load(manifest.target, manifest.root, threads=threads, max_length=max_length, keep_hidden=True)
+    model = Model.load(manifest.target, manifest.root, threads=threads, max_length=max_length, keep_hidden=True)
+    return model.new_state()
 
 
-def sequence_features(target: Decoder, tokens: Sequence[int]) -> np.ndarray:
+def sequence_features(target: DecoderState, tokens: Sequence[int]) -> np.ndarray:
     """[len(tokens), hidden] final features of every position of `tokens`."""
     target.reset()
     parts = []
@@ -73,7 +74,7 @@ def sequence_features(target: Decoder, tokens: Sequence[int]) -> np.ndarray:
 def fill_features(
     store: FeatureStore,
     sequences: Sequence[Sequence[int]],
-    target: Decoder,
+    target: DecoderState,
     on_sequence: Callable[[int], None] = lambda tokens: None,
 ) -> None:
     """Compute and store the features of every sequence the store does not hold yet (in order)."""
