@@ -831,7 +831,7 @@ def info(package: str, as_json: bool, verify: bool) -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Slots: generations running at once. Each slot loads its own copy of the package for now.",
+    help="Slots: generations running at once (on one shared copy of the package; each has its own KV cache).",
 )
 @click.option(
     "--max-queue", type=click.IntRange(min=0), default=16, show_default=True, help="Requests waiting; beyond, 429."

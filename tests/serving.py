@@ -58,22 +58,21 @@ class Slowed:
     def stream(self, prompt: Any, **options: Any) -> TextStream:
         inner = self.pipe.stream(prompt, **options)
 
-        def deltas() -> Iterator[str]:
+        def events() -> Iterator[tuple[str, Any]]:
             done = False
             try:
                 for delta in inner:
                     time.sleep(self.delay)
-                    yield delta
-                outer.result = inner.result
+                    yield delta, None
                 done = True
                 self.finished += 1
+                yield "", inner.result
             finally:
                 inner.close()
                 if not done:
                     self.closed_early += 1
 
-        outer = TextStream(deltas())
-        return outer
+        return TextStream(events())
 
 
 def wait_until(condition: Any, timeout: float = 10.0) -> bool:

@@ -194,6 +194,7 @@ def test_timeouts(pipes):
             lines = [line for line in streamed.iter_lines() if line]
         assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "timeout"
         # a slot is free only once its thread lets go: a round of 2 s holds it past its request's timeout
+        assert wait_until(lambda: http.get("/health").json() == _idle(1))  # the generations above have let go
         slowed.delay = 2.0
         with ThreadPoolExecutor(1) as pool:
             holder = pool.submit(http.post, "/v1/completions", json={**HOLD, "stream": False})

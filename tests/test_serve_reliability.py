@@ -44,8 +44,8 @@ def ask(client: Any, prompt: str, mode: int) -> str:
 
 
 def test_load_16_clients_x_20_requests(pipes):
-    """All succeed, and each greedy output is the one the same request gets alone. γ is fixed: auto γ would
-    choose per slot from its own timings, and a near-tie could then flip a token legitimately."""
+    """All succeed, and each greedy output is the one the same request gets alone. γ is fixed: auto γ
+    chooses from timings, which vary from run to run, and a near-tie could then flip a token legitimately."""
     cases = [(prompt, mode) for prompt in PROMPTS for mode in range(4)]
     with running(pipes, defaults={"draft_tokens": 2}) as url:
         client = client_for(url)

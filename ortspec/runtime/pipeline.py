@@ -105,10 +105,6 @@ class TextStream:
         """Stop generating and hand the stream's decoder states back to the pipeline."""
         self._events.close()
 
-    def close(self) -> None:
-        """Stop the generation here (a server whose client left); iterating further raises StopIteration."""
-        self._deltas.close()
-
 
 class Pipeline:
     """A loaded deployment package: target, optional draft and tokenizer, ready to generate.

@@ -26,7 +26,7 @@ def serve(
     import uvicorn
 
     pipelines = load_pipelines(package, parallel, **(load_options or {}))
-    for pipe in pipelines:  # measured (or read) now, not inside the first requests
+    for pipe in dict.fromkeys(pipelines):  # measured (or read) now, not inside the first requests
         pipe.on_calibrate = report
         pipe.calibration()
     report(f"serving {settings.model!r} from {package} on http://{host}:{port}/v1 ({parallel} slot(s))")

@@ -27,7 +27,7 @@ class Replica:
 
     def __init__(self, package: str, settings: ServeSettings, parallel: int, load_options: dict[str, Any]) -> None:
         pipelines = load_pipelines(package, parallel, **load_options)
-        for pipe in pipelines:  # auto γ's step costs: read (or measured) now, not inside the first requests
+        for pipe in dict.fromkeys(pipelines):  # auto γ's step costs: read (or measured) now, not in a request
             pipe.calibration()
         self._app = create_app(pipelines, settings)
 

@@ -1,4 +1,4 @@
-"""Slots: N pipelines, each running one generation at a time in a worker thread, behind a bounded queue.
+"""Slots: N generations at a time, each in a worker thread, behind a bounded queue.
 
 A generation runs the blocking `Pipeline.stream` in a thread and hands its text deltas to the event
 loop through an asyncio queue. Closing the async iterator (the client left, the request timed out)
@@ -26,14 +26,15 @@ Job = Callable[[Pipeline], TextStream]  # starts a generation on a slot's pipeli
 
 
 def load_pipelines(package: str | Path, parallel: int, **load_options: Any) -> list[Pipeline]:
-    """One pipeline per slot. A Pipeline holds one sequence and is not thread-safe, so each slot loads
-    its own (N x the memory); once pipelines are thread-safe, this becomes
-    `[load(package, **load_options)] * parallel`."""
-    return [load(package, **load_options) for _ in range(parallel)]
+    """The pipeline of each slot: one thread-safe Pipeline shared by all (the weights are loaded once,
+    each generation takes KV states of its own), keeping a state per slot for reuse."""
+    load_options.setdefault("idle_states", parallel)
+    return [load(package, **load_options)] * parallel
 
 
 class Slots:
-    """Hands pipelines to generations: at most one generation per pipeline, at most `max_queue` waiting."""
+    """Hands slots (a pipeline each, the same shared one or not) to generations: one generation per slot at
+    a time, at most `max_queue` waiting."""
 
     def __init__(self, pipelines: Sequence[Pipeline], max_queue: int) -> None:
         if not pipelines:
