@@ -42,7 +42,7 @@ MAX_SEQUENCE = 1024
 @dataclass(frozen=True)
 class DistillConfig:
     minutes: float = 60.0
-    data_share: float = 0.5  # of the budget spent making new chats (the rest: features and training)
+    data_share: float = 0.5  # of the budget spent making new chats with their features (the rest: training)
     text: tuple[str, ...] = ()  # local text files or directories to train on as well
     quantize: str = "int4"  # how the target is exported (features come from the graph that will serve)
     vocab: int = 4096  # tokens the head may propose: the most frequent in the data

@@ -66,6 +66,8 @@ def write_chats(
                     message = f"a chat writer process failed (exit code {failed[0]}; its error is above)"
                     raise RuntimeError(message) from None
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         for process in processes:
             if process.is_alive():
                 process.terminate()
@@ -75,8 +77,6 @@ def write_chats(
                 process.kill()
         chats.close()
         chats.cancel_join_thread()
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -100,9 +100,10 @@ def _writer(
     seeds = request_seeds(base_seed, writer, writers)
     for chat in self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens):
         while True:
+            if os.getppid() != parent:  # the parent was killed: nobody will read this
+                return
             try:
                 chats.put(chat, timeout=1.0)
                 break
             except queue.Full:
-                if os.getppid() != parent:  # the parent was killed: nobody will read this
-                    return
+                pass
