@@ -69,7 +69,14 @@ def _export_target(target: str, package: Path, quantize: str, report: Reporter) 
 
 
 def _make_chats(
-    store: SequenceStore, pipe: Any, package: Path, seed: int, count: int, deadline: float, config: DistillConfig
+    store: SequenceStore,
+    pipe: Any,
+    package: Path,
+    seed: int,
+    count: int,
+    deadline: float,
+    config: DistillConfig,
+    report: Reporter,
 ) -> None:
     """Append chats and their features to `store` until `count` exist or the deadline passes."""
     have = len(store)
@@ -77,14 +84,20 @@ def _make_chats(
         return
     writers = config.writers or default_writers(config.threads)
     chats = write_chats(pipe, package, seed + have, writers, config.threads, config.max_answer_tokens)
-    name = store.path.parent.name
+    name, tokens, started = store.path.parent.name, 0, time.monotonic()
     with closing(chats), _progress_bar(count if count < 10**6 else None, "chat", f"target writing {name}") as bar:
         bar.update(have)
         for item, features in chats:
             store.append(item, features)
+            tokens += len(item["tokens"])
             bar.update(1)
             if len(store) >= count or time.monotonic() >= deadline:
                 break
+    seconds = time.monotonic() - started
+    report(
+        f"{name}: {len(store) - have} new chats, {tokens:,} tokens with their features in {seconds:.0f} s "
+        f"({tokens / max(seconds, 1e-9):.0f} tok/s, {writers} writer{'s' if writers > 1 else ''})"
+    )
 
 
 def _text(store: SequenceStore, pipe: Any, paths: Sequence[str], length: int) -> None:
@@ -130,9 +143,9 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     held = SequenceStore(data / "held-out", cfg.hidden)
     if pipe.manifest.tokenizer.chat_template:
         held_out_deadline = start + max(30.0, config.minutes * 6)  # a tenth of the budget, at least 30 s
-        _make_chats(held, pipe, package, HELD_OUT_SEED, config.held_out, held_out_deadline, config)
+        _make_chats(held, pipe, package, HELD_OUT_SEED, config.held_out, held_out_deadline, config, report)
         data_deadline = start + config.minutes * 60 * config.data_share
-        _make_chats(chats, pipe, package, 0, config.max_chats or 10**9, data_deadline, config)
+        _make_chats(chats, pipe, package, 0, config.max_chats or 10**9, data_deadline, config, report)
     else:
         report("the target has no chat template: training on the local text (--text) alone")
     texts = SequenceStore(data / "text", cfg.hidden)
