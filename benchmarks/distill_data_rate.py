@@ -10,13 +10,17 @@ the same request seeds each time, alternated --rounds times so a shared machine'
 
     python benchmarks/distill_data_rate.py PACKAGE [--seconds 180] [--rounds 2] [--threads 2] [--writers 2]
 
-The rate counts the tokens of whole chats (prompt + answer) finished, over the time until the last one.
+The rate counts the tokens of whole chats (prompt + answer) finished, over the time until the last one;
+tok/cpu-s divides them by the CPU time of the trial (writers included, and the work after the
+deadline they are stopped in), a measure less swayed by other processes on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +67,12 @@ def written_chats(package: Path, threads: int, writers: int) -> Iterator[tuple[d
     yield from write_chats(pipe, package, 0, writers, threads, MAX_ANSWER_TOKENS)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the writers, once stopped)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def one_trial(package: Path, mode: str, seconds: float, threads: int, writers: int) -> dict[str, Any]:
     start = time.monotonic()
     chats = reread_chats(package, threads) if mode == "re-read" else written_chats(package, threads, writers)
@@ -77,12 +87,14 @@ def one_trial(package: Path, mode: str, seconds: float, threads: int, writers: i
             tokens, count, last = tokens + len(item["tokens"]), count + 1, now
     finally:
         chats.close()  # stops the writer processes
+    cpu = cpu_seconds()
     return {
         "mode": mode,
         "chats": count,
         "tokens": tokens,
         "seconds": last - start,
         "rate": tokens / max(last - start, 1e-9),
+        "cpu_rate": tokens / max(cpu, 1e-9),
     }
 
 
@@ -100,6 +112,7 @@ def main() -> None:
         return
     modes = ["re-read", "captured", f"writers={args.writers}"]
     rates: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_rates: dict[str, list[float]] = {m: [] for m in modes}
     print(f"{args.package}: {args.threads} threads, {args.seconds:.0f} s per trial, {args.rounds} rounds", flush=True)
     for round_ in range(args.rounds):
         for mode in modes:
@@ -109,9 +122,11 @@ def main() -> None:
             command += ["--threads", str(args.threads), "--writers", str(writers)]
             result = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
             rates[mode].append(result["rate"])
+            cpu_rates[mode].append(result["cpu_rate"])
             print(
                 f"round {round_ + 1} {mode:<10} {result['chats']:>4} chats {result['tokens']:>7,} tokens "
-                f"in {result['seconds']:6.1f} s: {result['rate']:6.1f} tok/s",
+                f"in {result['seconds']:6.1f} s: {result['rate']:6.1f} tok/s, {result['cpu_rate']:5.1f} tok/cpu-s "
+                f"(load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
     base = statistics.mean(rates["re-read"])
@@ -119,7 +134,7 @@ def main() -> None:
         r = rates[mode]
         print(
             f"{mode:<10} mean {statistics.mean(r):6.1f} tok/s (min {min(r):.1f}, max {max(r):.1f}), "
-            f"{statistics.mean(r) / base:.2f}x re-read"
+            f"{statistics.mean(r) / base:.2f}x re-read; {statistics.mean(cpu_rates[mode]):5.1f} tok/cpu-s"
         )
 
 
