@@ -227,6 +227,11 @@ def export(
     "--vocab", type=click.IntRange(min=16), default=4096, show_default=True, help="Tokens the head may propose."
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Threads of the target while making data (default: ORT's).")
+@click.option(
+    "--writers",
+    type=click.IntRange(min=1),
+    help="Processes writing chats at once, sharing the threads (default: one per core, or per --threads; at most 8).",
+)
 @_user_errors
 def distill(
     target: str,
@@ -237,12 +242,13 @@ def distill(
     quantize: str,
     vocab: int,
     threads: int | None,
+    writers: int | None,
 ) -> None:
     """Train a draft head (EAGLE-style) for TARGET, a model that has no draft, offline.
 
     TARGET is a Hugging Face checkpoint directory or hub id. The target writes its own training
-    chats (requests sampled from its chat template, answered greedily: on-policy data), reads them
-    once to keep its final features, and a one-layer head learns to continue those features. It
+    chats (requests sampled from its chat template, answered greedily: on-policy data), keeping its
+    final features as it writes, and a one-layer head learns to continue those features. It
     drafts from a subset of the vocabulary (--vocab most frequent tokens), which keeps a draft step
     at a few percent of a target step. The held-out agreement is printed at the end. Then:
 
@@ -258,7 +264,13 @@ def distill(
             f"`ortspec distill` needs the export extras ({exc.name} is missing): pip install 'ortspec[export]'"
         ) from exc
     config = DistillConfig(
-        minutes=minutes, data_share=data_share, text=text, quantize=quantize, vocab=vocab, threads=threads
+        minutes=minutes,
+        data_share=data_share,
+        text=text,
+        quantize=quantize,
+        vocab=vocab,
+        threads=threads,
+        writers=writers,
     )
     run_distill(target, out, config, report=lambda line: click.echo(line, err=True))
     click.echo(f"draft head written to {out}; use it: ortspec export {target} --draft {out} --out PACKAGE", err=True)

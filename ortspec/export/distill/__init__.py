@@ -2,12 +2,16 @@
 
 The steps, each resumable (an interrupted run picks up where it stopped):
 1. export the target alone (builder, quantized as it will be served) into OUT/target-package;
-2. data: the target writes chats to itself (OUT/data/chats.jsonl, see `data.py`), plus any local
-   text given; a held-out set of chats is made with other seeds and never trained on;
-3. features: the exported target reads every sequence once and keeps its final features;
-4. train the head (`train.py`) for the rest of the time budget; write OUT/head.json,
+2. data: the target writes chats to itself (see `data.py`) and keeps the final features of every
+   token as it writes (`features.py`); `writers` processes write at once (`writers.py`). A held-out
+   set of chats is made with other seeds and never trained on. Local text given is read once by
+   the target for its features;
+3. train the head (`train.py`) for the rest of the time budget; write OUT/head.json,
    OUT/head.safetensors and a model card;
-5. report the held-out acceptance by running the head in a package with the target.
+4. report the held-out acceptance by running the head in a package with the target.
+
+OUT/data holds one `SequenceStore` each for chats/, held-out/ and text/: the sequences and their
+features, always appended together.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,9 @@ import numpy as np
 from ..builder import weight_reader
 from ..builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
-from .data import append_jsonl, read_jsonl, self_instructed_chats, text_file_sequences
-from .features import FeatureStore, fill_features, open_feature_reader
+from .data import text_file_sequences
+from .features import SequenceStore, open_target, sequence_features
+from .writers import default_writers, write_chats
 
 Reporter = Callable[[str], None]
 HELD_OUT_SEED = 1_000_000
@@ -36,12 +42,13 @@ MAX_SEQUENCE = 1024
 @dataclass(frozen=True)
 class DistillConfig:
     minutes: float = 60.0
-    data_share: float = 0.5  # of the budget spent making new chats (the rest: features and training)
+    data_share: float = 0.5  # of the budget spent making new chats with their features (the rest: training)
     text: tuple[str, ...] = ()  # local text files or directories to train on as well
     quantize: str = "int4"  # how the target is exported (features come from the graph that will serve)
     vocab: int = 4096  # tokens the head may propose: the most frequent in the data
     held_out: int = 12  # held-out chats for the final measurement
     threads: int | None = None
+    writers: int | None = None  # processes writing chats at once (default: one per core or thread)
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
 
@@ -61,30 +68,48 @@ def _export_target(target: str, package: Path, quantize: str, report: Reporter) 
     export_pair(target, package, quantize=quantize, exporter="builder", report=lambda line: report("  " + line))
 
 
-def _make_chats(pipe: Any, path: Path, seed: int, count: int, deadline: float, config: DistillConfig) -> None:
-    """Append chats to `path` until `count` exist or the deadline passes."""
-    have = len(read_jsonl(path))
+def _make_chats(
+    store: SequenceStore,
+    pipe: Any,
+    package: Path,
+    seed: int,
+    count: int,
+    deadline: float,
+    config: DistillConfig,
+    report: Reporter,
+) -> None:
+    """Append chats and their features to `store` until `count` exist or the deadline passes."""
+    have = len(store)
     if have >= count or time.monotonic() >= deadline:
         return
-    with _progress_bar(count if count < 10**6 else None, "chat", f"target writing chats ({path.name})") as bar:
+    writers = config.writers or default_writers(config.threads)
+    chats = write_chats(pipe, package, seed + have, writers, config.threads, config.max_answer_tokens)
+    name, tokens, started = store.path.parent.name, 0, time.monotonic()
+    with closing(chats), _progress_bar(count if count < 10**6 else None, "chat", f"target writing {name}") as bar:
         bar.update(have)
-        chats = self_instructed_chats(pipe, 10**9, seed=seed + have, max_answer_tokens=config.max_answer_tokens)
-        for _ in append_jsonl(path, chats):
+        for item, features in chats:
+            store.append(item, features)
+            tokens += len(item["tokens"])
             bar.update(1)
-            if bar.n >= count or time.monotonic() >= deadline:
+            if len(store) >= count or time.monotonic() >= deadline:
                 break
+    seconds = time.monotonic() - started
+    report(
+        f"{name}: {len(store) - have} new chats, {tokens:,} tokens with their features in {seconds:.0f} s "
+        f"({tokens / max(seconds, 1e-9):.0f} tok/s, {writers} writer{'s' if writers > 1 else ''})"
+    )
 
 
-def _sequences(data: Path, config: DistillConfig, pipe: Any) -> list[list[int]]:
-    """Every training sequence: the chats, then the local text (cut to MAX_SEQUENCE tokens)."""
-    longest = min(MAX_SEQUENCE, pipe.target.max_length)
-    texts = data / "text.jsonl"
-    if config.text and not texts.is_file():
-        pieces = text_file_sequences(pipe, [Path(p) for p in config.text], min(512, longest))
-        for _ in append_jsonl(texts, pieces):
-            pass
-    items = read_jsonl(texts) + read_jsonl(data / "chats.jsonl")  # chats last: they may grow on a resumed run
-    return [item["tokens"][:longest] for item in items if len(item["tokens"]) >= 2]
+def _text(store: SequenceStore, pipe: Any, paths: Sequence[str], length: int) -> None:
+    """Cut the local text into sequences and store them with their features (resuming where it stopped)."""
+    pieces = list(text_file_sequences(pipe, [Path(p) for p in paths], length))[len(store) :]
+    if not pieces:
+        return
+    reader = pipe.target.new_state()
+    with _progress_bar(sum(len(p["tokens"]) for p in pieces), "tok", "target reading text") as bar:
+        for piece in pieces:
+            store.append(piece, sequence_features(reader, piece["tokens"]))
+            bar.update(len(piece["tokens"]))
 
 
 def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size: int) -> tuple[np.ndarray, float]:
@@ -95,22 +120,13 @@ def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size:
     return np.array(sorted(chosen), np.int64), covered
 
 
-def _features(store: FeatureStore, sequences: list[list[int]], package: Path, config: DistillConfig) -> None:
-    missing = sequences[len(store) :]
-    if not missing:
-        return
-    reader = open_feature_reader(package, config.threads, MAX_SEQUENCE)
-    with _progress_bar(sum(map(len, missing)), "tok", "target features") as bar:
-        fill_features(store, sequences, reader, bar.update)
-
-
 def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
     """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`."""
-    import ortspec
-
     from .head_model import FeatureHead, save_head_weights
     from .train import TrainConfig, answer_agreement, train_head
 
+    if config.writers is not None and config.writers < 1:
+        raise ValueError(f"writers must be at least 1, got {config.writers}")
     start = time.monotonic()
     deadline = start + config.minutes * 60
     out = Path(out)
@@ -118,36 +134,29 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     data.mkdir(parents=True, exist_ok=True)
     package = out / "target-package"
     _export_target(target, package, config.quantize, report)
-    pipe = ortspec.load(package, threads=config.threads, verify=False)
-
-    held_out_path = data / "held-out.jsonl"
-    if pipe.manifest.tokenizer.chat_template:
-        held_out_deadline = start + max(30.0, config.minutes * 6)  # a tenth of the budget, at least 30 s
-        _make_chats(pipe, held_out_path, HELD_OUT_SEED, config.held_out, held_out_deadline, config)
-        data_deadline = start + config.minutes * 60 * config.data_share
-        _make_chats(pipe, data / "chats.jsonl", 0, config.max_chats or 10**9, data_deadline, config)
-    else:
-        report("the target has no chat template: training on the local text (--text) alone")
-    sequences = _sequences(data, config, pipe)
-    if not sequences:
-        raise ValueError("no training data was made: raise --minutes or give --text")
-    held_items = read_jsonl(held_out_path)
-    held_out = [item["tokens"][: pipe.target.max_length] for item in held_items]
-    answer_starts = [
-        item.get("prompt_tokens") or len(pipe.chat_prompt([{"role": "user", "content": item["request"]}]))
-        for item in held_items
-    ]
-
     checkpoint = resolve_checkpoint(target)
     reader = weight_reader(checkpoint.path, checkpoint.config)
     cfg = reader.cfg
-    store = FeatureStore(data, cfg.hidden)
-    _features(store, sequences, package, config)
-    held_store = None
-    if held_out:
-        (data / "held-out").mkdir(exist_ok=True)
-        held_store = FeatureStore(data / "held-out", cfg.hidden)
-        _features(held_store, held_out, package, config)
+    pipe = open_target(package, config.threads, MAX_SEQUENCE)
+    longest = pipe.target.max_length
+
+    chats = SequenceStore(data / "chats", cfg.hidden)
+    held = SequenceStore(data / "held-out", cfg.hidden)
+    if pipe.manifest.tokenizer.chat_template:
+        held_out_deadline = start + max(30.0, config.minutes * 6)  # a tenth of the budget, at least 30 s
+        _make_chats(held, pipe, package, HELD_OUT_SEED, config.held_out, held_out_deadline, config, report)
+        data_deadline = start + config.minutes * 60 * config.data_share
+        _make_chats(chats, pipe, package, 0, config.max_chats or 10**9, data_deadline, config, report)
+    else:
+        report("the target has no chat template: training on the local text (--text) alone")
+    texts = SequenceStore(data / "text", cfg.hidden)
+    if config.text:
+        _text(texts, pipe, config.text, min(512, longest))
+    pairs = [(t, f) for t, f in texts.load() + chats.load() if len(t) >= 2]
+    if not pairs:
+        raise ValueError("no training data was made: raise --minutes or give --text")
+    sequences = [tokens for tokens, _ in pairs]
+    answer_starts = [item["prompt_tokens"] for item in held.items]
 
     subset, coverage = vocabulary_subset(sequences, config.vocab, cfg.vocab_size)
     subset_path = out / "vocab_subset.npy"
@@ -161,6 +170,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
 
     seconds = max(deadline - time.monotonic(), 10.0)
     token_arrays = [np.asarray(s, np.int64) for s in sequences]
+    features = [f for _, f in pairs]
     report(
         f"training the head on {sum(map(len, sequences)):,} tokens in {len(sequences)} sequences "
         f"for {seconds / 60:.1f} min (vocabulary subset {len(subset)} tokens, covering {coverage:.1%} of the data)"
@@ -172,11 +182,11 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
                 bar.set_postfix(loss=f"{loss:.3f}", agree=f"{agree:.2f}", refresh=False)
                 bar.update(min(round(progress.seconds), bar.total) - bar.n)
 
-        progress = train_head(head, token_arrays, store.load(), TrainConfig(seconds=seconds), out, on_step)
+        progress = train_head(head, token_arrays, features, TrainConfig(seconds=seconds), out, on_step)
     held_agreement = None
-    if held_store is not None:
-        held_tokens = [np.asarray(s, np.int64) for s in held_out]
-        held_agreement = answer_agreement(head, subset, held_tokens, held_store.load(), answer_starts)
+    if len(held):
+        held_tokens = [np.asarray(t, np.int64) for t, _ in held.load()]
+        held_agreement = answer_agreement(head, subset, held_tokens, [f for _, f in held.load()], answer_starts)
     save_head_weights(head, subset, out)
     training = {
         "target": str(target),

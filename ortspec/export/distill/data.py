@@ -4,15 +4,20 @@ A draft is judged by how often it guesses what the *target* will say, so the bes
 target's own output (on-policy, as DistillSpec recommends). With no dataset at hand, the target
 writes the prompts too: given only its chat template's opening of a user turn, an instruction-tuned
 model samples a plausible user request (the Magpie trick), and then answers it greedily, the way
-it will be asked to at serve time. Local text files (code, docs) can be added as well.
+it will be asked to at serve time, and the features of every token are kept as it goes. Local
+text files (code, docs) can be added as well.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from .features import greedy_answer
 
 MARK = "\x00ortspec-user-turn\x00"
 
@@ -26,37 +31,46 @@ def user_turn_opening(pipe: Any) -> list[int]:
     return pipe.tokenizer.encode(opening, add_special_tokens=False)
 
 
+def request_seeds(base: int, writer: int = 0, writers: int = 1) -> Iterator[int]:
+    """Seeds of the request attempts base * 1_000_003 + i, for i = writer, writer + writers, ...: writers
+    of one run share out the attempts, so no two sample the same request."""
+    return (base * 1_000_003 + i for i in itertools.count(writer, writers))
+
+
 def self_instructed_chats(
     pipe: Any,
-    count: int,
-    seed: int = 0,
+    seeds: Iterable[int],
     max_request_tokens: int = 80,
     max_answer_tokens: int = 256,
-) -> Iterator[dict[str, Any]]:
-    """`count` chats the target writes alone: a sampled user request, then its greedy answer.
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """Chats the target writes alone, one attempt per seed: a sampled user request, then its greedy answer.
 
-    Each item holds the request text, the token ids of the whole rendered chat (prompt + answer) and
-    how many of them are the prompt.
+    `pipe`'s target must keep its hidden states (`features.open_target`). Each chat comes with the
+    features of all its tokens (`features.greedy_answer`); its item holds the request text and seed,
+    the token ids of the whole rendered chat (prompt + answer) and how many of them are the prompt.
     """
     opening = user_turn_opening(pipe)
     room = pipe.target.max_length
-    for i in range(count):
+    writer = pipe.target.new_state()  # the answers' sequence (requests are sampled through `pipe`)
+    for seed in seeds:
         request = pipe.generate(
             opening,
             max_new_tokens=min(max_request_tokens, room - len(opening)),
             temperature=1.0,
             top_p=0.95,
-            seed=seed * 1_000_003 + i,
+            seed=seed,
             use_draft=False,
         )
         text = request.text.strip()
         if request.stats.finish_reason != "eos" or len(text) < 8:
             continue  # cut off or empty: not a request a user would send
         prompt = pipe.chat_prompt([{"role": "user", "content": text}])
-        if len(prompt) >= room:
+        if len(prompt) >= room - 1:  # room for one answer token and the step that reads it
             continue
-        answer = pipe.generate(prompt, max_new_tokens=min(max_answer_tokens, room - len(prompt)), use_draft=False)
-        yield {"request": text, "tokens": prompt + answer.token_ids, "prompt_tokens": len(prompt)}
+        max_new = min(max_answer_tokens, room - 1 - len(prompt))
+        answer, features = greedy_answer(writer, prompt, max_new, pipe.eos_token_ids)
+        item = {"request": text, "seed": seed, "tokens": prompt + answer, "prompt_tokens": len(prompt)}
+        yield item, features
 
 
 def text_file_sequences(pipe: Any, paths: Sequence[Path], length: int = 512) -> Iterator[dict[str, Any]]:
@@ -73,25 +87,3 @@ def text_file_sequences(pipe: Any, paths: Sequence[Path], length: int = 512) -> 
                 piece = ids[start : start + length]
                 if len(piece) >= 16:
                     yield {"source": str(file), "tokens": piece}
-
-
-def append_jsonl(path: Path, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Write each item as one JSON line as it comes (so an interrupted run keeps what it made)."""
-    with open(path, "a", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item) + "\n")
-            f.flush()
-            yield item
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Items of a JSONL file; a last line cut short by an interrupted run is skipped."""
-    if not path.is_file():
-        return []
-    items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return items

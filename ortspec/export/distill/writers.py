@@ -1,0 +1,109 @@
+"""Chats written by several processes at once.
+
+On a few CPU cores a single-row int4 decode step does not speed up with more threads (their
+synchronisation costs what the work gains), so N processes with a share of the threads each make
+more chats per second than one process with all of them. Each writer loads the package itself,
+samples requests from its own share of the seeds and sends (chat, features) back; only the parent
+writes them to disk, so the stores stay consistent. Ctrl-C and SIGTERM reach the parent, which stops
+its writers; a writer whose parent is gone stops after its current chat.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import request_seeds, self_instructed_chats
+from .features import open_target
+
+Chat = tuple[dict[str, Any], np.ndarray]
+MAX_DEFAULT_WRITERS = 8  # each writer holds its own copy of the target in memory
+
+
+def default_writers(threads: int | None) -> int:
+    """One writer per core (per thread when `threads` is given), at most MAX_DEFAULT_WRITERS."""
+    return max(1, min(threads or os.cpu_count() or 1, MAX_DEFAULT_WRITERS))
+
+
+def write_chats(
+    pipe: Any, package: Path, base_seed: int, writers: int, threads: int | None, max_answer_tokens: int
+) -> Iterator[Chat]:
+    """Chats with their features, endlessly: from `pipe` in this process when `writers` is 1, else from
+    `writers` processes with threads // writers threads each. Close the iterator to stop them."""
+    if writers == 1:
+        yield from self_instructed_chats(pipe, request_seeds(base_seed), max_answer_tokens=max_answer_tokens)
+        return
+    context = multiprocessing.get_context("spawn")
+    chats = context.Queue(maxsize=2 * writers)
+    each = max(1, (threads or os.cpu_count() or 1) // writers)
+    processes = [
+        context.Process(
+            target=_writer,
+            args=(str(package), each, pipe.target.max_length, base_seed, k, writers, max_answer_tokens, chats),
+            daemon=True,
+        )
+        for k in range(writers)
+    ]
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    try:
+        for process in processes:
+            process.start()
+        while True:
+            try:
+                yield chats.get(timeout=1.0)
+            except queue.Empty:
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if failed:
+                    message = f"a chat writer process failed (exit code {failed[0]}; its error is above)"
+                    raise RuntimeError(message) from None
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        chats.close()
+        chats.cancel_join_thread()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `write_chats`, which stops its writers
+
+
+def _writer(
+    package: str,
+    threads: int,
+    max_length: int,
+    base_seed: int,
+    writer: int,
+    writers: int,
+    max_answer_tokens: int,
+    chats: Any,
+) -> None:
+    """One writer process: chats from seeds writer, writer + writers, ... into the `chats` queue."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
+    parent = os.getppid()
+    pipe = open_target(Path(package), threads, max_length)
+    seeds = request_seeds(base_seed, writer, writers)
+    for chat in self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens):
+        while True:
+            if os.getppid() != parent:  # the parent was killed: nobody will read this
+                return
+            try:
+                chats.put(chat, timeout=1.0)
+                break
+            except queue.Full:
+                pass
