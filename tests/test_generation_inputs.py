@@ -9,6 +9,7 @@ import re
 import shutil
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -62,6 +63,19 @@ def test_non_finite_numbers_are_refused(pipe, package, name, value):
     flag = "--" + name.replace("_", "-")
     result = run("generate", package("llama", draft="close"), "x", "--max-new-tokens", "2", flag, str(value))
     assert result.exit_code == 2 and message in result.output
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    """1e-320 is finite and allowed: it must behave as the limit (greedy), not overflow to inf - inf."""
+    from ortspec.runtime.sampling import probabilities
+
+    logits = np.array([1.0, 3.0, 2.0, -5.0])
+    for temperature in (1e-320, 1e-30):
+        probs = probabilities(logits, SamplingConfig(temperature=temperature))
+        assert np.array_equal(probs, [0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(
+        probabilities(logits, SamplingConfig(temperature=0.7)), np.exp(logits / 0.7) / np.exp(logits / 0.7).sum()
+    )
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,8 @@ def probabilities(logits: np.ndarray, config: SamplingConfig, seen: Sequence[int
         probs = np.zeros_like(logits)
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    scaled = logits / config.temperature
+    with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, never inf - inf (NaN)
+        scaled = (logits - logits.max()) / config.temperature
     if 0 < config.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -config.top_k)[-config.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)
