@@ -211,3 +211,37 @@ def test_sigterm_stops_an_export_without_leftovers(checkpoint, tmp_path):
         child.kill()
     assert list(tmp_path.iterdir()) == []
     assert child.returncode == 1 and "Aborted" in output, output  # click's answer to Ctrl-C
+
+
+def test_a_second_first_run_of_the_cached_default_pair_waits_instead_of_failing(tmp_path, monkeypatch):
+    """Two `ortspec demo` / `generate` first runs at once: the one that finds the export claimed waits."""
+    from ortspec.export.publish import _claim
+    from ortspec.models.default_pair import default_package
+
+    monkeypatch.setenv("ORTSPEC_CACHE", str(tmp_path / "cache"))
+    messages: list[str] = []
+    outcome: list[object] = []
+
+    def first_run() -> None:
+        try:
+            outcome.append(default_package("none", report=messages.append))
+        except Exception as exc:  # the old behaviour: "another export is writing ..."
+            outcome.append(exc)
+
+    (tmp_path / "cache").mkdir()
+    thread = threading.Thread(target=first_run)
+    with _claim(_expected_default_out("none")):  # another process holds the export of that package
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not any("waiting" in m for m in messages) and not outcome and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not outcome, outcome  # neither failed nor finished while the claim is held
+    thread.join(timeout=120)
+    assert len(outcome) == 1 and isinstance(outcome[0], Path), outcome
+    assert (outcome[0] / "manifest.json").is_file()
+
+
+def _expected_default_out(quantize: str) -> Path:
+    from ortspec.models.default_pair import cache_dir, content_fingerprint, shipped_pair
+
+    return (cache_dir() / f"default-{quantize}-{content_fingerprint(shipped_pair())}").resolve()

@@ -31,6 +31,10 @@ class PackageExistsError(FileExistsError):
     """`--out` is taken: by something that may not be replaced, or by another export running now."""
 
 
+class ExportInProgressError(PackageExistsError):
+    """Another export is writing `--out` right now (it holds the claim)."""
+
+
 @contextmanager
 def staging_directory(out: str | Path, force: bool, report: Reporter = print) -> Iterator[tuple[Path, Path]]:
     """(package directory, scratch directory), hidden siblings of `out`; the package becomes `out` if the block
@@ -68,7 +72,7 @@ def _claim(out: Path) -> Iterator[None]:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             pid = f" (pid {holder})" if holder else ""
-            raise PackageExistsError(
+            raise ExportInProgressError(
                 f"another export{pid} is writing {out} right now; wait for it to end or choose another --out"
             ) from None
         try:

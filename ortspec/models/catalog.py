@@ -95,16 +95,18 @@ def catalog_package(
     name: str, quantize: str = "int4", rebuild: bool = False, report: Callable[[str], None] = print
 ) -> Path:
     """The model (with its shipped head as the draft, if any) as a package in the cache."""
-    from .default_pair import content_fingerprint
+    from .default_pair import content_fingerprint, export_once
 
     model = catalog_model(name)
     gguf = fetch_gguf(model, report)
     head = model.head
     tag = content_fingerprint((head,)) if head else "nohead"
     out = cache_dir() / f"{name}-{quantize}-{tag}"
-    if rebuild or not (out / "manifest.json").is_file():
+
+    def export() -> None:
         from ..export import export_pair
 
         report(f"exporting {model.description} ({quantize}) into {out} (once; reused afterwards)")
         export_pair(gguf, out, draft=head, quantize=quantize, force=True, report=report)
-    return out
+
+    return export_once(out, export, rebuild, report)

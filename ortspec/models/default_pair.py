@@ -4,6 +4,7 @@ into a user cache directory and reused."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +38,33 @@ def content_fingerprint(directories: tuple[Path, ...]) -> str:
     return digest.hexdigest()[:12]
 
 
+def export_once(out: Path, export: Callable[[], object], rebuild: bool, report: Callable[[str], None]) -> Path:
+    """The cached package `out`, exported by `export()` unless it is there; when another process is
+    exporting it right now (a second first run), wait for that one instead of failing."""
+    from ..export.publish import ExportInProgressError
+
+    waited = False
+    while rebuild or not (out / "manifest.json").is_file():
+        try:
+            export()
+            return out
+        except ExportInProgressError:
+            if not waited:
+                report(f"another process is exporting {out}; waiting for it to finish")
+            waited, rebuild = True, False  # what the other process writes is the rebuilt package
+            time.sleep(0.5)
+    return out
+
+
 def default_package(quantize: str = "int4", rebuild: bool = False, report: Callable[[str], None] = print) -> Path:
     """The default pair as a deployment package, exported on first use (no torch needed: the builder)."""
     pair = shipped_pair()
     out = cache_dir() / f"default-{quantize}-{content_fingerprint(pair)}"
-    if rebuild or not (out / "manifest.json").is_file():
+
+    def export() -> None:
         from ..export import export_pair
 
         report(f"exporting the default pair ({quantize}) into {out} (once; reused afterwards)")
         export_pair(pair[0], out, draft=pair[1], quantize=quantize, force=True, report=report)
-    return out
+
+    return export_once(out, export, rebuild, report)
