@@ -154,9 +154,9 @@ class DecoderState:
     or after rolling back below it). Each row of logits is then the one the sequence up to it gets.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, cache: KVCache | None = None) -> None:
         self.model = model
-        self.cache = model.new_cache()
+        self.cache = cache if cache is not None else model.new_cache()
         self._binding = self._new_binding()
         self.hidden = np.zeros((0, 0), np.float32)
         self.hidden_start = 0

@@ -134,10 +134,13 @@ class SharedBufferKVCache(KVCache):
         max_length: int,
         dtype: np.dtype,
         device: str = "cpu",
+        buffers: list[ort.OrtValue] | None = None,
     ) -> None:
         super().__init__(past_names, present_names)
         shape = [1, num_kv_heads, max_length, head_dim]
-        if device == "cpu":
+        if buffers is not None:  # one row of a batch's buffers (runtime/batching.py)
+            self.buffers = buffers
+        elif device == "cpu":
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for _ in past_names]
         else:
             self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in past_names]

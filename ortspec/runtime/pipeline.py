@@ -17,6 +17,7 @@ import numpy as np
 
 from .calibration import Calibration, measure
 from .calibration import calibration_key as calibration_key_for
+from .batching import BatchedModel, batch_problem
 from .calibration_store import calibration_files, load_calibration, save_calibration
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, DecoderState, Model
@@ -115,6 +116,9 @@ class Pipeline:
     and returns them when it ends, and the pools keep up to `idle_states` of each for reuse. What
     generations learn from one another (auto γ's estimates, suffix drafting's memory) is shared
     under locks. For direct model calls, `pipe.target.new_state()` gives a sequence of your own.
+
+    With `batch` (a `BatchedModel` of the target), generations running at once decode in its rows and
+    their one-token target steps share calls (continuous batching); `batch` is None where it is off.
     """
 
     def __init__(
@@ -125,11 +129,13 @@ class Pipeline:
         tokenizer: TextTokenizer,
         calibration_key: str = "",
         idle_states: int = DEFAULT_IDLE_STATES,
+        batch: BatchedModel | None = None,
     ) -> None:
         self.manifest = manifest
         self.target = target
         self.draft = draft
-        self.target_states = StatePool(target, idle_states)
+        self.batch = batch
+        self.target_states = StatePool(target, idle_states, batch)
         self.draft_states = StatePool(draft, idle_states) if draft is not None else None
         self._lock = threading.Lock()  # calibration (measured once) and auto γ's shared state
         self.tokenizer = tokenizer
@@ -403,6 +409,7 @@ def load(
     max_length: int | None = None,
     verify: bool = True,
     idle_states: int = DEFAULT_IDLE_STATES,
+    batch: int = 0,
 ) -> Pipeline:
     """Open a deployment package written by `ortspec export`.
 
@@ -414,7 +421,9 @@ def load(
     new tokens (default: the model's maximum, at most 4096; the shared KV buffers are allocated for
     it); `verify=False` skips the sha256 check (sizes are always checked). Each generation running at
     once has KV buffers of its own; `idle_states` bounds how many of them per model are kept for
-    reuse when no generation holds them.
+    reuse when no generation holds them. `batch` > 1 turns on continuous batching for that many
+    generations at once (see `BatchedModel`), where the target graph allows it (`batch_problem`:
+    builder graphs of this ortspec on the CPU); elsewhere generations decode one call each, as without.
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
@@ -431,4 +440,5 @@ def load(
     tokenizer = TextTokenizer(
         manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others
-    return Pipeline(manifest, target, draft, tokenizer, key, idle_states)
+    rows = BatchedModel(target, batch) if batch > 1 and batch_problem(target) is None else None
+    return Pipeline(manifest, target, draft, tokenizer, key, idle_states, rows)

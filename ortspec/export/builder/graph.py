@@ -1,11 +1,13 @@
 """Assemble the decoder graph: GroupQueryAttention over a shared KV buffer, fused norms, fp32 weights.
 
-Inputs: input_ids [1, S], seqlens_k [1] (total length - 1), total_sequence_length (scalar) and per
-layer past_key_values.{i}.key/value [1, kv_heads, max_length, head_dim]. Outputs: logits [1, S, vocab],
-present.{i}.key/value, and hidden_states [1, S, hidden] (the final-normed features the lm_head reads,
+Inputs: input_ids [B, S], seqlens_k [B] (each row's total length - 1), total_sequence_length (scalar)
+and per layer past_key_values.{i}.key/value [B, kv_heads, max_length, head_dim]. Outputs: logits
+[B, S, vocab], present.{i}.key/value, and hidden_states [B, S, hidden] (the final-normed features the lm_head reads,
 which a feature-level draft head continues from; free to compute, bound only when wanted). The
 runtime binds each past and present to the same preallocated buffer, so GroupQueryAttention writes
-the new entries in place and rolling back costs nothing.
+the new entries in place and rolling back costs nothing. The batch B is a dynamic dimension: a
+server steps several sequences in one call (runtime/batching.py; GroupQueryAttention on CPU takes
+B > 1 only for one new token per row, or for prompts without a past).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .weights import LayerWeights, WeightReader
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
+BATCH = "batch_size"  # the dynamic batch dimension of inputs, cache and outputs
 
 
 class GraphBuilder:
@@ -217,18 +220,18 @@ def finish_graph(
     """
     g.nodes.append(helper.make_node("Identity", [logits], [names.LOGITS], name="logits_identity"))
     g.nodes.append(helper.make_node("Identity", [hidden], [names.HIDDEN_STATES], name="hidden_identity"))
-    cache_shape = [1, cfg.kv_heads, "max_length", head_dim]
+    cache_shape = [BATCH, cfg.kv_heads, "max_length", head_dim]
     inputs = [
-        helper.make_tensor_value_info(names.INPUT_IDS, TensorProto.INT64, [1, "sequence_length"]),
+        helper.make_tensor_value_info(names.INPUT_IDS, TensorProto.INT64, [BATCH, "sequence_length"]),
         *extra,
-        helper.make_tensor_value_info(names.SEQLENS_K, TensorProto.INT32, [1]),
+        helper.make_tensor_value_info(names.SEQLENS_K, TensorProto.INT32, [BATCH]),
         helper.make_tensor_value_info(names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
     ]
-    outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [1, "sequence_length", vocab])]
+    outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [BATCH, "sequence_length", vocab])]
     for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
         inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
         outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))
-    hidden_shape = [1, "sequence_length", cfg.hidden]
+    hidden_shape = [BATCH, "sequence_length", cfg.hidden]
     outputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, TensorProto.FLOAT, hidden_shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(

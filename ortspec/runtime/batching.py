@@ -1,0 +1,240 @@
+"""Continuous batching: sequences decoding at the same time share target calls.
+
+A `BatchedModel` keeps the KV buffers of `rows` sequences in one [rows, kv_heads, positions, head_dim]
+array per layer and K/V, and hands out a `RowState` per generation: a `DecoderState` whose cache is
+its row. A row's one-token forwards (plain decoding, or a round where the drafter proposed nothing)
+wait at `step`, where one thread runs them all in ONE call with per-row `seqlens_k`; its longer
+forwards (the prefill, verifying drafts) run alone on the row, batch 1 (GroupQueryAttention on CPU
+takes a batch > 1 only for one new token per row). The speculative loop, drafters and sampling are
+untouched and stay per generation: a row's logits are the ones it would get alone (up to float
+rounding), so greedy output does not depend on what else runs.
+
+Rolling back stays O(1): a call writes each bound row's new entry at that row's length, past
+everything it holds. Rows in the call's range that are not stepping write a throwaway entry at their
+length too (position `max_length` at most: the buffers hold one spare position), which their next call
+overwrites.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from . import graph_names as names
+from .decoder import DecoderState, Model
+from .kv_cache import SharedBufferKVCache
+
+DEFAULT_WAIT = 0.004  # seconds a step waits for the other decoding rows to join it
+
+
+def batch_problem(model: Model) -> str | None:
+    """Why `model` cannot step several sequences in one call, or None when it can."""
+    inputs = {i.name: i for i in model.session.get_inputs()}
+    if model.layout != names.SHARED_BUFFER:
+        return "its graph has the concat KV layout (optimum's exporter); the builder's graphs batch"
+    if inputs[names.INPUT_IDS].shape[0] == 1:
+        return "its graph has a fixed batch of 1; re-export it with this ortspec"
+    if model.device != "cpu":
+        return f"batching runs on the CPU only, the model runs on {model.device}"
+    if model.spec.long_rope_after is not None:
+        return "longrope switches rotary tables for the whole batch"
+    if model.keep_hidden or model.feature_size:
+        return "feature-level draft heads decode per request"
+    if model.max_length >= model.spec.max_positions:
+        return f"a batch needs a spare position beyond max_length {model.max_length}: load with a smaller max_length"
+    return None
+
+
+class _Job:
+    """One row's one-token forward, waiting for the next batched call."""
+
+    __slots__ = ("state", "token", "logits", "error", "done")
+
+    def __init__(self, state: RowState, token: int) -> None:
+        self.state = state
+        self.token = token
+        self.logits: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class BatchedModel:
+    """`rows` sequences of one model whose one-token steps share calls. Thread-safe: each generation
+    holds one row (`take` / `release`), in its own thread.
+
+    A step waits up to `wait` seconds for every other row that is decoding to join it, so one call
+    serves them all; rows busy with a longer forward (a prefill, a verification) are not waited for.
+    """
+
+    def __init__(self, model: Model, rows: int, wait: float = DEFAULT_WAIT) -> None:
+        if rows < 1:
+            raise ValueError(f"a batch needs at least one row, got {rows}")
+        if problem := batch_problem(model):
+            raise ValueError(f"the {model.spec.role} model cannot batch: {problem}")
+        spec = model.spec
+        self.model = model
+        self.rows = rows
+        self.wait = wait
+        self.max_length = model.max_length
+        shape = (rows, spec.num_kv_heads, model.max_length + 1, spec.head_dim)  # + the spare position
+        self.buffers = [np.zeros(shape, model.cache_dtype) for _ in names.past_names(spec.num_layers)]
+        self._free = list(range(rows - 1, -1, -1))  # lowest row first: calls bind rows [0, highest in use]
+        self._states: dict[int, RowState] = {}
+        self._run_lock = threading.Lock()  # one call at a time on the buffers
+        self._cond = threading.Condition()
+        self._pending: list[_Job] = []
+        self._leading = False  # a thread is gathering or running the next batched call
+        self._alone = 0  # rows inside a batch-1 forward (not waited for)
+        self._bindings: dict[int, ort.IOBinding] = {}
+        self.calls = 0  # batched calls so far
+        self.stepped = 0  # row steps they ran (stepped / calls: the mean batch)
+        self.widest = 0  # the most rows one call stepped
+
+    def take(self) -> RowState | None:
+        """A free row as a fresh state, or None when all rows are in use."""
+        with self._cond:
+            if not self._free:
+                return None
+            row = self._free.pop()
+            state = self._states[row] = RowState(self, row)
+            return state
+
+    def release(self, state: RowState) -> None:
+        """Free the row of `state` (its generation ended)."""
+        with self._cond:
+            if self._states.get(state.row) is state:
+                del self._states[state.row]
+                self._free.append(state.row)
+                self._free.sort(reverse=True)
+                self._cond.notify_all()  # a gathering step need not wait for it any more
+
+    def row_buffers(self, row: int) -> list[ort.OrtValue]:
+        """Row `row` of each buffer, as [1, kv_heads, positions, head_dim] OrtValues on the same memory."""
+        return [ort.OrtValue.ortvalue_from_numpy(buffer[row : row + 1]) for buffer in self.buffers]
+
+    def alone(self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None) -> np.ndarray:
+        """A batch-1 forward on the row of `state`, between batched calls."""
+        with self._cond:
+            self._alone += 1
+            self._cond.notify_all()
+        try:
+            with self._run_lock:
+                return DecoderState._run(state, token_ids, features)
+        finally:
+            with self._cond:
+                self._alone -= 1
+
+    def step(self, state: RowState, token: int) -> np.ndarray:
+        """Logits [1, vocab] of `token` on the row of `state`, from a call shared with the other rows
+        stepping now. The first thread to find no call being gathered leads the next one."""
+        job = _Job(state, token)
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify_all()
+            while not job.done and (self._leading or job not in self._pending):
+                self._cond.wait()
+            if job.done:
+                return self._result(job)
+            self._leading = True
+            jobs = self._gather()
+        try:
+            with self._run_lock:
+                self._run(jobs)
+        except BaseException as error:
+            for waiting in jobs:
+                waiting.error = error
+        finally:
+            with self._cond:
+                for waiting in jobs:
+                    waiting.done = True
+                self._leading = False
+                self._cond.notify_all()
+        return self._result(job)
+
+    def _gather(self) -> list[_Job]:
+        """The pending jobs, once every decoding row has joined or `wait` has passed (holding `_cond`)."""
+        deadline = time.monotonic() + self.wait
+        while len(self._pending) < len(self._states) - self._alone:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        jobs, self._pending = self._pending, []
+        return jobs
+
+    @staticmethod
+    def _result(job: _Job) -> np.ndarray:
+        if job.error is not None:
+            raise job.error
+        assert job.logits is not None
+        return job.logits
+
+    def _binding(self, bound: int) -> ort.IOBinding:
+        """The IO binding of a call over rows [0, bound): the first `bound` rows of each buffer."""
+        binding = self._bindings.get(bound)
+        if binding is None:
+            binding = self._bindings[bound] = self.model.session.io_binding()
+            binding.bind_output(names.LOGITS, "cpu")
+            spec = self.model.spec
+            pasts, presents = names.past_names(spec.num_layers), names.present_names(spec.num_layers)
+            for past, present, buffer in zip(pasts, presents, self.buffers, strict=True):
+                shape = [bound, *buffer.shape[1:]]
+                pointer = buffer.ctypes.data  # rows are contiguous: [0, bound) is a prefix of the array
+                binding.bind_input(past, "cpu", 0, buffer.dtype, shape, pointer)
+                binding.bind_output(present, "cpu", 0, buffer.dtype, shape, pointer)
+        return binding
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One call stepping every job's row; other rows in range write a throwaway entry past their end."""
+        bound = max(job.state.row for job in jobs) + 1
+        tokens = np.zeros((bound, 1), np.int64)
+        with self._cond:  # rows that are not stepping: at their length (free rows: 0)
+            seqlens = np.array([self._states[r].length if r in self._states else 0 for r in range(bound)], np.int32)
+        for job in jobs:
+            tokens[job.state.row, 0] = job.token
+            seqlens[job.state.row] = job.state.length
+        binding = self._binding(bound)
+        binding.bind_cpu_input(names.INPUT_IDS, tokens)
+        binding.bind_cpu_input(names.SEQLENS_K, seqlens)  # each row's total length - 1
+        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(seqlens.max() + 1, np.int32))
+        binding.bind_output(names.LOGITS, "cpu")
+        self.model.session.run_with_iobinding(binding)
+        logits = binding.get_outputs_as_ortvaluevector()[0].numpy()
+        for job in jobs:
+            job.logits = np.array(logits[job.state.row], dtype=np.float32)  # a copy: the binding reuses it
+        self.calls += 1
+        self.stepped += len(jobs)
+        self.widest = max(self.widest, len(jobs))
+
+
+class RowState(DecoderState):
+    """A `DecoderState` on one row of a `BatchedModel`: its one-token forwards join batched calls."""
+
+    def __init__(self, batch: BatchedModel, row: int) -> None:
+        model = batch.model
+        spec = model.spec
+        cache = SharedBufferKVCache(
+            names.past_names(spec.num_layers),
+            names.present_names(spec.num_layers),
+            spec.num_kv_heads,
+            spec.head_dim,
+            batch.max_length,
+            model.cache_dtype,
+            buffers=batch.row_buffers(row),
+        )
+        super().__init__(model, cache)
+        self.batch = batch
+        self.row = row
+
+    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
+        if len(token_ids) != 1 or features is not None:
+            return self.batch.alone(self, token_ids, features)
+        past = self.cache.length
+        logits = self.batch.step(self, int(token_ids[0]))
+        self.cache.update((), 1)
+        self._tokens[past:] = token_ids
+        return logits
