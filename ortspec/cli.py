@@ -841,9 +841,17 @@ def info(package: str, as_json: bool, verify: bool) -> None:
 @click.option(
     "--parallel",
     type=click.IntRange(min=1),
-    default=1,
+    default=4,
     show_default=True,
     help="Slots: generations running at once (on one shared copy of the package; each has its own KV cache).",
+)
+@click.option(
+    "--batch/--no-batch",
+    default=True,
+    show_default=True,
+    help="Continuous batching: the slots' one-token decoding steps share target calls. Needs a package "
+    "whose target this ortspec's builder made (CPU, no longrope, no draft head); others (optimum exports, "
+    "older batch-1 graphs) decode per request, as with --no-batch.",
 )
 @click.option(
     "--max-queue", type=click.IntRange(min=0), default=16, show_default=True, help="Requests waiting; beyond, 429."
@@ -869,6 +877,7 @@ def serve(
     host: str,
     port: int,
     parallel: int,
+    batch: bool,
     max_queue: int,
     timeout: float,
     max_body: int,
@@ -883,7 +892,7 @@ def serve(
 
     \b
     Needs the serve extra: pip install 'ortspec[serve]'. Example:
-      ortspec serve ./pair --port 8000 --parallel 2
+      ortspec serve ./pair --port 8000 --parallel 4
       curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "def fibonacci(n):", "max_tokens": 32}'
     """
@@ -912,7 +921,7 @@ def serve(
         max_tokens=max_tokens,
         defaults=defaults,
     )
-    run_server(package, settings, parallel, host, port, _load_options(runtime), report)
+    run_server(package, settings, parallel, host, port, _load_options(runtime), report, batch)
 
 
 if __name__ == "__main__":

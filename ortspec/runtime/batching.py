@@ -11,8 +11,8 @@ rounding), so greedy output does not depend on what else runs.
 
 Rolling back stays O(1): a call writes each bound row's new entry at that row's length, past
 everything it holds. Rows in the call's range that are not stepping write a throwaway entry at their
-length too (position `max_length` at most: the buffers hold one spare position), which their next call
-overwrites.
+length too, which their next call overwrites (a full row at its last position: to forward again it
+must first roll back, and its next call rewrites everything from there).
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ def batch_problem(model: Model) -> str | None:
         return "longrope switches rotary tables for the whole batch"
     if model.keep_hidden or model.feature_size:
         return "feature-level draft heads decode per request"
-    if model.max_length >= model.spec.max_positions:
-        return f"a batch needs a spare position beyond max_length {model.max_length}: load with a smaller max_length"
     return None
 
 
@@ -80,7 +78,7 @@ class BatchedModel:
         self.rows = rows
         self.wait = wait
         self.max_length = model.max_length
-        shape = (rows, spec.num_kv_heads, model.max_length + 1, spec.head_dim)  # + the spare position
+        shape = (rows, spec.num_kv_heads, model.max_length, spec.head_dim)
         self.buffers = [np.zeros(shape, model.cache_dtype) for _ in names.past_names(spec.num_layers)]
         self._free = list(range(rows - 1, -1, -1))  # lowest row first: calls bind rows [0, highest in use]
         self._states: dict[int, RowState] = {}
@@ -93,6 +91,11 @@ class BatchedModel:
         self.calls = 0  # batched calls so far
         self.stepped = 0  # row steps they ran (stepped / calls: the mean batch)
         self.widest = 0  # the most rows one call stepped
+
+    @property
+    def in_use(self) -> int:
+        """Rows held by generations."""
+        return len(self._states)
 
     def take(self) -> RowState | None:
         """A free row as a fresh state, or None when all rows are in use."""
@@ -192,8 +195,10 @@ class BatchedModel:
         """One call stepping every job's row; other rows in range write a throwaway entry past their end."""
         bound = max(job.state.row for job in jobs) + 1
         tokens = np.zeros((bound, 1), np.int64)
-        with self._cond:  # rows that are not stepping: at their length (free rows: 0)
-            seqlens = np.array([self._states[r].length if r in self._states else 0 for r in range(bound)], np.int32)
+        last = self.max_length - 1
+        with self._cond:  # rows that are not stepping: at their length (free rows: 0), a full row at its last
+            lengths = [min(self._states[r].length, last) if r in self._states else 0 for r in range(bound)]
+        seqlens = np.array(lengths, np.int32)
         for job in jobs:
             tokens[job.state.row, 0] = job.token
             seqlens[job.state.row] = job.state.length

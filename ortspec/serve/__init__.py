@@ -21,13 +21,24 @@ def serve(
     port: int = 8000,
     load_options: dict[str, Any] | None = None,
     report: Callable[[str], None] = print,
+    batch: bool = True,
 ) -> None:
-    """Load `parallel` slots of `package` and serve them until interrupted."""
+    """Load `parallel` slots of `package` (batched, where it can) and serve them until interrupted."""
     import uvicorn
 
-    pipelines = load_pipelines(package, parallel, **(load_options or {}))
+    from ..runtime.batching import batch_problem
+
+    pipelines = load_pipelines(package, parallel, batch, **(load_options or {}))
     for pipe in dict.fromkeys(pipelines):  # measured (or read) now, not inside the first requests
         pipe.on_calibrate = report
         pipe.calibration()
-    report(f"serving {settings.model!r} from {package} on http://{host}:{port}/v1 ({parallel} slot(s))")
+    batching = "off"
+    if pipelines[0].batch is not None:
+        batching = "on"
+    elif batch and parallel > 1:
+        batching = f"off: {batch_problem(pipelines[0].target) or 'not available'}"
+    report(
+        f"serving {settings.model!r} from {package} on http://{host}:{port}/v1 "
+        f"({parallel} slot(s), continuous batching {batching})"
+    )
     uvicorn.run(create_app(pipelines, settings), host=host, port=port, log_level="info")

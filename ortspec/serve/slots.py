@@ -25,10 +25,14 @@ from .errors import APIError
 Job = Callable[[Pipeline], TextStream]  # starts a generation on a slot's pipeline (runs in its thread)
 
 
-def load_pipelines(package: str | Path, parallel: int, **load_options: Any) -> list[Pipeline]:
+def load_pipelines(package: str | Path, parallel: int, batch: bool = True, **load_options: Any) -> list[Pipeline]:
     """The pipeline of each slot: one thread-safe Pipeline shared by all (the weights are loaded once,
-    each generation takes KV states of its own), keeping a state per slot for reuse."""
+    each generation takes KV states of its own), keeping a state per slot for reuse. With `batch`, the
+    slots' generations decode in rows of one batch and share target calls where the package allows
+    (see `ortspec.runtime.batching`); elsewhere each decodes alone."""
     load_options.setdefault("idle_states", parallel)
+    if batch:
+        load_options.setdefault("batch", parallel)
     return [load(package, **load_options)] * parallel
 
 

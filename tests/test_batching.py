@@ -1,0 +1,134 @@
+"""Continuous batching: generations decoding at once share target calls, and each still gets the
+output it gets alone, whoever joins, leaves or is cancelled meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ortspec
+from ortspec.runtime.batching import BatchedModel, RowState, batch_problem
+
+ROWS = 4
+PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=2 + 5 * seed)] for seed in range(ROWS)]
+REPEATING = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # drafters find proposals in it
+
+
+@pytest.fixture(scope="module")
+def built(package: Callable[..., Path]) -> Path:
+    return package("llama", draft="close", exporter="builder")
+
+
+@pytest.fixture(scope="module")
+def alone(built: Path) -> ortspec.Pipeline:
+    return ortspec.load(built, threads=1, max_length=64)
+
+
+@pytest.fixture
+def batched(built: Path) -> ortspec.Pipeline:
+    """Batching with a long wait: every decoding row joins every step, so the batches are predictable."""
+    pipe = ortspec.load(built, threads=1, max_length=64, batch=ROWS)
+    assert pipe.batch is not None
+    pipe.batch.wait = 5.0
+    return pipe
+
+
+def start_together(pipe: ortspec.Pipeline, count: int) -> None:
+    """Make the first `count` generations wait until all of them hold a row (so they decode side by side)."""
+    barrier = threading.Barrier(count)
+    take = pipe.target_states.take
+
+    def take_then_wait() -> RowState:
+        state = take()
+        barrier.wait(timeout=30)
+        return state
+
+    pipe.target_states.take = take_then_wait
+
+
+def run_all(pipe: ortspec.Pipeline, jobs: list[tuple[list[int], dict]]) -> list[list[int]]:
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(pipe.generate, prompt, **options) for prompt, options in jobs]
+        return [future.result(timeout=120).token_ids for future in futures]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_batched_greedy_output_equals_each_generation_alone(alone, batched, rows):
+    jobs = [(PROMPTS[i], dict(max_new_tokens=10 + 4 * i, use_draft=False)) for i in range(rows)]
+    start_together(batched, rows)
+    got = run_all(batched, jobs)
+    assert got == [alone.generate(prompt, **options).token_ids for prompt, options in jobs]
+    assert batched.batch.widest == rows  # all of them stepped in one call
+    assert batched.batch.calls < batched.batch.stepped or rows == 1
+    assert batched.batch.in_use == 0  # every row was handed back
+
+
+def test_rows_with_drafters_verify_alone_and_step_together(alone, batched):
+    """Drafting rows verify batch-1 on their row between the batched steps of the others (which write a
+    throwaway entry on the drafting rows): the outputs are still each row's own."""
+    jobs = [
+        (REPEATING, dict(max_new_tokens=24, draft="ngram", draft_tokens=3)),
+        (PROMPTS[1], dict(max_new_tokens=24, draft="model", draft_tokens=2)),
+        (PROMPTS[2], dict(max_new_tokens=24, use_draft=False)),
+        (REPEATING[:7], dict(max_new_tokens=24, draft="suffix", draft_tokens=3)),
+    ]
+    start_together(batched, len(jobs))
+    got = run_all(batched, jobs)
+    assert got == [alone.generate(prompt, **options).token_ids for prompt, options in jobs]
+    assert batched.batch.widest >= 2
+
+
+def test_rows_join_leave_and_cancel_mid_run(alone, batched):
+    """One generation decodes throughout; another joins once it is under way; a third is cancelled
+    after a few tokens and its row is free at once."""
+    batched.batch.wait = 0.05  # rows come and go: no step waits for long
+    long_job = (PROMPTS[3], dict(max_new_tokens=40, use_draft=False))
+    late_job = (PROMPTS[1], dict(max_new_tokens=20, use_draft=False))
+    results: dict[str, list[int]] = {}
+
+    def long_run() -> None:
+        results["long"] = batched.generate(long_job[0], **long_job[1]).token_ids
+
+    def late_run() -> None:
+        deadline = time.monotonic() + 30
+        while batched.batch.calls < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        results["late"] = batched.generate(late_job[0], **late_job[1]).token_ids
+
+    threads = [threading.Thread(target=long_run), threading.Thread(target=late_run)]
+    for thread in threads:
+        thread.start()
+    stream = batched.stream(PROMPTS[0], max_new_tokens=40, use_draft=False)
+    next(stream)
+    held = batched.batch.in_use
+    stream.close()  # cancelled: its row goes back before close returns
+    assert batched.batch.in_use == held - 1
+    for thread in threads:
+        thread.join(60)
+    assert results["long"] == alone.generate(long_job[0], **long_job[1]).token_ids
+    assert results["late"] == alone.generate(late_job[0], **late_job[1]).token_ids
+    assert batched.batch.in_use == 0 and batched.batch.widest >= 2
+
+
+def test_more_generations_than_rows_decode_in_states_of_their_own(alone, built):
+    pipe = ortspec.load(built, threads=1, max_length=64, batch=2)
+    jobs = [(PROMPTS[i % ROWS], dict(max_new_tokens=12, use_draft=False)) for i in range(5)]
+    start_together(pipe, 5)
+    assert run_all(pipe, jobs) == [alone.generate(prompt, **options).token_ids for prompt, options in jobs]
+    assert pipe.batch.in_use == 0
+
+
+def test_packages_that_cannot_batch_decode_per_request(package):
+    """Optimum's concat graphs (and batch-1 graphs of older packages) load as before, unbatched."""
+    pipe = ortspec.load(package("llama", draft=None, exporter="optimum"), threads=1, max_length=64, batch=ROWS)
+    assert pipe.batch is None
+    assert "concat" in batch_problem(pipe.target)
+    with pytest.raises(ValueError, match="cannot batch: its graph has the concat KV layout"):
+        BatchedModel(pipe.target, 2)
+    assert len(pipe.generate(PROMPTS[0], max_new_tokens=4).token_ids) == 4
