@@ -1,0 +1,189 @@
+"""Continuous batching under load: `ortspec serve` (a subprocess on 127.0.0.1), 1 client vs 4, and the
+time to first token of a new request while 3 others decode; optionally the same against llama.cpp's
+`llama-server -np 4` on the same GGUF and prompts.
+
+    python benchmarks/serve_batching.py PACKAGE [--threads 2] [--max-tokens 96] [--unbatched]
+        [--llama-server BIN --gguf FILE]
+
+PACKAGE: a package whose target this ortspec's builder made (e.g. `ortspec export
+SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-int4`); a package with a draft head decodes per request.
+Each server runs with --parallel 4 and --threads T. Phases, all greedy and without drafting:
+- "1 client": the prompts one after another; "4 clients": the same prompts, 4 at a time. Aggregate
+  tokens/s = completion tokens / wall time (the same requests, so the same tokens, in both).
+- TTFT: the median time to the first streamed token of a request alone ("idle"), and while 3 clients
+  keep decoding long requests ("3 busy").
+Ratios are of numbers measured in the same run. `--unbatched` adds a row for `ortspec serve --no-batch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "The history of the Roman Empire began",
+    "class Stack:\n    def __init__(self):\n",
+    "Here is a recipe for a chocolate cake. Ingredients:",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "Once upon a time, in a small village by the sea,",
+    "The three laws of thermodynamics are",
+    "SELECT name, email FROM users WHERE",
+]
+TTFT_PROMPT = (
+    "You are a helpful assistant. Summarise the following notes in three sentences. Notes: the meeting "
+    "covered the release schedule, the open bugs in the parser, the new hire starting on Monday, the "
+    "budget for the conference trip and the migration of the build servers to the new data centre. "
+    "Summary:"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not come up")
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, completion tokens) of one greedy streamed completion."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    body["stream_options"] = {"include_usage": True}
+    start = time.perf_counter()
+    first = None
+    chunks = 0
+    usage = None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            if any(choice.get("text") for choice in data.get("choices", [])):
+                first = first or time.perf_counter()
+                chunks += 1
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else chunks
+    return (first or end) - start, end - start, tokens
+
+
+def throughput(url: str, clients: int, max_tokens: int, extra: dict) -> tuple[float, int]:
+    """Aggregate completion tokens/s of PROMPTS sent `clients` at a time, and the tokens."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(lambda p: stream_completion(url, p, max_tokens, extra), PROMPTS))
+    seconds = time.perf_counter() - start
+    tokens = sum(t for _, _, t in done)
+    return tokens / seconds, tokens
+
+
+def ttft(url: str, busy: int, extra: dict, samples: int = 7) -> float:
+    """Median time to first token of a new request while `busy` clients keep decoding."""
+    stop = threading.Event()
+
+    def keep_busy(index: int) -> None:
+        while not stop.is_set():
+            stream_completion(url, PROMPTS[index], 64, extra)
+
+    threads = [threading.Thread(target=keep_busy, args=(i,)) for i in range(busy)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0 if busy else 0)
+    times = []
+    for _ in range(samples):
+        times.append(stream_completion(url, TTFT_PROMPT, 4, extra)[0])
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return statistics.median(times)
+
+
+def measure(name: str, url: str, max_tokens: int, extra: dict) -> dict:
+    with ThreadPoolExecutor(4) as pool:  # warm-up: every slot's first calls (its KV memory's first touch)
+        list(pool.map(lambda p: stream_completion(url, p, 8, extra), PROMPTS[:4]))
+    one, tokens_one = throughput(url, 1, max_tokens, extra)
+    four, tokens_four = throughput(url, 4, max_tokens, extra)
+    idle = ttft(url, 0, extra)
+    busy = ttft(url, 3, extra)
+    row = dict(server=name, one=one, four=four, gain=four / one, idle=idle, busy=busy, ttft_ratio=busy / idle)
+    row["tokens"] = f"{tokens_one}/{tokens_four}"
+    print(
+        f"| {name} | {one:.1f} | {four:.1f} | {four / one:.2f}x | {idle * 1000:.0f} | {busy * 1000:.0f} | "
+        f"{busy / idle:.2f}x | {row['tokens']} |",
+        flush=True,
+    )
+    return row
+
+
+def serving(command: list[str], port: int, run: Callable[[str], dict]) -> dict:
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        return run(url)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("package")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--unbatched", action="store_true", help="also measure ortspec serve --no-batch")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary, to compare on --gguf")
+    parser.add_argument("--gguf", help="the GGUF the package was exported from")
+    args = parser.parse_args()
+    ortspec = [sys.executable, "-m", "ortspec.cli"]
+    if os.environ.get("ORTSPEC_BIN"):
+        ortspec = [os.environ["ORTSPEC_BIN"]]
+    print(f"{len(PROMPTS)} prompts, max_tokens {args.max_tokens}, --parallel 4, {args.threads} threads, greedy")
+    print("| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle | tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    no_draft = {"draft": "none"}
+    modes = [("ortspec serve", [])] + ([("ortspec serve --no-batch", ["--no-batch"])] if args.unbatched else [])
+    for name, flags in modes:
+        port = free_port()
+        command = [*ortspec, "serve", args.package, "--port", str(port), "--parallel", "4"]
+        command += ["--threads", str(args.threads), "--model-name", "m", *flags]
+        serving(command, port, lambda url, name=name: measure(name, url, args.max_tokens, no_draft))
+    if args.llama_server:
+        port = free_port()
+        command = [args.llama_server, "-m", args.gguf, "-np", "4", "-t", str(args.threads), "-c", "8192"]
+        command += ["--host", "127.0.0.1", "--port", str(port)]
+        serving(command, port, lambda url: measure("llama-server -np 4", url, args.max_tokens, {}))
+
+
+if __name__ == "__main__":
+    main()
