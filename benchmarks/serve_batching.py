@@ -7,12 +7,14 @@ time to first token of a new request while 3 others decode; optionally the same 
 
 PACKAGE: a package whose target this ortspec's builder made (e.g. `ortspec export
 SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-int4`); a package with a draft head decodes per request.
-Each server runs with --parallel 4 and --threads T. Phases, all greedy and without drafting:
+Each server runs with --parallel 4 and --threads T. Phases, all greedy, without drafting (with
+`--drafting`: ortspec's default, suffix drafting with auto γ):
 - "1 client": the prompts one after another; "4 clients": the same prompts, 4 at a time. Aggregate
   tokens/s = completion tokens / wall time (the same requests, so the same tokens, in both).
 - TTFT: the median time to the first streamed token of a request alone ("idle"), and while 3 clients
   keep decoding long requests ("3 busy").
-Ratios are of numbers measured in the same run. `--unbatched` adds a row for `ortspec serve --no-batch`.
+Ratios are of numbers measured in the same run; "same text" counts the prompts whose greedy text with
+4 clients equals the one with 1 client. `--unbatched` adds a row for `ortspec serve --no-batch`.
 """
 
 from __future__ import annotations
@@ -69,14 +71,15 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 900) -> No
     raise RuntimeError("the server did not come up")
 
 
-def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds in all, completion tokens) of one greedy streamed completion."""
+def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, int, str]:
+    """(seconds to the first token, completion tokens, text) of one greedy streamed completion."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
     body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
     first = None
     chunks = 0
     usage = None
+    text = ""
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -85,22 +88,23 @@ def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tu
             data = json.loads(line[6:])
             if data.get("usage"):
                 usage = data["usage"]
-            if any(choice.get("text") for choice in data.get("choices", [])):
+            delta = "".join(choice.get("text") or "" for choice in data.get("choices", []))
+            if delta:
                 first = first or time.perf_counter()
                 chunks += 1
-    end = time.perf_counter()
+                text += delta
     tokens = usage["completion_tokens"] if usage else chunks
-    return (first or end) - start, end - start, tokens
+    return (first or time.perf_counter()) - start, tokens, text
 
 
-def throughput(url: str, clients: int, max_tokens: int, extra: dict) -> tuple[float, int]:
-    """Aggregate completion tokens/s of PROMPTS sent `clients` at a time, and the tokens."""
+def throughput(url: str, clients: int, max_tokens: int, extra: dict) -> tuple[float, int, list[str]]:
+    """Aggregate completion tokens/s of PROMPTS sent `clients` at a time, the tokens, and the texts."""
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         done = list(pool.map(lambda p: stream_completion(url, p, max_tokens, extra), PROMPTS))
     seconds = time.perf_counter() - start
-    tokens = sum(t for _, _, t in done)
-    return tokens / seconds, tokens
+    tokens = sum(t for _, t, _ in done)
+    return tokens / seconds, tokens, [text for _, _, text in done]
 
 
 def ttft(url: str, busy: int, extra: dict, samples: int = 7) -> float:
@@ -128,15 +132,16 @@ def ttft(url: str, busy: int, extra: dict, samples: int = 7) -> float:
 def measure(name: str, url: str, max_tokens: int, extra: dict) -> dict:
     with ThreadPoolExecutor(4) as pool:  # warm-up: every slot's first calls (its KV memory's first touch)
         list(pool.map(lambda p: stream_completion(url, p, 8, extra), PROMPTS[:4]))
-    one, tokens_one = throughput(url, 1, max_tokens, extra)
-    four, tokens_four = throughput(url, 4, max_tokens, extra)
+    one, tokens_one, texts_one = throughput(url, 1, max_tokens, extra)
+    four, tokens_four, texts_four = throughput(url, 4, max_tokens, extra)
+    same = sum(a == b for a, b in zip(texts_one, texts_four, strict=True))
     idle = ttft(url, 0, extra)
     busy = ttft(url, 3, extra)
     row = dict(server=name, one=one, four=four, gain=four / one, idle=idle, busy=busy, ttft_ratio=busy / idle)
     row["tokens"] = f"{tokens_one}/{tokens_four}"
     print(
         f"| {name} | {one:.1f} | {four:.1f} | {four / one:.2f}x | {idle * 1000:.0f} | {busy * 1000:.0f} | "
-        f"{busy / idle:.2f}x | {row['tokens']} |",
+        f"{busy / idle:.2f}x | {row['tokens']} | {same}/{len(PROMPTS)} |",
         flush=True,
     )
     return row
@@ -162,6 +167,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--unbatched", action="store_true", help="also measure ortspec serve --no-batch")
+    parser.add_argument(
+        "--drafting", action="store_true", help="ortspec with the server's default drafting, not draft=none"
+    )
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary, to compare on --gguf")
     parser.add_argument("--gguf", help="the GGUF the package was exported from")
     args = parser.parse_args()
@@ -169,15 +177,18 @@ def main() -> None:
     if os.environ.get("ORTSPEC_BIN"):
         ortspec = [os.environ["ORTSPEC_BIN"]]
     print(f"{len(PROMPTS)} prompts, max_tokens {args.max_tokens}, --parallel 4, {args.threads} threads, greedy")
-    print("| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle | tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    no_draft = {"draft": "none"}
+    print(
+        "| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle "
+        "| tokens 1/4 | same text 1 vs 4 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    extra = {} if args.drafting else {"draft": "none"}
     modes = [("ortspec serve", [])] + ([("ortspec serve --no-batch", ["--no-batch"])] if args.unbatched else [])
     for name, flags in modes:
         port = free_port()
         command = [*ortspec, "serve", args.package, "--port", str(port), "--parallel", "4"]
         command += ["--threads", str(args.threads), "--model-name", "m", *flags]
-        serving(command, port, lambda url, name=name: measure(name, url, args.max_tokens, no_draft))
+        serving(command, port, lambda url, name=name: measure(name, url, args.max_tokens, extra))
     if args.llama_server:
         port = free_port()
         command = [args.llama_server, "-m", args.gguf, "-np", "4", "-t", str(args.threads), "-c", "8192"]

@@ -255,4 +255,5 @@ def test_cli_serve_end_to_end_without_torch(chat_package):
         server.terminate()
         _, errors = server.communicate(timeout=30)
     assert "must not be imported" not in errors
-    assert f"serving 'm' from {chat_package} on http://127.0.0.1:{port}/v1 (2 slot(s), continuous batching on)" in errors
+    served = f"serving 'm' from {chat_package} on http://127.0.0.1:{port}/v1"
+    assert f"{served} (2 slot(s), continuous batching on)" in errors

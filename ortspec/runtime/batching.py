@@ -50,7 +50,7 @@ def batch_problem(model: Model) -> str | None:
 class _Job:
     """One row's one-token forward, waiting for the next batched call."""
 
-    __slots__ = ("state", "token", "logits", "error", "done")
+    __slots__ = ("done", "error", "logits", "state", "token")
 
     def __init__(self, state: RowState, token: int) -> None:
         self.state = state

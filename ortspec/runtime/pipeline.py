@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .batching import BatchedModel, batch_problem
 from .calibration import Calibration, measure
 from .calibration import calibration_key as calibration_key_for
-from .batching import BatchedModel, batch_problem
 from .calibration_store import calibration_files, load_calibration, save_calibration
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, DecoderState, Model
