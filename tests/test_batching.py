@@ -3,6 +3,9 @@ output it gets alone, whoever joins, leaves or is cancelled meanwhile."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -10,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import ortspec
 from ortspec.runtime.batching import BatchedModel, RowState, batch_problem
+from ortspec.runtime.manifest import file_entry
 
 ROWS = 4
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=2 + 5 * seed)] for seed in range(ROWS)]
@@ -85,35 +90,55 @@ def test_rows_with_drafters_verify_alone_and_step_together(alone, batched):
 
 
 def test_rows_join_leave_and_cancel_mid_run(alone, batched):
-    """One generation decodes throughout; another joins once it is under way; a third is cancelled
-    after a few tokens and its row is free at once."""
-    batched.batch.wait = 0.05  # rows come and go: no step waits for long
+    """A generation decodes; another joins once it is under way (and they step together), then leaves
+    first; a third is cancelled after a few tokens and its row is free at once."""
     long_job = (PROMPTS[3], dict(max_new_tokens=40, use_draft=False))
-    late_job = (PROMPTS[1], dict(max_new_tokens=20, use_draft=False))
+    late_job = (PROMPTS[1], dict(max_new_tokens=10, use_draft=False))
     results: dict[str, list[int]] = {}
 
     def long_run() -> None:
-        results["long"] = batched.generate(long_job[0], **long_job[1]).token_ids
+        stream = batched.stream(long_job[0], **long_job[1])
+        for index, _ in enumerate(stream):
+            if index == 3:  # under way: let the late one join before going on
+                late.start()
+                assert wait_for(lambda: batched.batch.in_use == 2)
+        results["long"] = stream.result.token_ids
 
     def late_run() -> None:
-        deadline = time.monotonic() + 30
-        while batched.batch.calls < 5 and time.monotonic() < deadline:
-            time.sleep(0.001)
         results["late"] = batched.generate(late_job[0], **late_job[1]).token_ids
 
-    threads = [threading.Thread(target=long_run), threading.Thread(target=late_run)]
-    for thread in threads:
-        thread.start()
+    late = threading.Thread(target=late_run)
+    first = threading.Thread(target=long_run)
+    first.start()
+    first.join(60)
+    late.join(60)
+    assert results["long"] == alone.generate(long_job[0], **long_job[1]).token_ids
+    assert results["late"] == alone.generate(late_job[0], **late_job[1]).token_ids
+    assert batched.batch.widest == 2 and batched.batch.in_use == 0
+
+    batched.batch.wait = 0.05  # the cancelled stream is read by this thread: steps must not wait long for it
+    other = threading.Thread(
+        target=lambda: results.update(other=batched.generate(*long_job[:1], **long_job[1]).token_ids)
+    )
+    other.start()
     stream = batched.stream(PROMPTS[0], max_new_tokens=40, use_draft=False)
+    next(stream)
     next(stream)
     held = batched.batch.in_use
     stream.close()  # cancelled: its row goes back before close returns
     assert batched.batch.in_use == held - 1
-    for thread in threads:
-        thread.join(60)
-    assert results["long"] == alone.generate(long_job[0], **long_job[1]).token_ids
-    assert results["late"] == alone.generate(late_job[0], **late_job[1]).token_ids
-    assert batched.batch.in_use == 0 and batched.batch.widest >= 2
+    other.join(60)
+    assert results["other"] == results["long"]
+    assert batched.batch.in_use == 0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def test_more_generations_than_rows_decode_in_states_of_their_own(alone, built):
@@ -132,3 +157,24 @@ def test_packages_that_cannot_batch_decode_per_request(package):
     with pytest.raises(ValueError, match="cannot batch: its graph has the concat KV layout"):
         BatchedModel(pipe.target, 2)
     assert len(pipe.generate(PROMPTS[0], max_new_tokens=4).token_ids) == 4
+
+
+def test_builder_packages_of_older_versions_with_a_batch_of_1_still_load_unbatched(built, alone, tmp_path):
+    """Graphs built before the batch became dynamic declare a batch of 1: they load and decode per request."""
+    root = tmp_path / "old"
+    shutil.copytree(built, root)
+    graph_path = root / "target" / "model.onnx"
+    graph = onnx.load(graph_path)
+    for value in [*graph.graph.input, *graph.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_value = 1  # as the builder declared it before
+    onnx.save(graph, graph_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["target"]["files"][0] = dataclasses.asdict(file_entry(root, graph_path))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    pipe = ortspec.load(root, threads=1, max_length=64, batch=ROWS)
+    assert pipe.batch is None
+    assert "fixed batch of 1" in batch_problem(pipe.target)
+    options = dict(max_new_tokens=8, use_draft=False)
+    assert pipe.generate(PROMPTS[1], **options).token_ids == alone.generate(PROMPTS[1], **options).token_ids
