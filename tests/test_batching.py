@@ -74,6 +74,29 @@ def test_batched_greedy_output_equals_each_generation_alone(alone, batched, rows
     assert batched.batch.in_use == 0  # every row was handed back
 
 
+def test_a_row_slow_to_come_back_keeps_its_newest_entry(alone, built):
+    """A row whose thread is slow after a step (sampling, handing text over) sits out the next batched
+    calls, which write a throwaway entry past its end: the entry its step wrote must count by then."""
+    pipe = ortspec.load(built, threads=1, max_length=64, batch=2)
+    pipe.batch.wait = 0.0005
+    step = pipe.batch.step
+
+    def slow_step(state: RowState, token: int) -> np.ndarray:
+        logits = step(state, token)
+        if state.row == 0:
+            time.sleep(0.003)
+        return logits
+
+    pipe.batch.step = slow_step
+    jobs = [
+        (PROMPTS[2], dict(max_new_tokens=16, use_draft=False)),
+        (PROMPTS[3], dict(max_new_tokens=40, use_draft=False)),
+    ]
+    start_together(pipe, 2)
+    assert run_all(pipe, jobs) == [alone.generate(prompt, **options).token_ids for prompt, options in jobs]
+    assert pipe.batch.calls > pipe.batch.stepped / 2  # the slow row sat out calls of the other
+
+
 def test_rows_with_drafters_verify_alone_and_step_together(alone, batched):
     """Drafting rows verify batch-1 on their row between the batched steps of the others (which write a
     throwaway entry on the drafting rows): the outputs are still each row's own."""

@@ -211,6 +211,7 @@ class BatchedModel:
         logits = binding.get_outputs_as_ortvaluevector()[0].numpy()
         for job in jobs:
             job.logits = np.array(logits[job.state.row], dtype=np.float32)  # a copy: the binding reuses it
+            job.state.stepped(job.token)  # now, before the next call reads its length
         self.calls += 1
         self.stepped += len(jobs)
         self.widest = max(self.widest, len(jobs))
@@ -238,8 +239,11 @@ class RowState(DecoderState):
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         if len(token_ids) != 1 or features is not None:
             return self.batch.alone(self, token_ids, features)
+        return self.batch.step(self, int(token_ids[0]))
+
+    def stepped(self, token: int) -> None:
+        """Count `token` in the cache: the batched call that wrote it does so before it lets go of the
+        buffers, or the next call would take the row's old length and overwrite the new entry."""
         past = self.cache.length
-        logits = self.batch.step(self, int(token_ids[0]))
         self.cache.update((), 1)
-        self._tokens[past:] = token_ids
-        return logits
+        self._tokens[past:] = [token]
