@@ -33,6 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+import ortspec
+from ortspec.runtime.bench import NEAR_TIE, divergence_gap
+
 PROMPTS = [
     "def fibonacci(n):\n",
     "The history of the Roman Empire began",
@@ -147,6 +150,23 @@ def measure(name: str, url: str, max_tokens: int, extra: dict) -> dict:
     return row
 
 
+def exactness(package: str, threads: int, max_tokens: int) -> None:
+    """In-process, by token ids: each prompt's greedy output alone vs 4 at a time in one batch, divergences
+    classified as the bench does (a logit gap under NEAR_TIE at the first differing token: a near-tie)."""
+    pipe = ortspec.load(package, threads=threads, batch=4)
+    options = dict(max_new_tokens=max_tokens, use_draft=False)
+    alone = [pipe.generate(prompt, **options).token_ids for prompt in PROMPTS]
+    with ThreadPoolExecutor(4) as pool:
+        batched = list(pool.map(lambda prompt: pipe.generate(prompt, **options).token_ids, PROMPTS))
+    gaps = [divergence_gap(pipe, p, a, b)[1] for p, a, b in zip(PROMPTS, alone, batched, strict=True) if a != b]
+    ties = sum(gap < NEAR_TIE for gap in gaps)
+    mean = pipe.batch.stepped / max(pipe.batch.calls, 1)
+    print(
+        f"greedy token ids, alone vs 4 in a batch (in-process, {mean:.2f} rows per batched call): "
+        f"{len(PROMPTS) - len(gaps)}/{len(PROMPTS)} equal, {ties} near-ties, {len(gaps) - ties} mismatches"
+    )
+
+
 def serving(command: list[str], port: int, run: Callable[[str], dict]) -> dict:
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -189,6 +209,7 @@ def main() -> None:
         command = [*ortspec, "serve", args.package, "--port", str(port), "--parallel", "4"]
         command += ["--threads", str(args.threads), "--model-name", "m", *flags]
         serving(command, port, lambda url, name=name: measure(name, url, args.max_tokens, extra))
+    exactness(args.package, args.threads, args.max_tokens)
     if args.llama_server:
         port = free_port()
         command = [args.llama_server, "-m", args.gguf, "-np", "4", "-t", str(args.threads), "-c", "8192"]
