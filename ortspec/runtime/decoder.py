@@ -92,12 +92,14 @@ class Model:
         inputs = {i.name: i for i in session.get_inputs()}
         self.cache_dtype = ONNX_TO_NUMPY[inputs[names.past_names(spec.num_layers)[0]].type]
         self.device = output_device(session)
+        self.providers: list[str] = session.get_providers()
         self.wants_mask = names.ATTENTION_MASK in inputs
         self.wants_positions = names.POSITION_IDS in inputs
         self.ones = np.ones((1, self.max_length), dtype=np.int64)  # read-only slices feed every state
         self.positions = np.arange(self.max_length, dtype=np.int64)[None, :]
         features = inputs.get(names.FEATURES)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
+        self.feature_dtype = ONNX_TO_NUMPY[features.type] if features is not None else np.float32
         self.keep_hidden = keep_hidden
         has_hidden = names.HIDDEN_STATES in {o.name for o in session.get_outputs()}
         if keep_hidden and (not has_hidden or self.layout != names.SHARED_BUFFER):
@@ -239,8 +241,9 @@ class DecoderState:
             binding.bind_output(names.HIDDEN_STATES, "cpu")
         if model.feature_size:
             if features is None:
-                features = np.zeros((n, model.feature_size), np.float32)
-            binding.bind_cpu_input(names.FEATURES, np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
+                features = np.zeros((n, model.feature_size), model.feature_dtype)
+            features = np.ascontiguousarray(features, model.feature_dtype).reshape(1, n, -1)
+            binding.bind_cpu_input(names.FEATURES, features)
         self.cache.bind(binding, n)
         model.session.run_with_iobinding(binding)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call

@@ -24,7 +24,6 @@ from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Pr
 from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
 from .options import GenerationConfig, check_text
 from .sampling import SamplingConfig
-from .session import resolve_providers
 from .speculative import (
     AutoDraftLength,
     AutoMemo,
@@ -427,7 +426,7 @@ def load(
         draft = Model.load(
             manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False, keep_hidden=head
         )
-    key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
+    key = calibration_key_for(target.providers, threads, draft_threads, draft.providers if draft is not None else None)
     tokenizer = TextTokenizer(
         manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others
