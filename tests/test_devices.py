@@ -112,3 +112,24 @@ def test_cli_takes_a_draft_provider(package):
         main, ["generate", str(package()), "hello", "--max-new-tokens", "4", "--draft-provider", "NoSuchProvider"]
     )
     assert result.exit_code == 1 and "NoSuchProvider not available" in result.output
+
+
+def test_cuda_graph_calls_give_the_same_logits_as_plain_calls(package):
+    """The graphed path's fixed buffers, updated in place, on the CPU (where nothing is captured): every call
+    size, after rollbacks too, gives the logits the ordinary binding gives; and greedy speculation stays exact."""
+    pipe = ortspec.load(package("llama", draft="close"))
+    plain_state = pipe.target.new_state()
+    pipe.target.cuda_graphs = True  # what a CUDA session gets; new states then take the graphed path
+    graphed_state = pipe.target.new_state()
+    assert graphed_state._graphs is not None and plain_state._graphs is None
+    for state in (plain_state, graphed_state):
+        state.forward(PROMPT[:12])
+    for tokens, keep in [([50], 13), ([51, 52, 53], 14), ([54], 15), ([55, 56, 57, 58, 59], 17), ([60, 61], 19)]:
+        want, got = plain_state.forward(tokens), graphed_state.forward(tokens)
+        np.testing.assert_array_equal(got, want)
+        for state in (plain_state, graphed_state):
+            state.truncate(keep)
+    assert sorted(graphed_state._graphs._slots) == [1, 2, 3, 5]
+    plain = pipe.generate(PROMPT[:9], max_new_tokens=24, use_draft=False)
+    spec = pipe.generate(PROMPT[:9], max_new_tokens=24, draft="model", draft_tokens=3)
+    assert spec.token_ids == plain.token_ids and spec.stats.accepted_tokens > 0
