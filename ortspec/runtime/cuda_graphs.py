@@ -87,15 +87,17 @@ class GraphedCalls:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 logits [n, vocab], hidden [n, hidden] or None) of the new tokens; the cache grows by n."""
         n = len(token_ids)
-        slot = self._slots.get(n)
-        if slot is None:
-            slot = self._slots[n] = GraphSlot(self.model, self.cache, n)
-        slot.input_ids.update_inplace(np.asarray(token_ids, np.int64).reshape(1, n))
-        slot.seqlens_k.update_inplace(np.array([past + n - 1], np.int32))
-        if slot.features is not None:
-            if features is None:
-                features = np.zeros((n, self.model.feature_size), self.model.feature_dtype)
-            slot.features.update_inplace(np.ascontiguousarray(features, self.model.feature_dtype).reshape(1, n, -1))
-        self.model.session.run_with_iobinding(slot.binding, slot.run_options)
-        hidden = slot.hidden.numpy()[0] if slot.hidden is not None else None
-        return np.asarray(slot.logits.numpy()[0], np.float32), hidden
+        if features is None and self.model.feature_size:
+            features = np.zeros((n, self.model.feature_size), self.model.feature_dtype)
+        with self.model.run_lock:  # copies to and from the device too: none may land in another state's capture
+            slot = self._slots.get(n)
+            if slot is None:
+                slot = self._slots[n] = GraphSlot(self.model, self.cache, n)
+            slot.input_ids.update_inplace(np.asarray(token_ids, np.int64).reshape(1, n))
+            slot.seqlens_k.update_inplace(np.array([past + n - 1], np.int32))
+            if slot.features is not None:
+                slot.features.update_inplace(np.ascontiguousarray(features, self.model.feature_dtype).reshape(1, n, -1))
+            self.model.session.run_with_iobinding(slot.binding, slot.run_options)
+            hidden = slot.hidden.numpy()[0] if slot.hidden is not None else None
+            logits = slot.logits.numpy()[0]
+        return np.asarray(logits, np.float32), hidden

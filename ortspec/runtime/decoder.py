@@ -4,6 +4,8 @@ Knows nothing of speculation."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -120,6 +122,11 @@ class Model:
             and spec.long_rope_after is None
         )
         self.run_options = no_graph_run_options() if cuda_graphs else None
+        # A graph is captured from the session's stream: a call from another thread meanwhile would land
+        # in it. The GPU runs one call at a time anyway, so calls on a graph session take turns.
+        self.run_lock: threading.Lock | contextlib.nullcontext = (
+            threading.Lock() if cuda_graphs else contextlib.nullcontext()
+        )
         if keep_hidden and (not has_hidden or self.layout != names.SHARED_BUFFER):
             raise ValueError(
                 f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
@@ -287,7 +294,8 @@ class DecoderState:
             features = np.ascontiguousarray(features, model.feature_dtype).reshape(1, n, -1)
             binding.bind_cpu_input(names.FEATURES, features)
         self.cache.bind(binding, n)
-        model.session.run_with_iobinding(binding, model.run_options)
+        with model.run_lock:
+            model.session.run_with_iobinding(binding, model.run_options)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call
         self.cache.update(outputs, n)
         self._tokens[past:] = token_ids
