@@ -14,7 +14,9 @@ Each server runs with --parallel 4 and --threads T. Phases, all greedy, without 
 - TTFT: the median time to the first streamed token of a request alone ("idle"), and while 3 clients
   keep decoding long requests ("3 busy").
 Ratios are of numbers measured in the same run; "same text" counts the prompts whose greedy text with
-4 clients equals the one with 1 client. `--unbatched` adds a row for `ortspec serve --no-batch`.
+4 clients equals the one with 1 client. `--unbatched` adds a row for `ortspec serve --no-batch`. With
+`--drafting`, suffix drafting's memory of the 1-client phase helps the 4-client phase (the same
+prompts): that 4 vs 1 is not a fair one.
 """
 
 from __future__ import annotations

@@ -64,8 +64,9 @@ class BatchedModel:
     """`rows` sequences of one model whose one-token steps share calls. Thread-safe: each generation
     holds one row (`take` / `release`), in its own thread.
 
-    A step waits up to `wait` seconds for every other row that is decoding to join it, so one call
-    serves them all; rows busy with a longer forward (a prefill, a verification) are not waited for.
+    A step waits up to `wait` seconds for the rows that stepped last time to join it, so one call serves
+    them all; rows whose last forward was a longer one (a prefill, a verification) are not waited for:
+    a drafting row would keep the others waiting for a step it is not going to take.
     """
 
     def __init__(self, model: Model, rows: int, wait: float = DEFAULT_WAIT) -> None:
@@ -86,7 +87,6 @@ class BatchedModel:
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._leading = False  # a thread is gathering or running the next batched call
-        self._alone = 0  # rows inside a batch-1 forward (not waited for)
         self._bindings: dict[int, ort.IOBinding] = {}
         self.calls = 0  # batched calls so far
         self.stepped = 0  # row steps they ran (stepped / calls: the mean batch)
@@ -122,14 +122,10 @@ class BatchedModel:
     def alone(self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None) -> np.ndarray:
         """A batch-1 forward on the row of `state`, between batched calls."""
         with self._cond:
-            self._alone += 1
-            self._cond.notify_all()
-        try:
-            with self._run_lock:
-                return DecoderState._run(state, token_ids, features)
-        finally:
-            with self._cond:
-                self._alone -= 1
+            state.stepping = False
+            self._cond.notify_all()  # a gathering step need not wait for it any more
+        with self._run_lock:
+            return DecoderState._run(state, token_ids, features)
 
     def step(self, state: RowState, token: int) -> np.ndarray:
         """Logits [1, vocab] of `token` on the row of `state`, from a call shared with the other rows
@@ -159,11 +155,12 @@ class BatchedModel:
         return self._result(job)
 
     def _gather(self) -> list[_Job]:
-        """The pending jobs, once every decoding row has joined or `wait` has passed (holding `_cond`)."""
+        """The pending jobs, once every row that stepped last time has joined or `wait` has passed (holding
+        `_cond`)."""
         deadline = time.monotonic() + self.wait
-        while len(self._pending) < len(self._states) - self._alone:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while (left := deadline - time.monotonic()) > 0:
+            joined = {job.state.row for job in self._pending}
+            if all(row in joined for row, state in self._states.items() if state.stepping):
                 break
             self._cond.wait(left)
         jobs, self._pending = self._pending, []
@@ -235,6 +232,9 @@ class RowState(DecoderState):
         super().__init__(model, cache)
         self.batch = batch
         self.row = row
+        # the next step waits for this row, unless its last forward was a longer one (from the start on: a
+        # new row is waited for until its prefill begins, so that rows starting together step together)
+        self.stepping = True
 
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         if len(token_ids) != 1 or features is not None:
@@ -247,3 +247,4 @@ class RowState(DecoderState):
         past = self.cache.length
         self.cache.update((), 1)
         self._tokens[past:] = [token]
+        self.stepping = True
