@@ -201,3 +201,12 @@ def test_builder_packages_of_older_versions_with_a_batch_of_1_still_load_unbatch
     assert "fixed batch of 1" in batch_problem(pipe.target)
     options = dict(max_new_tokens=8, use_draft=False)
     assert pipe.generate(PROMPTS[1], **options).token_ids == alone.generate(PROMPTS[1], **options).token_ids
+
+
+def test_the_default_pair_batches():
+    """Its cached package is exported afresh when the graphs change (GRAPH_REVISION): one cached by an
+    ortspec of batch-1 graphs would otherwise be served unbatched."""
+    from ortspec.models.default_pair import default_package
+
+    pipe = ortspec.load(default_package(report=lambda _: None), threads=1, max_length=64, batch=2)
+    assert pipe.batch is not None, batch_problem(pipe.target)

@@ -28,9 +28,14 @@ def shipped_pair() -> tuple[Path, Path]:
     return target, draft
 
 
+# What the exported graphs look like: bump it when the builder changes them, so that packages cached
+# by an earlier ortspec are exported afresh (2: the batch became a dynamic dimension, for batching).
+GRAPH_REVISION = 2
+
+
 def content_fingerprint(directories: tuple[Path, ...]) -> str:
-    """Changes whenever the shipped weights or this ortspec version change."""
-    digest = hashlib.sha256(__version__.encode())
+    """Changes whenever the shipped weights, this ortspec version or its graphs' revision change."""
+    digest = hashlib.sha256(f"{__version__} graphs {GRAPH_REVISION}".encode())
     for directory in directories:
         for file in sorted(directory.iterdir()):
             digest.update(file.name.encode())
