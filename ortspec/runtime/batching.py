@@ -64,9 +64,9 @@ class BatchedModel:
     """`rows` sequences of one model whose one-token steps share calls. Thread-safe: each generation
     holds one row (`take` / `release`), in its own thread.
 
-    A step waits up to `wait` seconds for the rows that stepped last time to join it, so one call serves
-    them all; rows whose last forward was a longer one (a prefill, a verification) are not waited for:
-    a drafting row would keep the others waiting for a step it is not going to take.
+    A step waits up to `wait` seconds for the other rows to join it, so one call serves them all; rows
+    whose last forward verified drafts are not waited for: a drafting row would keep the others waiting
+    for a step it is not going to take.
     """
 
     def __init__(self, model: Model, rows: int, wait: float = DEFAULT_WAIT) -> None:
@@ -121,9 +121,10 @@ class BatchedModel:
 
     def alone(self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None) -> np.ndarray:
         """A batch-1 forward on the row of `state`, between batched calls."""
-        with self._cond:
-            state.stepping = False
-            self._cond.notify_all()  # a gathering step need not wait for it any more
+        if state.length:  # verifying drafts: likely to again next round (a prefill is followed by steps)
+            with self._cond:
+                state.stepping = False
+                self._cond.notify_all()  # a gathering step need not wait for it any more
         with self._run_lock:
             return DecoderState._run(state, token_ids, features)
 
@@ -155,8 +156,7 @@ class BatchedModel:
         return self._result(job)
 
     def _gather(self) -> list[_Job]:
-        """The pending jobs, once every row that stepped last time has joined or `wait` has passed (holding
-        `_cond`)."""
+        """The pending jobs, once every row that may step has joined or `wait` has passed (holding `_cond`)."""
         deadline = time.monotonic() + self.wait
         while (left := deadline - time.monotonic()) > 0:
             joined = {job.state.row for job in self._pending}
@@ -232,9 +232,7 @@ class RowState(DecoderState):
         super().__init__(model, cache)
         self.batch = batch
         self.row = row
-        # the next step waits for this row, unless its last forward was a longer one (from the start on: a
-        # new row is waited for until its prefill begins, so that rows starting together step together)
-        self.stepping = True
+        self.stepping = True  # the next step waits for this row (unless its last forward verified drafts)
 
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
         if len(token_ids) != 1 or features is not None:
