@@ -100,4 +100,4 @@ class GraphedCalls:
             self.model.session.run_with_iobinding(slot.binding, slot.run_options)
             hidden = slot.hidden.numpy()[0] if slot.hidden is not None else None
             logits = slot.logits.numpy()[0]
-        return np.asarray(logits, np.float32), hidden
+        return np.array(logits, np.float32), hidden  # a copy: the next call reuses the buffer
