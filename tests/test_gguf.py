@@ -126,10 +126,11 @@ def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
         for node in graph.node
         if node.op_type in ("MatMul", "MatMulNBits")
     }
-    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockSum(x) @ C, C [K/block, N] one offset per block
+    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockMean(x) @ (block * C), C [K/block, N]
         if node.op_type == "Add" and node.input[0] in weights and node.input[1] in weights:
             w, c = weights.pop(node.input[0]), weights.pop(node.input[1])
-            weights[node.output[0]] = w + np.repeat(c, w.shape[0] // c.shape[0], axis=0)
+            block = w.shape[0] // c.shape[0]
+            weights[node.output[0]] = w + np.repeat(c / np.float32(block), block, axis=0)
     return weights
 
 
