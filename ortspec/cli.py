@@ -39,7 +39,15 @@ RUNTIME_OPTIONS = [
         "--provider",
         "providers",
         multiple=True,
-        help="ONNX Runtime execution provider, in priority order (repeatable). Default: CPUExecutionProvider.",
+        help="ONNX Runtime execution provider, in priority order (repeatable). Default: CPUExecutionProvider. "
+        "GPUs: --provider CUDAExecutionProvider with onnxruntime-gpu and an --dtype fp16 package.",
+    ),
+    click.option(
+        "--draft-provider",
+        "draft_providers",
+        multiple=True,
+        help="Execution provider of the draft (repeatable; default: --provider's), e.g. the draft on "
+        "CPUExecutionProvider beside a target on CUDAExecutionProvider.",
     ),
     click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads of the target (default: ORT's)."),
     click.option(
@@ -59,8 +67,9 @@ RUNTIME_OPTIONS = [
 
 
 def _runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--provider / --threads / --draft-threads / --max-length / --no-verify, handed over as one `runtime` dict."""
-    names = ["providers", "threads", "draft_threads", "max_length", "no_verify"]
+    """--provider / --draft-provider / --threads / --draft-threads / --max-length / --no-verify, handed over as
+    one `runtime` dict."""
+    names = ["providers", "draft_providers", "threads", "draft_threads", "max_length", "no_verify"]
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -75,6 +84,7 @@ def _load_options(runtime: dict[str, Any]) -> dict[str, Any]:
     """The runtime options as `ortspec.load` keywords."""
     return dict(
         providers=runtime["providers"] or None,
+        draft_providers=runtime["draft_providers"] or None,
         threads=runtime["threads"],
         draft_threads=runtime["draft_threads"],
         max_length=runtime["max_length"],
@@ -144,6 +154,19 @@ def main() -> None:
     "generic exporter (not for GGUF); auto: the builder when it applies.",
 )
 @click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of activations, KV cache and logits. fp16 is for GPUs (onnxruntime-gpu: load with "
+    "--provider CUDAExecutionProvider), where attention runs in fp16 only; CPUs want fp32.",
+)
+@click.option(
+    "--draft-dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    help="Precision of the draft (default: --dtype); fp32 for a draft that runs on the CPU beside a GPU target.",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace the ortspec package at --out: the files it wrote; other files there are kept.",
@@ -158,6 +181,8 @@ def export(
     block_size: int,
     accuracy_level: int,
     exporter: str,
+    dtype: str,
+    draft_dtype: str | None,
     force: bool,
 ) -> None:
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
@@ -187,6 +212,8 @@ def export(
         block_size=block_size,
         accuracy_level=accuracy_level,
         exporter=exporter,
+        dtype=dtype,
+        draft_dtype=draft_dtype,
         force=force,
         report=lambda line: click.echo(line, err=True),
     )

@@ -169,3 +169,27 @@ def test_distill_makes_a_loadable_head(checkpoint: Callable[..., Path], tmp_path
     pipe = ortspec.load(pkg)
     res = pipe.generate(PROMPT, max_new_tokens=12, draft_tokens=2)
     assert res.stats.drafter == "head" and len(res.token_ids) == 12
+
+
+def test_head_and_target_features_on_the_graphed_path(head_package: Path) -> None:
+    """The CUDA-graph path's fixed buffers (cuda_graphs.py) also carry the target's features out and the
+    head's features in; on the CPU nothing is captured, so this checks the buffers' bookkeeping."""
+    pipe = ortspec.load(head_package)
+    ordinary = pipe.target.new_state(), pipe.draft.new_state()
+    pipe.target.cuda_graphs = pipe.draft.cuda_graphs = True  # what CUDA sessions of an fp16 package get
+    graphed = pipe.target.new_state(), pipe.draft.new_state()
+    assert graphed[0]._graphs is not None and graphed[1]._graphs is not None
+    results = []
+    for target, head in (ordinary, graphed):
+        target.forward(PROMPT[:10])
+        head.forward(PROMPT[1:10], features=target.hidden[:-1])
+        rows = []
+        for token in (PROMPT[10], PROMPT[11]):
+            logits = target.forward([token])
+            rows.append((logits, target.hidden.copy(), head.forward([token], features=target.hidden)))
+        results.append(rows)
+    for want, got in zip(*results, strict=True):
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
+    assert pipe.generate(PROMPT, max_new_tokens=40, draft_tokens=3).token_ids == plain.token_ids

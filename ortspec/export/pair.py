@@ -31,6 +31,7 @@ from .compat import PairCompatibility, check_pair
 from .families import family_of, max_positions
 from .onnx_export import export_with_optimum
 from .package import copy_tokenizer, describe_model, save_onnx
+from .precision import check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
 
@@ -45,6 +46,7 @@ class Quantization:
     kind: str
     block_size: int = 32
     accuracy_level: int = 4
+    dtype: str = "fp32"  # activations, KV cache and logits: "fp32" or "fp16" (GPUs)
 
 
 class Progress:
@@ -129,6 +131,9 @@ def _save_model(
             f"quantizing {role} weights to {quantize.kind} (block {block_size}, accuracy level {accuracy_level})"
         ):
             model, quantization = quantize_weights(model, bits, block_size, accuracy_level)
+    if quantize.dtype == "fp16":
+        with progress.stage(f"converting the {role} graph to fp16"):
+            model = to_float16(model)
     files = save_onnx(model, root / role / "model.onnx")
     return describe_model(
         model,
@@ -164,6 +169,8 @@ def export_pair(
     accuracy_level: int = 4,
     exporter: str = "auto",
     draft_exporter: str | None = None,
+    dtype: str = "fp32",
+    draft_dtype: str | None = None,
     force: bool = False,
     report: Reporter = print,
 ) -> Manifest:
@@ -171,9 +178,10 @@ def export_pair(
 
     `quantize`/`draft_quantize` are "none", "int8" or "int4" (the draft defaults to the target's).
     `exporter` is "auto" (the builder where it applies, else optimum), "builder" or "optimum";
-    `draft_exporter` defaults to the same. The package appears at `out` only once complete; `force` replaces
-    the files of an ortspec package there (and nothing else). SIGTERM stops the export like Ctrl-C: it cleans
-    up and raises KeyboardInterrupt.
+    `draft_exporter` defaults to the same. `dtype`/`draft_dtype` are "fp32" or "fp16" (for GPUs; the draft
+    defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
+    `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
+    SIGTERM stops the export like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
     for value in exporters.values():
@@ -183,11 +191,14 @@ def export_pair(
     for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
         if value not in BITS:
             raise ValueError(f"{name} must be one of {', '.join(BITS)}, got {value!r}")
+    dtypes = {"target": dtype, "draft": draft_dtype or dtype}
+    for role, value in dtypes.items():
+        check_dtype("dtype" if role == "target" else "draft_dtype", value)
     head = draft is not None and is_head_dir(draft)
     if head and exporter == "optimum":
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
-    steps = 2 + sum(1 + (BITS[q] is not None) for _, _, q in roles)
+    steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)
     out = Path(out)
     with staging_directory(out, force, report) as (root, work):
@@ -206,7 +217,7 @@ def export_pair(
                 )
         specs = {}
         for role, name, q in roles:
-            quantization = Quantization(q, block_size, accuracy_level)
+            quantization = Quantization(q, block_size, accuracy_level, dtypes[role])
             if head and role == "draft":
                 specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
                 continue

@@ -280,7 +280,15 @@ def measure(
     return Calibration(key, usable, target_ms, draft_ms, round_ms, catch_up_ms)
 
 
-def calibration_key(providers: Sequence[str], threads: int | None, draft_threads: int | None = None) -> str:
-    """What a calibration is valid for: method version, providers, thread counts and this machine."""
+def calibration_key(
+    providers: Sequence[str],
+    threads: int | None,
+    draft_threads: int | None = None,
+    draft_providers: Sequence[str] | None = None,
+) -> str:
+    """What a calibration is valid for: method version, providers (the draft's where they differ), thread
+    counts and this machine."""
     draft = f"|draft threads={draft_threads}" if draft_threads else ""
+    if draft_providers and list(draft_providers) != list(providers):
+        draft += f"|draft providers={','.join(draft_providers)}"
     return f"v{CALIBRATION_VERSION}|{','.join(providers)}|threads={threads or 'default'}{draft}|{machine_fingerprint()}"

@@ -4,6 +4,8 @@ Knows nothing of speculation."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -12,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import graph_names as names
+from .cuda_graphs import GraphedCalls, no_graph_run_options
 from .kv_cache import CacheStateError, ConcatKVCache, KVCache, SharedBufferKVCache
 from .manifest import ModelSpec, PackageError, resolve_inside
 from .session import create_session, output_device
@@ -81,7 +84,12 @@ class Model:
     """
 
     def __init__(
-        self, spec: ModelSpec, session: ort.InferenceSession, max_length: int | None = None, keep_hidden: bool = False
+        self,
+        spec: ModelSpec,
+        session: ort.InferenceSession,
+        max_length: int | None = None,
+        keep_hidden: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -92,14 +100,33 @@ class Model:
         inputs = {i.name: i for i in session.get_inputs()}
         self.cache_dtype = ONNX_TO_NUMPY[inputs[names.past_names(spec.num_layers)[0]].type]
         self.device = output_device(session)
+        self.providers: list[str] = session.get_providers()
         self.wants_mask = names.ATTENTION_MASK in inputs
         self.wants_positions = names.POSITION_IDS in inputs
         self.ones = np.ones((1, self.max_length), dtype=np.int64)  # read-only slices feed every state
         self.positions = np.arange(self.max_length, dtype=np.int64)[None, :]
         features = inputs.get(names.FEATURES)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
+        self.feature_dtype = ONNX_TO_NUMPY[features.type] if features is not None else np.float32
         self.keep_hidden = keep_hidden
-        has_hidden = names.HIDDEN_STATES in {o.name for o in session.get_outputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        has_hidden = names.HIDDEN_STATES in outputs
+        self.logits_dtype = ONNX_TO_NUMPY[outputs[names.LOGITS].type]
+        self.hidden_size = int(outputs[names.HIDDEN_STATES].shape[-1]) if has_hidden else 0
+        # CUDA graphs (cuda_graphs.py) need a session created for them, fixed buffers and a graph that
+        # does not change with the sequence length; every other call then runs with capture off.
+        self.cuda_graphs = (
+            cuda_graphs
+            and self.device == "cuda"
+            and self.layout == names.SHARED_BUFFER
+            and spec.long_rope_after is None
+        )
+        self.run_options = no_graph_run_options() if cuda_graphs else None
+        # A graph is captured from the session's stream: a call from another thread meanwhile would land
+        # in it. The GPU runs one call at a time anyway, so calls on a graph session take turns.
+        self.run_lock: threading.Lock | contextlib.nullcontext = (
+            threading.Lock() if cuda_graphs else contextlib.nullcontext()
+        )
         if keep_hidden and (not has_hidden or self.layout != names.SHARED_BUFFER):
             raise ValueError(
                 f"the {spec.role} graph has no hidden_states output: re-export it with this ortspec's builder"
@@ -115,13 +142,29 @@ class Model:
         max_length: int | None = None,
         spinning: bool = True,
         keep_hidden: bool = False,
+        cuda_graphs: bool = True,
     ) -> Model:
         """Open the model of `spec` from the package directory `root` (see `session_options` for `spinning`).
 
         `spec` comes from `load_manifest`, which has checked the graph file and its external data.
+        `cuda_graphs`: on the CUDA provider, replay small decoding calls as CUDA graphs where the graph allows.
         """
-        session = create_session(resolve_inside(root, spec.onnx), providers, threads, spinning)
-        return cls(spec, session, max_length, keep_hidden)
+        path = resolve_inside(root, spec.onnx)
+        graphs = (  # CUDA's GroupQueryAttention runs fp16/bf16 only: an fp32 graph has nodes on the CPU
+            cuda_graphs
+            and spec.kv_layout == names.SHARED_BUFFER
+            and spec.long_rope_after is None
+            and spec.dtype in ("float16", "bfloat16")
+        )
+        if graphs:
+            try:
+                return cls(
+                    spec, create_session(path, providers, threads, spinning, True), max_length, keep_hidden, True
+                )
+            except Exception as exc:  # ORT refuses graph capture when a node runs on the CPU (e.g. fp32 attention)
+                if "graph capture" not in str(exc):
+                    raise
+        return cls(spec, create_session(path, providers, threads, spinning), max_length, keep_hidden)
 
     @property
     def vocab_size(self) -> int:
@@ -162,6 +205,7 @@ class DecoderState:
         self.hidden_start = 0
         self._tokens: list[int] = []  # the cached sequence (longrope recomputes it; `check` compares it)
         self._long = False  # whether the cache holds longrope's long-factor keys
+        self._graphs = GraphedCalls(model, self.cache) if model.cuda_graphs else None
 
     def _new_binding(self) -> ort.IOBinding:
         binding = self.model.session.io_binding()
@@ -228,6 +272,13 @@ class DecoderState:
         n = len(token_ids)
         past = self.cache.length
         model = self.model
+        if self._graphs is not None and self._graphs.accepts(n, past):
+            logits, hidden = self._graphs.run(token_ids, past, features)
+            self.cache.update((), n)
+            self._tokens[past:] = token_ids
+            if hidden is not None:
+                self.hidden, self.hidden_start = np.array(hidden), past
+            return logits
         binding = self._binding  # rebinding a name replaces it; unchanged bindings (cache buffers) stay
         binding.bind_cpu_input(names.INPUT_IDS, np.asarray(token_ids, dtype=np.int64)[None, :])
         if model.wants_mask:
@@ -239,10 +290,12 @@ class DecoderState:
             binding.bind_output(names.HIDDEN_STATES, "cpu")
         if model.feature_size:
             if features is None:
-                features = np.zeros((n, model.feature_size), np.float32)
-            binding.bind_cpu_input(names.FEATURES, np.ascontiguousarray(features, np.float32).reshape(1, n, -1))
+                features = np.zeros((n, model.feature_size), model.feature_dtype)
+            features = np.ascontiguousarray(features, model.feature_dtype).reshape(1, n, -1)
+            binding.bind_cpu_input(names.FEATURES, features)
         self.cache.bind(binding, n)
-        model.session.run_with_iobinding(binding)
+        with model.run_lock:
+            model.session.run_with_iobinding(binding, model.run_options)
         outputs = binding.get_outputs_as_ortvaluevector()  # no Python wrapper per output: cheaper per call
         self.cache.update(outputs, n)
         self._tokens[past:] = token_ids

@@ -24,7 +24,6 @@ from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Pr
 from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
 from .options import GenerationConfig, check_text
 from .sampling import SamplingConfig
-from .session import resolve_providers
 from .speculative import (
     AutoDraftLength,
     AutoMemo,
@@ -403,6 +402,7 @@ def load(
     max_length: int | None = None,
     verify: bool = True,
     idle_states: int = DEFAULT_IDLE_STATES,
+    cuda_graphs: bool = True,
 ) -> Pipeline:
     """Open a deployment package written by `ortspec export`.
 
@@ -414,20 +414,30 @@ def load(
     new tokens (default: the model's maximum, at most 4096; the shared KV buffers are allocated for
     it); `verify=False` skips the sha256 check (sizes are always checked). Each generation running at
     once has KV buffers of its own; `idle_states` bounds how many of them per model are kept for
-    reuse when no generation holds them.
+    reuse when no generation holds them. `cuda_graphs` (CUDA provider only) replays decoding's small calls
+    as CUDA graphs, which removes most of a small model's per-call launch cost on a GPU.
     """
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
     head = manifest.draft is not None and manifest.draft.is_head
-    target = Model.load(manifest.target, root, providers, threads, max_length, keep_hidden=head)
+    target = Model.load(
+        manifest.target, root, providers, threads, max_length, keep_hidden=head, cuda_graphs=cuda_graphs
+    )
     draft = None
     if manifest.draft is not None:
         draft_threads = draft_threads or DEFAULT_DRAFT_THREADS
         draft_providers = draft_providers or providers
         draft = Model.load(
-            manifest.draft, root, draft_providers, draft_threads, max_length, spinning=False, keep_hidden=head
+            manifest.draft,
+            root,
+            draft_providers,
+            draft_threads,
+            max_length,
+            spinning=False,
+            keep_hidden=head,
+            cuda_graphs=cuda_graphs,
         )
-    key = calibration_key_for(resolve_providers(providers), threads, draft_threads)
+    key = calibration_key_for(target.providers, threads, draft_threads, draft.providers if draft is not None else None)
     tokenizer = TextTokenizer(
         manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others

@@ -43,12 +43,18 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
 
 
 def create_session(
-    model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None, spinning: bool = True
+    model_path: Path,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    spinning: bool = True,
+    cuda_graphs: bool = False,
 ) -> ort.InferenceSession:
-    """One inference session for one ONNX graph."""
-    return ort.InferenceSession(
-        str(model_path), sess_options=session_options(threads, spinning), providers=resolve_providers(providers)
-    )
+    """One inference session for one ONNX graph; `cuda_graphs` lets the CUDA provider capture and replay
+    the calls that ask for it (see cuda_graphs.py)."""
+    chosen: list = resolve_providers(providers)
+    if cuda_graphs:
+        chosen = [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in chosen]
+    return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning), providers=chosen)
 
 
 def output_device(session: ort.InferenceSession) -> str:
