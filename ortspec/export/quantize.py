@@ -279,8 +279,8 @@ def quantize_offset_lossless(
 
     BlockSum is one AveragePool over the last axis (the block means), so the graph stores
     block_size * C (exact: a power of two). That is 4 nodes per weight where Reshape + ReduceSum
-    needed 6 (Shape and Concat to build the shape): measured ~7% of a SmolLM2 decode step instead of
-    ~15%. AveragePool needs x to be [batch, sequence, K], as every projection of the builder's graphs
+    needed 6 (Shape and Concat to build the shape): a SmolLM2 decode step measured +8-10% instead
+    of +14-15% (1 thread). AveragePool needs x to be [batch, sequence, K], as every projection of the builder's graphs
     (the only ones made from GGUF files) is.
 
     Returns {the MatMul's output: (its MatMulNBits' output, the name of block_size * C, the name of
