@@ -20,7 +20,7 @@ from ortspec.export import export_pair
 from ortspec.export.builder import UnsupportedModelError
 from ortspec.export.builder.gguf_io import open_gguf
 from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
-from ortspec.export.quantize import dequantized_weight
+from ortspec.export.quantize import dequantized_weight, offset_blocks
 from ortspec.models.random import CORPUS
 from ortspec.runtime.tokenizer import TextTokenizer
 
@@ -117,7 +117,7 @@ def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
     """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
     graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
     inits = {init.name: init for init in graph.initializer}
-    return {
+    weights = {
         node.output[0]: (
             dequantized_weight(node, inits)
             if node.op_type == "MatMulNBits"
@@ -126,11 +126,18 @@ def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
         for node in graph.node
         if node.op_type in ("MatMul", "MatMulNBits")
     }
+    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockMean(x) @ (block * C), C [K/block, N]
+        if node.op_type == "Add" and node.input[0] in weights and node.input[1] in weights:
+            w, c = weights.pop(node.input[0]), weights.pop(node.input[1])
+            block = w.shape[0] // c.shape[0]
+            weights[node.output[0]] = w + np.repeat(c / np.float32(block), block, axis=0)
+    return weights
 
 
 # (GGUF type, --quantize, --block-size, whether MatMulNBits can hold the blocks as they are). Q4_0-searched:
 # Q4_0 blocks whose largest code is not -8 (as importance-matrix quantization leaves some), which ONNX
 # Runtime's quantizer (scale = largest / -8) re-quantizes with an error; so it does Q8_0 (largest / -128).
+# Q4_1 (d * q + m) is stored as d * (q - 8) plus a correction BlockSum(x) @ (m + 8d).
 BLOCK_CASES = [
     ("Q4_0", "int4", 32, True),
     ("Q4_0-searched", "int4", 32, True),
@@ -140,7 +147,10 @@ BLOCK_CASES = [
     ("Q4_0-searched", "int4", 16, True),
     ("Q4_0-searched", "int4", 64, False),
     ("Q8_0", "int4", 32, False),
-    ("Q4_1", "int4", 32, False),
+    ("Q4_1", "int4", 32, True),
+    ("Q4_1", "int4", 16, True),
+    ("Q4_1", "int8", 32, True),
+    ("Q4_1", "int4", 64, False),
 ]
 
 
@@ -158,7 +168,49 @@ def test_gguf_blocks_import_without_requantization(weights, quantize, block_size
     logits = [package.target.new_state().forward(ids) for package in (pipe, reference)]
     close = np.allclose(*logits, atol=1e-4, rtol=0)
     assert close == exact
-    assert pipe.manifest.target.quantization["lossless_nodes"] == (2 * 4 + 1 if exact else 0)
+    quantization = pipe.manifest.target.quantization
+    assert quantization["lossless_nodes"] == (2 * 4 + 1 if exact else 0)
+    assert quantization["lossless_offset_nodes"] == (2 * 4 + 1 if exact and weights == "Q4_1" else 0)
+    assert quantization["unquantized_matmuls"] == 0
+    assert quantization["embedding"].endswith("GatherBlockQuantized, shared with the lm_head")
+
+
+def q4_1_weight(rng: np.random.Generator, k: int, n: int, low: int = 0, high: int = 15) -> np.ndarray:
+    """A MatMul weight [K, N] of Q4_1 blocks d * q + m along K (dequantized as gguf does), codes low..high."""
+    d = rng.uniform(1e-3, 1e-2, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, 0.1, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(low, high + 1, (n, k // 32, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = low, high  # each block uses both ends of its span
+    return ((d * q) + m).reshape(n, k).T.copy()
+
+
+def test_q4_1_blocks_are_found_exactly_or_not_at_all():
+    rng = np.random.default_rng(0)
+    # codes 0..15 as llama.cpp's reference quantizer writes them; 3..12 as its importance-matrix search may
+    for low, high in [(0, 15), (3, 12)]:
+        weight = q4_1_weight(rng, 64, 24, low, high)
+        packed, scales, offsets = offset_blocks(weight, 4, 32)
+        codes = np.stack([packed & 15, packed >> 4], -1).reshape(24, 64).astype(np.float32)
+        rebuilt = (codes - 8) * np.repeat(scales, 32, axis=1) + np.repeat(offsets.T, 32, axis=1)
+        assert np.array_equal(rebuilt.T, weight)  # d * (q - 8) + (m + 8d) is the same float as d * q + m
+    weight[5, 7] = np.nextafter(weight[5, 7], np.float32(1))  # one weight one float off: the whole weight fails
+    assert offset_blocks(weight, 4, 32) is None
+    assert offset_blocks(rng.standard_normal((64, 24)).astype(np.float32), 4, 32) is None
+
+
+def test_q4_1_target_with_a_head_drafts_exactly(gguf_file, tmp_path):
+    """A head's vocabulary-subset lm_head is cut from the target's Q4_1 one: it gets the correction too,
+    and greedy drafting with the head still equals plain decoding."""
+    from test_draft_head import make_head
+
+    gguf = gguf_file("llama", "Q4_1", "tied")
+    make_head(gguf, tmp_path / "head")
+    pipe = export(gguf, tmp_path / "pkg", quantize="int4", draft=tmp_path / "head")
+    assert pipe.manifest.target.quantization["lossless_offset_nodes"] == 2 * 4 + 1
+    assert pipe.manifest.draft.quantization["lossless_offset_nodes"] == 1
+    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft_tokens=2)
+    assert spec.stats.drafter == "head"
+    assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids
 
 
 def test_manifest_records_source_chat_template_and_eos(gguf_file, tmp_path):

@@ -2,7 +2,9 @@
 
 Two things beyond ONNX Runtime's quantizer:
 - Weights that already lie on a block grid (GGUF Q4_0 / Q8_0 weights, dequantized) are stored with
-  exactly those scales and codes instead of being quantized a second time (`quantize_lossless`).
+  exactly those scales and codes instead of being quantized a second time (`quantize_lossless`);
+  so are GGUF Q4_1 weights (d * q + m), with a small correction term for the offsets m
+  (`quantize_offset_lossless`).
 - A tied embedding table is stored once: the token Gather reads the lm_head's quantized blocks
   through GatherBlockQuantized instead of keeping an fp32 copy (`share_tied_embeddings`).
 """
@@ -10,6 +12,7 @@ Two things beyond ONNX Runtime's quantizer:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,6 +125,25 @@ def _fit_levels(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray] 
     return None if len(todo) else (codes, scales)
 
 
+def _fit_weight(weight: np.ndarray, block_size: int, fit: Callable[[np.ndarray], Any]) -> Any:
+    """`fit` applied to the blocks [N, K/block, block] of a MatMul weight [K, N] (blocks run along K), or None.
+
+    Most weights do not fit at all, so a few output rows are tried first.
+    """
+    k, n = weight.shape
+    if weight.dtype != np.float32 or k % block_size:
+        return None
+    if fit(np.ascontiguousarray(weight[:, :8].T).reshape(-1, k // block_size, block_size)) is None:
+        return None
+    return fit(np.ascontiguousarray(weight.T).reshape(n, k // block_size, block_size))
+
+
+def _pack(unsigned: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' B layout: one byte per 8-bit code, two 4-bit codes per byte (low nibble first)."""
+    unsigned = unsigned.astype(np.uint8)
+    return unsigned if bits == 8 else unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+
+
 def lossless_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """MatMulNBits' B [N, K/block, block*bits/8] and scales [N, K/block] for a MatMul weight [K, N] whose
     values already are block-quantized (scale * integer code per block of `block_size` along K), or None.
@@ -129,19 +151,69 @@ def lossless_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
     Weights dequantized from GGUF's Q4_0 (d * (q - 8), d fp16) fit 4 bits with block 32 (or 16) and
     8 bits; Q8_0 (d * q) fits 8 bits. Storing them this way adds no quantization error.
     """
-    k, n = weight.shape
-    if weight.dtype != np.float32 or k % block_size:
-        return None
-    first = np.ascontiguousarray(weight[:, :8].T).reshape(-1, k // block_size, block_size)
-    if _fit_levels(first, bits) is None:  # most weights fail at once: check a few output rows first
-        return None
-    fit = _fit_levels(np.ascontiguousarray(weight.T).reshape(n, k // block_size, block_size), bits)
+    fit = _fit_weight(weight, block_size, lambda blocks: _fit_levels(blocks, bits))
     if fit is None:
         return None
     codes, scales = fit
-    unsigned = (codes + (1 << (bits - 1))).astype(np.uint8)  # MatMulNBits' default zero point 2^(bits-1)
-    packed = unsigned if bits == 8 else unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
-    return packed, scales
+    return _pack(codes + (1 << (bits - 1)), bits), scales  # MatMulNBits' default zero point 2^(bits-1)
+
+
+OFFSET_LEVELS = 16  # GGUF Q4_1: 4-bit codes 0..15
+# (lowest, highest) code a block's smallest and largest value may have, most likely first: llama.cpp's
+# reference quantizer uses 0 and 15; its importance-matrix search may leave codes unused at either end.
+_OFFSET_SPANS = sorted(
+    ((low, high) for low in range(OFFSET_LEVELS) for high in range(low + 1, OFFSET_LEVELS)),
+    key=lambda span: (span[0] - span[1], span[0]),
+)
+
+
+def _fit_offset_levels(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Codes q in 0..15 and fp16 d, m per block with d * q + m == blocks exactly in float32, or None.
+
+    That is GGUF's Q4_1 block (dequantized as (d * q) + m in float32). If the smallest and largest
+    value of a block have codes `low` and `high`, then d = (max - min) / (high - low) and
+    m = min - d * low up to float32 rounding, which rounding to fp16 removes; every code then follows.
+    The check also asks that m + 8d is exact in float32, so the graph's d * (q - 8) + (m + 8d) is the
+    same float as the GGUF's value (d * q is exact: an fp16 times a 4-bit integer).
+    """
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    low_values, high_values = flat.min(-1), flat.max(-1)
+    codes = np.zeros(flat.shape, np.uint8)
+    scales, mins = np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32)
+    todo = np.arange(len(flat))
+    with np.errstate(all="ignore"):
+        for low, high in _OFFSET_SPANS:
+            if len(todo) == 0:
+                break
+            values = flat[todo]
+            d = ((high_values[todo] - low_values[todo]) / np.float32(high - low)).astype(np.float16).astype(np.float32)
+            m = (low_values[todo] - d * np.float32(low)).astype(np.float16).astype(np.float32)
+            q = np.where(d[:, None] > 0, np.rint((values - m[:, None]) / d[:, None]), 0)
+            exact_offset = np.float32(m + 8 * d).astype(np.float64) == m.astype(np.float64) + 8 * d.astype(np.float64)
+            fits = ((q >= 0) & (q < OFFSET_LEVELS) & (d[:, None] * q + m[:, None] == values)).all(-1) & exact_offset
+            codes[todo[fits]], scales[todo[fits]], mins[todo[fits]] = q[fits], d[fits], m[fits]
+            todo = todo[~fits]
+    if len(todo):
+        return None
+    shape = blocks.shape[:-1]
+    return codes.reshape(blocks.shape), scales.reshape(shape), mins.reshape(shape)
+
+
+def offset_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """MatMulNBits' B and scales (as `lossless_blocks`) plus offsets C [K/block, N] with
+    weight == d * (code - zero point) + C exactly, for a weight of GGUF Q4_1 blocks (d * q + m), or None.
+
+    MatMulNBits cannot hold d * q + m (its zero points are integers; float ones run ~60x slower on
+    CPU), but with its default zero point z = 2^(bits-1) the weight is d * (q + z - 8 - z) + (m + 8d):
+    symmetric codes plus one float C = m + 8d per block and output column, which the graph adds as
+    BlockSum(x) @ C (`quantize_offset_lossless`).
+    """
+    fit = _fit_weight(weight, block_size, _fit_offset_levels)
+    if fit is None:
+        return None
+    codes, scales, mins = fit
+    offsets = (mins + 8 * scales).T.copy()
+    return _pack(codes.astype(np.int16) - 8 + (1 << (bits - 1)), bits), scales, offsets
 
 
 def _store_blocks(graph: onnx.GraphProto, weight: onnx.TensorProto, bits: int, block_size: int) -> list[str] | None:
@@ -154,38 +226,110 @@ def _store_blocks(graph: onnx.GraphProto, weight: onnx.TensorProto, bits: int, b
     return names
 
 
+def _matmul_nbits(node: onnx.NodeProto, blocks: list[str], output: str, k: int, n: int, bits: int, block_size: int,
+                  accuracy_level: int) -> onnx.NodeProto:  # fmt: skip
+    return helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *blocks],
+        [output],
+        name=f"{node.name}_Q{bits}",
+        domain=MS_DOMAIN,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+    )
+
+
+def _constant_matmuls(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto | None]]:
+    """Each node with its constant 2-D weight if it is a MatMul with one (else None)."""
+    initializers = {init.name: init for init in graph.initializer}
+    pairs = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        pairs.append((node, weight if weight is not None and len(weight.dims) == 2 else None))
+    return pairs
+
+
 def quantize_lossless(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> int:
     """Replace each MatMul whose constant weight fits `lossless_blocks` by an exact MatMulNBits; return how many."""
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
     stored: dict[str, list[str] | None] = {}  # weight name -> its blocks and scales (None: they do not fit)
     exact = 0
-    for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or len(weight.dims) != 2:
+    for node, weight in _constant_matmuls(graph):
+        if weight is None:
             continue
         if weight.name not in stored:
             stored[weight.name] = _store_blocks(graph, weight, bits, block_size)
         if stored[weight.name] is None:
             continue
         k, n = weight.dims
-        node.CopyFrom(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], *stored[weight.name]],
-                list(node.output),
-                name=f"{node.name}_Q{bits}",
-                domain=MS_DOMAIN,
-                K=k,
-                N=n,
-                bits=bits,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-            )
-        )
+        node.CopyFrom(_matmul_nbits(node, stored[weight.name], node.output[0], k, n, bits, block_size, accuracy_level))
         exact += 1
     _drop_unused_initializers(model)
     return exact
+
+
+def quantize_offset_lossless(
+    model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int
+) -> dict[str, tuple[str, str, str]]:
+    """Replace each MatMul whose constant weight fits `offset_blocks` (GGUF Q4_1) by the exact
+    MatMulNBits(x) + BlockSum(x) @ C, BlockSum summing x over each block of K ([.., K] -> [.., K/block]).
+
+    BlockSum is one AveragePool over the last axis (the block means), so the graph stores
+    block_size * C (exact: a power of two). That is 4 nodes per weight where Reshape + ReduceSum
+    needed 6 (Shape and Concat to build the shape): a SmolLM2 decode step measured +8-10% instead
+    of +14-15% (1 thread). AveragePool needs x to be [batch, sequence, K], as every projection of the builder's graphs
+    (the only ones made from GGUF files) is.
+
+    Returns {the MatMul's output: (its MatMulNBits' output, the name of block_size * C, the name of
+    the correction's MatMul node)}; the block quantizer must leave those MatMuls alone.
+    """
+    graph = model.graph
+    stored: dict[str, list[str] | None] = {}  # weight name -> its blocks, scales and offsets (None: no fit)
+    block_means: dict[str, str] = {}  # input name -> its block means
+    corrected: dict[str, tuple[str, str, str]] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node, weight in _constant_matmuls(graph):
+        if weight is not None and weight.name not in stored:
+            fit = offset_blocks(numpy_helper.to_array(weight), bits, block_size)
+            names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales", f"{weight.name}_offsets"]
+            if fit is not None:
+                packed, scales, offsets = fit
+                arrays = [packed, scales, offsets * np.float32(block_size)]
+                graph.initializer.extend(
+                    numpy_helper.from_array(a, name) for a, name in zip(arrays, names, strict=True)
+                )
+            stored[weight.name] = None if fit is None else names
+        if weight is None or stored[weight.name] is None:
+            nodes.append(node)
+            continue
+        *blocks, offsets = stored[weight.name]
+        k, n = weight.dims
+        x, out, p = node.input[0], node.output[0], node.name or node.output[0]
+        if x not in block_means:
+            block_means[x] = f"{x}_block_means"
+            nodes.append(
+                helper.make_node(
+                    "AveragePool",
+                    [x],
+                    [block_means[x]],
+                    name=block_means[x],
+                    kernel_shape=[block_size],
+                    strides=[block_size],
+                )
+            )
+        nodes += [
+            _matmul_nbits(node, blocks, f"{out}_nbits", k, n, bits, block_size, accuracy_level),
+            helper.make_node("MatMul", [block_means[x], offsets], [f"{out}_offsets"], name=f"{p}_offsets"),
+            helper.make_node("Add", [f"{out}_nbits", f"{out}_offsets"], [out], name=f"{p}_corrected"),
+        ]
+        corrected[out] = (f"{out}_nbits", offsets, f"{p}_offsets")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(model)
+    return corrected
 
 
 def tied_embeddings(model: onnx.ModelProto) -> dict[str, str]:
@@ -213,18 +357,24 @@ def tied_embeddings(model: onnx.ModelProto) -> dict[str, str]:
     return tied
 
 
-def share_tied_embeddings(model: onnx.ModelProto, tied: dict[str, str]) -> int:
+def share_tied_embeddings(
+    model: onnx.ModelProto, tied: dict[str, str], corrected: dict[str, tuple[str, str, str]] | None = None
+) -> int:
     """Rewrite each tied token Gather as GatherBlockQuantized over its lm_head MatMulNBits' own blocks and
     scales (the same initializers, reshaped by the graph), dropping the fp32 table; return how many.
 
     MatMulNBits blocks run along K for each of the N output rows, i.e. along the hidden axis of each
-    vocabulary row: exactly the [vocab, hidden] table quantized along its last axis.
+    vocabulary row: exactly the [vocab, hidden] table quantized along its last axis. An lm_head in
+    `corrected` (`quantize_offset_lossless`) adds its offsets C [K/block, N] (stored times block) to
+    each row's blocks: the row's d * (q - 8) + C is then the same float as the table's d * q + m.
     """
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
     nodes, shared = [], 0
     for node in graph.node:
-        head = producers.get(tied.get(node.output[0], ""))
+        output = tied.get(node.output[0], "")
+        output, offsets, _ = (corrected or {}).get(output, (output, None, None))
+        head = producers.get(output)
         if head is None or head.op_type != "MatMulNBits" or any(head.input[3:]):
             nodes.append(node)  # not quantized, or with zero points or a bias: keep the fp32 Gather
             continue
@@ -252,9 +402,26 @@ def share_tied_embeddings(model: onnx.ModelProto, tied: dict[str, str]) -> int:
                 gather_axis=0,
                 quantize_axis=2,
             ),
+        ]
+        blocks = f"{p}_blocks"
+        if offsets is not None:  # constant Transpose, Reshape and Mul: folded when the session loads
+            graph.initializer.append(numpy_helper.from_array(np.array(1 / block, np.float32), f"{p}_mean_to_sum"))
+            nodes += [
+                helper.make_node("Transpose", [offsets], [f"{p}_offsets_t"], name=f"{p}_offsets_t", perm=[1, 0]),
+                helper.make_node(
+                    "Reshape", [f"{p}_offsets_t", f"{p}_scales_shape"], [f"{p}_offsets_b"], name=f"{p}_offsets_b"
+                ),
+                helper.make_node("Mul", [f"{p}_offsets_b", f"{p}_mean_to_sum"], [f"{p}_offsets"], name=f"{p}_offsets"),
+                helper.make_node(
+                    "Gather", [f"{p}_offsets", node.input[1]], [f"{p}_row_offsets"], name=f"{p}_row_offsets"
+                ),
+                helper.make_node("Add", [blocks, f"{p}_row_offsets"], [f"{p}_corrected"], name=f"{p}_corrected"),
+            ]
+            blocks = f"{p}_corrected"
+        nodes += [
             helper.make_node("Shape", [node.input[1]], [f"{p}_ids_shape"], name=f"{p}_ids_shape"),
             helper.make_node("Concat", [f"{p}_ids_shape", f"{p}_hidden"], [f"{p}_shape"], name=f"{p}_shape", axis=0),
-            helper.make_node("Reshape", [f"{p}_blocks", f"{p}_shape"], list(node.output), name=f"{p}_rows"),
+            helper.make_node("Reshape", [blocks, f"{p}_shape"], list(node.output), name=f"{p}_rows"),
         ]
         shared += 1
     del graph.node[:]
@@ -295,6 +462,7 @@ def quantize_weights(
     fold_weight_transposes(model)
     tied = tied_embeddings(model)
     exact = quantize_lossless(model, bits, block_size, accuracy_level)
+    corrected = quantize_offset_lossless(model, bits, block_size, accuracy_level)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -303,10 +471,11 @@ def quantize_weights(
         is_symmetric=True,
         accuracy_level=accuracy_level,
         op_types_to_quantize=("MatMul",),
+        nodes_to_exclude=[name for _, _, name in corrected.values()],
     )
     quantizer.process()
     quantized = quantizer.model.model
-    shared = share_tied_embeddings(quantized, tied)
+    shared = share_tied_embeddings(quantized, tied, corrected)
     summary = {
         "method": "matmul_nbits",
         "bits": bits,
@@ -316,8 +485,9 @@ def quantize_weights(
         "ops": ["MatMul", "Gemm"] if gemms else ["MatMul"],
         "gemm_rewritten": gemms,
         "quantized_nodes": count_ops(quantized, "MatMulNBits"),
-        "lossless_nodes": exact,  # weights stored with their own block scales and codes (GGUF Q4_0/Q8_0)
+        "lossless_nodes": exact + len(corrected),  # weights stored with their own block scales and codes (GGUF)
+        "lossless_offset_nodes": len(corrected),  # of those, GGUF Q4_1 ones with a block-sum correction
         "embedding": f"int{bits} GatherBlockQuantized, shared with the lm_head" if shared else "fp32 Gather",
-        "unquantized_matmuls": count_ops(quantized, "MatMul"),
+        "unquantized_matmuls": count_ops(quantized, "MatMul") - len(corrected),
     }
     return quantized, summary
