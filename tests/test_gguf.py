@@ -175,6 +175,13 @@ def test_gguf_blocks_import_without_requantization(weights, quantize, block_size
     assert quantization["embedding"].endswith("GatherBlockQuantized, shared with the lm_head")
 
 
+def test_q4_1_blocks_can_be_requantized_for_speed(gguf_file, tmp_path):
+    pipe = export(gguf_file("llama", "Q4_1", "tied"), tmp_path / "pkg", quantize="int4", keep_q4_1=False)
+    quantization = pipe.manifest.target.quantization
+    assert quantization["lossless_nodes"] == quantization["lossless_offset_nodes"] == 0
+    assert quantization["quantized_nodes"] == 2 * 4 + 1  # every projection and the lm_head, plain MatMulNBits
+
+
 def q4_1_weight(rng: np.random.Generator, k: int, n: int, low: int = 0, high: int = 15) -> np.ndarray:
     """A MatMul weight [K, N] of Q4_1 blocks d * q + m along K (dequantized as gguf does), codes low..high."""
     d = rng.uniform(1e-3, 1e-2, (n, k // 32, 1)).astype(np.float16).astype(np.float32)

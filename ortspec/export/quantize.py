@@ -445,9 +445,12 @@ def count_ops(model: onnx.ModelProto, op_type: str) -> int:
 
 
 def quantize_weights(
-    model: onnx.ModelProto, bits: int, block_size: int = 32, accuracy_level: int = 4
+    model: onnx.ModelProto, bits: int, block_size: int = 32, accuracy_level: int = 4, keep_offset_blocks: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize every constant MatMul weight (Gemm rewritten first); return the model and a summary.
+
+    `keep_offset_blocks=False` re-quantizes GGUF Q4_1 blocks instead of keeping them with their correction
+    term: faster (no correction nodes) but further from the file's weights.
 
     accuracy_level 4 (int8 compute) is what makes MatMulNBits fast on CPU; without it int8 takes a
     slow path (measured ~30x slower).
@@ -462,7 +465,7 @@ def quantize_weights(
     fold_weight_transposes(model)
     tied = tied_embeddings(model)
     exact = quantize_lossless(model, bits, block_size, accuracy_level)
-    corrected = quantize_offset_lossless(model, bits, block_size, accuracy_level)
+    corrected = quantize_offset_lossless(model, bits, block_size, accuracy_level) if keep_offset_blocks else {}
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(
         model,
