@@ -145,7 +145,7 @@ def main() -> None:
             repeats=args.repeats,
             warmup=False,
             before_run=before_run,
-            near_tie=max(noise, NEAR_TIE),
+            near_tie=near_tie_for(noise),
         )
         print(header)
         for mode, report in reports.items():
@@ -176,6 +176,58 @@ def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[t
             second, first = np.argsort(single)[-2:]
             worst = max(worst, abs((single[first] - single[second]) - (many[first] - many[second])))
     return float(worst)
+
+
+PATH_NOISE_LIMIT = 1.0  # a larger "noise" means a broken kernel path: widening near-ties to it would hide bugs
+
+
+def near_tie_for(noise: float) -> float:
+    """The logit gap under which a divergence counts as a near-tie: the measured path noise, within bounds."""
+    return max(min(noise, PATH_NOISE_LIMIT), NEAR_TIE)
+
+
+def measure_chat_sets(
+    pipe: ortspec.Pipeline,
+    sets: dict[str, list[list[int]]],
+    warmup: list[list[int]],
+    modes: dict[str, dict],
+    new_tokens: int,
+    repeats: int,
+) -> tuple[float, dict[str, dict[str, BenchReport]]]:
+    """(measured path noise, per set: compare_modes' reports) of `modes` on chat prompt ids, greedy.
+
+    Plain answers of every prompt fill the suffix pool, which holds, when a prompt is measured, every answer
+    but its own; the warm-up chats (never measured) teach auto γ and the suffix confidence table first.
+    Divergences count as near-ties up to the measured path noise, capped at PATH_NOISE_LIMIT.
+    """
+    answers = {
+        tuple(p): pipe.generate(p, max_new_tokens=new_tokens, use_draft=False).token_ids
+        for p in [*warmup, *(p for prompts in sets.values() for p in prompts)]
+    }
+    noise = path_noise(pipe, [p for prompts in sets.values() for p in prompts], answers)
+    for prompt in warmup:
+        for options in modes.values():
+            pipe.generate(prompt, max_new_tokens=new_tokens, **options)
+    reports = {}
+    for name, prompts in sets.items():
+
+        def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
+            if mode == "suffix auto":  # one confidence table across pools
+                confidence = pipe.suffix_memory.confidence
+                pipe.suffix_memory = answers_pool(answers, leave_out=prompts[index])
+                pipe.suffix_memory.confidence = confidence
+
+        reports[name] = compare_modes(
+            pipe,
+            prompts,
+            modes,
+            max_new_tokens=new_tokens,
+            repeats=repeats,
+            warmup=False,
+            before_run=before_run,
+            near_tie=near_tie_for(noise),
+        )
+    return noise, reports
 
 
 def print_confidence(table: ConfidenceBuckets) -> None:

@@ -217,48 +217,23 @@ def speedups(
     package: Path, providers: list[str], draft_providers: list[str], args: argparse.Namespace, cuda_graphs: bool
 ) -> dict:
     import ortspec
-    from ortspec.runtime.bench import NEAR_TIE, compare_modes
 
-    from free_drafting import CHAT, EDIT, WARMUP, answers_pool, path_noise
+    from free_drafting import CHAT, EDIT, PATH_NOISE_LIMIT, WARMUP, measure_chat_sets
 
     pipe = ortspec.load(package, providers=providers, draft_providers=draft_providers, cuda_graphs=cuda_graphs)
     modes = {k: v for k, v in MODES.items() if pipe.draft is not None or v["draft"] != "model"}
     new, repeats, count = args.new, args.repeats, args.prompts
     sets = {"edit": [chat_ids(pipe, p) for p in EDIT[:count]], "chat": [chat_ids(pipe, p) for p in CHAT[:count]]}
     warmup = [chat_ids(pipe, p) for p in WARMUP[: max(1, count * 3 // 4)]]
-    answers = {
-        tuple(p): pipe.generate(p, max_new_tokens=new, use_draft=False).token_ids
-        for p in [*warmup, *sets["edit"], *sets["chat"]]
-    }
-    noise = path_noise(pipe, [p for prompts in sets.values() for p in prompts], answers)
-    for prompt in warmup:  # teach auto γ on chats never measured
-        for options in modes.values():
-            pipe.generate(prompt, max_new_tokens=new, **options)
+    noise, measured = measure_chat_sets(pipe, sets, warmup, modes, new, repeats)
     out: dict[str, Any] = {
         "providers": pipe.target.providers,
         "draft_providers": pipe.draft.providers if pipe.draft else None,
         "cuda_graphs": pipe.target.cuda_graphs,
         "path_noise": noise,
-        "path_noise_ok": noise <= 1.0,  # larger: a kernel path is broken, and near-ties would hide it
+        "path_noise_ok": noise <= PATH_NOISE_LIMIT,  # larger: a kernel path is broken
     }
-    for name, prompts in sets.items():
-
-        def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
-            if mode == "suffix auto":
-                confidence = pipe.suffix_memory.confidence
-                pipe.suffix_memory = answers_pool(answers, leave_out=prompts[index])
-                pipe.suffix_memory.confidence = confidence
-
-        reports = compare_modes(
-            pipe,
-            prompts,
-            modes,
-            max_new_tokens=new,
-            repeats=repeats,
-            warmup=False,
-            before_run=before_run,
-            near_tie=max(noise, NEAR_TIE),
-        )
+    for name, reports in measured.items():
         out[name] = {
             mode: dict(
                 alpha=r.speculative.alpha,

@@ -23,10 +23,10 @@ import argparse
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.bench import NEAR_TIE, BenchReport, compare_modes
+from ortspec.runtime.bench import BenchReport
 from ortspec.runtime.calibration import Calibration, tokens_per_round
 
-from free_drafting import CHAT, EDIT, WARMUP, answers_pool, path_noise, row
+from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets, near_tie_for, row
 
 MODES = {
     "suffix auto": dict(draft="suffix"),
@@ -117,41 +117,17 @@ def main() -> None:
     chat = lambda text: pipe.chat_prompt([{"role": "user", "content": text}])  # noqa: E731
     sets = {"edit": [chat(p) for p in EDIT], "chat": [chat(p) for p in CHAT]}
     warmup = [chat(p) for p in WARMUP]
-    answers = {
-        tuple(p): pipe.generate(p, max_new_tokens=args.new, use_draft=False).token_ids
-        for p in [*warmup, *sets["edit"], *sets["chat"]]
-    }
-    noise = path_noise(pipe, [p for prompts in sets.values() for p in prompts], answers)
-    for prompt in warmup:  # teach auto γ and the suffix confidence table on chats never measured
-        for options in MODES.values():
-            pipe.generate(prompt, max_new_tokens=args.new, **options)
-
+    noise, measured = measure_chat_sets(pipe, sets, warmup, MODES, args.new, args.repeats)
     print(
         f"{len(EDIT)} edit-style + {len(CHAT)} open-chat prompts, {args.new} new tokens, greedy, {args.threads} "
-        f"threads, {args.repeats} repeats; near-tie threshold {max(noise, NEAR_TIE):.3f} (measured path noise)"
+        f"threads, {args.repeats} repeats; near-tie threshold {near_tie_for(noise):.3f} "
+        f"(measured path noise {noise:.3f})"
     )
     print(
         f"{'set':<6}{'mode':<15}{'α':>6}{'accept':>8}{'mean γ':>8}{'tok/call':>9}{'plain t/s':>10}{'spec t/s':>9}"
         f"{'speedup':>9}{'decode':>8}  outputs vs plain | c, v(γ+1), predicted, efficiency"
     )
-    for name, prompts in sets.items():
-
-        def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
-            if mode == "suffix auto":  # the pool: every answer but the measured prompt's; one confidence table
-                confidence = pipe.suffix_memory.confidence
-                pipe.suffix_memory = answers_pool(answers, leave_out=prompts[index])
-                pipe.suffix_memory.confidence = confidence
-
-        reports = compare_modes(
-            pipe,
-            prompts,
-            MODES,
-            max_new_tokens=args.new,
-            repeats=args.repeats,
-            warmup=False,
-            before_run=before_run,
-            near_tie=max(noise, NEAR_TIE),
-        )
+    for name, reports in measured.items():
         for mode, report in reports.items():
             speedup, c, v, gamma = predicted(report, calibration, draft_cost=mode.startswith("head"))
             print(
