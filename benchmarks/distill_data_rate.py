@@ -6,9 +6,14 @@ the same request seeds each time, alternated --rounds times so a shared machine'
 - re-read: the old path: each chat's answer by `Pipeline.generate`, then the whole chat re-read
   by the target for its features (as `distill` did before features were kept while writing);
 - captured: features kept while the target answers (`greedy_answer`), one process, all threads;
-- writers: the same in N processes with threads // N threads each (`write_chats`).
+- writers=N batch=1: the same in N processes with threads // N threads each (`write_chats`), one chat at
+  a time each;
+- writers=N batch=B: each process writes B chats side by side, their one-token steps batched (the default).
 
-    python benchmarks/distill_data_rate.py PACKAGE [--seconds 180] [--rounds 2] [--threads 2] [--writers 2]
+    python benchmarks/distill_data_rate.py PACKAGE [--seconds 180] [--rounds 2] [--threads 2] [--writers 2] \
+        [--batch 4] [--old]
+
+Only the last two run unless --old asks for the first two as well.
 
 The rate counts the tokens of whole chats (prompt + answer) finished, over the time until the last one;
 tok/cpu-s divides them by the CPU time of the trial (writers included, and the work after the
@@ -57,14 +62,14 @@ def reread_chats(package: Path, threads: int) -> Iterator[tuple[dict[str, Any], 
         yield {"seed": seed, "tokens": tokens}, sequence_features(reader, tokens)
 
 
-def written_chats(package: Path, threads: int, writers: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+def written_chats(package: Path, threads: int, writers: int, batch: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """The new data path, as `distill` runs it."""
     from ortspec.export.distill import MAX_SEQUENCE
     from ortspec.export.distill.features import open_target
     from ortspec.export.distill.writers import write_chats
 
-    pipe = open_target(package, threads, MAX_SEQUENCE)
-    yield from write_chats(pipe, package, 0, writers, threads, MAX_ANSWER_TOKENS)
+    pipe = open_target(package, threads, MAX_SEQUENCE, batch if writers == 1 else 1)
+    yield from write_chats(pipe, package, 0, writers, threads, MAX_ANSWER_TOKENS, batch)
 
 
 def cpu_seconds() -> float:
@@ -73,9 +78,9 @@ def cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def one_trial(package: Path, mode: str, seconds: float, threads: int, writers: int) -> dict[str, Any]:
+def one_trial(package: Path, mode: str, seconds: float, threads: int, writers: int, batch: int) -> dict[str, Any]:
     start = time.monotonic()
-    chats = reread_chats(package, threads) if mode == "re-read" else written_chats(package, threads, writers)
+    chats = reread_chats(package, threads) if mode == "re-read" else written_chats(package, threads, writers, batch)
     tokens = count = 0
     last = start
     try:
@@ -105,36 +110,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--old", action="store_true", help="also the re-read and captured paths")
     parser.add_argument("--trial", help=argparse.SUPPRESS)  # internal: run one trial in this process
     args = parser.parse_args()
     if args.trial:
-        print(json.dumps(one_trial(args.package, args.trial, args.seconds, args.threads, args.writers)))
+        print(json.dumps(one_trial(args.package, args.trial, args.seconds, args.threads, args.writers, args.batch)))
         return
-    modes = ["re-read", "captured", f"writers={args.writers}"]
+    modes = (["re-read", "captured"] if args.old else []) + [
+        f"writers={args.writers} batch=1",
+        f"writers={args.writers} batch={args.batch}",
+    ]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu_rates: dict[str, list[float]] = {m: [] for m in modes}
     print(f"{args.package}: {args.threads} threads, {args.seconds:.0f} s per trial, {args.rounds} rounds", flush=True)
     for round_ in range(args.rounds):
         for mode in modes:
             writers = args.writers if mode.startswith("writers") else 1
+            batch = int(mode.split("batch=")[1]) if "batch=" in mode else 1
             trial = "written" if mode != "re-read" else "re-read"
             command = [sys.executable, __file__, str(args.package), "--trial", trial, "--seconds", str(args.seconds)]
-            command += ["--threads", str(args.threads), "--writers", str(writers)]
+            command += ["--threads", str(args.threads), "--writers", str(writers), "--batch", str(batch)]
             result = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
             rates[mode].append(result["rate"])
             cpu_rates[mode].append(result["cpu_rate"])
             print(
-                f"round {round_ + 1} {mode:<10} {result['chats']:>4} chats {result['tokens']:>7,} tokens "
+                f"round {round_ + 1} {mode:<18} {result['chats']:>4} chats {result['tokens']:>7,} tokens "
                 f"in {result['seconds']:6.1f} s: {result['rate']:6.1f} tok/s, {result['cpu_rate']:5.1f} tok/cpu-s "
                 f"(load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
-    base = statistics.mean(rates["re-read"])
+    base = statistics.mean(rates[modes[0]])
     for mode in modes:
         r = rates[mode]
         print(
-            f"{mode:<10} mean {statistics.mean(r):6.1f} tok/s (min {min(r):.1f}, max {max(r):.1f}), "
-            f"{statistics.mean(r) / base:.2f}x re-read; {statistics.mean(cpu_rates[mode]):5.1f} tok/cpu-s"
+            f"{mode:<18} mean {statistics.mean(r):6.1f} tok/s (min {min(r):.1f}, max {max(r):.1f}), "
+            f"{statistics.mean(r) / base:.2f}x {modes[0]}; {statistics.mean(cpu_rates[mode]):5.1f} tok/cpu-s"
         )
 
 

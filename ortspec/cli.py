@@ -167,13 +167,15 @@ def main() -> None:
     help="Precision of the draft (default: --dtype); fp32 for a draft that runs on the CPU beside a GPU target.",
 )
 @click.option(
+    "--gguf-blocks",
     "--q4-1",
-    "q4_1",
+    "gguf_blocks",
     type=click.Choice(["keep", "requantize"]),
     default="keep",
     show_default=True,
-    help="GGUF Q4_1 blocks: keep them exactly (a small correction term per weight; SmolLM2: perplexity 9.39 "
-    "instead of 11.39, each step ~1.2-1.3x the time) or requantize them (the fastest int4 steps).",
+    help="A GGUF's Q4_1 blocks (and, with --quantize int4, its Q8_0 ones): keep them exactly (Q4_1 with a small "
+    "correction term per weight, Q8_0 at 8 bits; the model the file holds) or requantize them to --quantize "
+    "(the fastest steps, further from the file). See README, 'What quantization costs'.",
 )
 @click.option(
     "--force",
@@ -192,7 +194,7 @@ def export(
     exporter: str,
     dtype: str,
     draft_dtype: str | None,
-    q4_1: str,
+    gguf_blocks: str,
     force: bool,
 ) -> None:
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
@@ -224,7 +226,7 @@ def export(
         exporter=exporter,
         dtype=dtype,
         draft_dtype=draft_dtype,
-        keep_q4_1=q4_1 == "keep",
+        keep_gguf_blocks=gguf_blocks == "keep",
         force=force,
         report=lambda line: click.echo(line, err=True),
     )
@@ -270,6 +272,14 @@ def export(
     type=click.IntRange(min=1),
     help="Processes writing chats at once, sharing the threads (default: one per core, or per --threads; at most 8).",
 )
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Chats each writer writes side by side, their one-token target steps batched into one call "
+    "(more chats per second; 1 writes them one after another).",
+)
 @_user_errors
 def distill(
     target: str,
@@ -281,14 +291,16 @@ def distill(
     vocab: int,
     threads: int | None,
     writers: int | None,
+    batch: int,
 ) -> None:
     """Train a draft head (EAGLE-style) for TARGET, a model that has no draft, offline.
 
-    TARGET is a Hugging Face checkpoint directory or hub id. The target writes its own training
+    TARGET is a Hugging Face checkpoint directory, hub id or GGUF file. The target writes its own training
     chats (requests sampled from its chat template, answered greedily: on-policy data), keeping its
     final features as it writes, and a one-layer head learns to continue those features. It
     drafts from a subset of the vocabulary (--vocab most frequent tokens), which keeps a draft step
-    at a few percent of a target step. The held-out agreement is printed at the end. Then:
+    at a few percent of a target step. Training runs in bfloat16 where the CPU has it natively
+    (AVX512-BF16, AMX). The held-out agreement is printed at the end. Then:
 
     \b
       ortspec export TARGET --draft OUT --out ./pair
@@ -309,6 +321,7 @@ def distill(
         vocab=vocab,
         threads=threads,
         writers=writers,
+        batch=batch,
     )
     run_distill(target, out, config, report=lambda line: click.echo(line, err=True))
     click.echo(f"draft head written to {out}; use it: ortspec export {target} --draft {out} --out PACKAGE", err=True)
@@ -888,7 +901,7 @@ def info(package: str, as_json: bool, verify: bool) -> None:
     default=True,
     show_default=True,
     help="Continuous batching: the slots' one-token decoding steps share target calls. Needs a package "
-    "whose target this ortspec's builder made (CPU, no longrope, no draft head); others (optimum exports, "
+    "whose target this ortspec's builder made (CPU, no longrope); others (optimum exports, "
     "older batch-1 graphs) decode per request, as with --no-batch.",
 )
 @click.option(

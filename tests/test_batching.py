@@ -210,3 +210,46 @@ def test_the_default_pair_batches():
 
     pipe = ortspec.load(default_package(report=lambda _: None), threads=1, max_length=64, batch=2)
     assert pipe.batch is not None, batch_problem(pipe.target)
+
+
+def test_batched_rows_carry_their_own_features(built):
+    """A target that keeps its final features (the head's input; `distill` writing chats) hands each row its
+    own from a batched call: the features, like the tokens, are the ones the sequence gets alone."""
+    from ortspec.export.distill.features import greedy_answer
+    from ortspec.runtime.decoder import Model
+    from ortspec.runtime.manifest import load_manifest
+
+    manifest = load_manifest(built)
+    model = Model.load(manifest.target, manifest.root, threads=1, max_length=64, keep_hidden=True)
+    batch = BatchedModel(model, 3, wait=5.0)
+    expected = [greedy_answer(model.new_state(), PROMPTS[i], 8 + 3 * i, ()) for i in range(3)]
+    rows = [batch.take() for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda i: greedy_answer(rows[i], PROMPTS[i], 8 + 3 * i, ()), range(3)))
+    assert batch.widest == 3
+    for (tokens, features), (want_tokens, want_features) in zip(got, expected, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(features.astype(np.float32), want_features.astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_a_target_with_a_draft_head_batches(checkpoint, tmp_path):
+    """The head drafts per row from the features its row's batched steps carry; greedy output is each
+    generation's own, drafting or not."""
+    from test_draft_head import make_head
+
+    from ortspec.export import export_pair
+
+    make_head(checkpoint("llama"), tmp_path / "head")
+    export_pair(checkpoint("llama"), tmp_path / "pkg", draft=tmp_path / "head", quantize="none", report=lambda _: None)
+    alone_pipe = ortspec.load(tmp_path / "pkg", threads=1, max_length=64)
+    pipe = ortspec.load(tmp_path / "pkg", threads=1, max_length=64, batch=ROWS)
+    assert pipe.batch is not None
+    pipe.batch.wait = 5.0
+    jobs = [
+        (PROMPTS[1], dict(max_new_tokens=20, draft_tokens=1)),
+        (PROMPTS[2], dict(max_new_tokens=20, use_draft=False)),
+        (PROMPTS[3], dict(max_new_tokens=20, use_draft=False)),
+    ]
+    start_together(pipe, len(jobs))
+    assert run_all(pipe, jobs) == [alone_pipe.generate(prompt, **options).token_ids for prompt, options in jobs]
+    assert pipe.batch.widest >= 2

@@ -193,3 +193,33 @@ def test_head_and_target_features_on_the_graphed_path(head_package: Path) -> Non
             np.testing.assert_array_equal(a, b)
     plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
     assert pipe.generate(PROMPT, max_new_tokens=40, draft_tokens=3).token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_training_learns_in_both_precisions(checkpoint: Callable[..., Path], tmp_path: Path, bf16: bool) -> None:
+    """Forty steps of `train_head` cut the loss on sequences whose next features depend on the token read
+    (bfloat16 autocast keeps float32 weights, so it must learn as float32 does)."""
+    from ortspec.export.distill.train import TrainConfig, head_losses, train_head
+
+    reader = weight_reader(*(lambda c: (c.path, c.config))(resolve_checkpoint(checkpoint("llama"))))
+    cfg, subset = reader.cfg, np.arange(64)
+    torch.manual_seed(0)
+    head = FeatureHead(head_decoder_config(cfg), reader.embedding(), reader.lm_head()[:, subset].T)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((cfg.vocab_size, cfg.hidden)).astype(np.float32)  # features follow the token read
+    tokens = [rng.integers(0, 64, 48) for _ in range(24)]
+    features = [table[t].astype(np.float16) for t in tokens]
+    config = TrainConfig(seconds=120.0, chunk=16, batch=8, lr=3e-3, warmup_steps=5, noise=0.0, bf16=bf16, max_steps=40)
+    batch = (
+        torch.from_numpy(np.stack([t[1:17] for t in tokens])),
+        torch.from_numpy(np.stack([f[:16] for f in features]).astype(np.float32)),
+        torch.from_numpy(np.stack([f[1:17] for f in features]).astype(np.float32)),
+        torch.ones(24, 16),
+    )
+    with torch.no_grad():
+        before, _ = head_losses(head, batch, 0.0, 1.0, float(table.std()))
+    progress = train_head(head, tokens, features, config, tmp_path)
+    with torch.no_grad():
+        after, _ = head_losses(head, batch, 0.0, 1.0, float(table.std()))
+    assert progress.steps == 40
+    assert float(after) < 0.5 * float(before), (float(before), float(after))

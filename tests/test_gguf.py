@@ -146,7 +146,7 @@ BLOCK_CASES = [
     ("Q5_0", "int8", 32, True),
     ("Q4_0-searched", "int4", 16, True),
     ("Q4_0-searched", "int4", 64, False),
-    ("Q8_0", "int4", 32, False),
+    ("Q8_0", "int4", 32, True),  # kept at 8 bits: the file's choice for that weight
     ("Q4_1", "int4", 32, True),
     ("Q4_1", "int4", 16, True),
     ("Q4_1", "int8", 32, True),
@@ -171,15 +171,26 @@ def test_gguf_blocks_import_without_requantization(weights, quantize, block_size
     quantization = pipe.manifest.target.quantization
     assert quantization["lossless_nodes"] == (2 * 4 + 1 if exact else 0)
     assert quantization["lossless_offset_nodes"] == (2 * 4 + 1 if exact and weights == "Q4_1" else 0)
+    wider = exact and weights == "Q8_0" and quantize == "int4"
+    assert quantization["lossless_8bit_nodes"] == (2 * 4 + 1 if wider else 0)
+    assert matmul_bits(pipe) == ({8} if wider else {int(quantize[3:])})
     assert quantization["unquantized_matmuls"] == 0
     assert quantization["embedding"].endswith("GatherBlockQuantized, shared with the lm_head")
 
 
-def test_q4_1_blocks_can_be_requantized_for_speed(gguf_file, tmp_path):
-    pipe = export(gguf_file("llama", "Q4_1", "tied"), tmp_path / "pkg", quantize="int4", keep_q4_1=False)
+@pytest.mark.parametrize("weights", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_can_be_requantized_for_speed(weights, gguf_file, tmp_path):
+    pipe = export(gguf_file("llama", weights, "tied"), tmp_path / "pkg", quantize="int4", keep_gguf_blocks=False)
     quantization = pipe.manifest.target.quantization
     assert quantization["lossless_nodes"] == quantization["lossless_offset_nodes"] == 0
     assert quantization["quantized_nodes"] == 2 * 4 + 1  # every projection and the lm_head, plain MatMulNBits
+    assert matmul_bits(pipe) == {4}
+
+
+def matmul_bits(pipe) -> set[int]:
+    """The widths of the target graph's MatMulNBits nodes."""
+    graph = onnx.load(pipe.manifest.root / "target" / "model.onnx", load_external_data=False).graph
+    return {a.i for node in graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"}
 
 
 def q4_1_weight(rng: np.random.Generator, k: int, n: int, low: int = 0, high: int = 15) -> np.ndarray:

@@ -47,7 +47,7 @@ class Quantization:
     block_size: int = 32
     accuracy_level: int = 4
     dtype: str = "fp32"  # activations, KV cache and logits: "fp32" or "fp16" (GPUs)
-    keep_q4_1: bool = True  # GGUF Q4_1 blocks kept exactly (with a correction term) rather than re-quantized
+    keep_gguf_blocks: bool = True  # GGUF Q4_1 (with a correction) and, at int4, Q8_0 blocks kept exactly
 
 
 class Progress:
@@ -131,7 +131,7 @@ def _save_model(
         with progress.stage(
             f"quantizing {role} weights to {quantize.kind} (block {block_size}, accuracy level {accuracy_level})"
         ):
-            model, quantization = quantize_weights(model, bits, block_size, accuracy_level, quantize.keep_q4_1)
+            model, quantization = quantize_weights(model, bits, block_size, accuracy_level, quantize.keep_gguf_blocks)
     if quantize.dtype == "fp16":
         with progress.stage(f"converting the {role} graph to fp16"):
             model = to_float16(model)
@@ -172,7 +172,7 @@ def export_pair(
     draft_exporter: str | None = None,
     dtype: str = "fp32",
     draft_dtype: str | None = None,
-    keep_q4_1: bool = True,
+    keep_gguf_blocks: bool = True,
     force: bool = False,
     report: Reporter = print,
 ) -> Manifest:
@@ -183,9 +183,9 @@ def export_pair(
     `draft_exporter` defaults to the same. `dtype`/`draft_dtype` are "fp32" or "fp16" (for GPUs; the draft
     defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
     `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
-    `keep_q4_1=False` re-quantizes a GGUF's Q4_1 blocks instead of keeping them exactly (faster steps, lower
-    fidelity; see README "What quantization costs"). SIGTERM stops the export like Ctrl-C: it cleans up and raises
-    KeyboardInterrupt.
+    `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
+    them exactly (faster steps, lower fidelity; see README "What quantization costs"). SIGTERM stops the export
+    like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
     for value in exporters.values():
@@ -221,7 +221,7 @@ def export_pair(
                 )
         specs = {}
         for role, name, q in roles:
-            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_q4_1)
+            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks)
             if head and role == "draft":
                 specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
                 continue

