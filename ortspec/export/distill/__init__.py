@@ -163,7 +163,10 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     sequences = [tokens for tokens, _ in pairs]
     answer_starts = [item["prompt_tokens"] for item in held.items]
 
-    subset, coverage = vocabulary_subset(sequences, config.vocab, cfg.vocab_size)
+    # the tokens the head may propose: the most frequent of the target's own chats (what it will be asked
+    # to draft), of all the data when there are none; local text would crowd out the answers' tokens
+    answers = [item["tokens"] for item in chats.items]
+    subset, coverage = vocabulary_subset(answers or sequences, config.vocab, cfg.vocab_size)
     subset_path = out / "vocab_subset.npy"
     if subset_path.is_file():  # a resumed run keeps the subset its head was trained with
         subset = np.load(subset_path)
@@ -178,7 +181,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     features = [f for _, f in pairs]
     report(
         f"training the head on {sum(map(len, sequences)):,} tokens in {len(sequences)} sequences "
-        f"for {seconds / 60:.1f} min (vocabulary subset {len(subset)} tokens, covering {coverage:.1%} of the data)"
+        f"for {seconds / 60:.1f} min (vocabulary subset {len(subset)} tokens, covering {coverage:.1%} of the "
+        f"{'chats' if answers else 'data'})"
     )
     with _progress_bar(round(seconds), "s", "training") as bar:
 
@@ -205,6 +209,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         "train_seconds": round(progress.seconds),
         "vocab_subset": len(subset),
         "vocab_coverage": round(coverage, 4),
+        "vocab_source": "chats" if answers else "data",
         "held_out_agreement": None if held_agreement is None else round(held_agreement, 4),
         "target_quantization": config.quantize,
     }
@@ -240,7 +245,8 @@ def model_card(head_config: dict[str, Any], config: DistillConfig) -> str:
         "# Draft head (EAGLE-style) distilled by `ortspec distill`\n\n"
         f"- Target: `{t['target']}` (fingerprint `{head_config['target_fingerprint']}`; the head fits no other model)\n"
         f"- Kind: one Llama decoder layer over [token embedding; target features], "
-        f"scoring the {t['vocab_subset']} most frequent tokens ({t['vocab_coverage']:.1%} of the data)\n"
+        f"scoring the {t['vocab_subset']} most frequent tokens of its {t['vocab_source']} "
+        f"({t['vocab_coverage']:.1%} of their tokens)\n"
         f"- Data: {t['data']}\n"
         f"- {t['sequences']} sequences, {t['tokens']:,} tokens; {t['tokens_seen']:,} tokens seen in "
         f"{t['steps']} steps ({t['train_seconds']} s of training); features from the {t['target_quantization']} "
