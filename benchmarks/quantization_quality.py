@@ -1,6 +1,7 @@
 """What each `--quantize` choice costs in quality and buys in size and speed, on one model.
 
-Exports the target at fp32, int8 and int4 (block 32, 64, 128) with the builder (cached in --work),
+Exports the target at fp32, int8 and int4 (block 32, 64, 128; for a GGUF, block 32 also with its blocks
+re-quantized: `--gguf-blocks requantize`) with the builder (cached in --work: delete it after changing the export),
 scores each on the same text against the fp32 export (`ortspec eval`'s measures: perplexity, top-1
 agreement, mean KL), and times a decode step t(1) at context 64, all in one run. Prints a Markdown
 table for the README.
@@ -26,7 +27,8 @@ from ortspec.runtime.evaluate import evaluate, special_prefix, windows
 VARIANTS = {  # label: export options
     "fp32": dict(quantize="none"),
     "int8": dict(quantize="int8"),
-    "int4 b32": dict(quantize="int4", block_size=32),
+    "int4 b32": dict(quantize="int4", block_size=32),  # a GGUF's Q4_1 and Q8_0 blocks kept (the default)
+    "int4 b32 requantized": dict(quantize="int4", block_size=32, keep_gguf_blocks=False),
     "int4 b64": dict(quantize="int4", block_size=64),
     "int4 b128": dict(quantize="int4", block_size=128),
 }
