@@ -280,6 +280,16 @@ def export(
     help="Chats each writer writes side by side, their one-token target steps batched into one call "
     "(more chats per second; 1 writes them one after another).",
 )
+@click.option(
+    "--kind",
+    type=click.Choice(["head", "lm"]),
+    default="head",
+    show_default=True,
+    help="head: a feature-level draft head (EAGLE-style; cheap steps, drafts from the target's own features). "
+    "lm: a small independent Llama (4 layers, at most half the target's width: 16M parameters for SmolLM2-135M) "
+    "sharing the target's tokenizer, a Hugging Face "
+    "checkpoint that drafts anywhere a draft model does; its steps cost more.",
+)
 @_user_errors
 def distill(
     target: str,
@@ -292,6 +302,7 @@ def distill(
     threads: int | None,
     writers: int | None,
     batch: int,
+    kind: str,
 ) -> None:
     """Train a draft head (EAGLE-style) for TARGET, a model that has no draft, offline.
 
@@ -322,9 +333,11 @@ def distill(
         threads=threads,
         writers=writers,
         batch=batch,
+        kind=kind,
     )
     run_distill(target, out, config, report=lambda line: click.echo(line, err=True))
-    click.echo(f"draft head written to {out}; use it: ortspec export {target} --draft {out} --out PACKAGE", err=True)
+    what = "draft head" if kind == "head" else "draft LM"
+    click.echo(f"{what} written to {out}; use it: ortspec export {target} --draft {out} --out PACKAGE", err=True)
 
 
 def _print_stats(stats: Any) -> None:

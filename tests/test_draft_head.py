@@ -223,3 +223,22 @@ def test_head_training_learns_in_both_precisions(checkpoint: Callable[..., Path]
         after, _ = head_losses(head, batch, 0.0, 1.0, float(table.std()))
     assert progress.steps == 40
     assert float(after) < 0.5 * float(before), (float(before), float(after))
+
+
+def test_distill_makes_a_loadable_draft_lm(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """The second kind: a small independent Llama on the same data, a Hugging Face checkpoint with the
+    target's tokenizer that exports as an ordinary draft model and drafts exactly."""
+    text = tmp_path / "text.txt"
+    text.write_text(Path(ortspec.__file__).with_name("cli.py").read_text(encoding="utf-8")[:6000])
+    config = DistillConfig(minutes=0.05, text=(str(text),), quantize="none", held_out=0, threads=1, kind="lm")
+    out = distill(str(checkpoint("llama")), tmp_path / "lm", config, report=lambda _: None)
+    training = json.loads((out / "ortspec-draft.json").read_text())["training"]
+    assert training["steps"] > 0 and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="another kind"):
+        distill(str(checkpoint("llama")), out, DistillConfig(**{**config.__dict__, "kind": "head"}))
+    pkg = tmp_path / "pkg"
+    export_pair(checkpoint("llama"), pkg, draft=out, quantize="none", report=lambda _: None)
+    pipe = ortspec.load(pkg)
+    spec = pipe.generate(PROMPT, max_new_tokens=12, draft_tokens=2)
+    assert spec.stats.drafter == "model"
+    assert spec.token_ids == pipe.generate(PROMPT, max_new_tokens=12, use_draft=False).token_ids

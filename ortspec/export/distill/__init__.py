@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ...runtime.manifest import TOKENIZER_FILE
 from ..builder import weight_reader
 from ..builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
@@ -35,6 +36,8 @@ from .features import SequenceStore, open_target, sequence_features
 from .writers import default_writers, write_chats
 
 Reporter = Callable[[str], None]
+KINDS = ("head", "lm")
+LM_DRAFT_CONFIG = "ortspec-draft.json"  # what `--kind lm` writes beside its Hugging Face checkpoint
 HELD_OUT_SEED = 1_000_000
 MAX_SEQUENCE = 1024
 
@@ -50,6 +53,7 @@ class DistillConfig:
     threads: int | None = None
     writers: int | None = None  # processes writing chats at once (default: one per core or thread)
     batch: int = 4  # chats each writer writes at once, their one-token steps batched
+    kind: str = "head"  # "head": a feature-level head (EAGLE-style); "lm": a small independent Llama draft
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
 
@@ -131,9 +135,14 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         raise ValueError(f"writers must be at least 1, got {config.writers}")
     if config.batch < 1:
         raise ValueError(f"batch must be at least 1, got {config.batch}")
+    if config.kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
     start = time.monotonic()
     deadline = start + config.minutes * 60
     out = Path(out)
+    other = {"head": LM_DRAFT_CONFIG, "lm": HEAD_CONFIG}[config.kind]
+    if (out / other).is_file():
+        raise ValueError(f"{out} holds a draft of another kind ({other}): give another --out")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     package = out / "target-package"
@@ -162,6 +171,11 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         raise ValueError("no training data was made: raise --minutes or give --text")
     sequences = [tokens for tokens, _ in pairs]
     answer_starts = [item["prompt_tokens"] for item in held.items]
+    if config.kind == "lm":
+        tokenizer_dir = pipe.manifest.tokenizer_file(TOKENIZER_FILE).parent
+        return _distill_lm(
+            target, out, checkpoint.config, reader, tokenizer_dir, sequences, held, deadline, config, report
+        )
 
     # the tokens the head may propose: the most frequent of the target's own chats (what it will be asked
     # to draft), of all the data when there are none; local text would crowd out the answers' tokens
@@ -228,6 +242,65 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
             f"held-out agreement: the head guesses {held_agreement:.1%} of the target's greedy answer tokens "
             "(γ = 1, reading the target's features; chats it never trained on)"
         )
+    return out
+
+
+def _distill_lm(
+    target: str,
+    out: Path,
+    target_config: dict[str, Any],
+    reader: Any,
+    tokenizer_dir: Path,
+    sequences: Sequence[Sequence[int]],
+    held: SequenceStore,
+    deadline: float,
+    config: DistillConfig,
+    report: Reporter,
+) -> Path:
+    """The small-LM kind: train it on the same sequences, measure it on the held-out answers, save it."""
+    from .lm_draft import LMShape, lm_answer_agreement, new_lm, save_lm, train_lm
+
+    shape = LMShape.for_target(reader.cfg.hidden)
+    model = new_lm(target_config, reader.embedding(), shape)
+    seconds = max(deadline - time.monotonic(), 10.0)
+    report(
+        f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter draft LM on "
+        f"{sum(map(len, sequences)):,} tokens in {len(sequences)} sequences for {seconds / 60:.1f} min"
+    )
+    with _progress_bar(round(seconds), "s", "training") as bar:
+
+        def on_step(progress: Any, loss: float) -> None:
+            if progress.steps % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(min(round(progress.seconds), bar.total) - bar.n)
+
+        progress = train_lm(model, [np.asarray(s, np.int64) for s in sequences], seconds, out, on_step=on_step)
+    agreement = None
+    if len(held):
+        held_tokens = [np.asarray(item["tokens"], np.int64) for item in held.items]
+        agreement = lm_answer_agreement(model, held_tokens, [item["prompt_tokens"] for item in held.items])
+    training = {
+        "target": str(target),
+        "shape": asdict(shape),
+        "sequences": len(sequences),
+        "tokens": int(sum(map(len, sequences))),
+        "tokens_seen": progress.tokens,
+        "steps": progress.steps,
+        "train_seconds": round(progress.seconds),
+        "held_out_agreement": None if agreement is None else round(agreement, 4),
+    }
+    card = (
+        "# Draft LM distilled by `ortspec distill --kind lm`\n\n"
+        f"- Target: `{target}`; the target's own tokenizer\n"
+        f"- Shape: {json.dumps(asdict(shape))}, tied embeddings (started from the target's, projected)\n"
+        f"- Data: the target's own greedy chats and local text: {training['sequences']} sequences, "
+        f"{training['tokens']:,} tokens; {training['tokens_seen']:,} tokens seen in {training['steps']} steps\n"
+        f"- Held-out agreement (share of the target's greedy answer tokens guessed at γ = 1): {agreement}\n\n"
+        "Use it: `ortspec export TARGET --draft THIS_DIR --out PACKAGE`.\n"
+    )
+    save_lm(model, tokenizer_dir, out, card, training)
+    if agreement is not None:
+        report(f"held-out agreement: the draft LM guesses {agreement:.1%} of the target's greedy answer tokens (γ = 1)")
     return out
 
 
