@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import ortspec
-from ortspec.runtime.bench import NEAR_TIE, BenchReport, compare_modes
+from ortspec.runtime.bench import MAX_NEAR_TIE, NEAR_TIE, BenchReport, compare_modes
 from ortspec.runtime.suffix import LOCAL, MATCH_CLASSES, POOL, SHARES, ConfidenceBuckets, SuffixMemory, bucket_index
 
 EDIT = [
@@ -178,7 +178,7 @@ def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[t
     return float(worst)
 
 
-PATH_NOISE_LIMIT = 1.0  # a larger "noise" means a broken kernel path: widening near-ties to it would hide bugs
+PATH_NOISE_LIMIT = MAX_NEAR_TIE  # a larger "noise" means a broken kernel path: widening near-ties would hide bugs
 
 
 def near_tie_for(noise: float) -> float:

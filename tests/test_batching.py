@@ -235,9 +235,9 @@ def test_batched_rows_carry_their_own_features(built):
 def test_a_target_with_a_draft_head_batches(checkpoint, tmp_path):
     """The head drafts per row from the features its row's batched steps carry; greedy output is each
     generation's own, drafting or not."""
-    from test_draft_head import make_head
-
     from ortspec.export import export_pair
+
+    from test_draft_head import make_head
 
     make_head(checkpoint("llama"), tmp_path / "head")
     export_pair(checkpoint("llama"), tmp_path / "pkg", draft=tmp_path / "head", quantize="none", report=lambda _: None)

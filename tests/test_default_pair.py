@@ -15,7 +15,7 @@ import ortspec
 from ortspec.cli import main
 from ortspec.models.default_pair import SHIPPED, default_package, shipped_pair
 from ortspec.models.train_default import HELDOUT
-from ortspec.runtime.bench import NEAR_TIE, divergence_gap
+from ortspec.runtime.bench import NEAR_TIE, compare_modes, divergence_gap
 
 from reference import hf_model
 
@@ -127,6 +127,8 @@ def test_a_real_divergence_is_not_taken_for_a_near_tie(cache):
     wrong = [*plain[:5], worst, *plain[6:]]
     position, gap = divergence_gap(pipe, prompt, plain, wrong)
     assert position == 5 and gap > 1.0
+    with pytest.raises(ValueError, match="would excuse real mismatches"):  # nor can a caller widen near-ties to it
+        compare_modes(pipe, [prompt], {"suffix": dict(draft="suffix")}, max_new_tokens=4, near_tie=gap)
 
 
 def test_shipped_heldout_loss_matches_the_card():
