@@ -32,6 +32,11 @@ def check_against_pytorch(pipe, checkpoint_dir) -> None:
         got = decoder.forward(ids[span])
         np.testing.assert_allclose(got, expected[span], atol=1e-4, rtol=0, err_msg=what)
     assert decoder.length == 13
+    decoder.truncate(10)  # a prompt's chunk scored at its last position alone (builder graphs: one row)
+    got = decoder.forward(ids[10:13], last_only=True)
+    assert len(got) in ((1, 2) if pipe.target.scores_tail else (3,))  # a longrope switch may split it in two
+    np.testing.assert_allclose(got[-1], expected[12], atol=1e-4, rtol=0, err_msg="last only")
+    assert pipe.target.scores_tail == (pipe.manifest.target.exporter == "builder")
     decoder.truncate(9)  # roll back 4 positions, then overwrite them with a longer chunk
     got = decoder.forward(ids[9:30])
     np.testing.assert_allclose(got, expected[9:30], atol=1e-4, rtol=0, err_msg="after truncate")

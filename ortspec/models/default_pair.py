@@ -30,7 +30,8 @@ def shipped_pair() -> tuple[Path, Path]:
 
 # What the exported graphs look like: bump it when the builder changes them, so that packages cached
 # by an earlier ortspec are exported afresh (2: the batch became a dynamic dimension, for batching;
-# 3: a GGUF's Q8_0 weights stay at 8 bits in int4 exports).
+# 3: a GGUF's Q8_0 weights stay at 8 bits in int4 exports, and a prompt's logits are scored at its
+# last position only: `logits_to_keep`).
 GRAPH_REVISION = 3
 
 

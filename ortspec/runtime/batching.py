@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import graph_names as names
-from .decoder import DecoderState, Model
+from .decoder import DecoderState, Model, bind_logits_to_keep
 from .kv_cache import SharedBufferKVCache
 
 DEFAULT_WAIT = 0.004  # seconds a step waits for the other decoding rows to join it
@@ -120,14 +120,16 @@ class BatchedModel:
         """Row `row` of each buffer, as [1, kv_heads, positions, head_dim] OrtValues on the same memory."""
         return [ort.OrtValue.ortvalue_from_numpy(buffer[row : row + 1]) for buffer in self.buffers]
 
-    def alone(self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None) -> np.ndarray:
+    def alone(
+        self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None, last_only: bool = False
+    ) -> np.ndarray:
         """A batch-1 forward on the row of `state`, between batched calls."""
         if state.length:  # verifying drafts: likely to again next round (a prefill is followed by steps)
             with self._cond:
                 state.stepping = False
                 self._cond.notify_all()  # a gathering step need not wait for it any more
         with self._run_lock:
-            return DecoderState._run(state, token_ids, features)
+            return DecoderState._run(state, token_ids, features, last_only)
 
     def step(self, state: RowState, token: int) -> np.ndarray:
         """Logits [1, vocab] of `token` on the row of `state`, from a call shared with the other rows
@@ -189,6 +191,7 @@ class BatchedModel:
                 binding.bind_output(present, "cpu", 0, buffer.dtype, shape, pointer)
             if self.model.keep_hidden:
                 binding.bind_output(names.HIDDEN_STATES, "cpu")  # the last output, as in DecoderState
+            bind_logits_to_keep(self.model, binding, 0)
         return binding
 
     def _run(self, jobs: list[_Job]) -> None:
@@ -243,9 +246,9 @@ class RowState(DecoderState):
         self.row = row
         self.stepping = True  # the next step waits for this row (unless its last forward verified drafts)
 
-    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
+    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         if len(token_ids) != 1 or features is not None:
-            return self.batch.alone(self, token_ids, features)
+            return self.batch.alone(self, token_ids, features, last_only)
         return self.batch.step(self, int(token_ids[0]))
 
     def stepped(self, token: int, hidden: np.ndarray | None = None) -> None:

@@ -181,5 +181,5 @@ def divergence_gap(
         return position, float("inf")  # one stopped early (eos) where the other went on: not a tie
     prompt_ids = pipe.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     with pipe.target_states.state() as target:
-        logits = target.forward([*prompt_ids, *plain_ids[:position]])[-1]
+        logits = target.forward([*prompt_ids, *plain_ids[:position]], last_only=True)[-1]
     return position, float(abs(logits[plain_ids[position]] - logits[spec_ids[position]]))

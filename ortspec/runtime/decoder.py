@@ -105,6 +105,7 @@ class Model:
         self.wants_positions = names.POSITION_IDS in inputs
         self.ones = np.ones((1, self.max_length), dtype=np.int64)  # read-only slices feed every state
         self.positions = np.arange(self.max_length, dtype=np.int64)[None, :]
+        self.scores_tail = names.LOGITS_TO_KEEP in inputs  # can score only the last positions (prompts)
         features = inputs.get(names.FEATURES)
         self.feature_size = int(features.shape[-1]) if features is not None else 0
         self.feature_dtype = ONNX_TO_NUMPY[features.type] if features is not None else np.float32
@@ -186,6 +187,15 @@ class Model:
         return DecoderState(self)
 
 
+_LOGITS_TO_KEEP = {keep: np.array([keep], np.int64) for keep in (0, 1)}  # bound by reference: never freed
+
+
+def bind_logits_to_keep(model: Model, binding: ort.IOBinding, keep: int) -> None:
+    """Bind how many trailing positions the call scores (0: all), where the graph takes it."""
+    if model.scores_tail:
+        binding.bind_cpu_input(names.LOGITS_TO_KEEP, _LOGITS_TO_KEEP[keep])
+
+
 class DecoderState:
     """One sequence on a `Model`: its KV cache, IO binding, cached token ids and (with `keep_hidden`)
     latest hidden states. `forward(tokens)` returns logits for those tokens. Not thread-safe: one
@@ -211,6 +221,7 @@ class DecoderState:
         binding = self.model.session.io_binding()
         binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
         self.cache.bind_once(binding)
+        bind_logits_to_keep(self.model, binding, 0)
         if self.model.keep_hidden:
             binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
         return binding
@@ -240,8 +251,14 @@ class DecoderState:
         """Positions currently in the cache."""
         return self.cache.length
 
-    def forward(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
-        """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab]."""
+    def forward(
+        self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False
+    ) -> np.ndarray:
+        """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab].
+
+        `last_only`: only the last position's logits are wanted (a prompt): graphs that can score only the
+        last positions then return that one row, others all rows; read them with [-1].
+        """
         n = len(token_ids)
         past = self.cache.length
         if n == 0:
@@ -253,22 +270,23 @@ class DecoderState:
             )
         switch = self.spec.long_rope_after
         if switch is None:
-            return self._run(token_ids, features)
+            return self._run(token_ids, features, last_only)
         short = max(0, min(n, switch - past))  # the new positions whose sequence still fits the short table
         parts = [(list(token_ids[:short]), False), (list(token_ids[short:]), True)]
-        return np.concatenate([self._run_rotated(tokens, long) for tokens, long in parts if tokens])
+        return np.concatenate([self._run_rotated(tokens, long, last_only) for tokens, long in parts if tokens])
 
-    def _run_rotated(self, token_ids: list[int], long: bool) -> np.ndarray:
+    def _run_rotated(self, token_ids: list[int], long: bool, last_only: bool = False) -> np.ndarray:
         """`_run` with the cache's keys from the `long` (or short) table, recomputing them if need be."""
         if self._long == long or self.cache.length == 0:
             self._long = long
-            return self._run(token_ids)
+            return self._run(token_ids, last_only=last_only)
         history = self._tokens[: self.cache.length]
         self.cache.reset()
         self._long = long
-        return self._run(history + token_ids)[len(history) :]
+        logits = self._run(history + token_ids, last_only=last_only)
+        return logits[-1:] if last_only else logits[len(history) :]
 
-    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None) -> np.ndarray:
+    def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         n = len(token_ids)
         past = self.cache.length
         model = self.model
@@ -288,6 +306,7 @@ class DecoderState:
         binding.bind_output(names.LOGITS, "cpu")
         if model.keep_hidden:
             binding.bind_output(names.HIDDEN_STATES, "cpu")
+        bind_logits_to_keep(model, binding, 1 if last_only and n > 1 else 0)
         if model.feature_size:
             if features is None:
                 features = np.zeros((n, model.feature_size), model.feature_dtype)

@@ -112,7 +112,7 @@ class DraftModelProposer:
 
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
         """Logits after catching up on committed positions [start, end)."""
-        return self.decoder.forward(tokens[start:end])
+        return self.decoder.forward(tokens[start:end], last_only=True)
 
     def _step(self, token: int) -> np.ndarray:
         """Logits after reading one drafted token."""
@@ -210,7 +210,7 @@ class FeatureHeadProposer(DraftModelProposer):
         self._check(tokens)
 
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
-        logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end])
+        logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end], last_only=True)
         self._real = self.decoder.length
         self._predicted = self.decoder.hidden[-1:]
         return logits

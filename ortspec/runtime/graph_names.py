@@ -16,6 +16,7 @@ POSITION_IDS = "position_ids"  # some concat graphs
 SEQLENS_K = "seqlens_k"  # shared-buffer graphs: total length - 1
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # shared-buffer graphs
 FEATURES = "features"  # draft heads: the target's features, one row per token
+LOGITS_TO_KEEP = "logits_to_keep"  # builder decoder graphs: score only the last N positions (0: all), int64 [1]
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"  # builder graphs: the final-normed features the lm_head reads
 

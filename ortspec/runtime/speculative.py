@@ -339,7 +339,7 @@ def speculative_decode(
         proposer.reset()
     tokens = list(prompt)
     generated = 0
-    logits = target.forward(tokens)[-1:]
+    logits = target.forward(tokens, last_only=True)[-1:]
     stats.target_calls += 1
     proposal = Proposal([])
     last_round: tuple[float, int] | None = None  # (start, drafts) of the latest round

@@ -204,19 +204,35 @@ def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
         hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
     residual = hidden
     h = decoder_stack(g, cfg, [reader.layer(i) for i in range(cfg.layers)], residual, reader.final_norm(), head_dim)
-    logits = g.one("MatMul", [h, g.constant("lm_head.weight", reader.lm_head())])
+    # Only the last `logits_to_keep` positions are scored (0: all). A prompt needs the logits of its last
+    # position alone, and the lm_head is a fifth of a small model's weights: scoring every position of a
+    # long prompt would cost that fifth again per position, and write positions x vocabulary floats.
+    start = g.one("Neg", [names.LOGITS_TO_KEEP])
+    end = g.constant("logits_end", np.array([np.iinfo(np.int64).max], np.int64))
+    scored = g.one("Slice", [h, start, end, g.constant("logits_axis", np.array([1], np.int64))])
+    logits = g.one("MatMul", [scored, g.constant("lm_head.weight", reader.lm_head())])
     if cfg.final_softcap:
         cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
         logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
-    return finish_graph(g, cfg, f"ortspec-{cfg.family}", logits, h, cfg.vocab_size, head_dim)
+    keep = helper.make_tensor_value_info(names.LOGITS_TO_KEEP, TensorProto.INT64, [1])
+    return finish_graph(g, cfg, f"ortspec-{cfg.family}", logits, h, cfg.vocab_size, head_dim, (keep,), "scored")
 
 
 def finish_graph(
-    g: GraphBuilder, cfg: DecoderConfig, name: str, logits: str, hidden: str, vocab: int, head_dim: int, extra=()
+    g: GraphBuilder,
+    cfg: DecoderConfig,
+    name: str,
+    logits: str,
+    hidden: str,
+    vocab: int,
+    head_dim: int,
+    extra=(),
+    logits_length: str = "sequence_length",
 ) -> onnx.ModelProto:
     """Name the outputs (logits, presents, hidden_states) and declare the inputs of a shared-buffer graph.
 
-    `extra` holds additional graph inputs (value infos), e.g. a draft head's features.
+    `extra` holds additional graph inputs (value infos), e.g. a draft head's features; `logits_length`
+    names the logits' positions dimension (other than the sequence's when only some are scored).
     """
     g.nodes.append(helper.make_node("Identity", [logits], [names.LOGITS], name="logits_identity"))
     g.nodes.append(helper.make_node("Identity", [hidden], [names.HIDDEN_STATES], name="hidden_identity"))
@@ -227,7 +243,7 @@ def finish_graph(
         helper.make_tensor_value_info(names.SEQLENS_K, TensorProto.INT32, [BATCH]),
         helper.make_tensor_value_info(names.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
     ]
-    outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [BATCH, "sequence_length", vocab])]
+    outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [BATCH, logits_length, vocab])]
     for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
         inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
         outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))

@@ -126,7 +126,7 @@ def sequence_features(target: DecoderState, tokens: Sequence[int]) -> np.ndarray
     target.reset()
     parts = []
     for start in range(0, len(tokens), CHUNK):
-        target.forward(tokens[start : start + CHUNK])
+        target.forward(tokens[start : start + CHUNK], last_only=True)  # the features are what it reads
         parts.append(target.hidden.copy())
     return np.concatenate(parts)
 
@@ -147,7 +147,7 @@ def greedy_answer(
     int4), a quarter of the noise training adds to the features anyway.
     """
     target.reset()
-    logits = target.forward(prompt)
+    logits = target.forward(prompt, last_only=True)
     parts = [target.hidden]  # a fresh array per call
     answer: list[int] = []
     while True:
