@@ -206,7 +206,7 @@ def test_a_directory_listed_as_a_file_is_named_as_such(copy_of):
         ("num_layers", 3, "has a cache of 2 layers, target.num_layers says 3"),
         ("kv_layout", "concat", "has the shared-buffer KV layout, target.kv_layout says concat"),
         ("dtype", "float16", r"has logits of type tensor\(float\), target.dtype says float16"),
-        ("inputs", ["input_ids"], "has inputs seqlens_k, .* that target.inputs does not list"),
+        ("inputs", ["input_ids"], "has inputs (logits_to_keep, )?seqlens_k, .* that target.inputs does not list"),
         ("outputs", ["logits", "extra", "more"], "lacks outputs extra, more that target.outputs lists"),
     ],
 )
