@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 MAX_GRAPH_TOKENS = 16
 GRAPH_ID = "gpu_graph_id"
-ALL_POSITIONS = np.array([0], np.int64)  # logits_to_keep of graphed calls (bound by reference: never freed)
 _graph_ids = itertools.count(1)  # ids are per session; unique in the process is simpler and enough
 
 
@@ -60,8 +59,9 @@ class GraphSlot:
         self.binding.bind_ortvalue_input(names.INPUT_IDS, self.input_ids)
         self.binding.bind_ortvalue_input(names.SEQLENS_K, self.seqlens_k)
         self.binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, self.total)
-        if model.scores_tail:  # a host input too, frozen: graphed calls score every position
-            self.binding.bind_cpu_input(names.LOGITS_TO_KEEP, ALL_POSITIONS)
+        from .decoder import bind_logits_to_keep  # (decoder imports this module)
+
+        bind_logits_to_keep(model, self.binding, 0)  # a host input too, frozen: graphed calls score every position
         cache.bind_once(self.binding)
         self.binding.bind_ortvalue_output(names.LOGITS, self.logits)
         self.hidden = self.features = None

@@ -222,6 +222,7 @@ class DecoderState:
         binding.bind_output(names.LOGITS, "cpu")  # first, so it stays the first output
         self.cache.bind_once(binding)
         bind_logits_to_keep(self.model, binding, 0)
+        self._logits_to_keep = 0  # what the binding holds: rebound only when a call wants otherwise
         if self.model.keep_hidden:
             binding.bind_output(names.HIDDEN_STATES, "cpu")  # after logits and the cache buffers
         return binding
@@ -306,7 +307,10 @@ class DecoderState:
         binding.bind_output(names.LOGITS, "cpu")
         if model.keep_hidden:
             binding.bind_output(names.HIDDEN_STATES, "cpu")
-        bind_logits_to_keep(model, binding, 1 if last_only and n > 1 else 0)
+        keep = 1 if last_only and n > 1 else 0
+        if keep != self._logits_to_keep:  # one-token steps keep the binding as it is
+            bind_logits_to_keep(model, binding, keep)
+            self._logits_to_keep = keep
         if model.feature_size:
             if features is None:
                 features = np.zeros((n, model.feature_size), model.feature_dtype)
