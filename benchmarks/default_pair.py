@@ -22,9 +22,10 @@ from ortspec.runtime.bench import compare
 from ortspec.runtime.calibration import tokens_per_round
 
 MODES = {
-    "γ=4": dict(draft_tokens=4),
-    "adaptive": dict(draft_tokens="adaptive"),
-    "auto": dict(draft_tokens="auto"),
+    "γ=4": dict(draft="model", draft_tokens=4),
+    "adaptive": dict(draft="model", draft_tokens="adaptive"),
+    "auto": dict(draft="model", draft_tokens="auto"),
+    "hybrid auto": dict(draft="hybrid", draft_tokens="auto"),
     "ngram γ=4": dict(draft="ngram", draft_tokens=4),
     "ngram auto": dict(draft="ngram", draft_tokens="auto"),
 }

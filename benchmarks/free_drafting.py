@@ -212,7 +212,7 @@ def measure_chat_sets(
     for name, prompts in sets.items():
 
         def before_run(mode: str, index: int, prompts: list[list[int]] = prompts) -> None:
-            if mode == "suffix auto":  # one confidence table across pools
+            if mode in ("suffix auto", "hybrid auto"):  # one confidence table across pools
                 confidence = pipe.suffix_memory.confidence
                 pipe.suffix_memory = answers_pool(answers, leave_out=prompts[index])
                 pipe.suffix_memory.confidence = confidence

@@ -33,13 +33,18 @@ class Run:
 Runner = Callable[[Sequence[int], int], Run]
 
 
-def ortspec_runner(package: Path, threads: int | None, **options: Any) -> Runner:
-    """ortspec's Pipeline on a package, with generation `options` (use_draft, draft, draft_tokens)."""
+def ortspec_runner(package: Path, threads: int | None, pool: bool = True, **options: Any) -> Runner:
+    """ortspec's Pipeline on a package, with generation `options` (use_draft, draft, draft_tokens).
+    `pool=False` empties the suffix pool before each generation (keeping the learned confidence table):
+    against a peer without one, and so that a repeated prompt never drafts from its own earlier answer."""
     import ortspec
+    from ortspec.runtime.suffix import SuffixMemory
 
     pipe = ortspec.load(package, threads=threads, verify=False)
 
     def run(prompt: Sequence[int], max_new_tokens: int) -> Run:
+        if not pool:
+            pipe.suffix_memory = SuffixMemory(confidence=pipe.suffix_memory.confidence)
         result = pipe.generate(list(prompt), max_new_tokens=max_new_tokens, **options)
         stats = result.stats
         return Run(result.token_ids, stats.seconds, stats.drafted_tokens, stats.accepted_tokens)

@@ -118,8 +118,8 @@ def make_setting(name: str, work: Path, args: argparse.Namespace, genai: GenaiWo
 
     runners: dict[str, Callable[[], Runner]] = {
         "ortspec plain": lambda: ortspec_runner(package, threads, use_draft=False),
-        f"ortspec draft γ={GAMMA}": lambda: ortspec_runner(package, threads, draft_tokens=GAMMA),
-        "ortspec draft auto": lambda: ortspec_runner(package, threads, draft_tokens="auto"),
+        f"ortspec draft γ={GAMMA}": lambda: ortspec_runner(package, threads, draft="model", draft_tokens=GAMMA),
+        "ortspec draft auto": lambda: ortspec_runner(package, threads, draft="model", draft_tokens="auto"),
         f"ortspec ngram γ={GAMMA}": lambda: ortspec_runner(package, threads, draft="ngram", draft_tokens=GAMMA),
         "ortspec ngram auto": lambda: ortspec_runner(package, threads, draft="ngram", draft_tokens="auto"),
         "transformers plain": lambda: transformers_runner(target, None, threads),

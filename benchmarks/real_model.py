@@ -7,12 +7,16 @@ chats, none of them used to train the head. Modes, each run in turn with plain d
 prompt (greedy, one process, the order rotating):
 - suffix drafting, auto γ, its pool holding the warm-up chats' and the OTHER prompts' answers;
 - prompt lookup (ngram), auto γ;
+- hybrid (the default with a draft model): suffix drafting where its match is worth more than the head,
+  the head elsewhere, auto γ, the same pool as suffix drafting; its prediction counts no head cost;
 - the distilled head: auto γ, and γ = 1, 2, 3.
 Per mode: α (per judged draft), tokens per target call, c (a draft step / a target step) and
 v(γ+1) (a verify call / a target step) from this machine's calibration, the decode speedup
 measured, the speedup predicted from α and the calibrated round time r(γ), and the efficiency =
 measured / predicted. Then onnxruntime-genai 0.18 (plain and n-gram K=3) on its own int4 build of
-the same checkpoint, in its own venv, against our suffix drafting: whole generations, tokens/s.
+the same checkpoint, in its own venv, against our suffix drafting: whole generations, tokens/s (our
+suffix pool emptied before each generation: genai has none, and a repeat must not draft from its own
+earlier answer).
 
     python benchmarks/real_model.py [--package DIR] [--checkpoint HF_DIR] [--threads 2] [--new 128]
 """
@@ -31,6 +35,7 @@ from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets, near_tie_for, r
 MODES = {
     "suffix auto": dict(draft="suffix"),
     "ngram auto": dict(draft="ngram"),
+    "hybrid auto": dict(draft="hybrid"),  # the default of a package with a draft model
     "head auto": dict(draft="model"),
     "head γ=1": dict(draft="model", draft_tokens=1),
     "head γ=2": dict(draft="model", draft_tokens=2),
@@ -68,8 +73,9 @@ def genai_rows(checkpoint: Path, prompts: dict[str, list[list[int]]], args: argp
         "genai plain": genai_runner(worker, "plain", draft=None, **common),
         f"genai ngram K={GENAI_K}": genai_runner(worker, "ngram", ngram_size=3, draft_tokens=GENAI_K, **common),
         "ortspec plain": ortspec_runner(args.package, args.threads, use_draft=False),
-        "ortspec suffix auto": ortspec_runner(args.package, args.threads, draft="suffix"),
+        "ortspec suffix auto": ortspec_runner(args.package, args.threads, pool=False, draft="suffix"),
         "ortspec ngram auto": ortspec_runner(args.package, args.threads, draft="ngram"),
+        "ortspec hybrid auto": ortspec_runner(args.package, args.threads, pool=False, draft="hybrid"),
     }
     print(f"\nwhole generations, {args.new} new tokens, tokens/s (onnxruntime-genai on its own int4 build):")
     for name, ids in prompts.items():

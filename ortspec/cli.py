@@ -14,7 +14,7 @@ import click
 from .models.catalog import CATALOG
 from .runtime.decoder import ContextLengthError
 from .runtime.manifest import Manifest, PackageError, load_manifest
-from .runtime.options import OPTIONS, check_option, spec_of
+from .runtime.options import DRAFTERS, OPTIONS, check_option, spec_of
 
 QUANT_CHOICES = click.Choice(["none", "int8", "int4"])
 # the generation options of `bench` (greedy by design: it checks that both modes give the same tokens)
@@ -606,7 +606,7 @@ def bench(
     report = compare(pipe, prompts, repeats=repeats, **options)
     spec, plain = report.speculative, report.plain
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"
-    drafter = options["draft"] or ("model" if pipe.draft is not None else "suffix")
+    drafter = options["draft"] or ("hybrid" if pipe.draft is not None else "suffix")
     click.echo(
         f"{report.prompts} prompts x {repeats} repeats, max_new_tokens={options['max_new_tokens']}, "
         f"drafter {drafter}, γ={options['draft_tokens']}, greedy"
@@ -932,7 +932,7 @@ def info(package: str, as_json: bool, verify: bool) -> None:
     "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="For requests that set none."
 )
 @click.option("--model-name", help="The model id clients use (default: the package directory's name).")
-@click.option("--draft", type=click.Choice(["model", "ngram", "suffix"]), help="Default drafter of requests.")
+@click.option("--draft", type=click.Choice(list(DRAFTERS)), help="Default drafter of requests.")
 @click.option("--draft-tokens", default="auto", show_default=True, help="Default γ of requests: N, adaptive or auto.")
 @_runtime_options
 @_user_errors

@@ -137,7 +137,7 @@ def test_round_costs_scale_the_prediction_of_drafted_rounds():
     state = AutoState(AcceptanceEstimate(prior=0.7, strength=100))
     assert AutoDraftLength(cal, state).next(100) > 0
     state.costs = RoundCosts()
-    state.costs.drafted = 3.0  # drafted rounds observed 3x slower than calibrated
+    state.costs.slowdown = 3.0  # drafted rounds observed 3x slower than calibrated, relative to plain ones
     assert AutoDraftLength(cal, state).next(100) == 0
 
 
@@ -218,7 +218,7 @@ def test_a_probe_is_timed_as_a_probe_not_as_a_drafted_round():
     while auto.next(100, pending=64) != 1:
         auto.observe(0, cal.round(0, 100), 100)
     auto.observe(1, cal.round(0, 100) + 25.0, 100)  # the probe took 25 ms more than a plain round
-    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.drafted == 1.0
+    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.slowdown == 1.0
     while auto.next(100, pending=64) != 1:  # a probe that ends a generation is never timed ...
         pass
     assert auto.next(100, pending=64) == 0  # ... and the next generation's plain round is not taken for it

@@ -76,8 +76,8 @@ def test_trained_draft_agrees_far_more_than_a_random_one(cache, tmp_path):
         shutil.copyfile(draft / name, random_draft / name)
     export_pair(target, tmp_path / "random-pair", draft=random_draft, quantize="none", report=lambda _: None)
     random_pipe = ortspec.load(tmp_path / "random-pair")
-    trained = [pipe.generate(p, max_new_tokens=48, draft_tokens=4) for p in heldout_prompts(8)]
-    untrained = [random_pipe.generate(p, max_new_tokens=48, draft_tokens=4) for p in heldout_prompts(8)]
+    trained = [pipe.generate(p, max_new_tokens=48, draft="model", draft_tokens=4) for p in heldout_prompts(8)]
+    untrained = [random_pipe.generate(p, max_new_tokens=48, draft="model", draft_tokens=4) for p in heldout_prompts(8)]
     rate = sum(r.stats.accepted_tokens for r in trained) / sum(r.stats.drafted_tokens for r in trained)
     random_rate = sum(r.stats.accepted_tokens for r in untrained) / sum(r.stats.drafted_tokens for r in untrained)
     print(f"\nheld-out acceptance: trained draft {rate:.3f}, random draft {random_rate:.3f}")

@@ -158,7 +158,7 @@ def test_writers_share_out_the_seeds_and_make_a_loadable_head(chat_target: Path,
 
     pair = tmp_path / "pair"
     export_pair(chat_target, pair, draft=out, quantize="none", report=lambda _: None)
-    res = ortspec.load(pair).generate([5, 6, 7, 8], max_new_tokens=8, draft_tokens=2)
+    res = ortspec.load(pair).generate([5, 6, 7, 8], max_new_tokens=8, draft="model", draft_tokens=2)
     assert res.stats.drafter == "head" and len(res.token_ids) == 8
 
 

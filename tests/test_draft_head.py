@@ -97,7 +97,7 @@ def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: P
 def test_head_speculation_equals_plain(head_package: Path, draft_tokens: int | str) -> None:
     pipe = ortspec.load(head_package)
     plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
-    spec = pipe.generate(PROMPT, max_new_tokens=40, draft_tokens=draft_tokens)
+    spec = pipe.generate(PROMPT, max_new_tokens=40, draft="model", draft_tokens=draft_tokens)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.drafter == "head"
     if draft_tokens != "auto":
@@ -125,11 +125,11 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
             seen.append((list(tokens), logits[-1].copy()))
             return logits
 
-    def recording(config, drafter, target, draft):  # type: ignore[no-untyped-def]
+    def recording(config, drafter, target, draft, length):  # type: ignore[no-untyped-def]
         return Recording(draft, target, window=1000)
 
     pipe._proposer = recording  # type: ignore[method-assign]
-    pipe.generate(PROMPT, max_new_tokens=30, draft_tokens=3)
+    pipe.generate(PROMPT, max_new_tokens=30, draft="model", draft_tokens=3)
     assert len(seen) > 3
     target, head = pipe.target.new_state(), pipe.draft.new_state()
     for tokens, logits in seen[1:]:
@@ -167,7 +167,7 @@ def test_distill_makes_a_loadable_head(checkpoint: Callable[..., Path], tmp_path
     pkg = tmp_path / "pkg"
     export_pair(checkpoint("llama"), pkg, draft=out, quantize="int4", report=lambda _: None)
     pipe = ortspec.load(pkg)
-    res = pipe.generate(PROMPT, max_new_tokens=12, draft_tokens=2)
+    res = pipe.generate(PROMPT, max_new_tokens=12, draft="model", draft_tokens=2)
     assert res.stats.drafter == "head" and len(res.token_ids) == 12
 
 
@@ -239,6 +239,6 @@ def test_distill_makes_a_loadable_draft_lm(checkpoint: Callable[..., Path], tmp_
     pkg = tmp_path / "pkg"
     export_pair(checkpoint("llama"), pkg, draft=out, quantize="none", report=lambda _: None)
     pipe = ortspec.load(pkg)
-    spec = pipe.generate(PROMPT, max_new_tokens=12, draft_tokens=2)
+    spec = pipe.generate(PROMPT, max_new_tokens=12, draft="model", draft_tokens=2)
     assert spec.stats.drafter == "model"
     assert spec.token_ids == pipe.generate(PROMPT, max_new_tokens=12, use_draft=False).token_ids

@@ -100,13 +100,13 @@ def test_adaptive_draft_length_is_exact_and_adapts(package):
     pipe = ortspec.load(package("llama", draft="close"))
     for seed in range(3):
         prompt = [int(t) for t in np.random.default_rng(seed).integers(2, pipe.target.vocab_size, size=8)]
-        fixed = pipe.generate(prompt, max_new_tokens=48, draft_tokens=4)
-        adaptive = pipe.generate(prompt, max_new_tokens=48, draft_tokens="adaptive", draft_tokens_max=7)
-        early = pipe.generate(prompt, max_new_tokens=48, draft_tokens=4, draft_min_prob=0.5)
+        fixed = pipe.generate(prompt, max_new_tokens=48, draft="model", draft_tokens=4)
+        adaptive = pipe.generate(prompt, max_new_tokens=48, draft="model", draft_tokens="adaptive", draft_tokens_max=7)
+        early = pipe.generate(prompt, max_new_tokens=48, draft="model", draft_tokens=4, draft_min_prob=0.5)
         assert adaptive.token_ids == fixed.token_ids == early.token_ids
         assert max(adaptive.stats.drafted_per_round) <= 7
     same = ortspec.load(package("llama", draft="same"))
-    full = same.generate([5, 6, 7], max_new_tokens=60, draft_tokens="adaptive", draft_tokens_max=8)
+    full = same.generate([5, 6, 7], max_new_tokens=60, draft="model", draft_tokens="adaptive", draft_tokens_max=8)
     assert full.stats.drafted_per_round[:3] == (4, 6, 8)  # every round fully accepted: γ grows by 2
 
 

@@ -88,7 +88,7 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
         (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
         (dict(temperature="0.7"), "temperature must be a number, got '0.7'"),
         (dict(use_draft="no"), "use_draft must be True or False, got 'no'"),
-        (dict(draft="big"), "draft must be one of model, ngram, suffix, got 'big'"),
+        (dict(draft="big"), "draft must be one of model, hybrid, ngram, suffix, got 'big'"),
         (dict(seed=-1), "seed must be at least 0, got -1"),
         (dict(seed=1.5), "seed must be an integer, got 1.5"),
         (dict(stop=None), "stop must be a string or a list of strings, got None"),

@@ -226,7 +226,7 @@ def test_q4_1_target_with_a_head_drafts_exactly(gguf_file, tmp_path):
     pipe = export(gguf, tmp_path / "pkg", quantize="int4", draft=tmp_path / "head")
     assert pipe.manifest.target.quantization["lossless_offset_nodes"] == 2 * 4 + 1
     assert pipe.manifest.draft.quantization["lossless_offset_nodes"] == 1
-    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft_tokens=2)
+    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft="model", draft_tokens=2)
     assert spec.stats.drafter == "head"
     assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids
 
@@ -383,7 +383,7 @@ def test_catalog_package_exports_the_fetched_gguf_with_its_head(gguf_file, tmp_p
     assert catalog.catalog_package("smollm2", quantize="none", report=lambda _: None) == out  # cached
     pipe = ortspec.load(out)
     assert pipe.manifest.draft.is_head
-    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft_tokens=2)
+    spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft="model", draft_tokens=2)
     assert spec.stats.drafter == "head"
     assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids
 
@@ -401,4 +401,4 @@ def test_distill_reads_a_gguf_target(gguf_file, tmp_path):
     assert training["held_out_agreement"] is None or 0 <= training["held_out_agreement"] <= 1
     pipe = export(gguf, tmp_path / "pkg", draft=head)
     assert pipe.manifest.draft.is_head
-    assert pipe.generate([3, 50, 7], max_new_tokens=8, draft_tokens=2).stats.drafter == "head"
+    assert pipe.generate([3, 50, 7], max_new_tokens=8, draft="model", draft_tokens=2).stats.drafter == "head"

@@ -267,7 +267,7 @@ def test_auto_asks_scored_drafters_for_the_most_and_sends_the_best_prefix():
     assert auto.choose(proposal, 100) == 3
     assert auto.choose(Proposal([5, 6], confidence=[0.1, 0.1]), 100) == 0
     assert auto.choose(Proposal([5, 6, 7]), 100) == 3  # unscored proposals were sized by `next`
-    auto.state.costs.drafted = 2.0  # drafted rounds observed 2x slower than calibrated
+    auto.state.costs.slowdown = 2.0  # drafted rounds observed 2x slower than calibrated, relative to plain ones
     assert auto.choose(proposal, 100) == 0
 
 

@@ -11,7 +11,7 @@ import numbers
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
-DRAFTERS = ("model", "ngram", "suffix")
+DRAFTERS = ("model", "hybrid", "ngram", "suffix")
 GAMMA_POLICIES = ("adaptive", "auto")
 
 
@@ -54,9 +54,10 @@ class GenerationConfig:
     use_draft: bool = option(True, "Plain decoding with the target alone (use_draft=False).", "bool", flag="--no-draft")
     draft: str | None = option(
         None,
-        "Who drafts: the package's draft model (default when it has one), suffix matches in the prompt, "
-        "the output so far and this session's earlier outputs (suffix; default without a draft model), or "
-        "prompt lookup (ngram).",
+        "Who drafts: suffix matches where they are worth more than the package's draft model, the model "
+        "elsewhere (hybrid; default when the package has a draft model), the draft model alone (model), suffix "
+        "matches in the prompt, the output so far and this session's earlier outputs (suffix; default without "
+        "a draft model), or prompt lookup (ngram).",
         "choice",
         choices=DRAFTERS,
         optional=True,

@@ -22,6 +22,7 @@ from .calibration_store import calibration_files, load_calibration, save_calibra
 from .chat import Message, render_chat
 from .decoder import ContextLengthError, DecoderState, Model
 from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
+from .hybrid import HybridLength, HybridProposer
 from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
 from .options import GenerationConfig, check_text
 from .sampling import SamplingConfig
@@ -40,6 +41,7 @@ from .tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
 DRAFT_MODELS = ("model", "head")  # drafters that cost model calls (a draft LM, or a feature-level head)
+WITH_DRAFT_STATE = (*DRAFT_MODELS, "hybrid")  # drafters that decode with the draft model (hybrid: some rounds)
 SCORED_DRAFTERS = ("suffix",)  # free drafters that score each token: auto γ sends the best prefix
 DEFAULT_DRAFT_THREADS = 1
 
@@ -60,7 +62,7 @@ class GenerationStats:
     time_to_first_token: float
     tokens_per_second: float  # new tokens / seconds
     draft_tokens: int | str  # γ as configured: an integer, "adaptive", or 0 for plain decoding
-    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "ngram", "suffix" or "none"
+    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "hybrid", "ngram", "suffix" or "none"
     accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
     drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
     undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
@@ -183,7 +185,14 @@ class Pipeline:
         elif problem:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
-    def _draft_length(self, config: GenerationConfig, drafter: str) -> DraftLength | AutoDraftLength:
+    def _draft_length(self, config: GenerationConfig, drafter: str) -> DraftLength | AutoDraftLength | HybridLength:
+        if drafter == "hybrid":  # each of its drafters keeps a policy (and what auto γ learns) of its own
+            model = "head" if self.draft.spec.is_head else "model"
+            return HybridLength(self._one_length(config, "suffix", "hybrid"), self._one_length(config, model, "hybrid"))
+        return self._one_length(config, drafter)
+
+    def _one_length(self, config: GenerationConfig, drafter: str, within: str = "") -> DraftLength | AutoDraftLength:
+        """γ's policy for one drafter; `within` names the hybrid it serves (what it learns is kept apart)."""
         if config.draft_tokens == "adaptive":
             return DraftLength(None, config.draft_tokens_max)
         if config.draft_tokens == "auto":
@@ -194,12 +203,12 @@ class Pipeline:
                 # γ choices that depend on neither timings nor earlier generations (the samples depend
                 # on them), only on the stored calibration and this generation's acceptance.
                 return AutoDraftLength(calibration, AutoState(), **costs, learn_timings=False, scored=scored)
-            key = (drafter, config.draft_tokens_max)
+            key = (within, drafter, config.draft_tokens_max)
             with self._lock:
                 memo = self._auto.get(key)
                 if memo is None or memo[0] is not calibration:  # reuse the cached per-context choices
                     memo = self._auto[key] = (calibration, AutoMemo())
-                state = self._auto_states.setdefault(drafter, AutoState())
+                state = self._auto_states.setdefault(f"{within}:{drafter}", AutoState())
             return AutoDraftLength(calibration, state, **costs, scored=scored, memo=memo[1])
         return DraftLength(int(config.draft_tokens))
 
@@ -235,26 +244,37 @@ class Pipeline:
             )
 
     def _drafter(self, config: GenerationConfig) -> str:
-        """Which drafter a generation uses: "model", "head", "ngram", "suffix" or "none"."""
+        """Which drafter a generation uses: "model", "head", "hybrid", "ngram", "suffix" or "none"."""
         if not config.use_draft:
             return "none"
-        drafter = config.draft or ("model" if self.draft is not None else "suffix")
+        drafter = config.draft or ("hybrid" if self.draft is not None else "suffix")
+        if drafter in ("model", "hybrid") and self.draft is None:
+            raise ValueError(
+                f"the package has no draft model (draft={drafter!r} needs one): export one with --draft, "
+                "or use draft='suffix' or 'ngram'"
+            )
         if drafter == "model":
-            if self.draft is None:
-                raise ValueError(
-                    "the package has no draft model: export one with --draft, or use draft='suffix' or 'ngram'"
-                )
             return "head" if self.draft.spec.is_head else "model"
         return drafter
 
     def _proposer(
-        self, config: GenerationConfig, drafter: str, target: DecoderState, draft: DecoderState | None
+        self,
+        config: GenerationConfig,
+        drafter: str,
+        target: DecoderState,
+        draft: DecoderState | None,
+        length: DraftLength | AutoDraftLength | HybridLength | None,
     ) -> Proposer | None:
         """One generation's proposer, drafting with its own `draft` state (and `target`'s features)."""
-        if drafter == "head":
-            return FeatureHeadProposer(draft, target, self._shared_vocab, config.draft_min_prob)
-        if drafter == "model":
-            return DraftModelProposer(draft, self._shared_vocab, config.draft_min_prob)
+        if drafter == "head" or (drafter == "hybrid" and self.draft.spec.is_head):
+            model = FeatureHeadProposer(draft, target, self._shared_vocab, config.draft_min_prob)
+        elif drafter in ("model", "hybrid"):
+            model = DraftModelProposer(draft, self._shared_vocab, config.draft_min_prob)
+        if drafter == "hybrid":
+            memory = SuffixMemory() if _reproducible(config) else self.suffix_memory
+            return HybridProposer(SuffixProposer(memory), model, length)
+        if drafter in DRAFT_MODELS:
+            return model
         if drafter == "ngram":
             return NgramProposer(config.max_ngram_size)
         if drafter == "suffix":  # seeded sampling drafts from this sequence alone: the same seed, the same text
@@ -265,7 +285,7 @@ class Pipeline:
     def _states(self, drafter: str) -> Iterator[tuple[DecoderState, DecoderState | None]]:
         """A target state, and a draft state for drafters that are models, for one generation."""
         with self.target_states.state() as target:
-            if drafter not in DRAFT_MODELS or self.draft_states is None:
+            if drafter not in WITH_DRAFT_STATE or self.draft_states is None:
                 yield target, None
                 return
             with self.draft_states.state() as draft:
@@ -289,7 +309,7 @@ class Pipeline:
         config: GenerationConfig,
         chooser: TokenChooser,
         drafter: str,
-        draft_length: DraftLength | AutoDraftLength | None,
+        draft_length: DraftLength | AutoDraftLength | HybridLength | None,
     ) -> Events:
         """Yield (text delta, None) as tokens are committed, then ("", the result). Decodes in states of
         its own, taken when it starts and handed back when it ends, is closed or is collected."""
@@ -299,7 +319,7 @@ class Pipeline:
         with self._states(drafter) as (target, draft):
             start = time.perf_counter()
             first_token_at = None
-            proposer = self._proposer(config, drafter, target, draft)
+            proposer = self._proposer(config, drafter, target, draft, draft_length)
             rounds = speculative_decode(
                 target,
                 prompt_ids,
@@ -333,7 +353,7 @@ class Pipeline:
             prompt_tokens=len(prompt_ids),
             new_tokens=len(ids),
             target_calls=loop.target_calls,
-            draft_calls=proposer.calls if isinstance(proposer, DraftModelProposer) else 0,
+            draft_calls=proposer.calls if proposer is not None else 0,
             drafted_tokens=loop.drafted,
             accepted_tokens=loop.accepted,
             acceptance_rate=loop.accepted / loop.drafted if loop.drafted else None,

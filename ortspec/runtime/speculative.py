@@ -85,6 +85,9 @@ class DraftLength:
     def observe(self, drafted: int, measured_ms: float, context: int) -> None:
         """Round timings only matter to `AutoDraftLength`."""
 
+    def judge_held_back(self, right: bool) -> None:
+        """Probes held back only happen in `AutoDraftLength`."""
+
     def update(self, drafted: int, accepted: int) -> None:
         if self.fixed is not None or drafted == 0:
             return
@@ -120,27 +123,29 @@ class RoundCosts:
     """How much slower drafted rounds run in this loop than calibrated, relative to plain rounds.
 
     Calibration times the model calls in steady state; the live loop adds Python work, the draft's
-    catch-up after plain stretches, cold caches when modes alternate, and load, none of which hit
-    plain and drafted rounds alike. Each round's whole cycle (start to start of the next) over its
-    calibrated time feeds a running mean for its kind (one outlier moves it little: each sample is
-    clipped), and `slowdown` = drafted ratio / plain ratio scales the predicted cost of drafted rounds.
+    weights falling out of the CPU caches between calls, and load, none of which hit plain and drafted
+    rounds alike. Each round's whole cycle (start to start of the next) over its calibrated time is
+    one observation (clipped: a preempted round must not swing the choice). Plain rounds feed a
+    running mean of their ratio, `plain` (how fast the machine runs now against its calibration);
+    each drafted round's ratio over `plain` at that moment feeds `slowdown`, which scales the
+    predicted cost of drafted rounds. So a stretch of plain rounds on a machine that got quieter (or
+    busier) since calibration does not pass for drafting having become dearer (or cheaper).
     """
 
     WEIGHT = 0.1  # of each new observation in the running means
-    CLIP = (0.5, 3.0)  # bounds of one observation's ratio: a preempted round must not swing the choice
+    CLIP = (0.5, 3.0)  # bounds of one observation's ratio
 
     def __init__(self) -> None:
         self.plain = 1.0
-        self.drafted = 1.0
+        self.slowdown = 1.0
 
-    @property
-    def slowdown(self) -> float:
-        return self.drafted / self.plain
+    def _clip(self, ratio: float) -> float:
+        return min(max(ratio, self.CLIP[0]), self.CLIP[1])
 
     def observe(self, drafted: bool, measured_ms: float, calibrated_ms: float) -> None:
-        ratio = min(max(measured_ms / calibrated_ms, self.CLIP[0]), self.CLIP[1])
+        ratio = self._clip(measured_ms / calibrated_ms)
         if drafted:
-            self.drafted += self.WEIGHT * (ratio - self.drafted)
+            self.slowdown += self.WEIGHT * (self._clip(ratio / self.plain) - self.slowdown)
         else:
             self.plain += self.WEIGHT * (ratio - self.plain)
 
@@ -174,9 +179,11 @@ class AutoDraftLength:
     γ = 0 (plain decoding) unless some γ is predicted to beat it by 5%, the calibrated costs
     corrected by what the running loop observes (`RoundCosts`). Drafting after a stretch without
     drafts first costs the draft's catch-up: it starts only if the time it is predicted to save over
-    the remaining tokens pays for that. While decoding plainly it probes with γ = 1 now and then so
-    that a better draft than estimated gets noticed, spending at most `PROBE_SHARE` of the plain
-    time on probes, and never where drafting could not pay even at α = 0.99. With `learn_timings`
+    the remaining tokens pays for that. While decoding plainly it probes now and then so that a
+    better draft than estimated gets noticed: the draft guesses one token, which is held back (the
+    round stays plain, no verify position is spent on it) and judged against the target's own token.
+    Probes take at most `PROBE_SHARE` of the plain time, and never happen where drafting could not
+    pay even at α = 0.99. With `learn_timings`
     off, the choices depend on the calibration and the acceptance seen alone, not on wall time.
 
     With `scored`, the proposer is free and gives each token its own chance of acceptance
@@ -187,7 +194,7 @@ class AutoDraftLength:
     shared across generations.
     """
 
-    PROBE_SHARE = 0.01
+    PROBE_SHARE = 0.02
     BUCKET = 32  # contexts are looked at in steps of this many positions: the choice is per round, keep it cheap
 
     def __init__(
@@ -208,6 +215,7 @@ class AutoDraftLength:
         self.max_gamma = min(max_gamma or calibration.max_gamma, calibration.max_gamma)
         self.memo = memo if memo is not None else AutoMemo()
         self._probing = False
+        self._caught_up = False  # this round's draft reads more than the steady loop's one or two tokens
 
     def _center(self, bucket: int) -> int:
         return bucket * self.BUCKET + self.BUCKET // 2
@@ -220,10 +228,15 @@ class AutoDraftLength:
             memo.rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
         return memo.rounds[bucket]
 
+    def costs(self, context: int) -> list[float]:
+        """ms of a round with γ = 0..max_gamma drafts around `context` (cached per bucket of contexts)."""
+        return self._costs(context // self.BUCKET)
+
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
         most still to come, `pending` committed tokens the draft must read before drafting."""
         self._probing = False  # a probe is timed before the next choice, or (last of a generation) never
+        self._caught_up = False
         if self.scored:
             return self.max_gamma
         bucket = context // self.BUCKET
@@ -238,6 +251,7 @@ class AutoDraftLength:
             catch_up_ms = pending * self.memo.catch_up[bucket]
             if gamma and (pending <= 2 or self._saving_ms(alpha, gamma, rounds, remaining, slowdown) >= catch_up_ms):
                 state.plain_ms_since_probe = 0.0
+                self._caught_up = pending > 2
                 return gamma
             state.plain_ms_since_probe += rounds[0]
             probe_ms = state.probe_ms if state.probe_ms is not None else catch_up_ms + rounds[1] - rounds[0]
@@ -245,15 +259,18 @@ class AutoDraftLength:
                 return 0
             state.plain_ms_since_probe = 0.0
         self._probing = True
+        self._caught_up = pending > 2
         return 1
 
     def choose(self, proposal: Proposal, context: int) -> int:
         """How many of the proposed tokens to send: all, unless the proposer scored them; then the
         prefix whose expected tokens per round over its calibrated cost is best."""
+        if self._probing:
+            return 0  # a probe's guess is held back and judged against the target's own token
         if proposal.confidence is None:
             return len(proposal.tokens)
         slowdown = round(self.state.costs.slowdown * 20) / 20
-        return best_prefix(proposal.confidence, self._costs(context // self.BUCKET), slowdown)
+        return best_prefix(proposal.confidence, self.costs(context), slowdown)
 
     @staticmethod
     def _saving_ms(alpha: float, gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
@@ -273,20 +290,29 @@ class AutoDraftLength:
             with self.state.lock:
                 self.state.estimate.update(drafted, accepted)
 
+    def judge_held_back(self, right: bool) -> None:
+        """Whether the first draft of a round that sent none was the target's own token."""
+        if self._probing:
+            self.update(1, int(right))
+
     def observe(self, drafted: int, measured_ms: float, context: int) -> None:
-        """Wall time of a whole round with `drafted` drafts, start to start of the next."""
+        """Wall time of a whole round with `drafted` drafts, start to start of the next. A round whose draft
+        first caught up on a stretch decoded plainly teaches what probing costs, not how fast drafted
+        rounds run: its catch-up (new shapes, cold caches) would pass for slow drafting and keep the loop
+        from drafting at all."""
         if not self.learn_timings:
             return
-        rounds = self._costs(context // self.BUCKET)
+        rounds = self.costs(context)
         state = self.state
         with state.lock:
-            if self._probing and drafted:  # its catch-up included: what probing really costs
+            if self._probing:  # a plain round plus the draft's guess, catch-up included: what probing costs
                 self._probing = False
                 extra = max(measured_ms - rounds[0], 0.0)
                 previous = state.probe_ms
                 state.probe_ms = extra if previous is None else previous + 0.25 * (extra - previous)
                 return
-            state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
+            if not (drafted and self._caught_up):
+                state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
 
 
 def accept_probability(p: float, q: float) -> float:
@@ -341,7 +367,7 @@ def speculative_decode(
     generated = 0
     logits = target.forward(tokens, last_only=True)[-1:]
     stats.target_calls += 1
-    proposal = Proposal([])
+    proposal, held_back = Proposal([]), []
     last_round: tuple[float, int] | None = None  # (start, drafts) of the latest round
     while True:
         k, own = verify(proposal, logits, tokens, chooser)
@@ -367,17 +393,20 @@ def speculative_decode(
             return
         target.truncate(len(tokens) - 1)
         target.check(tokens, 0, len(tokens) - 1)
+        if held_back:
+            draft_length.judge_held_back(held_back[0] == own)
         now = time.perf_counter()
         if last_round is not None:  # its whole cycle: catch-up, calls, verification, the consumer's work
             draft_length.observe(last_round[1], (now - last_round[0]) * 1000, len(tokens))
-        proposal = Proposal([])
+        proposal, held_back = Proposal([]), []
         if proposer is not None:
             proposer.rollback(tokens)
             budget = max_new_tokens - generated - 1
             count = min(draft_length.next(len(tokens), budget, proposer.pending(tokens)), budget)
             if count > 0:
-                proposal = proposer.propose(tokens, count, chooser)
-                proposal = proposal.prefix(draft_length.choose(proposal, len(tokens)))
+                drafted = proposer.propose(tokens, count, chooser)
+                proposal = drafted.prefix(draft_length.choose(drafted, len(tokens)))
+                held_back = drafted.tokens if not proposal.tokens else []  # unsent: judged by the target's own token
             if budget > 0 and not proposal.tokens:
                 stats.undrafted_rounds += 1
         logits = target.forward([tokens[-1], *proposal.tokens])

@@ -59,7 +59,7 @@ class GenerationRequest(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    draft: Literal["model", "ngram", "suffix", "none"] | None = None
+    draft: Literal["model", "hybrid", "ngram", "suffix", "none"] | None = None
     draft_tokens: Annotated[int, Field(ge=1)] | Literal["auto", "adaptive"] | None = None
     # only their defaults are accepted (see UNSUPPORTED); typed loosely so a wrong value is a clear 400
     n: Any = 1

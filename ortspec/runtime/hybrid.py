@@ -1,0 +1,136 @@
+"""Suffix drafting where the text repeats, the draft model elsewhere: one drafter for both kinds of text.
+
+Suffix matches cost nothing and run long where the answer repeats the prompt or earlier outputs
+(edits, quotes, code); a draft model (a small LM or a feature-level head) costs a call per token but
+guesses ordinary prose. Each round the hybrid asks the suffix drafter first and sends its proposal
+when it is predicted to gain at least as much as the model's would; otherwise the model drafts. The
+model reads every committed token either way (its catch-up), so it stays in step with the text.
+
+`HybridProposer` is the loop's proposer and `HybridLength` its γ policy; each round the length
+policy of whichever drafter proposed learns from the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .calibration import expected_tokens, predicted_speedup, round_speedup
+from .drafting import DraftModelProposer, Proposal
+from .speculative import AutoDraftLength, DraftLength
+from .suffix import SuffixProposer
+
+if TYPE_CHECKING:
+    from .speculative import TokenChooser
+
+FIXED_FREE_TOKENS = 1.0  # without auto γ: send a suffix proposal expected to keep at least this many drafts
+
+
+class HybridLength:
+    """γ for the hybrid: each drafter keeps its own policy (suffix: scored auto γ; the model: auto,
+    fixed or adaptive), and the latest round's verdict goes to the one that proposed."""
+
+    def __init__(self, free: DraftLength | AutoDraftLength, model: DraftLength | AutoDraftLength) -> None:
+        self.free = free
+        self.model = model
+        self.source: DraftLength | AutoDraftLength | None = None  # who proposed this round (None: nobody)
+        self._round = (0, 1 << 30, 0)  # (context, remaining, pending) of the coming round
+
+    def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
+        self._round = (context, remaining, pending)
+        self.source = None
+        return max(self.free.next(context, remaining, 0), self._cap())
+
+    def _cap(self) -> int:
+        return self.model.max_gamma if isinstance(self.model, AutoDraftLength) else self.model.current
+
+    def model_gamma(self) -> int:
+        """The model's γ for this round (0: it would not draft)."""
+        return self.model.next(*self._round)
+
+    def free_gain(self, proposal: Proposal) -> float:
+        """Predicted speedup of sending the suffix `proposal` (scored by its evidence)."""
+        if not proposal.tokens:
+            return 0.0
+        free = self.free
+        if not isinstance(free, AutoDraftLength):
+            return expected_tokens(proposal.confidence or [])
+        rounds = free.costs(self._round[0])
+        slowdown = round(free.state.costs.slowdown * 20) / 20
+        return round_speedup(expected_tokens(proposal.confidence or []), len(proposal.tokens), rounds, slowdown)
+
+    def model_gain(self) -> float:
+        """Predicted speedup of the model drafting this round at its running acceptance rate."""
+        model = self.model
+        if not isinstance(model, AutoDraftLength):
+            return 1.0 + FIXED_FREE_TOKENS  # fixed γ: a proposal of fewer expected drafts goes to the model
+        rounds = model.costs(self._round[0])
+        with model.state.lock:
+            alpha, slowdown = model.state.estimate.alpha, model.state.costs.slowdown
+        return max(predicted_speedup(alpha, g, rounds, slowdown) for g in range(1, len(rounds)))
+
+    def choose(self, proposal: Proposal, context: int) -> int:
+        if self.source is self.model:
+            return self.model.choose(proposal, context)
+        return len(proposal.tokens)  # the suffix prefix was chosen before comparing
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.source is not None:
+            self.source.update(drafted, accepted)
+
+    def judge_held_back(self, right: bool) -> None:
+        if self.source is not None:
+            self.source.judge_held_back(right)
+
+    def observe(self, drafted: int, measured_ms: float, context: int) -> None:
+        if drafted and self.source is not None:
+            self.source.observe(drafted, measured_ms, context)
+        elif not drafted:  # a plain round: both policies compare their drafted rounds with it
+            self.free.observe(0, measured_ms, context)
+            self.model.observe(0, measured_ms, context)
+
+
+class HybridProposer:
+    """Proposes with the suffix drafter when its match is worth at least the model's guess, else with
+    the model (see the module's docstring)."""
+
+    def __init__(self, free: SuffixProposer, model: DraftModelProposer, length: HybridLength) -> None:
+        self.free = free
+        self.model = model
+        self.length = length
+
+    @property
+    def calls(self) -> int:
+        return self.model.calls
+
+    def reset(self) -> None:
+        self.free.reset()
+        self.model.reset()
+
+    def rollback(self, tokens: Sequence[int]) -> None:
+        self.free.rollback(tokens)
+        self.model.rollback(tokens)  # a head keeps the features of every committed position
+
+    def pending(self, tokens: Sequence[int]) -> int:
+        return self.model.pending(tokens)
+
+    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        self.free.learn(prompt, output)
+        self.model.learn(prompt, output)
+
+    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
+        length = self.length
+        free = self.free.propose(tokens, count, chooser)
+        free = free.prefix(length.free.choose(free, len(tokens)))
+        gain = length.free_gain(free)
+        if free.tokens and gain >= length.model_gain():
+            length.source = length.free
+            return free
+        gamma = min(length.model_gamma(), count)
+        if gamma > 0:
+            length.source = length.model
+            return self.model.propose(tokens, gamma, chooser)
+        if free.tokens:  # the model declined to draft: the suffix match is still worth sending
+            length.source = length.free
+            return free
+        return Proposal([])
