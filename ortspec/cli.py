@@ -358,11 +358,10 @@ def _print_stats(stats: Any) -> None:
     )
     if stats.undrafted_rounds and stats.draft_tokens == "auto":
         rounds = stats.undrafted_rounds + len(stats.drafted_per_round)
-        why = (
-            "no suffix match was found, or none whose tokens' chances of acceptance"
-            if stats.drafter == "suffix"
-            else "no γ, at the acceptance rate seen so far,"
-        )
+        why = {
+            "suffix": "no suffix match was found, or none whose tokens' chances of acceptance",
+            "hybrid": "neither a suffix match nor the draft model at the acceptance rate seen so far",
+        }.get(stats.drafter, "no γ, at the acceptance rate seen so far,")
         click.echo(
             f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: {why} was predicted to "
             "beat plain decoding by 5% on this machine's measured step costs (`ortspec calibrate`)"
@@ -662,8 +661,9 @@ def demo(
     speculative decoding, and measure the speedup over plain decoding.
 
     With no --model: the embedded default pair completes Python prompts. With --model smollm2:
-    SmolLM2-135M-Instruct answers chat prompts with suffix drafting, then every drafter (its distilled
-    head, suffix and prompt lookup) is measured against plain decoding.
+    SmolLM2-135M-Instruct answers chat prompts with the hybrid drafter (suffix matches, else its
+    distilled head), then every drafter (hybrid, the head alone, suffix and prompt lookup) is measured
+    against plain decoding.
     """
     from .models.default_pair import DEMO_PROMPTS, default_package
 
@@ -675,7 +675,7 @@ def demo(
         pipe = _load(str(catalog_package(model, rebuild=rebuild, report=report)), runtime)
         prompts = [pipe.chat_prompt([{"role": "user", "content": chat}]) for chat in DEMO_CHATS]
         titles = [f"chat: {chat.splitlines()[0][:60]!r}" for chat in DEMO_CHATS]
-        drafter = {"draft": "suffix"}  # measured best on this model (the head's α is still low): see README
+        drafter = {}  # the package's default: hybrid (suffix matches, else the head; measured best: see README)
     else:
         pipe = _load(str(default_package(rebuild=rebuild, report=report)), runtime)
         prompts, titles, drafter = DEMO_PROMPTS, [f"completion of {p.splitlines()[-1]!r}" for p in DEMO_PROMPTS], {}
@@ -688,9 +688,10 @@ def demo(
     modes = {}
     if pipe.draft is not None:
         kind = "draft head" if pipe.draft.spec.is_head else "draft model"
-        modes[f"{kind}, γ={draft_tokens}"] = dict(draft_tokens=draft_tokens)
+        modes[f"hybrid (suffix, else {kind}), γ={draft_tokens}"] = dict(draft="hybrid", draft_tokens=draft_tokens)
+        modes[f"{kind}, γ={draft_tokens}"] = dict(draft="model", draft_tokens=draft_tokens)
         if draft_tokens != 2:
-            modes[f"{kind}, γ=2"] = dict(draft_tokens=2)
+            modes[f"{kind}, γ=2"] = dict(draft="model", draft_tokens=2)
     modes["suffix lookup, γ=auto"] = dict(draft="suffix")
     modes["prompt lookup, γ=auto"] = dict(draft="ngram")
     _compare_table(pipe, prompts, modes, max_new_tokens)

@@ -151,7 +151,7 @@ def test_demo_and_default_generate(cache):
     runner = CliRunner()
     demo = runner.invoke(main, ["demo", "--max-new-tokens", "24"])
     assert demo.exit_code == 0, demo.output
-    for mode in ("draft model, γ=auto", "draft model, γ=2", "prompt lookup"):
+    for mode in ("hybrid (suffix, else draft model), γ=auto", "draft model, γ=2", "prompt lookup"):
         assert mode in demo.output
     assert "speedup" in demo.output and "identical" in demo.output and "NO (a bug)" not in demo.output
     generate = runner.invoke(main, ["generate", "def add(a, b):\n", "--max-new-tokens", "16"])

@@ -20,7 +20,7 @@ import ortspec
 from ortspec.export import export_pair
 from ortspec.export.builder.head import HEAD_CONFIG
 from ortspec.export.distill import DistillConfig, distill
-from ortspec.export.distill.data import request_seeds, self_instructed_chats
+from ortspec.export.distill.data import REQUEST_STARTS, request_seeds, request_start, self_instructed_chats
 from ortspec.export.distill.features import SequenceStore, greedy_answer, open_target, sequence_features
 
 CHAT_TEMPLATE = (
@@ -138,6 +138,7 @@ def test_interrupted_distill_resumes_consistently(
     assert len(held) == 2 and len(chats) == 6
     seeds = [item["seed"] for item in held + chats]
     assert len(set(seeds)) == len(seeds)
+    assert all(item["request"].startswith(request_start(item["seed"])) for item in held + chats)
     training = json.loads((out / HEAD_CONFIG).read_text())["training"]
     assert training["sequences"] == 6 and training["held_out_agreement"] is not None
 
@@ -193,3 +194,9 @@ def test_request_seeds_are_disjoint_across_writers() -> None:
     shares = [set(itertools.islice(request_seeds(3, k, 4), 50)) for k in range(4)]
     assert sum(map(len, shares)) == len(set().union(*shares)) == 200
     assert set(itertools.islice(request_seeds(3), 200)) == set().union(*shares)
+
+
+def test_most_requests_are_begun_with_a_common_request_word() -> None:
+    starts = [request_start(seed) for seed in range(10 * len(REQUEST_STARTS))]
+    assert 0.05 < starts.count("") / len(starts) < 0.2  # some left wholly to the model
+    assert len(set(starts)) == len(set(REQUEST_STARTS))

@@ -213,7 +213,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     save_head_weights(head, subset, out)
     training = {
         "target": str(target),
-        "data": "on-policy: requests sampled from the target's own chat template, answered greedily by it"
+        "data": "on-policy: requests sampled from the target's own chat template (most begun with a common "
+        "request word), answered greedily by it"
         + (f"; plus {len(texts)} pieces of local text" if len(texts) else "")
         + (f" (from {', '.join(config.text)})" if config.text else ""),
         "sequences": len(sequences),

@@ -4,8 +4,11 @@ A draft is judged by how often it guesses what the *target* will say, so the bes
 target's own output (on-policy, as DistillSpec recommends). With no dataset at hand, the target
 writes the prompts too: given only its chat template's opening of a user turn, an instruction-tuned
 model samples a plausible user request (the Magpie trick), and then answers it greedily, the way
-it will be asked to at serve time, and the features of every token are kept as it goes. Local
-text files (code, docs) can be added as well.
+it will be asked to at serve time, and the features of every token are kept as it goes. Left to
+itself, a small model's requests collapse onto a few openings ("Can you ...", "I'm looking for
+..."), so most requests are begun with one of `REQUEST_STARTS` (chosen by the seed) and the model
+writes the rest: explanations, stories, lists, edits and questions, as users ask. Local text
+files (code, docs) can be added as well.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ import numpy as np
 from .features import greedy_answer
 
 MARK = "\x00ortspec-user-turn\x00"
+REQUEST_STARTS = (  # "": the model's own opening
+    "", "", "Explain", "Write", "What", "How", "Why", "Describe", "Give me", "List", "Summarize",
+    "Compare", "Tell me", "Help me", "Rewrite", "Translate", "Fix", "Create", "Suggest", "Is", "Who",
+    "When", "Which", "Should I", "Please", "I need", "Write a short story", "Write a Python function",
+)  # fmt: skip
+
+
+def request_start(seed: int) -> str:
+    """The words a request sampled with `seed` begins with ("" leaves the whole request to the model)."""
+    return REQUEST_STARTS[seed % len(REQUEST_STARTS)]
 
 
 def user_turn_opening(pipe: Any) -> list[int]:
@@ -53,15 +66,17 @@ def self_instructed_chats(
     opening = user_turn_opening(pipe)
     room = pipe.target.max_length
     for seed in seeds:
+        start = request_start(seed)
+        begun = opening + (pipe.tokenizer.encode(start, add_special_tokens=False) if start else [])
         request = pipe.generate(
-            opening,
-            max_new_tokens=min(max_request_tokens, room - len(opening)),
+            begun,
+            max_new_tokens=min(max_request_tokens, room - len(begun)),
             temperature=1.0,
             top_p=0.95,
             seed=seed,
             use_draft=False,
         )
-        text = request.text.strip()
+        text = (start + request.text).strip()
         if request.stats.finish_reason != "eos" or len(text) < 8:
             continue  # cut off or empty: not a request a user would send
         prompt = pipe.chat_prompt([{"role": "user", "content": text}])
