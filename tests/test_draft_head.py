@@ -91,6 +91,9 @@ def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: P
     np.testing.assert_allclose(logits[:, subset], want_scores[0].numpy(), atol=1e-3)
     outside = np.setdiff1d(np.arange(reader.cfg.vocab_size), subset)
     assert np.all(np.isneginf(logits[:, outside]))  # it never proposes a token outside its subset
+    catch_up = pipe.draft.new_state().forward(tokens[:8], features[:8], last_only=True)  # scores the last alone
+    assert catch_up.shape == (1, reader.cfg.vocab_size)
+    np.testing.assert_allclose(catch_up, logits[7:8], atol=1e-4)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3, "auto"])

@@ -204,18 +204,26 @@ def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
         hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
     residual = hidden
     h = decoder_stack(g, cfg, [reader.layer(i) for i in range(cfg.layers)], residual, reader.final_norm(), head_dim)
-    # Only the last `logits_to_keep` positions are scored (0: all). A prompt needs the logits of its last
-    # position alone, and the lm_head is a fifth of a small model's weights: scoring every position of a
-    # long prompt would cost that fifth again per position, and write positions x vocabulary floats.
-    start = g.one("Neg", [names.LOGITS_TO_KEEP])
-    end = g.constant("logits_end", np.array([np.iinfo(np.int64).max], np.int64))
-    scored = g.one("Slice", [h, start, end, g.constant("logits_axis", np.array([1], np.int64))])
-    logits = g.one("MatMul", [scored, g.constant("lm_head.weight", reader.lm_head())])
+    logits = g.one("MatMul", [last_positions(g, h), g.constant("lm_head.weight", reader.lm_head())])
     if cfg.final_softcap:
         cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
         logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
-    keep = helper.make_tensor_value_info(names.LOGITS_TO_KEEP, TensorProto.INT64, [1])
+    keep = logits_to_keep_input()
     return finish_graph(g, cfg, f"ortspec-{cfg.family}", logits, h, cfg.vocab_size, head_dim, (keep,), "scored")
+
+
+def last_positions(g: GraphBuilder, h: str) -> str:
+    """The last `logits_to_keep` positions of `h` (0: all), the only ones the lm_head scores. A prompt (or a
+    draft's catch-up) needs the logits of its last position alone, and the lm_head is a fifth of a small
+    model's weights: scoring every position would cost that fifth again per position, and write positions
+    x vocabulary floats."""
+    start = g.one("Neg", [names.LOGITS_TO_KEEP])
+    end = g.constant("logits_end", np.array([np.iinfo(np.int64).max], np.int64))
+    return g.one("Slice", [h, start, end, g.constant("logits_axis", np.array([1], np.int64))])
+
+
+def logits_to_keep_input() -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(names.LOGITS_TO_KEEP, TensorProto.INT64, [1])
 
 
 def finish_graph(

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from ...runtime import graph_names as names
 from ...runtime.manifest import HEAD_KIND
 from .config import DecoderConfig
-from .graph import GraphBuilder, decoder_stack, finish_graph, rotary_tables
+from .graph import GraphBuilder, decoder_stack, finish_graph, last_positions, logits_to_keep_input, rotary_tables
 from .safetensors_io import Checkpoint
 from .weights import WeightReader
 
@@ -79,9 +79,8 @@ def target_fingerprint(target: WeightReader) -> str:
 
 def _scatter_to_vocab(g: GraphBuilder, scores: str, subset: np.ndarray, vocab: int) -> str:
     """[1, S, K] scores of the subset -> [1, S, vocab] logits, -inf for tokens outside it."""
-    full_shape = g.one(
-        "Concat", [g.one("Shape", [names.INPUT_IDS]), g.constant("vocab_dim", np.array([vocab], np.int64))], axis=0
-    )
+    rows = g.one("Shape", [scores], end=2)
+    full_shape = g.one("Concat", [rows, g.constant("vocab_dim", np.array([vocab], np.int64))], axis=0)
     base = g.one("Expand", [g.constant("minus_inf", np.array([-np.inf], np.float32)), full_shape])
     index = g.one("Expand", [g.constant("vocab_subset", subset.reshape(1, 1, -1)), g.one("Shape", [scores])])
     return g.one("ScatterElements", [base, index, scores], axis=2)
@@ -104,10 +103,11 @@ def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx
     x = g.one("MatMul", [joined, g.constant("fc.weight", reader.linear("fc.weight"))])
     h = decoder_stack(g, cfg, [reader.layer(0)], x, reader.final_norm(), reader.padded)
     lm_head = np.ascontiguousarray(target.lm_head()[:, subset])
-    scores = g.one("MatMul", [h, g.constant("lm_head.weight", lm_head)])
+    scores = g.one("MatMul", [last_positions(g, h), g.constant("lm_head.weight", lm_head)])  # a catch-up scores one
     logits = _scatter_to_vocab(g, scores, subset, cfg.vocab_size)
     features = helper.make_tensor_value_info(names.FEATURES, TensorProto.FLOAT, [1, "sequence_length", cfg.hidden])
-    return finish_graph(g, cfg, "ortspec-eagle-head", logits, h, cfg.vocab_size, reader.padded, extra=[features])
+    extra = [features, logits_to_keep_input()]
+    return finish_graph(g, cfg, "ortspec-eagle-head", logits, h, cfg.vocab_size, reader.padded, extra, "scored")
 
 
 __all__ = ["HEAD_KIND", "build_head", "head_decoder_config", "is_head_dir", "read_head_config", "target_fingerprint"]
