@@ -17,7 +17,7 @@ from scipy.stats import chisquare
 import ortspec
 from ortspec.export import export_pair
 from ortspec.models.random import make_checkpoint, perturbed_copy
-from ortspec.runtime import speculative
+from ortspec.runtime import hybrid, speculative
 from ortspec.runtime.sampling import SamplingConfig, probabilities
 
 PROMPT = [3, 7, 11]
@@ -42,7 +42,7 @@ def pair(tmp_path_factory):
 
 def exact_joint(pipe, options) -> np.ndarray:
     """P(t2, t3) = sum over t1 of p(t1) p(t2 | t1) p(t3 | t1, t2), from the target's own logits."""
-    config = SamplingConfig(**options)
+    config = SamplingConfig(**{k: v for k, v in options.items() if k != "draft"})
     target = pipe.target.new_state()
 
     def next_probs(sequence):
@@ -84,12 +84,19 @@ def chi_square_p(observed: np.ndarray, expected_probs: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("speculative_on", [True, False], ids=["speculative", "plain"])
-def test_sampling_matches_the_target_distribution(pair, setting, speculative_on):
+@pytest.mark.parametrize(
+    "speculative_on, drafter",
+    [(True, "hybrid"), (True, "model"), (False, None)],
+    ids=["speculative-hybrid", "speculative-model", "plain"],
+)
+def test_sampling_matches_the_target_distribution(pair, setting, speculative_on, drafter, monkeypatch):
+    """hybrid (the default here) drafts from suffix matches and the draft model, here sending every suffix
+    match it finds (so that both kinds of rounds are sampled); model drafts from the model alone."""
+    monkeypatch.setattr(hybrid, "FIXED_FREE_TOKENS", 0.0)
     options = SETTINGS[setting]
     joint = exact_joint(pair, options)
     assert joint.sum() == pytest.approx(1.0)
-    counts, acceptance = sampled_joint(pair, options, speculative_on, SAMPLES)
+    counts, acceptance = sampled_joint(pair, {**options, "draft": drafter}, speculative_on, SAMPLES)
     p_marginal = chi_square_p(counts.sum(axis=1), joint.sum(axis=1))
     p_joint = chi_square_p(counts, joint)
     print(
@@ -104,7 +111,7 @@ def test_sampling_matches_the_target_distribution(pair, setting, speculative_on)
 def test_a_broken_acceptance_rule_is_caught(pair, monkeypatch):
     """Accepting every draft (ignoring p/q) yields the draft's distribution: the test must see it."""
     monkeypatch.setattr(speculative, "accept_probability", lambda p, q: 1.0)
-    options = SETTINGS["t1.0"]
+    options = {**SETTINGS["t1.0"], "draft": "model"}
     counts, _ = sampled_joint(pair, options, True, 5_000)
     p_marginal = chi_square_p(counts.sum(axis=1), exact_joint(pair, options).sum(axis=1))
     print(f"\nbroken rule: p(t2) = {p_marginal:.2e}")

@@ -133,3 +133,12 @@ def test_a_round_with_a_long_catch_up_is_not_taken_for_slow_drafting() -> None:
     gamma = auto.next(100, remaining=500, pending=2)  # a steady round: its time counts
     auto.observe(gamma, 1.5 * cal.round(gamma, 100), 100)
     assert auto.state.costs.slowdown > 1.0
+
+
+def test_hybrid_sampling_is_reproducible_and_drafts_from_both(head_package: Path) -> None:
+    """Seeded sampling: the same text twice (suffix drafts from this sequence alone), the target's
+    distribution (tested for each drafter in test_distribution) with drafts from the head and the suffix."""
+    pipe = ortspec.load(head_package)
+    runs = [pipe.generate(PROMPT, max_new_tokens=40, temperature=0.8, seed=11, draft_tokens=2) for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].stats.drafter == "hybrid" and runs[0].stats.drafted_tokens > 0
