@@ -97,7 +97,7 @@ def test_auto_probes_with_a_bounded_share_of_the_time():
     cal = synthetic(draft_ms=3.0, verify_growth=0.3, catch_up_ms=8.0)
     auto = AutoDraftLength(cal, AutoState(AcceptanceEstimate(prior=0.1)))
     probes = [i for i in range(3000) if auto.next(100, pending=64) == 1]
-    probe_ms = cal.catch_up(64, 100) + cal.round(1, 100) - cal.round(0, 100)  # what one probe costs over plain
+    probe_ms = cal.draft(100) + cal.catch_up(63, 100)  # what one held-back probe costs over plain
     assert probes and len(probes) * probe_ms <= AutoDraftLength.PROBE_SHARE * 3000 * cal.round(0, 100) * 1.01
     gaps = {b - a for a, b in itertools.pairwise([-1, *probes])}
     assert gaps == {math.ceil(probe_ms / (AutoDraftLength.PROBE_SHARE * cal.round(0, 100)))}
@@ -217,10 +217,11 @@ def test_a_probe_is_timed_as_a_probe_not_as_a_drafted_round():
     auto = AutoDraftLength(cal, state)
     while auto.next(100, pending=64) != 1:
         auto.observe(0, cal.round(0, 100), 100)
+    predicted = cal.draft(100) + cal.catch_up(63, 100)
     auto.observe(1, cal.round(0, 100) + 25.0, 100)  # the probe took 25 ms more than a plain round
-    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.slowdown == 1.0
+    assert state.probe_ratio == pytest.approx(25.0 / predicted, rel=0.01) and state.costs.slowdown == 1.0
     while auto.next(100, pending=64) != 1:  # a probe that ends a generation is never timed ...
         pass
     assert auto.next(100, pending=64) == 0  # ... and the next generation's plain round is not taken for it
     auto.observe(0, cal.round(0, 100) + 40.0, 100)
-    assert state.probe_ms == pytest.approx(25.0, rel=0.01) and state.costs.plain > 1.0
+    assert state.probe_ratio == pytest.approx(25.0 / predicted, rel=0.01) and state.costs.plain > 1.0

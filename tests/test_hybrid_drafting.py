@@ -142,3 +142,23 @@ def test_hybrid_sampling_is_reproducible_and_drafts_from_both(head_package: Path
     runs = [pipe.generate(PROMPT, max_new_tokens=40, temperature=0.8, seed=11, draft_tokens=2) for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].stats.drafter == "hybrid" and runs[0].stats.drafted_tokens > 0
+
+
+def test_cheap_drafts_probe_often_dear_ones_rarely() -> None:
+    """A probe costs a draft step plus the catch-up since the last one: with the pending tokens growing
+    between probes, a cheap draft probes every few tokens and a dear one far apart."""
+
+    def gaps(draft_ms: float, catch_up_ms: float) -> int:
+        cal = synthetic(draft_ms=draft_ms, verify_growth=0.05, catch_up_ms=catch_up_ms)
+        auto = AutoDraftLength(cal, AutoState(AcceptanceEstimate(prior=0.05, strength=1000)))
+        pending, probes = 1, []
+        for i in range(2000):
+            if auto.next(100, pending=pending) == 1:
+                probes.append(i)
+                pending = 1
+            else:
+                pending = min(pending + 1, 64)
+        return (probes[-1] - probes[0]) // (len(probes) - 1)
+
+    cheap, dear = gaps(draft_ms=0.05, catch_up_ms=1.0), gaps(draft_ms=1.0, catch_up_ms=8.0)
+    assert cheap <= 10 < dear

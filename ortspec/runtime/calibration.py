@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from .decoder import DecoderState, Model
 
-CALIBRATION_VERSION = 2  # part of the key: entries measured the older way are remeasured
+CALIBRATION_VERSION = 3  # part of the key: entries measured the older way are remeasured (3: catch-up scores its last)
 MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
 CATCH_UP = 64  # tokens of the timed draft catch-up (the draft proposer's default window)
 DEFAULT_CONTEXTS = (64, 256, 1024)
@@ -207,7 +207,7 @@ def _measure_context(
 
     def catch_up() -> None:
         draft.truncate(max(0, context - CATCH_UP))
-        draft.forward(tokens[-CATCH_UP:])
+        draft.forward(tokens[-CATCH_UP:], last_only=True)  # as the loop's catch-up: the last position scored
         draft.truncate(context)
 
     def speculative_round(gamma: int) -> None:

@@ -158,7 +158,7 @@ class AutoState:
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     costs: RoundCosts = field(default_factory=RoundCosts)
     plain_ms_since_probe: float = 0.0  # calibrated time of the plain rounds since the last drafted one
-    probe_ms: float | None = None  # what a probe round was seen to cost beyond a plain round (running mean)
+    probe_ratio: float | None = None  # what probes were seen to cost beyond a plain round over the calibrated cost
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
@@ -169,6 +169,7 @@ class AutoMemo:
 
     rounds: dict[int, list[float]] = field(default_factory=dict)  # bucket -> ms of a round with γ = 0..max drafts
     catch_up: dict[int, float] = field(default_factory=dict)  # bucket -> ms per token the draft catches up on
+    draft: dict[int, float] = field(default_factory=dict)  # bucket -> ms of one draft step
     choices: dict[tuple[float, int, float], int] = field(default_factory=dict)
     can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
@@ -182,7 +183,9 @@ class AutoDraftLength:
     the remaining tokens pays for that. While decoding plainly it probes now and then so that a
     better draft than estimated gets noticed: the draft guesses one token, which is held back (the
     round stays plain, no verify position is spent on it) and judged against the target's own token.
-    Probes take at most `PROBE_SHARE` of the plain time, and never happen where drafting could not
+    Probes take at most `PROBE_SHARE` of the plain time: a probe costs a draft step plus the catch-up
+    on what was decoded since the last one (calibrated, corrected by what probes were seen to cost), so
+    cheap drafts probe often (a few tokens apart) and dear ones rarely; never where drafting could not
     pay even at α = 0.99. With `learn_timings`
     off, the choices depend on the calibration and the acceptance seen alone, not on wall time.
 
@@ -216,6 +219,7 @@ class AutoDraftLength:
         self.memo = memo if memo is not None else AutoMemo()
         self._probing = False
         self._caught_up = False  # this round's draft reads more than the steady loop's one or two tokens
+        self._probe_ms = 0.0  # calibrated cost of this round's probe beyond a plain round
 
     def _center(self, bucket: int) -> int:
         return bucket * self.BUCKET + self.BUCKET // 2
@@ -225,6 +229,7 @@ class AutoDraftLength:
         if bucket not in memo.rounds:
             context = self._center(bucket)
             memo.catch_up[bucket] = self.calibration.catch_up(1, context) if self.draft_cost else 0.0
+            memo.draft[bucket] = self.calibration.draft(context) if self.draft_cost else 0.0
             memo.rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
         return memo.rounds[bucket]
 
@@ -254,7 +259,8 @@ class AutoDraftLength:
                 self._caught_up = pending > 2
                 return gamma
             state.plain_ms_since_probe += rounds[0]
-            probe_ms = state.probe_ms if state.probe_ms is not None else catch_up_ms + rounds[1] - rounds[0]
+            self._probe_ms = self.memo.draft[bucket] + max(0, pending - 1) * self.memo.catch_up[bucket]
+            probe_ms = self._probe_ms * (state.probe_ratio or 1.0)
             if state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not self._can_pay_at(bucket, slowdown):
                 return 0
             state.plain_ms_since_probe = 0.0
@@ -307,9 +313,9 @@ class AutoDraftLength:
         with state.lock:
             if self._probing:  # a plain round plus the draft's guess, catch-up included: what probing costs
                 self._probing = False
-                extra = max(measured_ms - rounds[0], 0.0)
-                previous = state.probe_ms
-                state.probe_ms = extra if previous is None else previous + 0.25 * (extra - previous)
+                ratio = min(max(max(measured_ms - rounds[0], 0.0) / self._probe_ms, 0.25), 4.0)
+                previous = state.probe_ratio
+                state.probe_ratio = ratio if previous is None else previous + 0.25 * (ratio - previous)
                 return
             if not (drafted and self._caught_up):
                 state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
