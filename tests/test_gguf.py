@@ -217,16 +217,16 @@ def test_q4_1_blocks_are_found_exactly_or_not_at_all():
 
 
 def test_q4_1_target_with_a_head_drafts_exactly(gguf_file, tmp_path):
-    """A head's vocabulary-subset lm_head is cut from the target's Q4_1 one; the head takes it re-quantized
-    (a draft only guesses: no correction nodes), and greedy drafting with the head still equals plain decoding."""
+    """A head's vocabulary-subset lm_head is cut from the target's Q4_1 one: it gets the correction too
+    (re-quantized, SmolLM2's head agreed less often with its target: held-out α 0.485 -> 0.449), and greedy
+    drafting with the head still equals plain decoding."""
     from test_draft_head import make_head
 
     gguf = gguf_file("llama", "Q4_1", "tied")
     make_head(gguf, tmp_path / "head")
     pipe = export(gguf, tmp_path / "pkg", quantize="int4", draft=tmp_path / "head")
     assert pipe.manifest.target.quantization["lossless_offset_nodes"] == 2 * 4 + 1
-    assert pipe.manifest.draft.quantization["lossless_offset_nodes"] == 0
-    assert pipe.manifest.draft.quantization["quantized_nodes"] >= 1
+    assert pipe.manifest.draft.quantization["lossless_offset_nodes"] == 1
     spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft="model", draft_tokens=2)
     assert spec.stats.drafter == "head"
     assert spec.token_ids == pipe.generate([3, 50, 7, 9], max_new_tokens=16, use_draft=False).token_ids

@@ -109,9 +109,6 @@ def _export_head(
 ) -> ModelSpec:
     with progress.stage(f"building the draft head {head_dir} on the target's embeddings and lm_head"):
         model, positions = build_head_onnx(head_dir, target.path, target.config)
-    # The head's lm_head rows come from the target's; where a GGUF kept those at 8 bits the head still
-    # takes 4: a draft only guesses (the target verifies), and its step runs with its weights out of cache.
-    quantize = dataclasses.replace(quantize, keep_gguf_blocks=False)
     spec = _save_model(model, "draft", quantize, root, progress, target, str(head_dir), positions, "builder")
     return dataclasses.replace(spec, kind=HEAD_KIND, training=read_head_config(head_dir).get("training", {}))
 

@@ -31,8 +31,7 @@ def shipped_pair() -> tuple[Path, Path]:
 # What the exported graphs look like: bump it when the builder changes them, so that packages cached
 # by an earlier ortspec are exported afresh (2: the batch became a dynamic dimension, for batching;
 # 3: a GGUF's Q8_0 weights stay at 8 bits in int4 exports, and a prompt's logits are scored at its
-# last position only: `logits_to_keep`; 4: draft heads score only the last position of a catch-up and take
-# a GGUF lm_head at 4 bits).
+# last position only: `logits_to_keep`; 4: draft heads score only the last position of a catch-up).
 GRAPH_REVISION = 4
 
 
