@@ -58,6 +58,11 @@ class DistillConfig:
     max_answer_tokens: int = 256
 
 
+def _advance(bar: Any, began: float) -> None:
+    """Move a training bar to the seconds this run has trained (a resumed run's earlier ones do not count)."""
+    bar.update(min(round(time.monotonic() - began), bar.total) - bar.n)
+
+
 def _progress_bar(total: float | None, unit: str, desc: str):
     from tqdm import tqdm
 
@@ -199,11 +204,12 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         f"{'chats' if answers else 'data'})"
     )
     with _progress_bar(round(seconds), "s", "training") as bar:
+        began = time.monotonic()
 
         def on_step(progress: Any, loss: float, agree: float) -> None:
             if progress.steps % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", agree=f"{agree:.2f}", refresh=False)
-                bar.update(min(round(progress.seconds), bar.total) - bar.n)
+                _advance(bar, began)
 
         progress = train_head(head, token_arrays, features, TrainConfig(seconds=seconds), out, on_step)
     held_agreement = None
@@ -269,11 +275,12 @@ def _distill_lm(
         f"{sum(map(len, sequences)):,} tokens in {len(sequences)} sequences for {seconds / 60:.1f} min"
     )
     with _progress_bar(round(seconds), "s", "training") as bar:
+        began = time.monotonic()
 
         def on_step(progress: Any, loss: float) -> None:
             if progress.steps % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(min(round(progress.seconds), bar.total) - bar.n)
+                _advance(bar, began)
 
         progress = train_lm(model, [np.asarray(s, np.int64) for s in sequences], seconds, out, on_step=on_step)
     agreement = None
