@@ -162,3 +162,15 @@ def test_cheap_drafts_probe_often_dear_ones_rarely() -> None:
 
     cheap, dear = gaps(draft_ms=0.05, catch_up_ms=1.0), gaps(draft_ms=1.0, catch_up_ms=8.0)
     assert cheap <= 10 < dear
+
+
+def test_a_free_drafter_probes_every_plain_round_at_no_cost() -> None:
+    """Prompt lookup's guesses cost nothing: while its α is too low to send drafts, every plain round
+    holds one back and judges it."""
+    cal = synthetic(draft_ms=0.5, verify_growth=0.05)
+    auto = AutoDraftLength(cal, AutoState(AcceptanceEstimate(prior=0.02, strength=1000)), draft_cost=False)
+    for _ in range(5):
+        assert auto.next(100) == 1 and auto.choose(Proposal([7]), 100) == 0
+        auto.judge_held_back(False)
+        auto.observe(0, cal.round(0, 100) * 1.1, 100)
+    assert auto.state.probe_ratio is None and auto.state.costs.plain > 1.0  # timed as plain rounds

@@ -313,10 +313,11 @@ class AutoDraftLength:
         with state.lock:
             if self._probing:  # a plain round plus the draft's guess, catch-up included: what probing costs
                 self._probing = False
-                ratio = min(max(max(measured_ms - rounds[0], 0.0) / self._probe_ms, 0.25), 4.0)
-                previous = state.probe_ratio
-                state.probe_ratio = ratio if previous is None else previous + 0.25 * (ratio - previous)
-                return
+                if self._probe_ms > 0:  # (a free drafter's probe costs nothing: its round is a plain one)
+                    ratio = min(max(max(measured_ms - rounds[0], 0.0) / self._probe_ms, 0.25), 4.0)
+                    previous = state.probe_ratio
+                    state.probe_ratio = ratio if previous is None else previous + 0.25 * (ratio - previous)
+                    return
             if not (drafted and self._caught_up):
                 state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
 
