@@ -713,7 +713,8 @@ def _compare_table(pipe: Any, prompts: list[Any], modes: dict[str, dict[str, Any
     from .runtime.bench import compare
 
     click.secho("\n### plain vs speculative on the same prompts (alternating runs)", fg="cyan", err=True)
-    click.echo(f"{'mode':<24}{'α':>6}{'tok/call':>10}{'plain t/s':>11}{'spec t/s':>10}{'speedup':>9}  identical")
+    width = max(24, *(len(mode) + 1 for mode in modes))
+    click.echo(f"{'mode':<{width}}{'α':>6}{'tok/call':>10}{'plain t/s':>11}{'spec t/s':>10}{'speedup':>9}  identical")
     for mode, options in modes.items():
         report = compare(pipe, prompts, max_new_tokens=max_new_tokens, repeats=2, **options)
         alpha = report.speculative.alpha
@@ -725,7 +726,7 @@ def _compare_table(pipe: Any, prompts: list[Any], modes: dict[str, dict[str, Any
             else "yes"
         )
         click.echo(
-            f"{mode:<24}{'-' if alpha is None else f'{alpha:.2f}':>6}{report.tokens_per_target_call:>10.2f}"
+            f"{mode:<{width}}{'-' if alpha is None else f'{alpha:.2f}':>6}{report.tokens_per_target_call:>10.2f}"
             f"{report.plain.tokens_per_second:>11.0f}{report.speculative.tokens_per_second:>10.0f}"
             f"{report.speedup:>8.2f}x  {identical}"
         )
