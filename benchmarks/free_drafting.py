@@ -27,10 +27,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
 import ortspec
-from ortspec.runtime.bench import MAX_NEAR_TIE, NEAR_TIE, BenchReport, compare_modes
+from ortspec.runtime.bench import BenchReport, compare_modes, near_tie_for, path_noise
 from ortspec.runtime.suffix import LOCAL, MATCH_CLASSES, POOL, SHARES, ConfidenceBuckets, SuffixMemory, bucket_index
 
 EDIT = [
@@ -162,30 +160,6 @@ def answers_pool(answers: dict[tuple, list[int]], leave_out: list[int] | None = 
     return memory
 
 
-def path_noise(pipe: ortspec.Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:
-    """Largest change of the top-2 logit margin along the plain answers between the one-position
-    kernels (token by token, as plain decoding runs) and the many-position ones (one chunk)."""
-    target, worst = pipe.target.new_state(), 0.0
-    for prompt in prompts:
-        answer = answers[tuple(prompt)]
-        target.reset()
-        chunk = target.forward([*prompt, *answer])[len(prompt) - 1 : -1]
-        target.reset()
-        steps = [target.forward(prompt)[-1], *(target.forward([token])[-1] for token in answer[:-1])]
-        for single, many in zip(steps, chunk, strict=True):
-            second, first = np.argsort(single)[-2:]
-            worst = max(worst, abs((single[first] - single[second]) - (many[first] - many[second])))
-    return float(worst)
-
-
-PATH_NOISE_LIMIT = MAX_NEAR_TIE  # a larger "noise" means a broken kernel path: widening near-ties would hide bugs
-
-
-def near_tie_for(noise: float) -> float:
-    """The logit gap under which a divergence counts as a near-tie: the measured path noise, within bounds."""
-    return max(min(noise, PATH_NOISE_LIMIT), NEAR_TIE)
-
-
 def measure_chat_sets(
     pipe: ortspec.Pipeline,
     sets: dict[str, list[list[int]]],
@@ -198,7 +172,7 @@ def measure_chat_sets(
 
     Plain answers of every prompt fill the suffix pool, which holds, when a prompt is measured, every answer
     but its own; the warm-up chats (never measured) teach auto γ and the suffix confidence table first.
-    Divergences count as near-ties up to the measured path noise, capped at PATH_NOISE_LIMIT.
+    Divergences count as near-ties up to the measured path noise, capped at MAX_NEAR_TIE.
     """
     answers = {
         tuple(p): pipe.generate(p, max_new_tokens=new_tokens, use_draft=False).token_ids

@@ -27,10 +27,10 @@ import argparse
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.bench import BenchReport
+from ortspec.runtime.bench import BenchReport, near_tie_for
 from ortspec.runtime.calibration import Calibration, tokens_per_round
 
-from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets, near_tie_for, row
+from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets, row
 
 MODES = {
     "suffix auto": dict(draft="suffix"),

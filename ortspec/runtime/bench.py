@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .pipeline import GenerationResult, Pipeline
 
 
@@ -89,16 +91,19 @@ def compare(
     max_new_tokens: int = 64,
     repeats: int = 3,
     warmup: bool = True,
+    near_tie: float | None = None,
     **draft_options: Any,
 ) -> BenchReport:
     """Run every prompt plain and speculative (greedy), alternating which goes first, `repeats` times.
 
-    `draft_options` go to the speculative runs: draft ("model"/"ngram"/"suffix"), draft_tokens, draft_min_prob...
+    `draft_options` go to the speculative runs: draft ("hybrid"/"model"/"ngram"/"suffix"), draft_tokens,
+    draft_min_prob...; `near_tie` as in `compare_modes`.
     """
     modes = {"speculative": draft_options}
-    return compare_modes(pipe, prompts, modes, max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup)[
-        "speculative"
-    ]
+    reports = compare_modes(
+        pipe, prompts, modes, max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, near_tie=near_tie
+    )
+    return reports["speculative"]
 
 
 def compare_modes(
@@ -183,3 +188,25 @@ def divergence_gap(
     with pipe.target_states.state() as target:
         logits = target.forward([*prompt_ids, *plain_ids[:position]], last_only=True)[-1]
     return position, float(abs(logits[plain_ids[position]] - logits[spec_ids[position]]))
+
+
+def path_noise(pipe: Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:
+    """Largest change of the top-2 logit margin along the plain answers between the one-position
+    kernels (token by token, as plain decoding runs) and the many-position ones (one chunk)."""
+    target, worst = pipe.target.new_state(), 0.0
+    for prompt in prompts:
+        answer = answers[tuple(prompt)]
+        target.reset()
+        chunk = target.forward([*prompt, *answer])[len(prompt) - 1 : -1]
+        target.reset()
+        steps = [target.forward(prompt)[-1], *(target.forward([token])[-1] for token in answer[:-1])]
+        for single, many in zip(steps, chunk, strict=True):
+            second, first = np.argsort(single)[-2:]
+            worst = max(worst, abs((single[first] - single[second]) - (many[first] - many[second])))
+    return float(worst)
+
+
+def near_tie_for(noise: float) -> float:
+    """The logit gap under which a divergence counts as a near-tie: the measured path noise, within bounds
+    (a larger "noise" means a broken kernel path: widening near-ties further would hide bugs)."""
+    return max(min(noise, MAX_NEAR_TIE), NEAR_TIE)
