@@ -49,7 +49,8 @@ class HybridLength:
         return self.model.next(*self._round)
 
     def free_gain(self, proposal: Proposal) -> float:
-        """Predicted speedup of sending the suffix `proposal` (scored by its evidence)."""
+        """Predicted speedup of sending the suffix `proposal` (scored by its evidence); without auto γ, its
+        expected tokens per round (compared with `model_gain`'s, in the same unit)."""
         if not proposal.tokens:
             return 0.0
         free = self.free
@@ -60,7 +61,8 @@ class HybridLength:
         return round_speedup(expected_tokens(proposal.confidence or []), len(proposal.tokens), rounds, slowdown)
 
     def model_gain(self) -> float:
-        """Predicted speedup of the model drafting this round at its running acceptance rate."""
+        """Predicted speedup of the model drafting this round at its running acceptance rate; without auto γ,
+        the expected tokens per round a suffix proposal must reach to be sent instead."""
         model = self.model
         if not isinstance(model, AutoDraftLength):
             return 1.0 + FIXED_FREE_TOKENS  # fixed γ: a proposal of fewer expected drafts goes to the model
