@@ -271,15 +271,18 @@ class Pipeline:
         elif drafter in ("model", "hybrid"):
             model = DraftModelProposer(draft, self._shared_vocab, config.draft_min_prob)
         if drafter == "hybrid":
-            memory = SuffixMemory() if _reproducible(config) else self.suffix_memory
-            return HybridProposer(SuffixProposer(memory), model, length)
+            return HybridProposer(SuffixProposer(self._suffix_memory(config)), model, length)
         if drafter in DRAFT_MODELS:
             return model
         if drafter == "ngram":
             return NgramProposer(config.max_ngram_size)
-        if drafter == "suffix":  # seeded sampling drafts from this sequence alone: the same seed, the same text
-            return SuffixProposer(SuffixMemory() if _reproducible(config) else self.suffix_memory)
+        if drafter == "suffix":
+            return SuffixProposer(self._suffix_memory(config))
         return None
+
+    def _suffix_memory(self, config: GenerationConfig) -> SuffixMemory:
+        """The pipeline's pool; seeded sampling drafts from this sequence alone: the same seed, the same text."""
+        return SuffixMemory() if _reproducible(config) else self.suffix_memory
 
     @contextmanager
     def _states(self, drafter: str) -> Iterator[tuple[DecoderState, DecoderState | None]]:
