@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -262,6 +261,15 @@ def export(
     type=click.Path(exists=True),
     help="Local text files or directories to train on as well (code, docs); repeatable.",
 )
+@click.option(
+    "--prompts",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Your own requests, the traffic the draft will serve: the target answers each (before any request "
+    'it samples itself). One per line, or .jsonl with a string, {"prompt": ...} or {"messages": [...]} per '
+    "line (a chat log; a last assistant message is replaced by the target's own answer); repeatable. One in "
+    "ten (up to 12) is set aside, never trained on, and the head's agreement on them is printed.",
+)
 @click.option("--quantize", type=QUANT_CHOICES, default="int4", show_default=True, help="How the target is served.")
 @click.option(
     "--vocab", type=click.IntRange(min=16), default=4096, show_default=True, help="Tokens the head may propose."
@@ -297,6 +305,7 @@ def distill(
     minutes: float,
     data_share: float,
     text: tuple[str, ...],
+    prompts: tuple[str, ...],
     quantize: str,
     vocab: int,
     threads: int | None,
@@ -308,7 +317,9 @@ def distill(
 
     TARGET is a Hugging Face checkpoint directory, hub id or GGUF file. The target writes its own training
     chats (requests sampled from its chat template, answered greedily: on-policy data), keeping its
-    final features as it writes, and a one-layer head learns to continue those features. It
+    final features as it writes, and a one-layer head learns to continue those features. Requests of
+    your own (--prompts, e.g. a log of what you serve) are answered first, so the head learns from
+    answers like the ones it will draft. It
     drafts from a subset of the vocabulary (--vocab most frequent tokens), which keeps a draft step
     at a few percent of a target step. Training runs in bfloat16 where the CPU has it natively
     (AVX512-BF16, AMX). The held-out agreement is printed at the end. Then:
@@ -328,6 +339,7 @@ def distill(
         minutes=minutes,
         data_share=data_share,
         text=text,
+        prompts=prompts,
         quantize=quantize,
         vocab=vocab,
         threads=threads,
@@ -556,21 +568,6 @@ def chat(
             _print_stats(result.stats)
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file: JSON Lines (a string or {"prompt": ...} per line) or one prompt per line."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"{path}:{number} is not valid JSON: {exc}") from exc
-        prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
-    return prompts
-
-
 @main.command()
 @click.argument("package", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -599,6 +596,7 @@ def bench(
     from a prompt's earlier answers.
     """
     from .runtime.bench import compare
+    from .runtime.prompt_files import read_prompts
 
     prompts = read_prompts(prompts_file)
     pipe = _load(package, runtime)

@@ -80,3 +80,13 @@ def test_cli_errors_are_one_line(package, tmp_path):
     assert missing.exit_code == 1 and "does not exist" in missing.output
     exists = run("export", tmp_path / "nope", "--out", root)
     assert exists.exit_code == 1 and "already exists; pass --force" in exists.output
+
+
+def test_distill_prompts_need_a_chat_template(checkpoint, tmp_path):
+    """`distill --prompts` reaches the run: a target without a chat template cannot answer requests."""
+    prompts = tmp_path / "requests.txt"
+    prompts.write_text("Explain tides.\n")
+    args = ("distill", checkpoint("llama"), "--out", tmp_path / "head", "--prompts", prompts, "--quantize", "none")
+    result = run(*args, "--minutes", "0.1", "--threads", "1")
+    assert result.exit_code == 1
+    assert "--prompts needs a target with a chat template" in result.output

@@ -1,5 +1,6 @@
 """`distill`'s training data: chats keep the target's features as it writes them (equal to a re-read),
-chats and features stay consistent across interruptions, and writer processes share out the seeds."""
+chats and features stay consistent across interruptions, writer processes share out the seeds, and
+the user's own requests (--prompts) are answered once each, some set aside to measure the head."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import pytest
 import ortspec
 from ortspec.export import export_pair
 from ortspec.export.builder.head import HEAD_CONFIG
-from ortspec.export.distill import DistillConfig, distill
+from ortspec.export.distill import DistillConfig, distill, held_out_indices
 from ortspec.export.distill.data import REQUEST_STARTS, request_seeds, request_start, self_instructed_chats
 from ortspec.export.distill.features import SequenceStore, greedy_answer, open_target, sequence_features
+from ortspec.export.distill.writers import write_chats
+from ortspec.runtime.prompt_files import read_requests
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
@@ -200,3 +203,55 @@ def test_most_requests_are_begun_with_a_common_request_word() -> None:
     starts = [request_start(seed) for seed in range(10 * len(REQUEST_STARTS))]
     assert 0.05 < starts.count("") / len(starts) < 0.2  # some left wholly to the model
     assert len(set(starts)) == len(set(REQUEST_STARTS))
+
+
+def test_held_out_requests_are_one_in_ten_spread_over_the_file() -> None:
+    assert held_out_indices(9, 12) == []
+    assert held_out_indices(12, 12) == [0]
+    assert held_out_indices(100, 12) == list(range(0, 100, 10))
+    assert held_out_indices(1000, 12) == [i * 1000 // 12 for i in range(12)]
+
+
+def test_given_requests_are_answered_once_each_and_some_set_aside(chat_target: Path, tmp_path: Path) -> None:
+    """--prompts: each request gets the target's greedy answer to its chat, one in ten is held out and
+    measured, the rest are trained on beside the sampled chats; a resumed run answers none of them again
+    and refuses other requests."""
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    lines = [json.dumps(f"Tell me about item {i}.") for i in range(11)]
+    lines.append(json.dumps({"messages": [*chat, {"role": "user", "content": "More?"}]}))
+    prompts = tmp_path / "requests.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    config = DistillConfig(minutes=0.2, max_chats=2, prompts=(str(prompts),), **{**QUICK, "batch": 2})
+    reports: list[str] = []
+    out = distill(str(chat_target), tmp_path / "head", config, report=reports.append)
+    hidden = hidden_size(chat_target)
+    held = assert_consistent(out / "data" / "prompts-held-out", hidden)
+    given = assert_consistent(out / "data" / "prompts", hidden)
+    assert [item["request_index"] for item in held] == [0]
+    assert sorted(item["request_index"] for item in given) == list(range(1, 12))
+
+    requests, pipe = read_requests(prompts), open_target(out / "target-package", 1, 1024)
+    state = pipe.target.new_state()
+    for item in [*held, *given]:
+        prompt = pipe.chat_prompt(requests[item["request_index"]])
+        assert item["tokens"][: item["prompt_tokens"]] == prompt
+        answer, _ = greedy_answer(state, prompt, 24, pipe.eos_token_ids)
+        assert item["tokens"][item["prompt_tokens"] :] == answer
+    training = json.loads((out / HEAD_CONFIG).read_text())["training"]
+    assert training["sequences"] == 11 + 2
+    assert training["prompts"]["trained"] == 11 and training["prompts"]["held_out"] == 1
+    assert training["prompts"]["held_out_agreement"] is not None
+    assert any("of your requests set aside" in line for line in reports)
+
+    distill(str(chat_target), out, config, report=lambda _: None)
+    assert len(SequenceStore(out / "data" / "prompts", hidden)) == 11
+    prompts.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="differ from the requests the run"):
+        distill(str(chat_target), out, config, report=lambda _: None)
+
+
+def test_writer_processes_answer_the_given_requests_and_stop(chat_package: Path) -> None:
+    requests = [[{"role": "user", "content": f"Question {i}?"}] for i in range(5)]
+    pipe = open_target(chat_package, 1, 256)
+    chats = list(write_chats(pipe, chat_package, 0, 2, 2, 8, rows=2, requests=requests, todo=[0, 2, 3, 4]))
+    assert sorted(item["request_index"] for item, _ in chats) == [0, 2, 3, 4]

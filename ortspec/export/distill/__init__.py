@@ -2,16 +2,17 @@
 
 The steps, each resumable (an interrupted run picks up where it stopped):
 1. export the target alone (builder, quantized as it will be served) into OUT/target-package;
-2. data: the target writes chats to itself (see `data.py`) and keeps the final features of every
-   token as it writes (`features.py`); `writers` processes write at once (`writers.py`). A held-out
-   set of chats is made with other seeds and never trained on. Local text given is read once by
+2. data: the target answers the user's own requests (`--prompts`) first, then writes chats to
+   itself (see `data.py`), and keeps the final features of every token as it writes (`features.py`);
+   `writers` processes write at once (`writers.py`). Held-out chats are made with other seeds (and
+   some of the user's requests are set aside), never trained on. Local text given is read once by
    the target for its features;
 3. train the head (`train.py`) for the rest of the time budget; write OUT/head.json,
    OUT/head.safetensors and a model card;
 4. report the held-out acceptance by running the head in a package with the target.
 
-OUT/data holds one `SequenceStore` each for chats/, held-out/ and text/: the sequences and their
-features, always appended together.
+OUT/data holds one `SequenceStore` each for chats/, held-out/, prompts/, prompts-held-out/ and text/:
+the sequences and their features, always appended together.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ...runtime.manifest import TOKENIZER_FILE
+from ...runtime.prompt_files import read_requests
 from ..builder import weight_reader
 from ..builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
@@ -47,6 +49,7 @@ class DistillConfig:
     minutes: float = 60.0
     data_share: float = 0.5  # of the budget spent making new chats with their features (the rest: training)
     text: tuple[str, ...] = ()  # local text files or directories to train on as well
+    prompts: tuple[str, ...] = ()  # files of the user's own requests, answered by the target before any sampled
     quantize: str = "int4"  # how the target is exported (features come from the graph that will serve)
     vocab: int = 4096  # tokens the head may propose: the most frequent in the data
     held_out: int = 12  # held-out chats for the final measurement
@@ -87,13 +90,18 @@ def _make_chats(
     deadline: float,
     config: DistillConfig,
     report: Reporter,
+    requests: list[list[dict[str, str]]] | None = None,
+    todo: list[int] | None = None,
 ) -> None:
-    """Append chats and their features to `store` until `count` exist or the deadline passes."""
+    """Append chats and their features to `store` until `count` exist or the deadline passes (with
+    `requests`: the chats at the indices `todo` answered, or the deadline)."""
     have = len(store)
-    if have >= count or time.monotonic() >= deadline:
+    if have >= count or time.monotonic() >= deadline or (requests is not None and not todo):
         return
     writers = config.writers or default_writers(config.threads)
-    chats = write_chats(pipe, package, seed + have, writers, config.threads, config.max_answer_tokens, config.batch)
+    chats = write_chats(
+        pipe, package, seed + have, writers, config.threads, config.max_answer_tokens, config.batch, requests, todo
+    )
     name, tokens, started = store.path.parent.name, 0, time.monotonic()
     with closing(chats), _progress_bar(count if count < 10**6 else None, "chat", f"target writing {name}") as bar:
         bar.update(have)
@@ -121,6 +129,47 @@ def _text(store: SequenceStore, pipe: Any, paths: Sequence[str], length: int) ->
         for piece in pieces:
             store.append(piece, sequence_features(reader, piece["tokens"]))
             bar.update(len(piece["tokens"]))
+
+
+def held_out_indices(count: int, wanted: int) -> list[int]:
+    """Which of `count` given requests to set aside for measuring: up to `wanted`, at most one in ten
+    (none of fewer than ten), spread evenly over the file."""
+    k = min(wanted, count // 10)
+    return sorted({i * count // k for i in range(k)}) if k else []
+
+
+def _given_requests(paths: Sequence[str], data: Path) -> list[list[dict[str, str]]]:
+    """The chats of the --prompts files; a resumed run must be given the same ones (their indices are
+    what its stores record)."""
+    requests = [chat for path in paths for chat in read_requests(Path(path))]
+    if not requests:
+        raise ValueError(f"--prompts {', '.join(paths)}: no requests in the file(s)")
+    saved = data / "prompts.json"
+    if saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != requests:
+        raise ValueError(
+            f"--prompts differ from the requests the run in {data.parent} began with: give the same files, "
+            "or another --out"
+        )
+    saved.write_text(json.dumps(requests), encoding="utf-8")
+    return requests
+
+
+def _answer_requests(
+    stores: tuple[SequenceStore, SequenceStore],
+    pipe: Any,
+    package: Path,
+    deadline: float,
+    config: DistillConfig,
+    report: Reporter,
+) -> None:
+    """The target answers the user's requests: the held-out ones first, then the rest until `deadline`."""
+    held, trained = stores
+    requests = _given_requests(config.prompts, held.path.parent.parent)
+    held_out = held_out_indices(len(requests), config.held_out)
+    for store, indices in ((held, held_out), (trained, sorted(set(range(len(requests))) - set(held_out)))):
+        done = {item["request_index"] for item in store.items}
+        todo = [i for i in indices if i not in done]
+        _make_chats(store, pipe, package, 0, len(store) + len(todo), deadline, config, report, requests, todo)
 
 
 def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size: int) -> tuple[np.ndarray, float]:
@@ -161,21 +210,26 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
 
     chats = SequenceStore(data / "chats", cfg.hidden)
     held = SequenceStore(data / "held-out", cfg.hidden)
+    given = SequenceStore(data / "prompts", cfg.hidden)
+    given_held = SequenceStore(data / "prompts-held-out", cfg.hidden)
     if pipe.manifest.tokenizer.chat_template:
         held_out_deadline = start + max(30.0, config.minutes * 6)  # a tenth of the budget, at least 30 s
         _make_chats(held, pipe, package, HELD_OUT_SEED, config.held_out, held_out_deadline, config, report)
         data_deadline = start + config.minutes * 60 * config.data_share
+        if config.prompts:
+            _answer_requests((given_held, given), pipe, package, data_deadline, config, report)
         _make_chats(chats, pipe, package, 0, config.max_chats or 10**9, data_deadline, config, report)
+    elif config.prompts:
+        raise ValueError("--prompts needs a target with a chat template (its requests are answered as chats)")
     else:
         report("the target has no chat template: training on the local text (--text) alone")
     texts = SequenceStore(data / "text", cfg.hidden)
     if config.text:
         _text(texts, pipe, config.text, min(512, longest))
-    pairs = [(t, f) for t, f in texts.load() + chats.load() if len(t) >= 2]
+    pairs = [(t, f) for t, f in texts.load() + given.load() + chats.load() if len(t) >= 2]
     if not pairs:
         raise ValueError("no training data was made: raise --minutes or give --text")
     sequences = [tokens for tokens, _ in pairs]
-    answer_starts = [item["prompt_tokens"] for item in held.items]
     if config.kind == "lm":
         tokenizer_dir = pipe.manifest.tokenizer_file(TOKENIZER_FILE).parent
         return _distill_lm(
@@ -184,7 +238,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
 
     # the tokens the head may propose: the most frequent of the target's own chats (what it will be asked
     # to draft), of all the data when there are none; local text would crowd out the answers' tokens
-    answers = [item["tokens"] for item in chats.items]
+    answers = [item["tokens"] for item in given.items + chats.items]
     subset, coverage = vocabulary_subset(answers or sequences, config.vocab, cfg.vocab_size)
     subset_path = out / "vocab_subset.npy"
     if subset_path.is_file():  # a resumed run keeps the subset its head was trained with
@@ -212,15 +266,14 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
                 _advance(bar, began)
 
         progress = train_head(head, token_arrays, features, TrainConfig(seconds=seconds), out, on_step)
-    held_agreement = None
-    if len(held):
-        held_tokens = [np.asarray(t, np.int64) for t, _ in held.load()]
-        held_agreement = answer_agreement(head, subset, held_tokens, [f for _, f in held.load()], answer_starts)
+    held_agreement, given_agreement = (_agreement(answer_agreement, head, subset, s) for s in (held, given_held))
     save_head_weights(head, subset, out)
     training = {
         "target": str(target),
-        "data": "on-policy: requests sampled from the target's own chat template (most begun with a common "
-        "request word), answered greedily by it"
+        "data": "on-policy: "
+        + (f"{len(given)} of the user's own requests (--prompts) and " if len(given) else "")
+        + "requests sampled from the target's own chat template (most begun with a common request word), "
+        "answered greedily by it"
         + (f"; plus {len(texts)} pieces of local text" if len(texts) else "")
         + (f" (from {', '.join(config.text)})" if config.text else ""),
         "sequences": len(sequences),
@@ -234,6 +287,12 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         "held_out_agreement": None if held_agreement is None else round(held_agreement, 4),
         "target_quantization": config.quantize,
     }
+    if len(given) or len(given_held):
+        training["prompts"] = {
+            "trained": len(given),
+            "held_out": len(given_held),
+            "held_out_agreement": None if given_agreement is None else round(given_agreement, 4),
+        }
     head_config = {
         "kind": HEAD_KIND,
         "format": 1,
@@ -249,7 +308,18 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
             f"held-out agreement: the head guesses {held_agreement:.1%} of the target's greedy answer tokens "
             "(γ = 1, reading the target's features; chats it never trained on)"
         )
+    if given_agreement is not None:
+        report(f"on {len(given_held)} of your requests set aside (never trained on): {given_agreement:.1%}")
     return out
+
+
+def _agreement(measure: Callable[..., float], head: Any, subset: np.ndarray, store: SequenceStore) -> float | None:
+    """`measure` (train.answer_agreement) of the head on the answers of `store`'s chats (None: it has none)."""
+    if not len(store):
+        return None
+    pairs = store.load()
+    tokens = [np.asarray(t, np.int64) for t, _ in pairs]
+    return measure(head, subset, tokens, [f for _, f in pairs], [item["prompt_tokens"] for item in store.items])
 
 
 def _distill_lm(
@@ -333,7 +403,12 @@ def model_card(head_config: dict[str, Any], config: DistillConfig) -> str:
         f"{t['steps']} steps ({t['train_seconds']} s of training); features from the {t['target_quantization']} "
         "export of the target\n"
         "- Held-out agreement (share of the target's greedy answer tokens guessed at γ = 1): "
-        f"{t['held_out_agreement']}\n"
-        f"- Settings: {json.dumps(asdict(config))}\n\n"
+        f"{t['held_out_agreement']}"
+        + (
+            f"; on {t['prompts']['held_out']} of the user's requests set aside: {t['prompts']['held_out_agreement']}"
+            if t.get("prompts", {}).get("held_out")
+            else ""
+        )
+        + f"\n- Settings: {json.dumps(asdict(config))}\n\n"
         "Use it: `ortspec export TARGET --draft THIS_DIR --out PACKAGE` puts target and head in one package.\n"
     )

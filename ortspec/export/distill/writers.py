@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .data import request_seeds, self_instructed_chats
+from .data import self_instructed_chats, writer_seeds
 from .features import open_target
 
 Chat = tuple[dict[str, Any], np.ndarray]
+Requests = list[list[dict[str, str]]]
 MAX_DEFAULT_WRITERS = 8  # each writer holds its own copy of the target in memory
 
 
@@ -45,21 +46,28 @@ def write_chats(
     threads: int | None,
     max_answer_tokens: int,
     rows: int = 1,
+    requests: Requests | None = None,
+    todo: list[int] | None = None,
 ) -> Iterator[Chat]:
-    """Chats with their features, endlessly: from `pipe` in this process when `writers` is 1, else from
-    `writers` processes with threads // writers threads each, writing `rows` chats at once each (in
-    this process: as many as `pipe`'s batch has rows). Close the iterator to stop them."""
+    """Chats with their features: from `pipe` in this process when `writers` is 1, else from `writers`
+    processes with threads // writers threads each, writing `rows` chats at once each (in this process:
+    as many as `pipe`'s batch has rows). Sampled requests (seeds from `base_seed`) never run out; with
+    `requests`, the chats at the indices `todo` (both given) are answered, then the iterator ends. Close the
+    iterator to stop them early."""
     if writers == 1:
         rows = pipe.batch.rows if pipe.batch is not None else 1
-        yield from chats_in_rows(pipe, request_seeds(base_seed), rows, max_answer_tokens)
+        seeds = writer_seeds(base_seed, todo=todo)
+        yield from chats_in_rows(pipe, seeds, rows, max_answer_tokens, requests)
         return
     context = multiprocessing.get_context("spawn")
     chats = context.Queue(maxsize=2 * writers)
     each = max(1, (threads or os.cpu_count() or 1) // writers)
+    shared = (str(package), each, pipe.target.max_length, base_seed)
+    given = (max_answer_tokens, rows, chats, requests, todo)
     processes = [
         context.Process(
             target=_writer,
-            args=(str(package), each, pipe.target.max_length, base_seed, k, writers, max_answer_tokens, rows, chats),
+            args=(*shared, k, writers, *given),
             daemon=True,
         )
         for k in range(writers)
@@ -77,6 +85,8 @@ def write_chats(
                 if failed:
                     message = f"a chat writer process failed (exit code {failed[0]}; its error is above)"
                     raise RuntimeError(message) from None
+                if all(p.exitcode == 0 for p in processes):  # all given requests answered (a queue
+                    return  # is flushed before its writer exits: nothing is left in it)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -105,13 +115,16 @@ def _writer(
     max_answer_tokens: int,
     rows: int,
     chats: Any,
+    requests: Requests | None = None,
+    todo: list[int] | None = None,
 ) -> None:
-    """One writer process: chats from seeds writer, writer + writers, ... into the `chats` queue."""
+    """One writer process: chats from seeds writer, writer + writers, ... (of `todo`, with `requests`)
+    into the `chats` queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     parent = os.getppid()
     pipe = open_target(Path(package), threads, max_length, rows)
-    seeds = request_seeds(base_seed, writer, writers)
-    for chat in chats_in_rows(pipe, seeds, rows, max_answer_tokens):
+    seeds = writer_seeds(base_seed, writer, writers, todo)
+    for chat in chats_in_rows(pipe, seeds, rows, max_answer_tokens, requests):
         while True:
             if os.getppid() != parent:  # the parent was killed: nobody will read this
                 return
@@ -122,29 +135,38 @@ def _writer(
                 pass
 
 
-def chats_in_rows(pipe: Any, seeds: Iterator[int], rows: int, max_answer_tokens: int) -> Iterator[Chat]:
+def chats_in_rows(
+    pipe: Any, seeds: Iterator[int], rows: int, max_answer_tokens: int, requests: Requests | None = None
+) -> Iterator[Chat]:
     """`self_instructed_chats` from `rows` threads at once on `pipe`, drawing on one stream of seeds; in the
-    order they finish. Close the iterator to stop them (each finishes the chat it is writing)."""
+    order they finish, until the seeds run out. Close the iterator to stop them (each finishes the chat it
+    is writing)."""
     if rows <= 1:
-        yield from self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens)
+        yield from self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens, requests=requests)
         return
     lock, stop, done = threading.Lock(), threading.Event(), queue.Queue(maxsize=2 * rows)
+    finished = object()  # a row's last word: its seeds ran out
 
     def shared_seeds() -> Iterator[int]:
         while not stop.is_set():
             with lock:
-                seed = next(seeds)
+                seed = next(seeds, None)
+            if seed is None:
+                return
             yield seed
 
     def write() -> None:
         try:
-            for chat in self_instructed_chats(pipe, shared_seeds(), max_answer_tokens=max_answer_tokens):
+            for chat in self_instructed_chats(
+                pipe, shared_seeds(), max_answer_tokens=max_answer_tokens, requests=requests
+            ):
                 while not stop.is_set():
                     try:
                         done.put(chat, timeout=0.5)
                         break
                     except queue.Full:
                         pass
+            done.put(finished)
         except BaseException as error:  # handed to the reader, who raises it
             done.put(error)
 
@@ -152,10 +174,14 @@ def chats_in_rows(pipe: Any, seeds: Iterator[int], rows: int, max_answer_tokens:
     for thread in threads:
         thread.start()
     try:
-        while True:
+        running = rows
+        while running:
             item = done.get()
             if isinstance(item, BaseException):
                 raise item
+            if item is finished:
+                running -= 1
+                continue
             yield item
     finally:
         stop.set()

@@ -1,0 +1,76 @@
+"""Prompt files: what `ortspec bench` measures and what `ortspec distill --prompts` has the target answer.
+
+A file is either plain text, one prompt per non-empty line, or JSON Lines (`.jsonl`), one per line:
+a JSON string, {"prompt": "..."}, or (for chats) {"messages": [{"role": ..., "content": ...}, ...]} as
+chat logs and OpenAI-style request logs hold them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+def _entries(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, entry) per non-empty line: the line's text, or its JSON value in a .jsonl file."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if Path(path).suffix != ".jsonl":
+            yield where, line
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a file, as text (a line, a JSON string or an object's "prompt")."""
+    prompts = []
+    for where, entry in _entries(path):
+        if isinstance(entry, dict):
+            if not isinstance(entry.get("prompt"), str):
+                raise ValueError(f'{where}: a prompt line needs a "prompt" string, got keys {sorted(entry)}')
+            entry = entry["prompt"]
+        prompts.append(entry if isinstance(entry, str) else json.dumps(entry))
+    return prompts
+
+
+def read_requests(path: Path) -> list[list[Message]]:
+    """The chats of a file, each ending with the user turn to be answered: a prompt becomes one user
+    message; a "messages" list is checked (roles, text contents), and a last assistant message is dropped,
+    since the target is to give its own answer."""
+    chats = []
+    for where, entry in _entries(path):
+        if isinstance(entry, dict) and "messages" in entry:
+            chats.append(_checked_messages(entry["messages"], where))
+        elif isinstance(entry, dict):
+            if not isinstance(entry.get("prompt"), str):
+                raise ValueError(f'{where}: expected a "prompt" string or a "messages" list, got keys {sorted(entry)}')
+            chats.append([{"role": "user", "content": entry["prompt"]}])
+        elif isinstance(entry, str):
+            chats.append([{"role": "user", "content": entry}])
+        else:
+            raise ValueError(f"{where}: expected a string or an object, got {type(entry).__name__}")
+    return chats
+
+
+def _checked_messages(messages: Any, where: str) -> list[Message]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+    for message in messages:
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content")
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if chat and chat[-1]["role"] == "assistant":
+        chat = chat[:-1]  # the logged answer: the target writes its own
+    if not chat or chat[-1]["role"] != "user":
+        raise ValueError(f"{where}: a chat must end with a user message (or a user message and its answer)")
+    return chat
