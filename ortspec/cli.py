@@ -575,7 +575,14 @@ def chat(
     "prompts_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help='One prompt per line, or .jsonl with a JSON string or {"prompt": ...} per line.',
+    help='One prompt per line, or .jsonl with a JSON string or {"prompt": ...} per line (with --chat, also '
+    '{"messages": [...]}: a chat log, answered at its last user message).',
+)
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Send each prompt as a user message through the package's chat template, as `ortspec chat` does "
+    "(what an instruction-tuned model serves); default: the prompts as raw text.",
 )
 @generation_options(*BENCH_OPTIONS, max_new_tokens=64)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the prompts.")
@@ -584,6 +591,7 @@ def chat(
 def bench(
     package: str,
     prompts_file: Path,
+    chat: bool,
     repeats: int,
     options: dict[str, Any],
     runtime: dict[str, Any],
@@ -596,10 +604,13 @@ def bench(
     from a prompt's earlier answers.
     """
     from .runtime.bench import compare
-    from .runtime.prompt_files import read_prompts
+    from .runtime.prompt_files import read_prompts, read_requests
 
-    prompts = read_prompts(prompts_file)
     pipe = _load(package, runtime)
+    if chat:
+        prompts = [pipe.chat_prompt(messages) for messages in read_requests(prompts_file)]
+    else:
+        prompts = read_prompts(prompts_file)
     report = compare(pipe, prompts, repeats=repeats, **options)
     spec, plain = report.speculative, report.plain
     alpha = "n/a" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.3f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -90,3 +91,24 @@ def test_distill_prompts_need_a_chat_template(checkpoint, tmp_path):
     result = run(*args, "--minutes", "0.1", "--threads", "1")
     assert result.exit_code == 1
     assert "--prompts needs a target with a chat template" in result.output
+
+
+def test_bench_chat_renders_the_chat_template(checkpoint, tmp_path):
+    """`bench --chat` measures chats (a prompt or a logged chat per line) through the package's template."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("llama"), target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "pkg"
+    assert run("export", target, "--quantize", "none", "--out", out).exit_code == 0
+    log = tmp_path / "log.jsonl"
+    chat = [{"role": role, "content": text} for role, text in (("user", "Hi"), ("assistant", "Hey"), ("user", "?"))]
+    lines = [json.dumps({"prompt": "Name a prime."}), json.dumps({"messages": chat})]
+    log.write_text("\n".join(lines) + "\n")
+    args = ("bench", out, "--prompts", log, "--max-new-tokens", "8", "--repeats", "1")
+    bench = run(*args, "--chat")
+    assert bench.exit_code == 0, bench.output
+    assert "2 prompts x 1 repeats" in bench.output and "outputs identical: yes" in bench.output
+    raw = run(*args)
+    assert raw.exit_code == 1 and "log.jsonl:2" in raw.output and "ortspec bench --chat" in raw.output

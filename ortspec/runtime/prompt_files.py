@@ -37,7 +37,8 @@ def read_prompts(path: Path) -> list[str]:
     for where, entry in _entries(path):
         if isinstance(entry, dict):
             if not isinstance(entry.get("prompt"), str):
-                raise ValueError(f'{where}: a prompt line needs a "prompt" string, got keys {sorted(entry)}')
+                hint = " (chat logs: `ortspec bench --chat`)" if "messages" in entry else ""
+                raise ValueError(f'{where}: a prompt line needs a "prompt" string, got keys {sorted(entry)}{hint}')
             entry = entry["prompt"]
         prompts.append(entry if isinstance(entry, str) else json.dumps(entry))
     return prompts
