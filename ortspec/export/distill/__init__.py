@@ -183,7 +183,7 @@ def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size:
 def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
     """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`."""
     from .head_model import FeatureHead, save_head_weights
-    from .train import TrainConfig, answer_agreement, train_head
+    from .train import TrainConfig, train_head
 
     if config.writers is not None and config.writers < 1:
         raise ValueError(f"writers must be at least 1, got {config.writers}")
@@ -266,7 +266,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
                 _advance(bar, began)
 
         progress = train_head(head, token_arrays, features, TrainConfig(seconds=seconds), out, on_step)
-    held_agreement, given_agreement = (_agreement(answer_agreement, head, subset, s) for s in (held, given_held))
+    held_agreement, given_agreement = (_agreement(head, subset, store) for store in (held, given_held))
     save_head_weights(head, subset, out)
     training = {
         "target": str(target),
@@ -313,13 +313,16 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     return out
 
 
-def _agreement(measure: Callable[..., float], head: Any, subset: np.ndarray, store: SequenceStore) -> float | None:
-    """`measure` (train.answer_agreement) of the head on the answers of `store`'s chats (None: it has none)."""
+def _agreement(head: Any, subset: np.ndarray, store: SequenceStore) -> float | None:
+    """The head's `answer_agreement` on the answers of `store`'s chats (None: it has none)."""
+    from .train import answer_agreement
+
     if not len(store):
         return None
     pairs = store.load()
     tokens = [np.asarray(t, np.int64) for t, _ in pairs]
-    return measure(head, subset, tokens, [f for _, f in pairs], [item["prompt_tokens"] for item in store.items])
+    starts = [item["prompt_tokens"] for item in store.items]
+    return answer_agreement(head, subset, tokens, [f for _, f in pairs], starts)
 
 
 def _distill_lm(
