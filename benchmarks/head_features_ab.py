@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from ortspec.export.builder import weight_reader
@@ -35,7 +34,7 @@ from ortspec.export.builder.head import head_decoder_config
 from ortspec.export.checkpoint import resolve_checkpoint
 from ortspec.export.distill import _layer_tensors, vocabulary_subset
 from ortspec.export.distill.head_model import FeatureHead
-from ortspec.export.distill.train import TrainConfig, _chunks
+from ortspec.export.distill.train import TrainConfig, _chunks, answer_agreement, head_losses
 
 Chat = tuple[np.ndarray, int]  # (tokens, where the answer starts)
 
@@ -105,29 +104,16 @@ class Trial:
         return [torch.from_numpy(a) for a in (x, f_in, f_out, mask)]
 
     def loss(self, batch: list[torch.Tensor], noise: float) -> torch.Tensor:
-        """`train.head_losses`' loss: smooth-L1 on the features plus KL to the target over the subset."""
-        x, f_in, f_out, mask = batch
-        f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * noise * self.scale
-        predicted, scores = self.head(x, f_in)
-        count = mask.sum().clamp(min=1)
-        regression = F.smooth_l1_loss(predicted / self.scale, f_out / self.scale, reduction="none").mean(-1)
-        target = F.log_softmax(self.head.scores(f_out), -1)
-        kl = (target.exp() * (target - F.log_softmax(scores, -1))).sum(-1)
-        return ((regression + kl) * mask).sum() / count
+        """`distill`'s own loss: smooth-L1 on the final features plus KL to the target over the subset."""
+        return head_losses(self.head, batch, noise, 1.0, self.scale)[0]
 
-    @torch.no_grad()
     def agreement(self, chats: list[Chat], features: list[np.ndarray], subset: np.ndarray) -> float:
-        """Share of answer tokens the head guesses reading the target's features (γ = 1)."""
+        """`distill`'s held-out measure: answer tokens the head guesses reading the target's features (γ = 1)."""
         self.head.eval()
-        hits = count = 0
-        for (ids, start), f in zip(chats, features, strict=True):
-            _, scores = self.head(torch.from_numpy(ids[1:-1])[None], torch.from_numpy(self.inputs(f[:-2]))[None])
-            guesses = subset[scores[0].argmax(-1).numpy()]
-            answer = np.arange(2, len(ids)) >= start
-            hits += int((guesses[answer] == ids[2:][answer]).sum())
-            count += int(answer.sum())
+        inputs = [self.inputs(f) for f in features]
+        share = answer_agreement(self.head, subset, [ids for ids, _ in chats], inputs, [start for _, start in chats])
         self.head.train()
-        return hits / max(count, 1)
+        return share
 
 
 def main() -> None:

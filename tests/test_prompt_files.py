@@ -24,7 +24,7 @@ def test_text_files_hold_one_prompt_per_non_empty_line(tmp_path: Path) -> None:
 
 def test_json_lines_hold_strings_prompts_or_chats(tmp_path: Path) -> None:
     chat = [
-        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Be brief."},  # OpenAI's newer name for "system"
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Name a prime."},
@@ -35,7 +35,7 @@ def test_json_lines_hold_strings_prompts_or_chats(tmp_path: Path) -> None:
     assert read_requests(path) == [
         [{"role": "user", "content": "a string"}],
         [{"role": "user", "content": "a prompt"}],
-        chat[:-1],
+        [{"role": "system", "content": "Be brief."}, *chat[1:-1]],
     ]
     assert read_prompts(write(tmp_path / "p.jsonl", lines[:2])) == ["a string", "a prompt"]
 

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+from .chat import Message
+
+ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer "system", read as it
 
 
 def _entries(path: Path) -> Iterator[tuple[str, Any]]:
@@ -69,7 +70,7 @@ def _checked_messages(messages: Any, where: str) -> list[Message]:
     for message in messages:
         if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content")
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    chat = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
     if chat and chat[-1]["role"] == "assistant":
         chat = chat[:-1]  # the logged answer: the target writes its own
     if not chat or chat[-1]["role"] != "user":

@@ -62,12 +62,22 @@ def write_chats(
     context = multiprocessing.get_context("spawn")
     chats = context.Queue(maxsize=2 * writers)
     each = max(1, (threads or os.cpu_count() or 1) // writers)
-    shared = (str(package), each, pipe.target.max_length, base_seed)
-    given = (max_answer_tokens, rows, chats, requests, todo)
     processes = [
         context.Process(
             target=_writer,
-            args=(*shared, k, writers, *given),
+            args=(
+                str(package),
+                each,
+                pipe.target.max_length,
+                base_seed,
+                k,
+                writers,
+                max_answer_tokens,
+                rows,
+                chats,
+                requests,
+                todo,
+            ),
             daemon=True,
         )
         for k in range(writers)
@@ -77,16 +87,18 @@ def write_chats(
     try:
         for process in processes:
             process.start()
+        finished = False  # every writer answered its given requests and exited
         while True:
             try:
-                yield chats.get(timeout=1.0)
+                yield chats.get(timeout=0.1 if finished else 1.0)
             except queue.Empty:
+                if finished:  # a writer flushes its queue before it exits: nothing more can come
+                    return
                 failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
                 if failed:
                     message = f"a chat writer process failed (exit code {failed[0]}; its error is above)"
                     raise RuntimeError(message) from None
-                if all(p.exitcode == 0 for p in processes):  # all given requests answered (a queue
-                    return  # is flushed before its writer exits: nothing is left in it)
+                finished = all(p.exitcode == 0 for p in processes)  # then read what is left, and end
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
