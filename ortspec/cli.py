@@ -113,6 +113,18 @@ def main() -> None:
     """
 
 
+def _feature_layers(value: str) -> tuple[int, ...] | None:
+    """--feature-layers: "auto" (None), "none" (()) or comma-separated layer numbers."""
+    if value == "auto":
+        return None
+    if value == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give layer numbers like 8,22, or auto, or none") from None
+
+
 @main.command()
 @click.argument("target")
 @click.option(
@@ -298,6 +310,16 @@ def export(
     "sharing the target's tokenizer, a Hugging Face "
     "checkpoint that drafts anywhere a draft model does; its steps cost more.",
 )
+@click.option(
+    "--feature-layers",
+    callback=lambda ctx, param, value: _feature_layers(value),
+    default="auto",
+    show_default=True,
+    help="Inner layers of the target the head reads besides its final features, as EAGLE-3 fuses low, middle "
+    "and high layers (e.g. 8,22; 'none': the final features alone). auto: after ~27% and ~73% of the layers "
+    "(8,22 of SmolLM2-135M's 30), worth about +0.07 of agreement there at equal data. A run resumes with the "
+    "layers it began with.",
+)
 @_user_errors
 def distill(
     target: str,
@@ -312,6 +334,7 @@ def distill(
     writers: int | None,
     batch: int,
     kind: str,
+    feature_layers: tuple[int, ...] | None,
 ) -> None:
     """Train a draft head (EAGLE-style) for TARGET, a model that has no draft, offline.
 
@@ -346,6 +369,7 @@ def distill(
         writers=writers,
         batch=batch,
         kind=kind,
+        feature_layers=feature_layers,
     )
     run_distill(target, out, config, report=lambda line: click.echo(line, err=True))
     what = "draft head" if kind == "head" else "draft LM"

@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict] = {
     "bf16": {"dtype": "bfloat16"},
     "sharded": {"shard_size": "100KB"},
     "tied": {"tie_word_embeddings": True},
+    "deep": {"layers": 4},  # inner layers to tap for a fused head's features
     "vocab-262k": {"vocab_size": 262144, "tie_word_embeddings": True},  # Gemma 3's vocabulary
 }
 

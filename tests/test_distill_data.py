@@ -52,8 +52,10 @@ def chat_package(chat_target: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def hidden_size(target: Path) -> int:
-    return json.loads((target / "config.json").read_text())["hidden_size"]
+def feature_width(target: Path, out: Path) -> int:
+    """Feature columns per token in a distill run's stores: the final features, then each feature layer's."""
+    layers = json.loads((out / "data" / "layout.json").read_text())["feature_layers"]
+    return json.loads((target / "config.json").read_text())["hidden_size"] * (1 + len(layers))
 
 
 def assert_consistent(store_dir: Path, hidden: int) -> list[dict]:
@@ -135,7 +137,7 @@ def test_interrupted_distill_resumes_consistently(
     assert len((chats_dir / "items.jsonl").read_text().splitlines()) == 1
 
     distill(str(chat_target), out, config, report=lambda _: None)
-    hidden = hidden_size(chat_target)
+    hidden = feature_width(chat_target, out)
     held = assert_consistent(out / "data" / "held-out", hidden)
     chats = assert_consistent(chats_dir, hidden)
     assert len(held) == 2 and len(chats) == 6
@@ -152,7 +154,7 @@ def test_writers_share_out_the_seeds_and_make_a_loadable_head(chat_target: Path,
     out = distill(str(chat_target), tmp_path / "head", config, report=lambda _: None)
     package = out / "target-package"
     pipe = open_target(package, 1, 1024)
-    chats = SequenceStore(out / "data" / "chats", hidden_size(chat_target))
+    chats = SequenceStore(out / "data" / "chats", feature_width(chat_target, out))
     seeds = [item["seed"] for item in chats.items]
     assert len(chats) == 6 and len(set(seeds)) == 6
     for (_, features), item in list(zip(chats.load(), chats.items, strict=True))[:2]:
@@ -224,7 +226,7 @@ def test_given_requests_are_answered_once_each_and_some_set_aside(chat_target: P
     config = DistillConfig(minutes=0.2, max_chats=2, prompts=(str(prompts),), **{**QUICK, "batch": 2})
     reports: list[str] = []
     out = distill(str(chat_target), tmp_path / "head", config, report=reports.append)
-    hidden = hidden_size(chat_target)
+    hidden = feature_width(chat_target, out)
     held = assert_consistent(out / "data" / "prompts-held-out", hidden)
     given = assert_consistent(out / "data" / "prompts", hidden)
     assert [item["request_index"] for item in held] == [0]

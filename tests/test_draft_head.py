@@ -23,41 +23,58 @@ from ortspec.runtime.drafting import FeatureHeadProposer
 PROMPT = list(range(5, 29))
 
 
-def make_head(target_dir: Path, out: Path, subset_size: int = 200, seed: int = 0) -> Path:
-    """A random (untrained) head for `target_dir`, saved as `ortspec distill` saves one."""
+def make_head(
+    target_dir: Path, out: Path, subset_size: int = 200, seed: int = 0, feature_layers: tuple[int, ...] = ()
+) -> Path:
+    """A random (untrained) head for `target_dir`, saved as `ortspec distill` saves one; with
+    `feature_layers`, one that reads those inner layers too (their parts scaled up before fc)."""
     ckpt = resolve_checkpoint(target_dir)
     reader = weight_reader(ckpt.path, ckpt.config)
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.choice(reader.cfg.vocab_size, subset_size, replace=False))
     torch.manual_seed(seed)
-    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T)
+    lm_head = reader.lm_head()[:, subset].T
+    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), lm_head, 1 + len(feature_layers))
+    head.scale_inner_features(2.5)
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     out.mkdir(parents=True, exist_ok=True)
     save_head_weights(head, subset, out)
-    config = {"kind": HEAD_KIND, "format": 1, "target_fingerprint": target_fingerprint(reader), "training": {}}
+    config = {
+        "kind": HEAD_KIND,
+        "format": 2,
+        "target_fingerprint": target_fingerprint(reader),
+        "feature_layers": list(feature_layers),
+        "training": {},
+    }
     (out / HEAD_CONFIG).write_text(json.dumps(config))
     return out
 
 
-@pytest.fixture(scope="module")
-def head_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=[(), (1,)], ids=["final-features", "fused-features"])
+def head_package(
+    checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
     root = tmp_path_factory.mktemp("head")
-    head = make_head(checkpoint("llama"), root / "head")
+    head = make_head(checkpoint("llama"), root / "head", feature_layers=request.param)
     out = root / "pkg"
     export_pair(checkpoint("llama"), out, draft=head, quantize="none", report=lambda _: None)
     return out
 
 
-def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
-    """The ONNX head (prefill of several pairs, then single steps on its cache) == the PyTorch head."""
+@pytest.mark.parametrize("feature_layers", [(), (1,)])
+def test_head_graph_matches_pytorch(
+    checkpoint: Callable[..., Path], tmp_path: Path, feature_layers: tuple[int, ...]
+) -> None:
+    """The ONNX head (prefill of several pairs, then single steps on its cache) == the PyTorch head, also
+    one reading fused features (its input scale folded into the saved fc)."""
     from safetensors.numpy import load_file
 
     from ortspec.export.distill.head_model import LAYER_PARTS
 
     target = checkpoint("llama")
-    head_dir = make_head(target, tmp_path / "head", subset_size=64, seed=3)
+    head_dir = make_head(target, tmp_path / "head", subset_size=64, seed=3, feature_layers=feature_layers)
     out = tmp_path / "pkg"
     export_pair(target, out, draft=head_dir, quantize="none", report=lambda _: None)
     pipe = ortspec.load(out)
@@ -69,15 +86,15 @@ def test_head_graph_matches_pytorch(checkpoint: Callable[..., Path], tmp_path: P
         k: v.astype(np.float32) if v.dtype == np.float16 else v
         for k, v in load_file(str(head_dir / "head.safetensors")).items()
     }
-    subset = weights["vocab_subset"]
-    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T)
+    subset, parts = weights["vocab_subset"], 1 + len(feature_layers)
+    head = FeatureHead(head_decoder_config(reader.cfg), reader.embedding(), reader.lm_head()[:, subset].T, parts)
     head.layer.load_state_dict({n: torch.from_numpy(weights[f"model.layers.0.{n}"]) for n in LAYER_PARTS})
     head.fc.weight.data = torch.from_numpy(weights["fc.weight"])
     head.norm.weight.data = torch.from_numpy(weights["model.norm.weight"])
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, reader.cfg.vocab_size, 12)
-    features = rng.normal(size=(12, reader.cfg.hidden)).astype(np.float32)
+    features = rng.normal(size=(12, parts * reader.cfg.hidden)).astype(np.float32)
     with torch.no_grad():
         want_hidden, want_scores = head(torch.from_numpy(tokens)[None], torch.from_numpy(features)[None])
     draft = pipe.draft.new_state()
@@ -145,6 +162,50 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
         np.testing.assert_allclose(logits[finite], fresh[finite], atol=1e-3)
 
 
+def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """hidden_states of a target built for a fused head: the final features, then the RMS-normalised
+    residual stream after each feature layer, as transformers computes them."""
+    from transformers import AutoModelForCausalLM
+
+    from ortspec.runtime.decoder import Model
+    from ortspec.runtime.manifest import load_manifest
+
+    ckpt = checkpoint("llama", variant="deep")
+    out = tmp_path / "pkg"
+    export_pair(ckpt, out, quantize="none", feature_layers=(3, 1), report=lambda _: None)
+    manifest = load_manifest(out)
+    state = Model.load(manifest.target, manifest.root, max_length=64, keep_hidden=True).new_state()
+    state.forward(PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = model.model(torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    eps = model.config.rms_norm_eps
+    inner = [states[k][0] / (states[k][0].pow(2).mean(-1, keepdim=True) + eps).sqrt() for k in (3, 1)]
+    want = torch.cat([states[-1][0], *inner], -1).numpy()
+    np.testing.assert_allclose(state.hidden, want, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct inner layers"):
+        export_pair(ckpt, tmp_path / "bad", quantize="none", feature_layers=(4,), report=lambda _: None)
+
+
+def test_head_for_another_layout_is_refused(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """A fused head beside a target whose features lack its layers fails at once, saying what to do."""
+    from ortspec.runtime.decoder import Model
+    from ortspec.runtime.manifest import load_manifest
+
+    def state(package: Path, role: str):  # type: ignore[no-untyped-def]
+        manifest = load_manifest(package)
+        return Model.load(getattr(manifest, role), manifest.root, max_length=64, keep_hidden=True).new_state()
+
+    target = checkpoint("llama")
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    head = make_head(target, tmp_path / "head", feature_layers=(1,))
+    export_pair(target, plain, quantize="none", report=lambda _: None)
+    export_pair(target, fused, draft=head, quantize="none", report=lambda _: None)
+    FeatureHeadProposer(state(fused, "draft"), state(fused, "target"))
+    with pytest.raises(ValueError, match="export the package again with the head"):
+        FeatureHeadProposer(state(fused, "draft"), state(plain, "target"))
+
+
 def test_head_for_another_target_is_refused(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     head = make_head(checkpoint("llama"), tmp_path / "head")
     with pytest.raises(UnsupportedModelError, match="trained for another target"):
@@ -162,8 +223,12 @@ def test_distill_makes_a_loadable_head(checkpoint: Callable[..., Path], tmp_path
     text.write_text(Path(ortspec.__file__).with_name("cli.py").read_text(encoding="utf-8")[:6000])
     config = DistillConfig(minutes=0.05, text=(str(text),), quantize="none", vocab=64, held_out=0, threads=1)
     out = distill(str(checkpoint("llama")), tmp_path / "head", config, report=lambda _: None)
-    first = json.loads((out / HEAD_CONFIG).read_text())["training"]
+    head_config = json.loads((out / HEAD_CONFIG).read_text())
+    first = head_config["training"]
     assert first["steps"] > 0 and first["vocab_subset"] <= 64
+    assert head_config["feature_layers"] == [1]  # the default: an inner layer of the two, besides the final
+    with pytest.raises(ValueError, match="--feature-layers 1"):  # its data holds layer 1's features
+        distill(str(checkpoint("llama")), out, DistillConfig(**{**config.__dict__, "feature_layers": ()}))
     distill(str(checkpoint("llama")), out, DistillConfig(**{**config.__dict__, "minutes": 0.1}), report=lambda _: None)
     second = json.loads((out / HEAD_CONFIG).read_text())["training"]
     assert second["steps"] > first["steps"]  # resumed from the checkpoint, not started over

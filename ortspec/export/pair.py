@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +89,14 @@ def _export_model(
     work: Path,
     root: Path,
     progress: Progress,
+    feature_layers: Sequence[int] = (),
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     long_rope_after = None
     if exporter == "builder":
         source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
         with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
-            model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config)
+            model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config, feature_layers)
         long_rope_after = cfg.long_rope_after
     else:
         with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
@@ -173,6 +174,7 @@ def export_pair(
     dtype: str = "fp32",
     draft_dtype: str | None = None,
     keep_gguf_blocks: bool = True,
+    feature_layers: Sequence[int] = (),
     force: bool = False,
     report: Reporter = print,
 ) -> Manifest:
@@ -184,7 +186,9 @@ def export_pair(
     defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
     `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
     `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
-    them exactly (faster steps, lower fidelity; see README "What quantization costs"). SIGTERM stops the export
+    them exactly (faster steps, lower fidelity; see README "What quantization costs"). `feature_layers`: inner
+    layers whose output the target's hidden_states carries too, for a draft head that reads them (a head
+    draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
@@ -201,6 +205,10 @@ def export_pair(
     head = draft is not None and is_head_dir(draft)
     if head and exporter == "optimum":
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
+    if head:
+        feature_layers = read_head_config(draft).get("feature_layers", [])
+    if feature_layers and exporters["target"] == "optimum":
+        raise ValueError("feature layers need the target built by the builder")
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
     steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)
@@ -226,7 +234,8 @@ def export_pair(
                 specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
                 continue
             chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
-            specs[role] = _export_model(checkpoints[role], role, chosen, quantization, work, root, progress)
+            layers = feature_layers if role == "target" else ()
+            specs[role] = _export_model(checkpoints[role], role, chosen, quantization, work, root, progress, layers)
         with progress.stage(f"writing the package manifest to {out}"):
             main = checkpoints["target"]
             generation = {k: v for k, v in main.generation_config.items() if not k.startswith("transformers_")}

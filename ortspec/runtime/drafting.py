@@ -178,6 +178,8 @@ class FeatureHeadProposer(DraftModelProposer):
     features stand in for the target's. Every target call already computes the features of the
     positions it reads, so after each round the head keeps those of the committed positions and
     re-reads them in place of its predictions: its cache only ever holds what the target saw.
+    A head that reads fused features (final, then inner layers) gets its prediction of the final
+    ones with zeros for the rest, as it was trained.
     """
 
     lag = 1  # head position j pairs f_j with x_{j+1}
@@ -193,6 +195,11 @@ class FeatureHeadProposer(DraftModelProposer):
         super().__init__(head, vocab_limit, min_prob, window)
         if not (target.keep_hidden and head.keep_hidden and head.feature_size):
             raise ValueError("a draft head needs the target's and its own hidden_states, and a features input")
+        if target.model.hidden_size != head.feature_size:
+            raise ValueError(
+                f"the draft head reads {head.feature_size} features per token, the target gives "
+                f"{target.model.hidden_size}: export the package again with the head (`ortspec export --draft`)"
+            )
         self.target = target
         self._features = np.zeros((target.max_length, head.feature_size), np.float32)
         self._predicted = np.zeros((1, head.feature_size), np.float32)  # its latest predicted features
@@ -212,12 +219,12 @@ class FeatureHeadProposer(DraftModelProposer):
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
         logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end], last_only=True)
         self._real = self.decoder.length
-        self._predicted = self.decoder.hidden[-1:]
+        self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
         return logits
 
     def _step(self, token: int) -> np.ndarray:
         logits = self.decoder.forward([token], self._predicted)
-        self._predicted = self.decoder.hidden[-1:]
+        self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
         return logits
 
 

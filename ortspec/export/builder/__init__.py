@@ -8,6 +8,7 @@ for speculation).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,13 @@ def weight_reader(source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, 
 
 
 def build_onnx(
-    source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any]
+    source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any], feature_layers: Sequence[int] = ()
 ) -> tuple[onnx.ModelProto, DecoderConfig, int]:
-    """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers."""
+    """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers.
+    `feature_layers`: inner layers whose output hidden_states also carries (what a fused draft head reads)."""
     reader = weight_reader(source, config)
     positions = min(reader.cfg.max_positions, DEFAULT_MAX_POSITIONS)
-    return build_decoder(reader, positions), reader.cfg, positions
+    return build_decoder(reader, positions, feature_layers), reader.cfg, positions
 
 
 def build_head_onnx(

@@ -2,8 +2,10 @@
 
 Inputs: input_ids [B, S], seqlens_k [B] (each row's total length - 1), total_sequence_length (scalar)
 and per layer past_key_values.{i}.key/value [B, kv_heads, max_length, head_dim]. Outputs: logits
-[B, S, vocab], present.{i}.key/value, and hidden_states [B, S, hidden] (the final-normed features the lm_head reads,
-which a feature-level draft head continues from; free to compute, bound only when wanted). The
+[B, S, vocab], present.{i}.key/value, and hidden_states [B, S, hidden x (1 + len(feature_layers))]: the
+final-normed features the lm_head reads, then the RMS-normalised residual stream after each of
+`feature_layers` layers (a feature-level draft head continues from them; EAGLE-3 fuses a low, a middle
+and a high layer the same way). Free to compute, bound only when wanted. The
 runtime binds each past and present to the same preallocated buffer, so GroupQueryAttention writes
 the new entries in place and rolling back costs nothing. The batch B is a dynamic dimension: a
 server steps several sequences in one call (runtime/batching.py; GroupQueryAttention on CPU takes
@@ -11,6 +13,8 @@ B > 1 only for one new token per row, or for prompts without a past).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -114,7 +118,11 @@ def _mlp(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str) -
 
 
 def _norm(g: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-    return g.op("SimplifiedLayerNormalization", [x, g.constant(name, weight)], 1, axis=-1, epsilon=eps)[0]
+    return _norm_op(g, x, g.constant(name, weight), eps)
+
+
+def _norm_op(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, weight], 1, axis=-1, epsilon=eps)[0]
 
 
 def _skip_norm(g: GraphBuilder, x: str, residual: str, weight: np.ndarray, name: str, eps: float) -> tuple[str, str]:
@@ -171,9 +179,12 @@ def decoder_stack(
     residual: str,
     final_norm: np.ndarray,
     head_dim: int,
-) -> str:
-    """Pre-norm decoder layers on the residual stream `residual`; returns the final-normed features."""
+    taps: Sequence[int] = (),
+) -> tuple[str, list[str]]:
+    """Pre-norm decoder layers on the residual stream `residual`; returns the final-normed features and
+    the residual stream after each of `taps` layers (1 .. len(layers) - 1)."""
     h = _norm(g, residual, layers[0].attn_norm, "layers.0.attn_norm.weight", cfg.rms_eps)
+    tapped = {}
     for i, w in enumerate(layers):
         attn = _attention(g, cfg, i, w, h, head_dim)
         if w.post_attn_norm is not None:
@@ -191,11 +202,30 @@ def decoder_stack(
             "final_norm.weight" if last else f"layers.{i + 1}.attn_norm.weight",
             cfg.rms_eps,
         )
-    return h
+        if i + 1 in taps:
+            tapped[i + 1] = residual
+    return h, [tapped[k] for k in taps]
 
 
-def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
-    """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`."""
+def check_feature_layers(feature_layers: Sequence[int], layers: int) -> None:
+    if any(not 0 < k < layers for k in feature_layers) or len(set(feature_layers)) != len(feature_layers):
+        raise ValueError(
+            f"feature layers must be distinct inner layers, 1 .. {layers - 1} of {layers}: got {list(feature_layers)}"
+        )
+
+
+def fused_features(g: GraphBuilder, cfg: DecoderConfig, final: str, inner: list[str]) -> str:
+    """[final features; RMSNorm(each inner residual)], unweighted: a head scales each part itself."""
+    if not inner:
+        return final
+    ones = g.constant("feature_norm.weight", np.ones(cfg.hidden, np.float32))
+    normed = [_norm_op(g, x, ones, cfg.rms_eps) for x in inner]
+    return g.one("Concat", [final, *normed], axis=-1)
+
+
+def build_decoder(reader: WeightReader, max_positions: int, feature_layers: Sequence[int] = ()) -> onnx.ModelProto:
+    """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`;
+    its hidden_states also carry the residual stream after each of `feature_layers` layers."""
     cfg, head_dim = reader.cfg, reader.padded
     g = GraphBuilder()
     rotary_tables(g, cfg, max_positions, head_dim)
@@ -203,13 +233,17 @@ def build_decoder(reader: WeightReader, max_positions: int) -> onnx.ModelProto:
     if cfg.embed_scale != 1.0:
         hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
     residual = hidden
-    h = decoder_stack(g, cfg, [reader.layer(i) for i in range(cfg.layers)], residual, reader.final_norm(), head_dim)
+    check_feature_layers(feature_layers, cfg.layers)
+    layers = [reader.layer(i) for i in range(cfg.layers)]
+    h, inner = decoder_stack(g, cfg, layers, residual, reader.final_norm(), head_dim, feature_layers)
     logits = g.one("MatMul", [last_positions(g, h), g.constant("lm_head.weight", reader.lm_head())])
     if cfg.final_softcap:
         cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
         logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
     keep = logits_to_keep_input()
-    return finish_graph(g, cfg, f"ortspec-{cfg.family}", logits, h, cfg.vocab_size, head_dim, (keep,), "scored")
+    features = fused_features(g, cfg, h, inner)
+    name = f"ortspec-{cfg.family}"
+    return finish_graph(g, cfg, name, logits, features, cfg.vocab_size, head_dim, (keep,), "scored", len(inner) + 1)
 
 
 def last_positions(g: GraphBuilder, h: str) -> str:
@@ -236,11 +270,13 @@ def finish_graph(
     head_dim: int,
     extra=(),
     logits_length: str = "sequence_length",
+    hidden_parts: int = 1,
 ) -> onnx.ModelProto:
     """Name the outputs (logits, presents, hidden_states) and declare the inputs of a shared-buffer graph.
 
     `extra` holds additional graph inputs (value infos), e.g. a draft head's features; `logits_length`
-    names the logits' positions dimension (other than the sequence's when only some are scored).
+    names the logits' positions dimension (other than the sequence's when only some are scored);
+    `hidden` is `hidden_parts` feature vectors of the model's width side by side.
     """
     g.nodes.append(helper.make_node("Identity", [logits], [names.LOGITS], name="logits_identity"))
     g.nodes.append(helper.make_node("Identity", [hidden], [names.HIDDEN_STATES], name="hidden_identity"))
@@ -255,7 +291,7 @@ def finish_graph(
     for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
         inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
         outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))
-    hidden_shape = [BATCH, "sequence_length", cfg.hidden]
+    hidden_shape = [BATCH, "sequence_length", cfg.hidden * hidden_parts]
     outputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, TensorProto.FLOAT, hidden_shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(

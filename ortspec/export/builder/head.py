@@ -9,8 +9,10 @@ scatters those scores into a full-vocabulary row (-inf elsewhere), so the runtim
 logits like any draft model's.
 
 Head weights live in a directory: `head.json` (shape, the target it was trained for, how) and
-`head.safetensors` (`fc.weight` [hidden, 2*hidden] over [embedding; features], one Llama layer as
-`model.layers.0.*`, `model.norm.weight`, and `vocab_subset`, the token ids it may propose).
+`head.safetensors` (`fc.weight` [hidden, (1 + parts) * hidden] over [embedding; features], one Llama
+layer as `model.layers.0.*`, `model.norm.weight`, and `vocab_subset`, the token ids it may propose).
+Format 2 heads may read fused features (`feature_layers` in head.json): the target's final features,
+then its inner layers' RMS-normalised outputs, as the target graph built for them emits.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .weights import WeightReader
 
 HEAD_CONFIG = "head.json"
 HEAD_WEIGHTS = "head.safetensors"
+HEAD_FORMAT = 2  # 2: `feature_layers`, the inner layers its features hold besides the final ones
 
 
 def is_head_dir(path: str | Path) -> bool:
@@ -44,6 +47,8 @@ def read_head_config(path: str | Path) -> dict[str, Any]:
     config = json.loads((Path(path) / HEAD_CONFIG).read_text(encoding="utf-8"))
     if config.get("kind") != HEAD_KIND:
         raise ValueError(f"{path}/{HEAD_CONFIG} is not an ortspec draft head (kind {config.get('kind')!r})")
+    if config.get("format", 1) > HEAD_FORMAT:
+        raise ValueError(f"{path} holds a draft head of format {config['format']}: made by a newer ortspec, upgrade it")
     return config
 
 
@@ -87,8 +92,8 @@ def _scatter_to_vocab(g: GraphBuilder, scores: str, subset: np.ndarray, vocab: i
 
 
 def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx.ModelProto:
-    """The head's graph: inputs input_ids and features [1, S, hidden] (+ the usual cache inputs);
-    outputs full-vocabulary logits and its predicted features (`hidden_states`)."""
+    """The head's graph: inputs input_ids and features [1, S, parts x hidden] (+ the usual cache inputs);
+    outputs full-vocabulary logits and its predicted final features (`hidden_states`)."""
     cfg = head_decoder_config(target.cfg)
     weights = Checkpoint(head_dir)
     reader = WeightReader(weights, cfg)
@@ -100,14 +105,24 @@ def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx
     table = g.constant("embed_tokens.weight", target.embedding().astype(np.float16))
     embedded = g.one("Cast", [g.one("Gather", [table, names.INPUT_IDS])], to=TensorProto.FLOAT)
     joined = g.one("Concat", [embedded, names.FEATURES], axis=-1)
-    x = g.one("MatMul", [joined, g.constant("fc.weight", reader.linear("fc.weight"))])
-    h = decoder_stack(g, cfg, [reader.layer(0)], x, reader.final_norm(), reader.padded)
+    fc = reader.linear("fc.weight")  # [embedding + features, hidden]
+    x = g.one("MatMul", [joined, g.constant("fc.weight", fc)])
+    h, _ = decoder_stack(g, cfg, [reader.layer(0)], x, reader.final_norm(), reader.padded)
     lm_head = np.ascontiguousarray(target.lm_head()[:, subset])
     scores = g.one("MatMul", [last_positions(g, h), g.constant("lm_head.weight", lm_head)])  # a catch-up scores one
     logits = _scatter_to_vocab(g, scores, subset, cfg.vocab_size)
-    features = helper.make_tensor_value_info(names.FEATURES, TensorProto.FLOAT, [1, "sequence_length", cfg.hidden])
+    width = fc.shape[0] - cfg.hidden
+    features = helper.make_tensor_value_info(names.FEATURES, TensorProto.FLOAT, [1, "sequence_length", width])
     extra = [features, logits_to_keep_input()]
     return finish_graph(g, cfg, "ortspec-eagle-head", logits, h, cfg.vocab_size, reader.padded, extra, "scored")
 
 
-__all__ = ["HEAD_KIND", "build_head", "head_decoder_config", "is_head_dir", "read_head_config", "target_fingerprint"]
+__all__ = [
+    "HEAD_FORMAT",
+    "HEAD_KIND",
+    "build_head",
+    "head_decoder_config",
+    "is_head_dir",
+    "read_head_config",
+    "target_fingerprint",
+]

@@ -31,7 +31,8 @@ import numpy as np
 from ...runtime.manifest import TOKENIZER_FILE
 from ...runtime.prompt_files import read_requests
 from ..builder import weight_reader
-from ..builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_config, target_fingerprint
+from ..builder.graph import check_feature_layers
+from ..builder.head import HEAD_CONFIG, HEAD_FORMAT, HEAD_KIND, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
 from .data import text_file_sequences
 from .features import SequenceStore, open_target, sequence_features
@@ -42,6 +43,7 @@ KINDS = ("head", "lm")
 LM_DRAFT_CONFIG = "ortspec-draft.json"  # what `--kind lm` writes beside its Hugging Face checkpoint
 HELD_OUT_SEED = 1_000_000
 MAX_SEQUENCE = 1024
+STORES = ("chats", "held-out", "prompts", "prompts-held-out", "text")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class DistillConfig:
     kind: str = "head"  # "head": a feature-level head (EAGLE-style); "lm": a small independent Llama draft
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
+    feature_layers: tuple[int, ...] | None = None  # inner layers the head reads too (None: `default_feature_layers`)
 
 
 def _advance(bar: Any, began: float) -> None:
@@ -72,13 +75,47 @@ def _progress_bar(total: float | None, unit: str, desc: str):
     return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, leave=True, mininterval=1.0)
 
 
-def _export_target(target: str, package: Path, quantize: str, report: Reporter) -> None:
+def default_feature_layers(layers: int) -> tuple[int, ...]:
+    """The inner layers a head reads besides the final features: after ~27% and ~73% of the target's
+    layers (8 and 22 of SmolLM2-135M's 30, which beat 3 and 15 in benchmarks/head_features_ab.py)."""
+    return tuple(sorted({k for k in (round(0.27 * layers), round(0.73 * layers)) if 0 < k < layers}))
+
+
+def _export_target(target: str, package: Path, quantize: str, feature_layers: Sequence[int], report: Reporter) -> None:
     from ..pair import export_pair
 
     if (package / "manifest.json").is_file():
         return
     report(f"exporting the target {target} ({quantize}) into {package}")
-    export_pair(target, package, quantize=quantize, exporter="builder", report=lambda line: report("  " + line))
+    export_pair(
+        target,
+        package,
+        quantize=quantize,
+        exporter="builder",
+        feature_layers=feature_layers,
+        report=lambda line: report("  " + line),
+    )
+
+
+def _check_layout(data: Path, feature_layers: Sequence[int], hidden: int, pipe: Any) -> None:
+    """The stored features, the target package and this run must agree on which layers the features hold
+    (data of a run from before fused features holds the final ones alone)."""
+    layout = data / "layout.json"
+    has_data = any((data / name / "items.jsonl").is_file() for name in STORES)
+    stored = json.loads(layout.read_text())["feature_layers"] if layout.is_file() else [] if has_data else None
+    if stored is not None and list(stored) != list(feature_layers):
+        given = ",".join(map(str, stored)) or "none"
+        raise ValueError(
+            f"the data in {data} holds features of layers {stored or 'final only'}, not {list(feature_layers)}: "
+            f"resume it with --feature-layers {given}, or give another --out"
+        )
+    width = pipe.target.hidden_size
+    if width != hidden * (1 + len(feature_layers)):
+        raise ValueError(
+            f"{data.parent / 'target-package'} gives {width // hidden} feature vector(s) per token, not "
+            f"{1 + len(feature_layers)}: delete it (it is re-exported) or give another --out"
+        )
+    layout.write_text(json.dumps({"feature_layers": list(feature_layers)}))
 
 
 def _make_chats(
@@ -199,19 +236,22 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         raise ValueError(f"{out} holds a draft of another kind ({other}): give another --out")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    package = out / "target-package"
-    _export_target(target, package, config.quantize, report)
     checkpoint = resolve_checkpoint(target)
     reader = weight_reader(checkpoint.path, checkpoint.config)
     cfg = reader.cfg
+    layers = config.feature_layers
+    if layers is None:
+        layers = default_feature_layers(cfg.layers) if config.kind == "head" else ()
+    check_feature_layers(layers, cfg.layers)
+    package = out / "target-package"
+    _export_target(target, package, config.quantize, layers, report)
     in_process = (config.writers or default_writers(config.threads)) == 1  # chats written by this process
     pipe = open_target(package, config.threads, MAX_SEQUENCE, config.batch if in_process else 1)
+    _check_layout(data, layers, cfg.hidden, pipe)
     longest = pipe.target.max_length
 
-    chats = SequenceStore(data / "chats", cfg.hidden)
-    held = SequenceStore(data / "held-out", cfg.hidden)
-    given = SequenceStore(data / "prompts", cfg.hidden)
-    given_held = SequenceStore(data / "prompts-held-out", cfg.hidden)
+    width = cfg.hidden * (1 + len(layers))  # final features, then each of `layers`
+    chats, held, given, given_held, texts = (SequenceStore(data / name, width) for name in STORES)
     if pipe.manifest.tokenizer.chat_template:
         held_out_deadline = start + max(30.0, config.minutes * 6)  # a tenth of the budget, at least 30 s
         _make_chats(held, pipe, package, HELD_OUT_SEED, config.held_out, held_out_deadline, config, report)
@@ -223,7 +263,6 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         raise ValueError("--prompts needs a target with a chat template (its requests are answered as chats)")
     else:
         report("the target has no chat template: training on the local text (--text) alone")
-    texts = SequenceStore(data / "text", cfg.hidden)
     if config.text:
         _text(texts, pipe, config.text, min(512, longest))
     pairs = [(t, f) for t, f in texts.load() + given.load() + chats.load() if len(t) >= 2]
@@ -245,7 +284,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         subset = np.load(subset_path)
     np.save(subset_path, subset)
     lm_head = reader.lm_head()
-    head = FeatureHead(head_decoder_config(cfg), reader.embedding(), lm_head[:, subset].T)
+    head = FeatureHead(head_decoder_config(cfg), reader.embedding(), lm_head[:, subset].T, 1 + len(layers))
     last = cfg.layers - 1
     head.init_from_target(_layer_tensors(reader, last), reader.final_norm())
 
@@ -295,9 +334,10 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         }
     head_config = {
         "kind": HEAD_KIND,
-        "format": 1,
+        "format": HEAD_FORMAT,
         "target_fingerprint": target_fingerprint(reader),
         "hidden_size": cfg.hidden,
+        "feature_layers": list(layers),
         "vocab_size": cfg.vocab_size,
         "training": training,
     }
@@ -398,7 +438,13 @@ def model_card(head_config: dict[str, Any], config: DistillConfig) -> str:
     return (
         "# Draft head (EAGLE-style) distilled by `ortspec distill`\n\n"
         f"- Target: `{t['target']}` (fingerprint `{head_config['target_fingerprint']}`; the head fits no other model)\n"
-        f"- Kind: one Llama decoder layer over [token embedding; target features], "
+        "- Kind: one Llama decoder layer over [token embedding; target features"
+        + (
+            f"; the target's layers {', '.join(map(str, head_config['feature_layers']))}, RMS-normalised"
+            if head_config.get("feature_layers")
+            else ""
+        )
+        + "], "
         f"scoring the {t['vocab_subset']} most frequent tokens of its {t['vocab_source']} "
         f"({t['vocab_coverage']:.1%} of their tokens)\n"
         f"- Data: {t['data']}\n"

@@ -4,6 +4,12 @@ fc([embedding(x_{j+1}); f_j]) -> one Llama decoder layer -> RMSNorm = predicted 
 over the vocabulary subset come from the target's own (frozen) lm_head rows. The layer starts as a
 copy of the target's last layer, and fc starts by passing the features through, so the untrained
 head already behaves like "one more target layer".
+
+f_j may be fused (EAGLE-3): the final features, then inner layers' RMS-normalised outputs. Those
+parts are scaled to the final features' spread before fc (`input_scale`, folded into fc's saved
+weights, so the ONNX graph reads the target's raw output); fc starts reading nothing from them.
+The head predicts the final features alone: while drafting, its own predictions stand in for the
+final part and the inner parts are zeros.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ def llama_config(cfg: DecoderConfig) -> Any:
 class FeatureHead(nn.Module):
     """Trainable fc + layer + norm; frozen embedding table and lm_head rows of the vocabulary subset."""
 
-    def __init__(self, cfg: DecoderConfig, embedding: np.ndarray, lm_head_rows: np.ndarray) -> None:
+    def __init__(
+        self, cfg: DecoderConfig, embedding: np.ndarray, lm_head_rows: np.ndarray, feature_parts: int = 1
+    ) -> None:
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
@@ -67,13 +75,15 @@ class FeatureHead(nn.Module):
         table = np.asarray(embedding, np.float16).astype(np.float32)
         self.register_buffer("embedding", torch.from_numpy(table))
         self.register_buffer("lm_head", torch.from_numpy(np.ascontiguousarray(lm_head_rows, np.float32)))  # [K, H]
-        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.hidden = hidden
+        self.fc = nn.Linear((1 + feature_parts) * hidden, hidden, bias=False)
+        self.register_buffer("input_scale", torch.ones(feature_parts * hidden))  # per feature column
         self.layer = LlamaDecoderLayer(config, layer_idx=0)
         self.norm = LlamaRMSNorm(hidden, eps=cfg.rms_eps)
         self.rotary = LlamaRotaryEmbedding(config)
         with torch.no_grad():
             self.fc.weight.zero_()
-            self.fc.weight[:, hidden:] = torch.eye(hidden)
+            self.fc.weight[:, hidden : 2 * hidden] = torch.eye(hidden)
             self.fc.weight[:, :hidden].normal_(std=0.02)
 
     def init_from_target(self, layer: dict[str, np.ndarray], final_norm: np.ndarray) -> None:
@@ -83,9 +93,15 @@ class FeatureHead(nn.Module):
         with torch.no_grad():
             self.norm.weight.copy_(torch.from_numpy(np.asarray(final_norm, np.float32)))
 
+    def scale_inner_features(self, scale: float) -> None:
+        """Bring the inner layers' unit-RMS parts to `scale`, the final features' spread (one noise
+        level then fits every part)."""
+        with torch.no_grad():
+            self.input_scale[self.hidden :] = scale
+
     def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T] (x_{j+1}), features [B, T, H] (f_j) -> (predicted f_{j+1}, subset scores)."""
-        x = self.fc(torch.cat([self.embedding[tokens], features], dim=-1))
+        """tokens [B, T] (x_{j+1}), features [B, T, parts x H] (f_j) -> (predicted f_{j+1}, subset scores)."""
+        x = self.fc(torch.cat([self.embedding[tokens], features * self.input_scale], dim=-1))
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :].expand(tokens.shape[0], -1)
         h = self.layer(x, attention_mask=None, position_ids=positions, position_embeddings=self.rotary(x, positions))
         if isinstance(h, tuple):
@@ -101,7 +117,8 @@ class FeatureHead(nn.Module):
         """The head's weights under the names the ONNX head builder reads."""
         layer = self.layer.state_dict()
         tensors = {f"model.layers.0.{name}": layer[name] for name in LAYER_PARTS}
-        tensors["fc.weight"] = self.fc.weight
+        ones = torch.ones(self.hidden, device=self.input_scale.device)
+        tensors["fc.weight"] = self.fc.weight * torch.cat([ones, self.input_scale])  # the graph reads raw features
         tensors["model.norm.weight"] = self.norm.weight
         # float16: half the size (a head small enough to ship), and a draft's guesses lose nothing that matters
         out = {k: v.detach().to(torch.float16).contiguous().numpy() for k, v in tensors.items()}

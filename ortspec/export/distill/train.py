@@ -5,7 +5,9 @@ Each example is a chunk of one sequence: the head reads pairs (f_j, x_{j+1}) and
 vocabulary subset (KL). While drafting, the head reads its own predictions instead of the target's
 features, so the features it reads in training are perturbed with noise (as EAGLE does). Chunks are
 as long as the context the runtime gives the head (its catch-up window), so training sees what
-serving sees. The learning rate follows the budget: warm-up, then cosine decay to the deadline.
+serving sees. A head that reads inner layers too sees them zeroed at a share of positions (`drop`), as
+while drafting past the first token, where its own prediction stands in for the final features
+alone. The learning rate follows the budget: warm-up, then cosine decay to the deadline.
 Where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX), the forward and backward passes run
 under bfloat16 autocast with float32 weights and optimizer: 2.3x the steps per minute on this
 project's 2-core machine, and training, not data, bounds what a time budget buys.
@@ -36,6 +38,7 @@ class TrainConfig:
     lr: float = 5e-4
     warmup_steps: int = 50
     noise: float = 0.2  # uniform feature noise, in units of the features' standard deviation
+    drop: float = 0.2  # share of positions whose inner-layer features are zeroed (fused heads)
     kl_weight: float = 1.0
     save_every: float = 60.0  # seconds between checkpoints
     seed: int = 0
@@ -75,29 +78,38 @@ def _batch(
     tokens: Sequence[np.ndarray],
     features: Sequence[np.ndarray],
     chunk: int,
+    hidden: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens x_{j+1} [B, T], features f_j [B, T, H], targets f_{j+1} [B, T, H], mask [B, T])."""
-    hidden = features[0].shape[1]
+    """(tokens x_{j+1} [B, T], features f_j [B, T, parts x H], targets: final features f_{j+1} [B, T, H],
+    mask [B, T])."""
     b = len(chunks)
     x = np.zeros((b, chunk), np.int64)
-    f_in = np.zeros((b, chunk, hidden), np.float32)
+    f_in = np.zeros((b, chunk, features[0].shape[1]), np.float32)
     f_out = np.zeros((b, chunk, hidden), np.float32)
     mask = np.zeros((b, chunk), np.float32)
     for row, (i, start, n) in enumerate(chunks):
         x[row, :n] = tokens[i][start + 1 : start + 1 + n]
         f_in[row, :n] = features[i][start : start + n]
-        f_out[row, :n] = features[i][start + 1 : start + 1 + n]
+        f_out[row, :n] = features[i][start + 1 : start + 1 + n, :hidden]
         mask[row, :n] = 1.0
     return torch.from_numpy(x), torch.from_numpy(f_in), torch.from_numpy(f_out), torch.from_numpy(mask)
 
 
 def head_losses(
-    head: FeatureHead, batch: tuple[torch.Tensor, ...], noise: float, kl_weight: float, scale: float
+    head: FeatureHead,
+    batch: tuple[torch.Tensor, ...],
+    noise: float,
+    kl_weight: float,
+    scale: float,
+    drop: float = 0.0,
 ) -> tuple[torch.Tensor, float]:
     """(loss, top-1 agreement with the target over the subset) of one batch."""
     x, f_in, f_out, mask = batch
-    if noise:
-        f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * noise * scale
+    if noise:  # `scale` units after the head's input scaling, for every part alike
+        f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * noise * scale / head.input_scale
+    if drop and f_in.shape[-1] > head.hidden:
+        kept = (torch.rand(*f_in.shape[:-1], 1) >= drop).to(f_in.dtype)
+        f_in = torch.cat([f_in[..., : head.hidden], f_in[..., head.hidden :] * kept], -1)
     predicted, scores = head(x, f_in)
     count = mask.sum().clamp(min=1)
     regression = (F.smooth_l1_loss(predicted / scale, f_out / scale, reduction="none").mean(-1) * mask).sum() / count
@@ -123,18 +135,21 @@ def train_head(
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     progress = TrainProgress()
-    state_path = Path(state_dir) / STATE_FILE
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = state["progress"]
-        rng = np.random.default_rng(config.seed + progress.steps)
     chunks = _chunks([len(t) for t in tokens], config.chunk)
     if not chunks:
         raise ValueError("no training sequences of two or more tokens")
-    sample = np.concatenate([np.asarray(f[:64], np.float32) for f in features[:256]])
+    sample = np.concatenate([np.asarray(f[:64, : head.hidden], np.float32) for f in features[:256]])
     scale = float(sample.std()) or 1.0
+    head.scale_inner_features(scale)
+    state_path = Path(state_dir) / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        saved = state["head"]
+        saved.setdefault("input_scale", head.input_scale)  # saved before heads read inner layers
+        head.load_state_dict(saved)  # a resumed head keeps the input scale it began with
+        optimizer.load_state_dict(state["optimizer"])
+        progress = state["progress"]
+        rng = np.random.default_rng(config.seed + progress.steps)
     order = rng.permutation(len(chunks))
     earlier, total = progress.seconds, progress.seconds + config.seconds  # the schedule spans all runs
     cursor, started, last_save = 0, time.monotonic(), time.monotonic()
@@ -153,9 +168,8 @@ def train_head(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, agree = head_losses(
-                head, _batch(picked, tokens, features, config.chunk), config.noise, config.kl_weight, scale
-            )
+            batch = _batch(picked, tokens, features, config.chunk, head.hidden)
+            loss, agree = head_losses(head, batch, config.noise, config.kl_weight, scale, config.drop)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
