@@ -4,9 +4,10 @@ The shipped head reads the target's final features f_j and the next token's embe
 head a low, a middle and a high layer's outputs instead. This trains two heads the way `ortspec distill`
 does (same initialisation, loss, noise, schedule, batch and seed) on the same chats:
 
-- final: fc([embedding; final features]) (today's head);
+- final: fc([embedding; final features]) (the head before fused features);
 - fused: fc([embedding; final features; layer LOW; layer MID]), the extra layers RMS-normalised and scaled
-  to the final features' spread; fc starts as the final head's, reading nothing from them.
+  to the final features' spread; fc starts as the final head's, reading nothing from them, and they are
+  zeroed at a share of positions as in distill (`TrainConfig.drop`) (distill's default head).
 
 Features come from the Hugging Face checkpoint in PyTorch (bfloat16 autocast), for both heads alike.
 Printed: first-draft agreement (what γ = 1 accepts) on the distill run's held-out chats and, with
@@ -14,7 +15,7 @@ Printed: first-draft agreement (what γ = 1 accepts) on the distill run's held-o
 "prompt_tokens"}).
 
     python benchmarks/head_features_ab.py --checkpoint HF_DIR --data HEAD_DIR/data [--tokens 500000] \\
-        [--steps 2000] [--layers 3 15] [--bench answers.json] [--kinds final,fused]
+        [--steps 2000] [--layers 8 22] [--bench answers.json] [--kinds final,fused]
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ortspec.export.builder import weight_reader
 from ortspec.export.builder.head import head_decoder_config
 from ortspec.export.checkpoint import resolve_checkpoint
-from ortspec.export.distill import _layer_tensors, vocabulary_subset
+from ortspec.export.distill import _layer_tensors, default_feature_layers, vocabulary_subset
 from ortspec.export.distill.head_model import FeatureHead
-from ortspec.export.distill.train import TrainConfig, _chunks, answer_agreement, head_losses
+from ortspec.export.distill.train import TrainConfig, _batch, _chunks, answer_agreement, head_losses
 
 Chat = tuple[np.ndarray, int]  # (tokens, where the answer starts)
 
@@ -63,54 +64,25 @@ def read_features(model: torch.nn.Module, tokens: np.ndarray, layers: tuple[int,
     return torch.cat(parts, -1).to(torch.float16).numpy()
 
 
-class FusedHead(FeatureHead):
-    """fc([embedding; final features; extra layers]) -> the same layer and norm as `FeatureHead`."""
-
-    def __init__(self, extra: int, *args: object) -> None:
-        super().__init__(*args)
-        hidden = self.fc.weight.shape[0]
-        fc = torch.nn.Linear((2 + extra) * hidden, hidden, bias=False)
-        with torch.no_grad():
-            fc.weight.zero_()
-            fc.weight[:, : 2 * hidden] = self.fc.weight
-        self.fc = fc
-
-
 class Trial:
-    """One head kind: its inputs from the stored features, training and measurement."""
+    """One head kind: which feature columns it reads, training and measurement as `distill` does them."""
 
-    def __init__(self, kind: str, hidden: int, scale: float, head: FeatureHead) -> None:
-        self.kind, self.hidden, self.scale, self.head = kind, hidden, scale, head
+    def __init__(self, kind: str, hidden: int, scale: float, head: FeatureHead, drop: float) -> None:
+        self.kind, self.hidden, self.scale, self.head, self.drop = kind, hidden, scale, head, drop
+        head.scale_inner_features(scale)
 
     def inputs(self, features: np.ndarray) -> np.ndarray:
-        f = np.asarray(features, np.float32)
-        if self.kind == "final":
-            return f[:, : self.hidden]
-        f = f.copy()
-        f[:, self.hidden :] *= self.scale  # at the final features' spread: one noise scale fits every part
-        return f
+        return features[:, : self.hidden] if self.kind == "final" else features
 
-    def batch(self, picked: list, chats: list[Chat], features: list[np.ndarray], chunk: int) -> list[torch.Tensor]:
-        width = self.inputs(features[0][:1]).shape[1]
-        x = np.zeros((len(picked), chunk), np.int64)
-        f_in = np.zeros((len(picked), chunk, width), np.float32)
-        f_out = np.zeros((len(picked), chunk, self.hidden), np.float32)
-        mask = np.zeros((len(picked), chunk), np.float32)
-        for row, (i, start, n) in enumerate(picked):
-            x[row, :n] = chats[i][0][start + 1 : start + 1 + n]
-            f_in[row, :n] = self.inputs(features[i][start : start + n])
-            f_out[row, :n] = np.asarray(features[i][start + 1 : start + 1 + n, : self.hidden], np.float32)
-            mask[row, :n] = 1
-        return [torch.from_numpy(a) for a in (x, f_in, f_out, mask)]
-
-    def loss(self, batch: list[torch.Tensor], noise: float) -> torch.Tensor:
-        """`distill`'s own loss: smooth-L1 on the final features plus KL to the target over the subset."""
-        return head_losses(self.head, batch, noise, 1.0, self.scale)[0]
+    def loss(self, picked: list, chats: list[Chat], features: list[np.ndarray], config: TrainConfig) -> torch.Tensor:
+        """`distill`'s own batch and loss: smooth-L1 on the final features plus KL to the target over the subset."""
+        batch = _batch(picked, [ids for ids, _ in chats], [self.inputs(f) for f in features], config.chunk, self.hidden)
+        return head_losses(self.head, batch, config.noise, config.kl_weight, self.scale, self.drop)[0]
 
     def agreement(self, chats: list[Chat], features: list[np.ndarray], subset: np.ndarray) -> float:
         """`distill`'s held-out measure: answer tokens the head guesses reading the target's features (γ = 1)."""
         self.head.eval()
-        inputs = [self.inputs(f) for f in features]
+        inputs = [np.asarray(self.inputs(f), np.float32) for f in features]
         share = answer_agreement(self.head, subset, [ids for ids, _ in chats], inputs, [start for _, start in chats])
         self.head.train()
         return share
@@ -122,13 +94,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a distill run's data directory")
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 15])
+    parser.add_argument("--layers", type=int, nargs="+", help="default: distill's (8 22 of 30 layers)")
     parser.add_argument("--bench", type=Path, help="JSON list of {tokens, prompt_tokens}: more held-out answers")
     parser.add_argument("--kinds", default="final,fused")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    layers = tuple(args.layers)
+    layers = tuple(args.layers or default_feature_layers(AutoConfig.from_pretrained(args.checkpoint).num_hidden_layers))
 
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     train = newest_chats(args.data / "chats", args.tokens)
@@ -153,10 +125,10 @@ def main() -> None:
     for kind in args.kinds.split(","):
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
-        shape = (head_decoder_config(cfg), reader.embedding(), reader.lm_head()[:, subset].T)
-        head = FusedHead(len(layers), *shape) if kind == "fused" else FeatureHead(*shape)
+        parts = 1 + len(layers) if kind == "fused" else 1
+        head = FeatureHead(head_decoder_config(cfg), reader.embedding(), reader.lm_head()[:, subset].T, parts)
         head.init_from_target(_layer_tensors(reader, cfg.layers - 1), reader.final_norm())
-        trial = Trial(kind, cfg.hidden, scale, head)
+        trial = Trial(kind, cfg.hidden, scale, head, config.drop if kind == "fused" else 0.0)
         params = [p for p in head.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
         order, cursor, began = rng.permutation(len(chunks)), 0, time.time()
@@ -169,7 +141,7 @@ def main() -> None:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.steps))
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = trial.loss(trial.batch(picked, train, features, config.chunk), config.noise)
+                loss = trial.loss(picked, train, features, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
