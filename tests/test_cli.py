@@ -93,6 +93,14 @@ def test_distill_prompts_need_a_chat_template(checkpoint, tmp_path):
     assert "--prompts needs a target with a chat template" in result.output
 
 
+def test_distill_feature_layers_reach_the_run(checkpoint, tmp_path):
+    """`--feature-layers` is checked against the target's depth (it has 2 layers: only layer 1 is inner)."""
+    args = ("distill", checkpoint("llama"), "--out", tmp_path / "head", "--quantize", "none", "--minutes", "0.1")
+    result = run(*args, "--feature-layers", "1,2")
+    assert result.exit_code == 1 and "distinct inner layers, 1 .. 1 of 2: got [1, 2]" in result.output
+    assert "layer numbers like 8,22" in run(*args, "--feature-layers", "8;22").output
+
+
 def test_bench_chat_renders_the_chat_template(checkpoint, tmp_path):
     """`bench --chat` measures chats (a prompt or a logged chat per line) through the package's template."""
     target = tmp_path / "ckpt"
