@@ -185,6 +185,8 @@ def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], 
     np.testing.assert_allclose(state.hidden, want, atol=1e-4)
     with pytest.raises(ValueError, match="distinct inner layers"):
         export_pair(ckpt, tmp_path / "bad", quantize="none", feature_layers=(4,), report=lambda _: None)
+    with pytest.raises(ValueError, match="feature layers need the target built by the builder"):
+        export_pair(ckpt, tmp_path / "opt", exporter="optimum", feature_layers=(1,), report=lambda _: None)
 
 
 def test_head_for_another_layout_is_refused(checkpoint: Callable[..., Path], tmp_path: Path) -> None:

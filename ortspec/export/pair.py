@@ -98,6 +98,8 @@ def _export_model(
         with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
             model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config, feature_layers)
         long_rope_after = cfg.long_rope_after
+    elif feature_layers:
+        raise ValueError(f"feature layers need the target built by the builder; {checkpoint.name} exports with optimum")
     else:
         with progress.stage(f"exporting {role} {checkpoint.name} ({checkpoint.model_type}) to ONNX with optimum"):
             model = onnx.load(export_with_optimum(checkpoint, work / role))
@@ -207,8 +209,6 @@ def export_pair(
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
     if head:
         feature_layers = read_head_config(draft).get("feature_layers", [])
-    if feature_layers and exporters["target"] == "optimum":
-        raise ValueError("feature layers need the target built by the builder")
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
     steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)

@@ -219,13 +219,17 @@ class FeatureHeadProposer(DraftModelProposer):
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
         logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end], last_only=True)
         self._real = self.decoder.length
-        self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
+        self._keep_prediction()
         return logits
 
     def _step(self, token: int) -> np.ndarray:
         logits = self.decoder.forward([token], self._predicted)
-        self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
+        self._keep_prediction()
         return logits
+
+    def _keep_prediction(self) -> None:
+        """Its latest predicted final features feed its next step (a fused head's inner parts stay zero)."""
+        self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
 
 
 class NgramProposer:
