@@ -68,11 +68,31 @@ def test_costs_interpolate_between_contexts():
     assert cal.target(1, 10) == 10.0 and cal.target(1, 5000) == 15.0  # clamped
 
 
-def test_acceptance_estimate_counts_rejections_not_unjudged_drafts():
+def test_acceptance_estimate_judges_each_position_given_the_ones_before():
     estimate = AcceptanceEstimate(prior=0.5, strength=0.0001, decay=1.0)
-    for _ in range(50):
-        estimate.update(drafted=4, accepted=2)  # 2 accepted, then a rejection: α ≈ 2/3, not 2/4
-    assert estimate.alpha == pytest.approx(2 / 3, abs=1e-3)
+    for round_number in range(60):
+        # the first draft is accepted 2 rounds in 3; after it, the second 1 in 2; nothing after a rejection counts
+        accepted = [0, 1, 2, 1, 2, 0][round_number % 6]
+        estimate.update(drafted=4, accepted=accepted)
+    first, second, third, fourth = estimate.chances(4)
+    assert first == pytest.approx(2 / 3, abs=1e-3) and estimate.alpha == first
+    assert second == pytest.approx(1 / 2, abs=0.02)  # (a little pull towards the first)
+    assert third == pytest.approx(0.0, abs=0.2)  # judged 20 times, never accepted
+    assert fourth == pytest.approx(third, abs=0.05)  # never judged: leans on the position before it
+    assert estimate.chances(6)[5] == pytest.approx(third, abs=0.05)
+
+
+def test_auto_sends_one_draft_when_the_second_is_rarely_right():
+    """A feature head's own second guess is far worse than its first. One rate for both (here 8/18: the
+    geometric estimate) would pick γ = 2; the per-position estimate sends one draft."""
+    cal = synthetic(draft_ms=0.5, verify_growth=0.05)
+    state = AutoState(AcceptanceEstimate(prior=0.5, strength=0.0001, decay=1.0))
+    auto = AutoDraftLength(cal, state)
+    for round_number in range(100):  # the first draft right 4 in 5, the second never
+        auto.update(drafted=2, accepted=[0, 1, 1, 1, 1][round_number % 5])
+    assert state.estimate.chances(2) == pytest.approx([0.8, 0.0], abs=0.05)
+    assert auto.next(100) == 1
+    assert cal.best_gamma(8 / 18, 100) == 2
 
 
 def test_measured_rounds_override_the_sum_of_parts():
@@ -128,8 +148,9 @@ def test_auto_drafts_only_if_the_saving_pays_for_the_catch_up():
 def test_round_costs_scale_the_prediction_of_drafted_rounds():
     costs = RoundCosts()
     for _ in range(100):
-        costs.observe(drafted=True, measured_ms=15.0, calibrated_ms=10.0)
         costs.observe(drafted=False, measured_ms=10.0, calibrated_ms=10.0)
+    for _ in range(100):
+        costs.observe(drafted=True, measured_ms=15.0, calibrated_ms=10.0)
     assert costs.slowdown == pytest.approx(1.5, rel=0.01)
     costs.observe(drafted=False, measured_ms=1000.0, calibrated_ms=10.0)  # one preempted round
     assert costs.plain <= 1.0 + RoundCosts.WEIGHT * (RoundCosts.CLIP[1] - 1.0) + 1e-9
@@ -139,6 +160,18 @@ def test_round_costs_scale_the_prediction_of_drafted_rounds():
     state.costs = RoundCosts()
     state.costs.slowdown = 3.0  # drafted rounds observed 3x slower than calibrated, relative to plain ones
     assert AutoDraftLength(cal, state).next(100) == 0
+
+
+def test_a_stale_slowdown_fades_while_decoding_plainly():
+    """A burst of load while drafting reads as dear drafting; plain rounds cannot measure drafting, so
+    the reading fades instead of keeping the loop from drafting for good."""
+    costs = RoundCosts()
+    for _ in range(30):
+        costs.observe(drafted=True, measured_ms=20.0, calibrated_ms=10.0)  # the machine got busy
+    assert costs.slowdown > 1.8
+    for _ in range(60):
+        costs.observe(drafted=False, measured_ms=10.0, calibrated_ms=10.0)
+    assert costs.slowdown < 1.05
 
 
 def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monkeypatch):

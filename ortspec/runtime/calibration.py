@@ -146,18 +146,24 @@ def predicted_speedup(alpha: float, gamma: int, rounds: Sequence[float], slowdow
     return round_speedup(tokens_per_round(alpha, gamma), gamma, rounds, slowdown)
 
 
-def best_prefix(acceptance: Sequence[float], rounds: Sequence[float], slowdown: float = 1.0) -> int:
-    """How many leading drafts of a round to send, given each one's chance of acceptance (given the
-    ones before it were accepted): the count with the highest predicted speedup, 0 (plain decoding)
-    unless it reaches MIN_GAIN. Drafts beyond the calibrated round costs are never sent."""
-    best, best_speedup, tokens, chain = 0, 0.0, 1.0, 1.0
+def prefix_speedups(acceptance: Sequence[float], rounds: Sequence[float], slowdown: float = 1.0) -> list[float]:
+    """Predicted speedup of sending the first 1, 2, ... drafts, given each one's chance of acceptance
+    (given the ones before it were accepted); drafts beyond the calibrated round costs are never sent."""
+    speedups, tokens, chain = [], 1.0, 1.0
     for gamma, chance in enumerate(acceptance[: len(rounds) - 1], start=1):
         chain *= chance
         tokens += chain
-        speedup = round_speedup(tokens, gamma, rounds, slowdown)
-        if speedup > best_speedup:
-            best, best_speedup = gamma, speedup
-    return best if best_speedup >= MIN_GAIN else 0
+        speedups.append(round_speedup(tokens, gamma, rounds, slowdown))
+    return speedups
+
+
+def best_prefix(acceptance: Sequence[float], rounds: Sequence[float], slowdown: float = 1.0) -> int:
+    """How many leading drafts of a round to send (see `prefix_speedups`): the count with the highest
+    predicted speedup, 0 (plain decoding) unless it reaches MIN_GAIN."""
+    speedups = prefix_speedups(acceptance, rounds, slowdown)
+    if not speedups or max(speedups) < MIN_GAIN:
+        return 0
+    return speedups.index(max(speedups)) + 1
 
 
 def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0) -> int:

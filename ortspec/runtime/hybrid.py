@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .calibration import expected_tokens, predicted_speedup, round_speedup
+from .calibration import expected_tokens, prefix_speedups, round_speedup
 from .drafting import DraftModelProposer, Proposal
 from .speculative import AutoDraftLength, DraftLength
 from .suffix import SuffixProposer
@@ -61,15 +61,15 @@ class HybridLength:
         return round_speedup(expected_tokens(proposal.confidence or []), len(proposal.tokens), rounds, slowdown)
 
     def model_gain(self) -> float:
-        """Predicted speedup of the model drafting this round at its running acceptance rate; without auto γ,
+        """Predicted speedup of the model drafting this round at its running acceptance rates; without auto γ,
         the expected tokens per round a suffix proposal must reach to be sent instead."""
         model = self.model
         if not isinstance(model, AutoDraftLength):
             return 1.0 + FIXED_FREE_TOKENS  # fixed γ: a proposal of fewer expected drafts goes to the model
         rounds = model.costs(self._round[0])
         with model.state.lock:
-            alpha, slowdown = model.state.estimate.alpha, model.state.costs.slowdown
-        return max(predicted_speedup(alpha, g, rounds, slowdown) for g in range(1, len(rounds)))
+            chances, slowdown = model.state.estimate.chances(model.max_gamma), model.state.costs.slowdown
+        return max(prefix_speedups(chances, rounds, slowdown), default=1.0)
 
     def choose(self, proposal: Proposal, context: int) -> int:
         if self.source is self.model:

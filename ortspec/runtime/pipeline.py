@@ -206,7 +206,7 @@ class Pipeline:
             key = (within, drafter, config.draft_tokens_max)
             with self._lock:
                 memo = self._auto.get(key)
-                if memo is None or memo[0] is not calibration:  # reuse the cached per-context choices
+                if memo is None or memo[0] is not calibration:  # reuse the cached per-context costs
                     memo = self._auto[key] = (calibration, AutoMemo())
                 state = self._auto_states.setdefault(f"{within}:{drafter}", AutoState())
             return AutoDraftLength(calibration, state, **costs, scored=scored, memo=memo[1])

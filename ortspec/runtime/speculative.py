@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import Calibration, best_gamma, best_prefix, predicted_speedup
+from .calibration import Calibration, best_gamma, best_prefix, prefix_speedups
 from .decoder import DecoderState
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -98,25 +98,46 @@ class DraftLength:
 
 
 class AcceptanceEstimate:
-    """Running estimate of the per-draft acceptance rate α, kept across generations.
+    """Running estimates of each draft position's chance of acceptance, given that the drafts before it
+    were accepted; kept across generations.
 
-    Drafts after a round's first rejection are never judged, so α is estimated as accepted /
-    (accepted + rejections) — the geometric model's maximum likelihood — with a weak prior and
-    slow forgetting so that it follows the text being generated.
+    A draft model's later guesses build on its own earlier ones, so they are accepted less often (a
+    feature head's second guess far less than its first): one rate for all would make γ = 2 look as
+    good as γ = 1 and the first draft as bad as the average. Position d is judged in every round that
+    drafted it after d - 1 accepted drafts; drafts after a round's first rejection are never judged.
+    Each position forgets slowly (`decay` per judgement) so that it follows the text being generated.
+    The first position starts from `prior` (pseudo-counts of weight `strength`, forgotten like
+    judgements); a later one leans on the position before it until it has been judged a few times.
     """
 
+    LEAN = 2.0  # weight of the previous position's chance in a later position's estimate
+
     def __init__(self, prior: float = 0.6, strength: float = 4.0, decay: float = 0.97) -> None:
-        self.accepted = prior * strength
-        self.rejected = (1 - prior) * strength
+        self.accepted = [prior * strength]  # per position: decayed count of acceptances
+        self.judged = [strength]  # per position: decayed count of judgements
         self.decay = decay
 
     @property
     def alpha(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        """The first draft's chance of acceptance."""
+        return self.chances(1)[0]
+
+    def chances(self, count: int) -> list[float]:
+        """Each of the first `count` positions' chance of acceptance, given the ones before were accepted."""
+        chances = [self.accepted[0] / self.judged[0]]
+        for position in range(1, count):
+            seen = position < len(self.judged)
+            accepted, judged = (self.accepted[position], self.judged[position]) if seen else (0.0, 0.0)
+            chances.append((accepted + self.LEAN * chances[-1]) / (judged + self.LEAN))
+        return chances[:count]
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + (1 if accepted < drafted else 0)
+        for position in range(min(accepted + 1, drafted)):
+            if position == len(self.judged):
+                self.accepted.append(0.0)
+                self.judged.append(0.0)
+            self.accepted[position] = self.decay * self.accepted[position] + (position < accepted)
+            self.judged[position] = self.decay * self.judged[position] + 1
 
 
 class RoundCosts:
@@ -130,9 +151,15 @@ class RoundCosts:
     each drafted round's ratio over `plain` at that moment feeds `slowdown`, which scales the
     predicted cost of drafted rounds. So a stretch of plain rounds on a machine that got quieter (or
     busier) since calibration does not pass for drafting having become dearer (or cheaper).
+
+    While the loop drafts, `plain` goes unmeasured, so a burst of load on a shared machine passes for
+    dear drafting; and while it decodes plainly, `slowdown` goes unmeasured, so such a reading would
+    keep it from drafting for good. So each plain round relaxes `slowdown` towards 1 (the calibration)
+    by `RELAX`: drafting that really is slow is seen again within a few rounds, a stale reading fades.
     """
 
     WEIGHT = 0.1  # of each new observation in the running means
+    RELAX = 0.05  # share of its distance to 1 that `slowdown` loses each plain round
     CLIP = (0.5, 3.0)  # bounds of one observation's ratio
 
     def __init__(self) -> None:
@@ -148,6 +175,7 @@ class RoundCosts:
             self.slowdown += self.WEIGHT * (self._clip(ratio / self.plain) - self.slowdown)
         else:
             self.plain += self.WEIGHT * (ratio - self.plain)
+            self.slowdown += self.RELAX * (1.0 - self.slowdown)
 
 
 @dataclass
@@ -164,18 +192,18 @@ class AutoState:
 
 @dataclass
 class AutoMemo:
-    """Auto γ's per-context choices, pure functions of one calibration: shared by the generations that
+    """Auto γ's per-context costs, pure functions of one calibration: shared by the generations that
     use it (a race only computes an entry twice, to the same value)."""
 
     rounds: dict[int, list[float]] = field(default_factory=dict)  # bucket -> ms of a round with γ = 0..max drafts
     catch_up: dict[int, float] = field(default_factory=dict)  # bucket -> ms per token the draft catches up on
     draft: dict[int, float] = field(default_factory=dict)  # bucket -> ms of one draft step
-    choices: dict[tuple[float, int, float], int] = field(default_factory=dict)
     can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
 
 class AutoDraftLength:
-    """γ each round maximising the predicted throughput E(α, γ) / r(γ) from this machine's round costs.
+    """γ each round maximising the predicted throughput E(γ) / r(γ) from this machine's round costs,
+    E(γ) the expected tokens per round from each draft position's running acceptance estimate.
 
     γ = 0 (plain decoding) unless some γ is predicted to beat it by 5%, the calibrated costs
     corrected by what the running loop observes (`RoundCosts`). Drafting after a stretch without
@@ -186,14 +214,14 @@ class AutoDraftLength:
     Probes take at most `PROBE_SHARE` of the plain time: a probe costs a draft step plus the catch-up
     on what was decoded since the last one (calibrated, corrected by what probes were seen to cost), so
     cheap drafts probe often (a few tokens apart) and dear ones rarely; never where drafting could not
-    pay even at α = 0.99. With `learn_timings`
-    off, the choices depend on the calibration and the acceptance seen alone, not on wall time.
+    pay even at α = 0.99. With `learn_timings` off, the choices depend on the calibration and the
+    acceptance seen alone, not on wall time.
 
     With `scored`, the proposer is free and gives each token its own chance of acceptance
     (`Proposal.confidence`): it is asked for up to `max_gamma` tokens every round, and `choose` sends
     the prefix with the best predicted throughput on the same round costs (none unless it gains 5%).
 
-    One instance serves one generation; `state` (what is learned) and `memo` (cached choices) may be
+    One instance serves one generation; `state` (what is learned) and `memo` (cached costs) may be
     shared across generations.
     """
 
@@ -246,15 +274,12 @@ class AutoDraftLength:
             return self.max_gamma
         bucket = context // self.BUCKET
         rounds = self._costs(bucket)
-        state, choices = self.state, self.memo.choices
+        state = self.state
         with state.lock:
-            alpha, slowdown = round(state.estimate.alpha, 2), round(state.costs.slowdown * 20) / 20
-            key = (alpha, bucket, slowdown)
-            if key not in choices:
-                choices[key] = best_gamma(alpha, rounds, slowdown)
-            gamma = choices[key]
+            chances, slowdown = state.estimate.chances(self.max_gamma), round(state.costs.slowdown * 20) / 20
+            gamma = best_prefix(chances, rounds, slowdown)
             catch_up_ms = pending * self.memo.catch_up[bucket]
-            if gamma and (pending <= 2 or self._saving_ms(alpha, gamma, rounds, remaining, slowdown) >= catch_up_ms):
+            if gamma and (pending <= 2 or self._saving_ms(chances, gamma, rounds, remaining, slowdown) >= catch_up_ms):
                 state.plain_ms_since_probe = 0.0
                 self._caught_up = pending > 2
                 return gamma
@@ -279,9 +304,9 @@ class AutoDraftLength:
         return best_prefix(proposal.confidence, self.costs(context), slowdown)
 
     @staticmethod
-    def _saving_ms(alpha: float, gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
+    def _saving_ms(chances: list[float], gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
         """Predicted ms saved over `remaining` tokens by drafting γ per round instead of none."""
-        return remaining * rounds[0] * (1 - 1 / predicted_speedup(alpha, gamma, rounds, slowdown))
+        return remaining * rounds[0] * (1 - 1 / prefix_speedups(chances, rounds, slowdown)[gamma - 1])
 
     def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
         """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
