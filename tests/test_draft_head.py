@@ -162,6 +162,34 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
         np.testing.assert_allclose(logits[finite], fresh[finite], atol=1e-3)
 
 
+@pytest.mark.parametrize("window", [1000, 4])
+def test_head_reads_the_target_features_of_the_positions_it_catches_up_on(head_package: Path, window: int) -> None:
+    """The head keeps the last `window` positions' features in a ring: whatever it catches up on (the
+    prompt, a round's committed tokens, a restart on the last `window`), it reads the target's own
+    features of exactly those positions, and the output stays the target's."""
+    pipe = ortspec.load(head_package)
+    plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
+    reads: list[tuple[list[int], int, int, np.ndarray]] = []
+
+    class Recording(FeatureHeadProposer):
+        def _read(self, tokens, start, end):  # type: ignore[no-untyped-def]
+            reads.append((list(tokens), start, end, self._features[self._rows(start, end)].copy()))
+            return super()._read(tokens, start, end)
+
+    def recording(config, drafter, target, draft, length):  # type: ignore[no-untyped-def]
+        return Recording(draft, target, window=window)
+
+    pipe._proposer = recording  # type: ignore[method-assign]
+    spec = pipe.generate(PROMPT, max_new_tokens=40, draft="model", draft_tokens=2)
+    assert spec.token_ids == plain.token_ids
+    assert len(reads) > 5 and max(end for _, _, end, _ in reads) > 3 * min(window, 16)
+    target = pipe.target.new_state()
+    for tokens, start, end, features in reads:
+        target.reset()
+        target.forward(tokens[:end])
+        np.testing.assert_allclose(features, target.hidden[start:end], atol=1e-4)
+
+
 def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     """hidden_states of a target built for a fused head: the final features, then the RMS-normalised
     residual stream after each feature layer, as transformers computes them."""

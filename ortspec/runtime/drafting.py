@@ -179,7 +179,8 @@ class FeatureHeadProposer(DraftModelProposer):
     positions it reads, so after each round the head keeps those of the committed positions and
     re-reads them in place of its predictions: its cache only ever holds what the target saw.
     A head that reads fused features (final, then inner layers) gets its prediction of the final
-    ones with zeros for the rest, as it was trained.
+    ones with zeros for the rest, as it was trained. It only ever re-reads the last `window`
+    positions' features, so it keeps those alone, in a ring (a few hundred KB however long the text).
     """
 
     lag = 1  # head position j pairs f_j with x_{j+1}
@@ -201,7 +202,7 @@ class FeatureHeadProposer(DraftModelProposer):
                 f"{target.model.hidden_size}: export the package again with the head (`ortspec export --draft`)"
             )
         self.target = target
-        self._features = np.zeros((target.max_length, head.feature_size), np.float32)
+        self._features = np.zeros((window, head.feature_size), np.float32)  # position p in row p % window
         self._predicted = np.zeros((1, head.feature_size), np.float32)  # its latest predicted features
         self._real = 0  # head positions read with the target's features (the rest held drafts)
 
@@ -212,15 +213,22 @@ class FeatureHeadProposer(DraftModelProposer):
     def rollback(self, tokens: Sequence[int]) -> None:
         start, hidden = self.target.hidden_start, self.target.hidden
         end = min(start + len(hidden), len(tokens) - 1)  # features of committed positions only
-        self._features[start:end] = hidden[: end - start]
+        first = max(start, end - self.window)
+        self._features[self._rows(first, end)] = hidden[first - start : end - start]
         self.decoder.truncate(min(self.decoder.length, self._real))
         self._check(tokens)
 
     def _read(self, tokens: Sequence[int], start: int, end: int) -> np.ndarray:
-        logits = self.decoder.forward(tokens[start + 1 : end + 1], self._features[start:end], last_only=True)
+        logits = self.decoder.forward(
+            tokens[start + 1 : end + 1], self._features[self._rows(start, end)], last_only=True
+        )
         self._real = self.decoder.length
         self._keep_prediction()
         return logits
+
+    def _rows(self, start: int, end: int) -> np.ndarray:
+        """The ring's rows of positions [start, end) (at most `window` of them)."""
+        return np.arange(start, end) % self.window
 
     def _step(self, token: int) -> np.ndarray:
         logits = self.decoder.forward([token], self._predicted)
