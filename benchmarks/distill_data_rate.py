@@ -8,10 +8,11 @@ the same request seeds each time, alternated --rounds times so a shared machine'
 - captured: features kept while the target answers (`greedy_answer`), one process, all threads;
 - writers=N batch=1: the same in N processes with threads // N threads each (`write_chats`), one chat at
   a time each;
-- writers=N batch=B: each process writes B chats side by side, their one-token steps batched (the default).
+- writers=N batch=B: each process writes B chats side by side, their one-token steps batched (the
+  default B is 4; give several B to compare them in one run).
 
     python benchmarks/distill_data_rate.py PACKAGE [--seconds 180] [--rounds 2] [--threads 2] [--writers 2] \
-        [--batch 4] [--old]
+        [--batch 4 [8 ...]] [--old]
 
 Only the last two run unless --old asks for the first two as well.
 
@@ -110,16 +111,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--writers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4])
     parser.add_argument("--old", action="store_true", help="also the re-read and captured paths")
     parser.add_argument("--trial", help=argparse.SUPPRESS)  # internal: run one trial in this process
     args = parser.parse_args()
     if args.trial:
-        print(json.dumps(one_trial(args.package, args.trial, args.seconds, args.threads, args.writers, args.batch)))
+        print(json.dumps(one_trial(args.package, args.trial, args.seconds, args.threads, args.writers, args.batch[0])))
         return
     modes = (["re-read", "captured"] if args.old else []) + [
-        f"writers={args.writers} batch=1",
-        f"writers={args.writers} batch={args.batch}",
+        f"writers={args.writers} batch={batch}" for batch in [1, *args.batch]
     ]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu_rates: dict[str, list[float]] = {m: [] for m in modes}

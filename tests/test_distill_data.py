@@ -23,7 +23,7 @@ from ortspec.export.builder.head import HEAD_CONFIG
 from ortspec.export.distill import DistillConfig, distill, held_out_indices
 from ortspec.export.distill.data import REQUEST_STARTS, request_seeds, request_start, self_instructed_chats
 from ortspec.export.distill.features import SequenceStore, greedy_answer, open_target, sequence_features
-from ortspec.export.distill.writers import write_chats
+from ortspec.export.distill.writers import default_batch, write_chats
 from ortspec.runtime.prompt_files import read_requests
 
 CHAT_TEMPLATE = (
@@ -174,7 +174,7 @@ def test_sigterm_stops_the_writers(chat_package: Path) -> None:
         "import sys, os\n"
         "from pathlib import Path\n"
         "from ortspec.export.distill.features import open_target\n"
-        "from ortspec.export.distill.writers import write_chats\n"
+        "from ortspec.export.distill.writers import default_batch, write_chats\n"
         "import multiprocessing\n"
         "pkg = Path(sys.argv[1])\n"
         "for chat in write_chats(open_target(pkg, 1, 256), pkg, 0, 2, 2, 16):\n"
@@ -199,6 +199,11 @@ def test_request_seeds_are_disjoint_across_writers() -> None:
     shares = [set(itertools.islice(request_seeds(3, k, 4), 50)) for k in range(4)]
     assert sum(map(len, shares)) == len(set().union(*shares)) == 200
     assert set(itertools.islice(request_seeds(3), 200)) == set().union(*shares)
+
+
+def test_default_batch_shares_out_a_bounded_number_of_rows() -> None:
+    # every row holds a KV cache of its own: 32 in all, but 4 to 16 per writer process
+    assert [default_batch(writers) for writers in (1, 2, 3, 4, 8, 16)] == [16, 16, 10, 8, 4, 4]
 
 
 def test_most_requests_are_begun_with_a_common_request_word() -> None:

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..builder.head import HEAD_CONFIG, HEAD_FORMAT, HEAD_KIND, head_decoder_con
 from ..checkpoint import resolve_checkpoint
 from .data import text_file_sequences
 from .features import SequenceStore, open_target, sequence_features
-from .writers import default_writers, write_chats
+from .writers import default_batch, default_writers, write_chats
 
 Reporter = Callable[[str], None]
 KINDS = ("head", "lm")
@@ -57,7 +57,7 @@ class DistillConfig:
     held_out: int = 12  # held-out chats for the final measurement
     threads: int | None = None
     writers: int | None = None  # processes writing chats at once (default: one per core or thread)
-    batch: int = 4  # chats each writer writes at once, their one-token steps batched
+    batch: int | None = None  # chats each writer writes at once, their steps batched (None: `default_batch`)
     kind: str = "head"  # "head": a feature-level head (EAGLE-style); "lm": a small independent Llama draft
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
@@ -224,6 +224,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
 
     if config.writers is not None and config.writers < 1:
         raise ValueError(f"writers must be at least 1, got {config.writers}")
+    if config.batch is None:
+        config = replace(config, batch=default_batch(config.writers or default_writers(config.threads)))
     if config.batch < 1:
         raise ValueError(f"batch must be at least 1, got {config.batch}")
     if config.kind not in KINDS:
