@@ -8,7 +8,8 @@ prompt (greedy, one process, the order rotating):
 - suffix drafting, auto γ, its pool holding the warm-up chats' and the OTHER prompts' answers;
 - prompt lookup (ngram), auto γ;
 - hybrid (the default with a draft model): suffix drafting where its match is worth more than the head,
-  the head elsewhere, auto γ, the same pool as suffix drafting; its prediction counts no head cost;
+  the head elsewhere, auto γ, the same pool as suffix drafting; its prediction adds each head call at
+  the calibrated cost of a head step to the rounds of its mean γ;
 - the distilled head: auto γ, and γ = 1, 2, 3.
 Per mode: α (per judged draft), tokens per target call, c (a draft step / a target step) and
 v(γ+1) (a verify call / a target step) from this machine's calibration, the decode speedup
@@ -44,18 +45,21 @@ MODES = {
 GENAI_K = 3
 
 
-def predicted(report: BenchReport, calibration: Calibration, draft_cost: bool) -> tuple[float, float, float, int]:
-    """(speedup predicted from α and the calibrated round times, c, v(γ+1), mean γ) of one mode."""
+def predicted(report: BenchReport, calibration: Calibration, mode: str) -> tuple[float, float, float, int]:
+    """(speedup predicted from α and the calibrated round times, c, v(γ+1), mean γ) of one mode. A head
+    mode's calibrated rounds include its steps; the hybrid's head calls are added at a head step each."""
     spec = report.speculative
     context = calibration.contexts[min(1, len(calibration.contexts) - 1)]
     rounds = max(1, spec.target_calls - report.runs)
     drafted_rounds = max(1, rounds - spec.undrafted_rounds)
     gamma = min(max(1, round(spec.drafted / drafted_rounds)), calibration.max_gamma)
     share = (rounds - spec.undrafted_rounds) / rounds if spec.drafted else 0.0
+    draft_cost = mode.startswith("head")
     t1, r = calibration.round(0, context), calibration.round(gamma, context, draft_cost)
+    head_ms = spec.draft_calls / rounds * calibration.draft(context) if mode.startswith("hybrid") else 0.0
     tokens = share * tokens_per_round(spec.alpha or 0.0, gamma) + (1 - share)
-    speedup = tokens / (share * r + (1 - share) * t1) * t1
-    c = calibration.draft(context) / t1 if draft_cost else 0.0
+    speedup = tokens / (share * r + (1 - share) * t1 + head_ms) * t1
+    c = calibration.draft(context) / t1 if draft_cost or head_ms else 0.0
     return speedup, c, calibration.target(gamma + 1, context) / t1, gamma
 
 
@@ -135,7 +139,7 @@ def main() -> None:
     )
     for name, reports in measured.items():
         for mode, report in reports.items():
-            speedup, c, v, gamma = predicted(report, calibration, draft_cost=mode.startswith("head"))
+            speedup, c, v, gamma = predicted(report, calibration, mode)
             print(
                 row(name, mode, report) + f" | c {c:.3f}, v({gamma + 1}) {v:.2f}, predicted {speedup:.2f}x, "
                 f"efficiency {report.decode_speedup / speedup:.2f}"
