@@ -28,6 +28,25 @@ def test_rollback_and_steps_keep_the_same_buffers(package):
     assert [p.data_ptr() for p in presents] == pointers
 
 
+def test_calls_of_any_shape_in_turn_read_their_own_tokens(package):
+    # one-token calls write their token into an input bound once and reuse the outputs of the call
+    # before them; calls of another shape rebind both: every call must still read its own tokens, and
+    # what an earlier call returned must survive the later ones
+    pipe = ortspec.load(package("llama", draft=None, exporter="builder"), max_length=64)
+    tokens = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    reference = pipe.target.new_state().forward(tokens)
+    decoder = pipe.target.new_state()
+    returned, position = [], 0
+    for count, last_only in ((3, True), (1, False), (1, False), (2, False), (1, False), (3, True), (1, False)):
+        logits = decoder.forward(tokens[position : position + count], last_only=last_only)
+        position += count
+        returned.append((position, logits, logits.copy()))
+    for end, logits, snapshot in returned:
+        np.testing.assert_array_equal(logits, snapshot)  # not overwritten by a later call
+        np.testing.assert_allclose(logits[-1], reference[end - 1], atol=1e-4)
+    assert decoder._tokens[:position] == tokens[:position]
+
+
 def test_max_length_bounds_generation(package):
     pipe = ortspec.load(package("llama", draft="close", exporter="builder"), max_length=32)
     assert pipe.target.max_length == pipe.draft.max_length == 32
