@@ -311,7 +311,8 @@ class DecoderState:
         if (n, keep) != self._outputs_for:
             # A call of the previous one's shape writes into the outputs that one allocated (both are
             # copied out below); another shape needs them allocated afresh. Steady decoding then neither
-            # rebinds nor allocates them (measured 2-3% of a SmolLM2-135M int4 step, outside ORT and in).
+            # rebinds nor allocates them (with the one-token input: plain decoding of SmolLM2-135M int4
+            # chats 1.6% faster, same process, arms alternating).
             binding.bind_output(names.LOGITS, "cpu")
             if model.keep_hidden:
                 binding.bind_output(names.HIDDEN_STATES, "cpu")
