@@ -174,7 +174,7 @@ def test_sigterm_stops_the_writers(chat_package: Path) -> None:
         "import sys, os\n"
         "from pathlib import Path\n"
         "from ortspec.export.distill.features import open_target\n"
-        "from ortspec.export.distill.writers import default_batch, write_chats\n"
+        "from ortspec.export.distill.writers import write_chats\n"
         "import multiprocessing\n"
         "pkg = Path(sys.argv[1])\n"
         "for chat in write_chats(open_target(pkg, 1, 256), pkg, 0, 2, 2, 16):\n"
