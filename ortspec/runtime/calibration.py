@@ -157,13 +157,17 @@ def prefix_speedups(acceptance: Sequence[float], rounds: Sequence[float], slowdo
     return speedups
 
 
+def best_count(speedups: Sequence[float]) -> int:
+    """How many leading drafts to send, given `prefix_speedups`: the count with the highest predicted
+    speedup, 0 (plain decoding) unless it reaches MIN_GAIN."""
+    best = max(speedups, default=0.0)
+    return speedups.index(best) + 1 if best >= MIN_GAIN else 0
+
+
 def best_prefix(acceptance: Sequence[float], rounds: Sequence[float], slowdown: float = 1.0) -> int:
-    """How many leading drafts of a round to send (see `prefix_speedups`): the count with the highest
-    predicted speedup, 0 (plain decoding) unless it reaches MIN_GAIN."""
-    speedups = prefix_speedups(acceptance, rounds, slowdown)
-    if not speedups or max(speedups) < MIN_GAIN:
-        return 0
-    return speedups.index(max(speedups)) + 1
+    """How many leading drafts of a round to send, given each one's chance of acceptance (see
+    `prefix_speedups` and `best_count`)."""
+    return best_count(prefix_speedups(acceptance, rounds, slowdown))
 
 
 def best_gamma(alpha: float, rounds: Sequence[float], slowdown: float = 1.0) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import Calibration, best_gamma, best_prefix, prefix_speedups
+from .calibration import Calibration, best_count, best_gamma, best_prefix, prefix_speedups
 from .decoder import DecoderState
 from .drafting import Proposal, Proposer
 from .sampling import SamplingConfig, probabilities, sample
@@ -277,9 +277,10 @@ class AutoDraftLength:
         state = self.state
         with state.lock:
             chances, slowdown = state.estimate.chances(self.max_gamma), round(state.costs.slowdown * 20) / 20
-            gamma = best_prefix(chances, rounds, slowdown)
+            speedups = prefix_speedups(chances, rounds, slowdown)
+            gamma = best_count(speedups)
             catch_up_ms = pending * self.memo.catch_up[bucket]
-            if gamma and (pending <= 2 or self._saving_ms(chances, gamma, rounds, remaining, slowdown) >= catch_up_ms):
+            if gamma and (pending <= 2 or self._saving_ms(speedups[gamma - 1], rounds, remaining) >= catch_up_ms):
                 state.plain_ms_since_probe = 0.0
                 self._caught_up = pending > 2
                 return gamma
@@ -304,9 +305,9 @@ class AutoDraftLength:
         return best_prefix(proposal.confidence, self.costs(context), slowdown)
 
     @staticmethod
-    def _saving_ms(chances: list[float], gamma: int, rounds: list[float], remaining: int, slowdown: float) -> float:
-        """Predicted ms saved over `remaining` tokens by drafting γ per round instead of none."""
-        return remaining * rounds[0] * (1 - 1 / prefix_speedups(chances, rounds, slowdown)[gamma - 1])
+    def _saving_ms(speedup: float, rounds: list[float], remaining: int) -> float:
+        """Predicted ms saved over `remaining` tokens by drafting at `speedup` instead of decoding plainly."""
+        return remaining * rounds[0] * (1 - 1 / speedup)
 
     def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
         """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
