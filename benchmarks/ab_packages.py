@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.suffix import SuffixMemory
+from ortspec.runtime.drafters.suffix import SuffixMemory
 
 from free_drafting import CHAT, EDIT
 

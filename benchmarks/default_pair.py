@@ -19,7 +19,7 @@ import ortspec
 from ortspec.models.default_pair import shipped_pair
 from ortspec.models.train_default import HELDOUT
 from ortspec.runtime.bench import compare
-from ortspec.runtime.calibration import tokens_per_round
+from ortspec.runtime.speculation.calibration import tokens_per_round
 
 MODES = {
     "γ=4": dict(draft="model", draft_tokens=4),

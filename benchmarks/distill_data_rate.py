@@ -46,9 +46,10 @@ def reread_chats(package: Path, threads: int) -> Iterator[tuple[dict[str, Any], 
     from ortspec.export.distill import MAX_SEQUENCE
     from ortspec.export.distill.data import request_seeds, user_turn_opening
     from ortspec.export.distill.features import open_target, sequence_features
+    from ortspec.runtime.model.decoder import DecoderState
 
     pipe = ortspec.load(package, threads=threads, verify=False)
-    reader = open_target(package, threads, MAX_SEQUENCE).target.new_state()
+    reader = DecoderState(open_target(package, threads, MAX_SEQUENCE).target)
     opening, room = user_turn_opening(pipe), pipe.target.max_length
     for seed in request_seeds(0):
         request = pipe.generate(opening, max_new_tokens=80, temperature=1.0, top_p=0.95, seed=seed, use_draft=False)

@@ -29,7 +29,15 @@ from pathlib import Path
 
 import ortspec
 from ortspec.runtime.bench import BenchReport, compare_modes, near_tie_for, path_noise
-from ortspec.runtime.suffix import LOCAL, MATCH_CLASSES, POOL, SHARES, ConfidenceBuckets, SuffixMemory, bucket_index
+from ortspec.runtime.drafters.suffix import (
+    LOCAL,
+    MATCH_CLASSES,
+    POOL,
+    SHARES,
+    ConfidenceBuckets,
+    SuffixMemory,
+    bucket_index,
+)
 
 EDIT = [
     "Fix the bug in this function:\n\n```python\ndef average(values):\n    total = 0\n    for value in values:\n"

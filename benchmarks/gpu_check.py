@@ -127,6 +127,7 @@ def chat_ids(pipe: Any, text: str) -> list[int]:
 
 def parity(packages: dict[str, Path], providers: list[str]) -> dict[str, Any]:
     import ortspec
+    from ortspec.runtime.model.decoder import DecoderState
 
     from free_drafting import CHAT, EDIT
 
@@ -137,8 +138,8 @@ def parity(packages: dict[str, Path], providers: list[str]) -> dict[str, Any]:
         prompt = chat_ids(reference, text)
         answer = reference.generate(prompt, max_new_tokens=64, use_draft=False).token_ids
         tokens = [*prompt, *answer]
-        want = reference.target.new_state().forward(tokens)
-        got = gpu.target.new_state().forward(tokens)
+        want = DecoderState(reference.target).forward(tokens)
+        got = DecoderState(gpu.target).forward(tokens)
         gap = np.abs(want - got)
         rows.append(
             dict(
@@ -157,9 +158,10 @@ def step_times(
     package: Path, providers: list[str], cuda_graphs: bool, context: int = 256, repeats: int = 60
 ) -> dict[str, Any]:
     import ortspec
+    from ortspec.runtime.model.decoder import DecoderState
 
     pipe = ortspec.load(package, providers=providers, cuda_graphs=cuda_graphs)
-    state = pipe.target.new_state()
+    state = DecoderState(pipe.target)
     rng = np.random.default_rng(0)
     history = rng.integers(100, 5000, context).tolist()
     state.forward(history)
@@ -195,8 +197,9 @@ MODES = {
 def graph_parity(package: Path, providers: list[str]) -> dict[str, Any]:
     """Logits of CUDA-graph replays against ordinary calls, for each call size, at moving positions."""
     import ortspec
+    from ortspec.runtime.model.decoder import DecoderState
 
-    states = [ortspec.load(package, providers=providers, cuda_graphs=g).target.new_state() for g in (False, True)]
+    states = [DecoderState(ortspec.load(package, providers=providers, cuda_graphs=g).target) for g in (False, True)]
     rng = np.random.default_rng(1)
     prompt = rng.integers(100, 5000, 200).tolist()
     for state in states:
@@ -253,9 +256,10 @@ def copies(package: Path, providers: list[str], work: Path, steps: int = 8) -> d
     """Profile `steps` one-token decode calls and a 4-token verify: every Memcpy node and its bytes."""
     import onnxruntime as ort
 
-    from ortspec.runtime.decoder import Model
-    from ortspec.runtime.manifest import load_manifest
-    from ortspec.runtime.session import session_options
+    from ortspec.runtime.model.decoder import DecoderState
+    from ortspec.runtime.model.onnx_model import Model
+    from ortspec.runtime.model.session import session_options
+    from ortspec.runtime.package.manifest import load_manifest
 
     manifest = load_manifest(package)
     options = session_options()
@@ -264,7 +268,7 @@ def copies(package: Path, providers: list[str], work: Path, steps: int = 8) -> d
     options.optimized_model_filepath = str(work / "optimized.onnx")
     session = ort.InferenceSession(str(manifest.root / manifest.target.onnx), options, providers=providers)
     model = Model(manifest.target, session, max_length=1024)
-    state = model.new_state()
+    state = DecoderState(model)
     state.forward(list(range(100, 164)))
     for token in range(steps):
         state.forward([200 + token])

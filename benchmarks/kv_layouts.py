@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.decoder import Model
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
 
 from common import bench_checkpoints, exported
 
@@ -22,7 +23,7 @@ from common import bench_checkpoints, exported
 def step_ms(model: Model, context: int, steps: int = 16, repeats: int = 3) -> float:
     """Median ms of `steps` consecutive single-token steps starting at `context` cached positions."""
     tokens = [(7 * i) % 1000 + 10 for i in range(context + steps)]
-    decoder = model.new_state()
+    decoder = DecoderState(model)
     decoder.forward(tokens[:context])
     times = []
     for _ in range(repeats):

@@ -38,7 +38,7 @@ def ortspec_runner(package: Path, threads: int | None, pool: bool = True, **opti
     `pool=False` empties the suffix pool before each generation (keeping the learned confidence table):
     against a peer without one, and so that a repeated prompt never drafts from its own earlier answer."""
     import ortspec
-    from ortspec.runtime.suffix import SuffixMemory
+    from ortspec.runtime.drafters.suffix import SuffixMemory
 
     pipe = ortspec.load(package, threads=threads, verify=False)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import ortspec
 from ortspec.export import export_pair
 from ortspec.runtime.evaluate import evaluate, special_prefix, windows
+from ortspec.runtime.model.decoder import DecoderState
 
 VARIANTS = {  # label: export options
     "fp32": dict(quantize="none"),
@@ -42,7 +43,7 @@ def default_text(lines: int = 300) -> str:
 
 def step_ms(pipe: ortspec.Pipeline, context: int = 64, steps: int = 64, repeats: int = 3) -> float:
     """Median time of a one-token target call after `context` positions."""
-    target = pipe.target.new_state()
+    target = DecoderState(pipe.target)
     times = []
     for _ in range(repeats):
         target.reset()

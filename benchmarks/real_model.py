@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ortspec
 from ortspec.runtime.bench import BenchReport, near_tie_for
-from ortspec.runtime.calibration import Calibration, tokens_per_round
+from ortspec.runtime.speculation.calibration import Calibration, tokens_per_round
 
 from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets, row
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from ortspec.runtime.manifest import load_manifest
+from ortspec.runtime.package.manifest import load_manifest
 
 PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\n\ndef main():\n"]
 

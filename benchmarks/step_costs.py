@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 import ortspec
-from ortspec.runtime.calibration import measure
+from ortspec.runtime.speculation.calibration import measure
 
 from common import bench_checkpoints, exported
 

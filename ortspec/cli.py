@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 
 import click
 
+from ortspec.runtime.errors import ContextLengthError, PackageError
+from ortspec.runtime.options import DRAFTERS, OPTIONS, check_option, spec_of
+from ortspec.runtime.package.manifest import Manifest, load_manifest
+
 from .models.catalog import CATALOG
-from .runtime.decoder import ContextLengthError
-from .runtime.manifest import Manifest, PackageError, load_manifest
-from .runtime.options import DRAFTERS, OPTIONS, check_option, spec_of
 
 QUANT_CHOICES = click.Choice(["none", "int8", "int4"])
 # the generation options of `bench` (greedy by design: it checks that both modes give the same tokens)
@@ -92,7 +93,7 @@ def _load_options(runtime: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(package: str, runtime: dict[str, Any]) -> Any:
-    from .runtime.pipeline import load
+    from ortspec.runtime.pipeline import load
 
     pipe = load(package, **_load_options(runtime))
     pipe.on_calibrate = lambda message: click.echo(message, err=True)
@@ -626,8 +627,8 @@ def bench(
     speculative runs; suffix drafting's pool keeps the outputs of earlier runs, so repeats draft
     from a prompt's earlier answers.
     """
-    from .runtime.bench import compare
-    from .runtime.prompt_files import read_prompts, read_requests
+    from ortspec.runtime.bench import compare
+    from ortspec.runtime.text.prompt_files import read_prompts, read_requests
 
     pipe = _load(package, runtime)
     if chat:
@@ -746,7 +747,7 @@ def demo(
 def _compare_table(pipe: Any, prompts: list[Any], modes: dict[str, dict[str, Any]], max_new_tokens: int) -> None:
     """Plain vs each speculative mode on the same prompts, alternating runs; outputs checked. A divergence
     is a near-tie when the top two logits there were closer than the measured kernel path noise."""
-    from .runtime.bench import compare, near_tie_for, path_noise
+    from ortspec.runtime.bench import compare, near_tie_for, path_noise
 
     ids = [pipe.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     answers = {tuple(p): pipe.generate(p, max_new_tokens=max_new_tokens, use_draft=False).token_ids for p in ids}
@@ -863,7 +864,7 @@ def evaluate_package(
     of their next-token distributions. The text is read in windows of --window tokens, each from
     scratch. Compare int8 and int4 exports against the fp32 one to choose --quantize.
     """
-    from .runtime.evaluate import evaluate, special_prefix, windows
+    from ortspec.runtime.evaluate import evaluate, special_prefix, windows
 
     try:
         text = Path(text_path).read_text(encoding="utf-8")

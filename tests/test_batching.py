@@ -17,8 +17,9 @@ import onnx
 import pytest
 
 import ortspec
-from ortspec.runtime.batching import BatchedModel, RowState, batch_problem
-from ortspec.runtime.manifest import file_entry
+from ortspec.runtime.model.batching import BatchedModel, RowState, batch_problem
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.package.manifest import file_entry
 
 ROWS = 4
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=2 + 5 * seed)] for seed in range(ROWS)]
@@ -216,13 +217,13 @@ def test_batched_rows_carry_their_own_features(built):
     """A target that keeps its final features (the head's input; `distill` writing chats) hands each row its
     own from a batched call: the features, like the tokens, are the ones the sequence gets alone."""
     from ortspec.export.distill.features import greedy_answer
-    from ortspec.runtime.decoder import Model
-    from ortspec.runtime.manifest import load_manifest
+    from ortspec.runtime.model.onnx_model import Model
+    from ortspec.runtime.package.manifest import load_manifest
 
     manifest = load_manifest(built)
     model = Model.load(manifest.target, manifest.root, threads=1, max_length=64, keep_hidden=True)
     batch = BatchedModel(model, 3, wait=5.0)
-    expected = [greedy_answer(model.new_state(), PROMPTS[i], 8 + 3 * i, ()) for i in range(3)]
+    expected = [greedy_answer(DecoderState(model), PROMPTS[i], 8 + 3 * i, ()) for i in range(3)]
     rows = [batch.take() for _ in range(3)]
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda i: greedy_answer(rows[i], PROMPTS[i], 8 + 3 * i, ()), range(3)))

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 import ortspec
 from ortspec.cli import main
-from ortspec.runtime import calibration as calibration_module
-from ortspec.runtime.calibration import Calibration, tokens_per_round
-from ortspec.runtime.calibration_store import CALIBRATION_FILE
-from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
+from ortspec.runtime.speculation import calibration as calibration_module
+from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
+from ortspec.runtime.speculation.calibration import Calibration, tokens_per_round
+from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE
 
 
 def synthetic(

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 import ortspec
 from ortspec.cli import main
-from ortspec.runtime import calibration_store
-from ortspec.runtime.calibration import Calibration
-from ortspec.runtime.calibration_store import CALIBRATION_FILE, read_calibrations, save_calibration
+from ortspec.runtime.speculation import calibration_store
+from ortspec.runtime.speculation.calibration import Calibration
+from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE, read_calibrations, save_calibration
 
 
 def timings(key: str, max_gamma: int = 8, step_ms: float = 1.0) -> Calibration:

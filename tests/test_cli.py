@@ -10,7 +10,7 @@ import sys
 from click.testing import CliRunner
 
 from ortspec.cli import main
-from ortspec.runtime.manifest import FORMAT_VERSION
+from ortspec.runtime.package.manifest import FORMAT_VERSION
 
 
 def run(*args: str):

@@ -15,12 +15,14 @@ import pytest
 
 import ortspec
 from ortspec.export import export_pair
-from ortspec.runtime.calibration import Calibration
-from ortspec.runtime.decoder import CacheStateError
-from ortspec.runtime.drafting import DraftModelProposer
-from ortspec.runtime.sampling import SamplingConfig
-from ortspec.runtime.speculative import LoopStats, TokenChooser, speculative_decode
-from ortspec.runtime.state_pool import StatePool
+from ortspec.runtime.drafters.model import DraftModelProposer
+from ortspec.runtime.errors import CacheStateError
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.state_pool import StatePool
+from ortspec.runtime.speculation.calibration import Calibration
+from ortspec.runtime.speculation.chooser import TokenChooser
+from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
+from ortspec.runtime.speculation.sampling import SamplingConfig
 
 from test_draft_head import make_head
 
@@ -159,7 +161,7 @@ def test_the_pool_frees_the_states_it_drops(pipe):
 
 
 def test_check_names_a_cache_out_of_step(pipe):
-    state = pipe.target.new_state()
+    state = DecoderState(pipe.target)
     state.forward([5, 6, 7])
     state.check([5, 6, 7, 8], 0, 3)
     for sequence, end in (([5, 6, 9], 3), ([5, 6, 7, 8], 4), ([5, 6], 3)):
@@ -173,7 +175,7 @@ def test_a_state_shared_by_two_loops_is_caught(pipe):
     """What one state per Pipeline did when a generation started inside another: the first loop's
     next round finds the cache holding the other sequence and stops, naming the problem."""
     chooser = TokenChooser(SamplingConfig(), np.random.default_rng(0))
-    state = pipe.target.new_state()
+    state = DecoderState(pipe.target)
     first = speculative_decode(state, PROMPTS[3], MAX_NEW, set(), chooser)
     next(first)
     list(speculative_decode(state, PROMPTS[0], MAX_NEW, set(), chooser))
@@ -187,7 +189,7 @@ def test_a_draft_cache_left_with_rejected_drafts_is_caught(pipe):
             self._check(tokens)  # never truncates: rejected drafts stay in its cache
 
     chooser = TokenChooser(SamplingConfig(), np.random.default_rng(0))
-    proposer = Forgetful(pipe.draft.new_state())
-    rounds = speculative_decode(pipe.target.new_state(), PROMPTS[3], 40, set(), chooser, proposer, None, LoopStats())
+    proposer = Forgetful(DecoderState(pipe.draft))
+    rounds = speculative_decode(DecoderState(pipe.target), PROMPTS[3], 40, set(), chooser, proposer, None, LoopStats())
     with pytest.raises(CacheStateError, match="draft cache holds"):
         list(rounds)

@@ -16,6 +16,7 @@ from ortspec.cli import main
 from ortspec.models.default_pair import SHIPPED, default_package, shipped_pair
 from ortspec.models.train_default import HELDOUT
 from ortspec.runtime.bench import NEAR_TIE, compare_modes, divergence_gap
+from ortspec.runtime.model.decoder import DecoderState
 
 from reference import hf_model
 
@@ -123,7 +124,7 @@ def test_a_real_divergence_is_not_taken_for_a_near_tie(cache):
     prompt = heldout_prompts(1)[0]
     plain = pipe.generate(prompt, max_new_tokens=12, use_draft=False).token_ids
     ids = pipe.tokenizer.encode(prompt) + plain[:5]
-    worst = int(np.argmin(pipe.target.new_state().forward(ids)[-1]))
+    worst = int(np.argmin(DecoderState(pipe.target).forward(ids)[-1]))
     wrong = [*plain[:5], worst, *plain[6:]]
     position, gap = divergence_gap(pipe, prompt, plain, wrong)
     assert position == 5 and gap > 1.0

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
-from ortspec.runtime.calibration import calibration_key
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.speculation.calibration import calibration_key
 
 PROMPT = list(range(5, 45))
 
@@ -43,10 +44,10 @@ def test_fp16_export_matches_fp32_within_fp16_rounding(fp16_pair):
         assert pipe.manifest.target.dtype == {"fp32": "float32", "fp16": "float16"}[dtype]
         assert pipe.manifest.draft.dtype == "float32"
         assert (
-            pipe.target.new_state().cache.buffers[0].data_type()
+            DecoderState(pipe.target).cache.buffers[0].data_type()
             == f"tensor({'float16' if dtype == 'fp16' else 'float'})"
         )
-        logits[dtype] = pipe.target.new_state().forward(PROMPT)
+        logits[dtype] = DecoderState(pipe.target).forward(PROMPT)
     gap = np.abs(logits["fp32"] - logits["fp16"])
     assert logits["fp16"].dtype == np.float32  # the runtime hands out float32 logits whatever the graph's type
     assert gap.max() <= 0.05 * logits["fp32"].std()  # measured: 0.028 of the spread
@@ -57,10 +58,10 @@ def test_fp16_export_of_the_optimum_path(package, checkpoint, tmp_path):
     """The generic exporter's graphs convert too (no GroupQueryAttention there: fp16 attention in plain ops)."""
     fp16 = tmp_path / "optimum-fp16"
     export_pair(checkpoint(), fp16, quantize="none", exporter="optimum", dtype="fp16", report=lambda _: None)
-    want = ortspec.load(package("llama", draft=None, exporter="optimum")).target.new_state().forward(PROMPT)
+    want = DecoderState(ortspec.load(package("llama", draft=None, exporter="optimum")).target).forward(PROMPT)
     pipe = ortspec.load(fp16)
     assert pipe.manifest.target.dtype == "float16" and pipe.target.cache_dtype == np.float16
-    got = pipe.target.new_state().forward(PROMPT)
+    got = DecoderState(pipe.target).forward(PROMPT)
     assert np.abs(want - got).max() <= 0.05 * want.std()
     prompt = PROMPT[:9] * 3  # repeats, so prompt lookup drafts and rolls the fp16 concat cache back
     plain = pipe.generate(prompt, max_new_tokens=24, use_draft=False)
@@ -99,7 +100,7 @@ def test_per_model_providers_and_their_calibration_key(package):
 
 @pytest.mark.parametrize("option", ["providers", "draft_providers"])
 def test_a_provider_this_build_lacks_is_a_clear_error(package, option):
-    if "CUDAExecutionProvider" in ortspec.runtime.session.ort.get_available_providers():
+    if "CUDAExecutionProvider" in ortspec.runtime.model.session.ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(
         ValueError, match=r"CUDAExecutionProvider not available in this onnxruntime build.*onnxruntime-gpu"
@@ -118,9 +119,9 @@ def test_cuda_graph_calls_give_the_same_logits_as_plain_calls(package):
     """The graphed path's fixed buffers, updated in place, on the CPU (where nothing is captured): every call
     size, after rollbacks too, gives the logits the ordinary binding gives; and greedy speculation stays exact."""
     pipe = ortspec.load(package("llama", draft="close"))
-    plain_state = pipe.target.new_state()
+    plain_state = DecoderState(pipe.target)
     pipe.target.cuda_graphs = True  # what a CUDA session gets; new states then take the graphed path
-    graphed_state = pipe.target.new_state()
+    graphed_state = DecoderState(pipe.target)
     assert graphed_state._graphs is not None and plain_state._graphs is None
     for state in (plain_state, graphed_state):
         state.forward(PROMPT[:12])

@@ -24,7 +24,8 @@ from ortspec.export.distill import DistillConfig, distill, held_out_indices
 from ortspec.export.distill.data import REQUEST_STARTS, request_seeds, request_start, self_instructed_chats
 from ortspec.export.distill.features import SequenceStore, greedy_answer, open_target, sequence_features
 from ortspec.export.distill.writers import default_batch, write_chats
-from ortspec.runtime.prompt_files import read_requests
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.text.prompt_files import read_requests
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
@@ -77,7 +78,7 @@ def test_answer_and_features_equal_generate_and_a_reread(chat_package: Path) -> 
     full = plain.generate(prompt, max_new_tokens=20, use_draft=False)
     assert full.stats.finish_reason == "length"
     eos = full.token_ids[6]
-    state = pipe.target.new_state()
+    state = DecoderState(pipe.target)
     for eos_ids in (pipe.eos_token_ids, frozenset({eos})):
         plain.eos_token_ids = eos_ids
         want = plain.generate(prompt, max_new_tokens=20, use_draft=False).token_ids
@@ -238,7 +239,7 @@ def test_given_requests_are_answered_once_each_and_some_set_aside(chat_target: P
     assert sorted(item["request_index"] for item in given) == list(range(1, 12))
 
     requests, pipe = read_requests(prompts), open_target(out / "target-package", 1, 1024)
-    state = pipe.target.new_state()
+    state = DecoderState(pipe.target)
     for item in [*held, *given]:
         prompt = pipe.chat_prompt(requests[item["request_index"]])
         assert item["tokens"][: item["prompt_tokens"]] == prompt

@@ -17,8 +17,10 @@ from scipy.stats import chisquare
 import ortspec
 from ortspec.export import export_pair
 from ortspec.models.random import make_checkpoint, perturbed_copy
-from ortspec.runtime import hybrid, speculative
-from ortspec.runtime.sampling import SamplingConfig, probabilities
+from ortspec.runtime.drafters import hybrid
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.speculation import loop as speculative
+from ortspec.runtime.speculation.sampling import SamplingConfig, probabilities
 
 PROMPT = [3, 7, 11]
 SAMPLES = 20_000
@@ -43,7 +45,7 @@ def pair(tmp_path_factory):
 def exact_joint(pipe, options) -> np.ndarray:
     """P(t2, t3) = sum over t1 of p(t1) p(t2 | t1) p(t3 | t1, t2), from the target's own logits."""
     config = SamplingConfig(**{k: v for k, v in options.items() if k != "draft"})
-    target = pipe.target.new_state()
+    target = DecoderState(pipe.target)
 
     def next_probs(sequence):
         target.reset()

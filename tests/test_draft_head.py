@@ -18,7 +18,9 @@ from ortspec.export.builder.head import HEAD_CONFIG, HEAD_KIND, head_decoder_con
 from ortspec.export.checkpoint import resolve_checkpoint
 from ortspec.export.distill import DistillConfig, distill, vocabulary_subset
 from ortspec.export.distill.head_model import FeatureHead, save_head_weights
-from ortspec.runtime.drafting import FeatureHeadProposer
+from ortspec.runtime import pipeline as pipeline_module
+from ortspec.runtime.drafters.model import FeatureHeadProposer
+from ortspec.runtime.model.decoder import DecoderState
 
 PROMPT = list(range(5, 29))
 
@@ -97,7 +99,7 @@ def test_head_graph_matches_pytorch(
     features = rng.normal(size=(12, parts * reader.cfg.hidden)).astype(np.float32)
     with torch.no_grad():
         want_hidden, want_scores = head(torch.from_numpy(tokens)[None], torch.from_numpy(features)[None])
-    draft = pipe.draft.new_state()
+    draft = DecoderState(pipe.draft)
     logits = [draft.forward(tokens[:8], features[:8])]
     hidden = [draft.hidden]
     for i in range(8, 12):
@@ -108,7 +110,7 @@ def test_head_graph_matches_pytorch(
     np.testing.assert_allclose(logits[:, subset], want_scores[0].numpy(), atol=1e-3)
     outside = np.setdiff1d(np.arange(reader.cfg.vocab_size), subset)
     assert np.all(np.isneginf(logits[:, outside]))  # it never proposes a token outside its subset
-    catch_up = pipe.draft.new_state().forward(tokens[:8], features[:8], last_only=True)  # scores the last alone
+    catch_up = DecoderState(pipe.draft).forward(tokens[:8], features[:8], last_only=True)  # scores the last alone
     assert catch_up.shape == (1, reader.cfg.vocab_size)
     np.testing.assert_allclose(catch_up, logits[7:8], atol=1e-4)
 
@@ -133,7 +135,7 @@ def test_head_sampling_runs_from_the_full_vocabulary(head_package: Path) -> None
     assert all(0 <= t < pipe.target.vocab_size for t in res.token_ids)
 
 
-def test_head_cache_holds_only_target_features(head_package: Path) -> None:
+def test_head_cache_holds_only_target_features(head_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each round's first draft equals what a fresh head computes from the target's features of the
     committed sequence: the head re-read the committed positions with the target's own features."""
     pipe = ortspec.load(head_package)
@@ -145,13 +147,13 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
             seen.append((list(tokens), logits[-1].copy()))
             return logits
 
-    def recording(config, drafter, target, draft, length):  # type: ignore[no-untyped-def]
+    def recording(kind, config, target, draft, length, memory, shared_vocab=None):  # type: ignore[no-untyped-def]
         return Recording(draft, target, window=1000)
 
-    pipe._proposer = recording  # type: ignore[method-assign]
+    monkeypatch.setattr(pipeline_module, "new_proposer", recording)
     pipe.generate(PROMPT, max_new_tokens=30, draft="model", draft_tokens=3)
     assert len(seen) > 3
-    target, head = pipe.target.new_state(), pipe.draft.new_state()
+    target, head = DecoderState(pipe.target), DecoderState(pipe.draft)
     for tokens, logits in seen[1:]:
         target.reset()
         target.forward(tokens)
@@ -163,7 +165,9 @@ def test_head_cache_holds_only_target_features(head_package: Path) -> None:
 
 
 @pytest.mark.parametrize("window", [1000, 4])
-def test_head_reads_the_target_features_of_the_positions_it_catches_up_on(head_package: Path, window: int) -> None:
+def test_head_reads_the_target_features_of_the_positions_it_catches_up_on(
+    head_package: Path, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The head keeps the last `window` positions' features in a ring: whatever it catches up on (the
     prompt, a round's committed tokens, a restart on the last `window`), it reads the target's own
     features of exactly those positions, and the output stays the target's."""
@@ -176,14 +180,14 @@ def test_head_reads_the_target_features_of_the_positions_it_catches_up_on(head_p
             reads.append((list(tokens), start, end, self._features[self._rows(start, end)].copy()))
             return super()._read(tokens, start, end)
 
-    def recording(config, drafter, target, draft, length):  # type: ignore[no-untyped-def]
+    def recording(kind, config, target, draft, length, memory, shared_vocab=None):  # type: ignore[no-untyped-def]
         return Recording(draft, target, window=window)
 
-    pipe._proposer = recording  # type: ignore[method-assign]
+    monkeypatch.setattr(pipeline_module, "new_proposer", recording)
     spec = pipe.generate(PROMPT, max_new_tokens=40, draft="model", draft_tokens=2)
     assert spec.token_ids == plain.token_ids
     assert len(reads) > 5 and max(end for _, _, end, _ in reads) > 3 * min(window, 16)
-    target = pipe.target.new_state()
+    target = DecoderState(pipe.target)
     for tokens, start, end, features in reads:
         target.reset()
         target.forward(tokens[:end])
@@ -195,8 +199,8 @@ def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], 
     residual stream after each feature layer, as transformers computes them."""
     from transformers import AutoModelForCausalLM
 
-    from ortspec.runtime.decoder import Model
-    from ortspec.runtime.manifest import load_manifest
+    from ortspec.runtime.model.onnx_model import Model
+    from ortspec.runtime.package.manifest import load_manifest
 
     ckpt = checkpoint("llama", variant="deep")
     out = tmp_path / "pkg"
@@ -219,8 +223,8 @@ def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], 
 
 def test_head_for_another_layout_is_refused(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     """A fused head beside a target whose features lack its layers fails at once, saying what to do."""
-    from ortspec.runtime.decoder import Model
-    from ortspec.runtime.manifest import load_manifest
+    from ortspec.runtime.model.onnx_model import Model
+    from ortspec.runtime.package.manifest import load_manifest
 
     def state(package: Path, role: str):  # type: ignore[no-untyped-def]
         manifest = load_manifest(package)
@@ -273,9 +277,9 @@ def test_head_and_target_features_on_the_graphed_path(head_package: Path) -> Non
     """The CUDA-graph path's fixed buffers (cuda_graphs.py) also carry the target's features out and the
     head's features in; on the CPU nothing is captured, so this checks the buffers' bookkeeping."""
     pipe = ortspec.load(head_package)
-    ordinary = pipe.target.new_state(), pipe.draft.new_state()
+    ordinary = DecoderState(pipe.target), DecoderState(pipe.draft)
     pipe.target.cuda_graphs = pipe.draft.cuda_graphs = True  # what CUDA sessions of an fp16 package get
-    graphed = pipe.target.new_state(), pipe.draft.new_state()
+    graphed = DecoderState(pipe.target), DecoderState(pipe.draft)
     assert graphed[0]._graphs is not None and graphed[1]._graphs is not None
     results = []
     for target, head in (ordinary, graphed):

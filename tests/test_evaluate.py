@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.runtime.evaluate import CHUNK, evaluate, windows
+from ortspec.runtime.model.decoder import DecoderState
 
 from reference import hf_model
 
@@ -23,7 +24,7 @@ def random_windows(vocab: int, count: int = 3, length: int = CHUNK + 72, seed: i
 
 
 def whole_window_logprobs(model, piece: list[int]) -> torch.Tensor:
-    decoder = model.new_state()
+    decoder = DecoderState(model)
     return torch.log_softmax(torch.from_numpy(decoder.forward(piece[:-1])).double(), -1)
 
 

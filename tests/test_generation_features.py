@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
-from ortspec.runtime.drafting import NgramProposer
-from ortspec.runtime.sampling import SamplingConfig, probabilities
+from ortspec.runtime.drafters.ngram import NgramProposer
+from ortspec.runtime.speculation.sampling import SamplingConfig, probabilities
 
 QWEN2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

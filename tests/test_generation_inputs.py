@@ -15,10 +15,11 @@ from click.testing import CliRunner
 
 import ortspec
 from ortspec.cli import BENCH_OPTIONS, main
-from ortspec.runtime.chat import ChatTemplateError, render_chat
+from ortspec.runtime.errors import ChatTemplateError
 from ortspec.runtime.options import GenerationConfig
-from ortspec.runtime.sampling import SamplingConfig
-from ortspec.runtime.sandbox import Budget
+from ortspec.runtime.speculation.sampling import SamplingConfig
+from ortspec.runtime.text.chat import render_chat
+from ortspec.runtime.text.sandbox import Budget
 
 
 def run(*args: str, input: str | None = None):
@@ -67,7 +68,7 @@ def test_non_finite_numbers_are_refused(pipe, package, name, value):
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
     """1e-320 is finite and allowed: it must behave as the limit (greedy), not overflow to inf - inf."""
-    from ortspec.runtime.sampling import probabilities
+    from ortspec.runtime.speculation.sampling import probabilities
 
     logits = np.array([1.0, 3.0, 2.0, -5.0])
     for temperature in (1e-320, 1e-30):

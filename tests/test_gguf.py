@@ -22,7 +22,8 @@ from ortspec.export.builder.gguf_io import open_gguf
 from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
 from ortspec.export.quantize import dequantized_weight, offset_blocks
 from ortspec.models.random import CORPUS
-from ortspec.runtime.tokenizer import TextTokenizer
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.text.tokenizer import TextTokenizer
 
 from gguf_files import CHAT_TEMPLATE, write_gguf
 from reference import hf_model
@@ -74,7 +75,7 @@ def assert_logits_match(pipe, model) -> None:
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
     with torch.no_grad():
         expected = model.eval()(torch.tensor([ids])).logits[0].float().numpy()
-    target = pipe.target.new_state()
+    target = DecoderState(pipe.target)
     got = [target.forward(ids[:12])] + [target.forward([t]) for t in ids[12:]]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=0)
 
@@ -165,7 +166,7 @@ def test_gguf_blocks_import_without_requantization(weights, quantize, block_size
     same = [np.array_equal(got[name], expected[name]) for name in expected]
     assert all(same) if exact else not any(same)
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=20)]
-    logits = [package.target.new_state().forward(ids) for package in (pipe, reference)]
+    logits = [DecoderState(package.target).forward(ids) for package in (pipe, reference)]
     close = np.allclose(*logits, atol=1e-4, rtol=0)
     assert close == exact
     quantization = pipe.manifest.target.quantization

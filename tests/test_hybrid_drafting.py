@@ -11,9 +11,10 @@ from test_calibration import synthetic
 
 import ortspec
 from ortspec.export import export_pair
-from ortspec.runtime.drafting import Proposal
-from ortspec.runtime.hybrid import HybridLength, HybridProposer
-from ortspec.runtime.speculative import AcceptanceEstimate, AutoDraftLength, AutoState, DraftLength, RoundCosts
+from ortspec.runtime.drafters.hybrid import HybridLength, HybridProposer
+from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
+from ortspec.runtime.speculation.draft_length import DraftLength
+from ortspec.runtime.speculation.proposal import Proposal
 
 from test_draft_head import make_head
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 import ortspec
-from ortspec.runtime.kv_cache import SharedBufferKVCache
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.kv_cache import SharedBufferKVCache
 
 
 def test_rollback_and_steps_keep_the_same_buffers(package):
     pipe = ortspec.load(package("llama", draft=None, exporter="builder"), max_length=64)
-    decoder = pipe.target.new_state()
+    decoder = DecoderState(pipe.target)
     cache = decoder.cache
     assert isinstance(cache, SharedBufferKVCache)
     pointers = [b.data_ptr() for b in cache.buffers]
@@ -34,8 +35,8 @@ def test_calls_of_any_shape_in_turn_read_their_own_tokens(package):
     # what an earlier call returned must survive the later ones
     pipe = ortspec.load(package("llama", draft=None, exporter="builder"), max_length=64)
     tokens = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
-    reference = pipe.target.new_state().forward(tokens)
-    decoder = pipe.target.new_state()
+    reference = DecoderState(pipe.target).forward(tokens)
+    decoder = DecoderState(pipe.target)
     returned, position = [], 0
     for count, last_only in ((3, True), (1, False), (1, False), (2, False), (1, False), (3, True), (1, False)):
         logits = decoder.forward(tokens[position : position + count], last_only=last_only)
@@ -55,4 +56,4 @@ def test_max_length_bounds_generation(package):
     result = pipe.generate([5] * 30, max_new_tokens=2, draft_tokens=5)  # exactly fills the buffer
     assert len(result.token_ids) == 2
     with pytest.raises(ortspec.ContextLengthError, match="holds at most 32 positions"):
-        pipe.target.new_state().forward([5] * 33)
+        DecoderState(pipe.target).forward([5] * 33)

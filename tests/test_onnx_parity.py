@@ -7,6 +7,7 @@ import pytest
 
 import ortspec
 from ortspec.export.families import FAMILIES
+from ortspec.runtime.model.decoder import DecoderState
 
 from conftest import CASE_IDS, CASES
 from reference import hf_logits, hf_model
@@ -21,7 +22,7 @@ BUILDER_VARIANTS = [
 def check_against_pytorch(pipe, checkpoint_dir) -> None:
     ids = [int(i) for i in np.random.default_rng(0).integers(2, pipe.target.vocab_size, size=40)]
     expected = hf_logits(checkpoint_dir, ids)
-    decoder = pipe.target.new_state()
+    decoder = DecoderState(pipe.target)
     steps = [
         ("prefill", slice(0, 8)),
         ("single step", slice(8, 9)),

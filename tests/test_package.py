@@ -11,9 +11,8 @@ import pytest
 
 import ortspec
 from ortspec.export.package import describe_model
-from ortspec.runtime import manifest_schema
-from ortspec.runtime import tokenizer as tokenizer_module
-from ortspec.runtime.manifest import (
+from ortspec.runtime.package import schema as manifest_schema
+from ortspec.runtime.package.manifest import (
     FORMAT_VERSION,
     FileEntry,
     Manifest,
@@ -24,6 +23,7 @@ from ortspec.runtime.manifest import (
     load_manifest,
     sha256_of,
 )
+from ortspec.runtime.text import tokenizer as tokenizer_module
 
 
 @pytest.fixture

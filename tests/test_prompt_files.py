@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ortspec.runtime.prompt_files import read_prompts, read_requests
+from ortspec.runtime.text.prompt_files import read_prompts, read_requests
 
 
 def write(path: Path, lines: list[str]) -> Path:

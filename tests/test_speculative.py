@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import ortspec
-from ortspec.runtime.drafting import DraftModelProposer
-from ortspec.runtime.sampling import SamplingConfig
-from ortspec.runtime.speculative import LoopStats, TokenChooser, speculative_decode
+from ortspec.runtime.drafters.model import DraftModelProposer
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.speculation.chooser import TokenChooser
+from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
+from ortspec.runtime.speculation.sampling import SamplingConfig
 
 from conftest import CASE_IDS, CASES
 from reference import greedy_margin, hf_greedy
@@ -156,11 +158,11 @@ def test_windowed_catch_up_keeps_output_exact(window, package):
     pipe = ortspec.load(package("llama", draft="same"))
     prompt = prompt_of(20, pipe.target.vocab_size)
     plain = pipe.generate(prompt, max_new_tokens=40, use_draft=False).token_ids
-    proposer = DraftModelProposer(pipe.draft.new_state(), window=window)
+    proposer = DraftModelProposer(DecoderState(pipe.draft), window=window)
     chooser = TokenChooser(SamplingConfig(), np.random.default_rng(0))
     stats = LoopStats()
     rounds = speculative_decode(
-        pipe.target.new_state(), prompt, 40, pipe.eos_token_ids, chooser, proposer, PlainStretches(6, 2, 3), stats
+        DecoderState(pipe.target), prompt, 40, pipe.eos_token_ids, chooser, proposer, PlainStretches(6, 2, 3), stats
     )
     assert [t for chunk in rounds for t in chunk] == plain
     assert stats.drafted > 0

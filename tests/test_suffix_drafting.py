@@ -12,12 +12,20 @@ import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
 from ortspec.models.random import make_checkpoint
-from ortspec.runtime.calibration import MIN_GAIN, Calibration, best_gamma, best_prefix, expected_tokens, round_speedup
-from ortspec.runtime.drafting import Proposal
-from ortspec.runtime.sampling import SamplingConfig, probabilities
-from ortspec.runtime.speculative import AutoDraftLength, AutoState
-from ortspec.runtime.suffix import LOCAL, POOL, ConfidenceBuckets, SuffixMemory, SuffixProposer, bucket
-from ortspec.runtime.token_index import ORDERS, TokenIndex
+from ortspec.runtime.drafters.suffix import LOCAL, POOL, ConfidenceBuckets, SuffixMemory, SuffixProposer, bucket
+from ortspec.runtime.drafters.token_index import ORDERS, TokenIndex
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.speculation.auto_length import AutoDraftLength, AutoState
+from ortspec.runtime.speculation.calibration import (
+    MIN_GAIN,
+    Calibration,
+    best_gamma,
+    best_prefix,
+    expected_tokens,
+    round_speedup,
+)
+from ortspec.runtime.speculation.proposal import Proposal
+from ortspec.runtime.speculation.sampling import SamplingConfig, probabilities
 
 MAX_NEW = 40
 
@@ -102,7 +110,7 @@ def test_sampling_with_suffix_drafts_keeps_the_target_distribution(tmp_path):
     prompt = list(range(2, 24)) * 2  # whatever the first new token (but 0 and 1), the suffix drafts after it
     config = SamplingConfig(temperature=1.0)
 
-    target = tiny.target.new_state()
+    target = DecoderState(tiny.target)
 
     def next_probs(sequence):
         target.reset()
@@ -214,7 +222,7 @@ def test_confidence_follows_what_the_target_accepted():
     before = memory.confidence.chance(kind)
     for _ in range(30):
         proposal = proposer.propose(context, 4, None)
-        proposer.rollback([*context, 1, 99])  # the target keeps the first draft, then differs
+        proposer.accept([*context, 1, 99])  # the target keeps the first draft, then differs
         proposer.reset()
     assert memory.confidence.chance(kind) > before  # the first draft (match 5) always right
     assert memory.confidence.chance(bucket(LOCAL, 5, 1, 1)) < 0.2  # the second always wrong
@@ -230,7 +238,7 @@ def test_unsent_drafts_are_judged_too():
     context = [4, 5, 6, 4, 5]
     kind = bucket(LOCAL, 2, 1, 1)  # "4 5" matched once, two tokens long
     proposer.propose(context, 3, None)
-    proposer.rollback([*context, 6])  # a plain round committed exactly the first draft
+    proposer.accept([*context, 6])  # a plain round committed exactly the first draft
     assert memory.confidence.judged[kind] == 1 and memory.confidence.accepted[kind] == 1
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import onnx
 
-from ..runtime import graph_names as names
-from ..runtime.manifest import FileEntry, ModelSpec, file_entry
+from ortspec.runtime.package import graph_names as names
+from ortspec.runtime.package.manifest import FileEntry, ModelSpec, file_entry
 
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # protobuf cannot hold more than 2 GB in one file
 

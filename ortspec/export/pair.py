@@ -13,8 +13,7 @@ from typing import Any
 
 import onnx
 
-from .. import __version__
-from ..runtime.manifest import (
+from ortspec.runtime.package.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     HEAD_KIND,
@@ -23,6 +22,8 @@ from ..runtime.manifest import (
     ModelSpec,
     TokenizerSpec,
 )
+
+from .. import __version__
 from .builder import build_head_onnx, build_onnx, can_build
 from .builder.config import decoder_config
 from .builder.head import is_head_dir, read_head_config

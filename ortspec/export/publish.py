@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..runtime.calibration_store import CALIBRATION_FILE
-from ..runtime.manifest import FORMAT_NAME, MANIFEST_FILE, READABLE_VERSIONS, PackageError, parse_manifest
+from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package.manifest import FORMAT_NAME, MANIFEST_FILE, READABLE_VERSIONS, parse_manifest
+from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE
 
 Reporter = Callable[[str], None]
 

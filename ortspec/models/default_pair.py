@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ortspec.runtime.package.manifest import sha256_of
+from ortspec.runtime.user_cache import cache_dir  # where exported packages are kept
+
 from .. import __version__
-from ..runtime.manifest import sha256_of
-from ..runtime.user_cache import cache_dir  # where exported packages are kept
 
 SHIPPED = Path(__file__).parent / "default"
 DEMO_PROMPTS = [

@@ -1,10 +1,9 @@
 """The serving runtime: ONNX Runtime, numpy and tokenizers only (no torch, transformers or optimum)."""
 
-from .chat import ChatTemplateError
-from .decoder import ContextLengthError
-from .manifest import PackageError
-from .pipeline import GenerationConfig, GenerationResult, GenerationStats, Pipeline, TextStream, load
-from .sampling import SamplingConfig
+from ortspec.runtime.errors import ChatTemplateError, ContextLengthError, PackageError
+from ortspec.runtime.pipeline import GenerationConfig, Pipeline, load
+from ortspec.runtime.results import GenerationResult, GenerationStats, TextStream
+from ortspec.runtime.speculation.sampling import SamplingConfig
 
 __all__ = [
     "ChatTemplateError",

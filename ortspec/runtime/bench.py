@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import GenerationResult, Pipeline
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.pipeline import Pipeline
+from ortspec.runtime.results import GenerationResult
 
 
 @dataclass
@@ -193,7 +195,7 @@ def divergence_gap(
 def path_noise(pipe: Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:
     """Largest change of the top-2 logit margin along the plain answers between the one-position
     kernels (token by token, as plain decoding runs) and the many-position ones (one chunk)."""
-    target, worst = pipe.target.new_state(), 0.0
+    target, worst = DecoderState(pipe.target), 0.0
     for prompt in prompts:
         answer = answers[tuple(prompt)]
         target.reset()

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decoder import DecoderState, Model
-from .tokenizer import TextTokenizer
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
+from ortspec.runtime.text.tokenizer import TextTokenizer
 
 CHUNK = 128  # positions per call: bounds the logits in memory (CHUNK x vocab floats) at any vocabulary
 
@@ -77,7 +78,7 @@ def evaluate(
             "compare packages of the same model"
         )
     started = time.perf_counter()
-    state, ref_state = target.new_state(), reference.new_state() if reference is not None else None
+    state, ref_state = DecoderState(target), DecoderState(reference) if reference is not None else None
     nll = ref_nll = kl = 0.0
     agree = count = 0
     for window in token_windows:

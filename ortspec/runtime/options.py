@@ -9,10 +9,46 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import Field, dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-DRAFTERS = ("model", "hybrid", "ngram", "suffix")
+
+class DrafterKind(str, Enum):
+    """Who drafts in a generation. Compares equal to its name, so options and stats carry plain strings."""
+
+    MODEL = "model"  # the package's draft LM (asked for as "model"; a head package resolves it to HEAD)
+    HEAD = "head"  # the package's feature-level draft head
+    HYBRID = "hybrid"  # suffix matches where they are worth more than the draft model's guess, else the model
+    NGRAM = "ngram"  # prompt lookup
+    SUFFIX = "suffix"  # suffix matches in the prompt, the output so far and earlier outputs
+    NONE = "none"  # plain decoding
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def calls_a_model(self) -> bool:
+        """Drafting costs model calls (a draft LM, or a head)."""
+        return self in (DrafterKind.MODEL, DrafterKind.HEAD)
+
+    @property
+    def needs_draft_state(self) -> bool:
+        """Drafting decodes with the package's draft model (the hybrid: in some rounds)."""
+        return self in (DrafterKind.MODEL, DrafterKind.HEAD, DrafterKind.HYBRID)
+
+    @property
+    def scores_tokens(self) -> bool:
+        """A free drafter that gives each token its chance of acceptance: auto γ sends the best prefix."""
+        return self is DrafterKind.SUFFIX
+
+
+DRAFTERS = tuple(k.value for k in (DrafterKind.MODEL, DrafterKind.HYBRID, DrafterKind.NGRAM, DrafterKind.SUFFIX))
 GAMMA_POLICIES = ("adaptive", "auto")
+
+
+def default_drafter(has_draft_model: bool) -> DrafterKind:
+    """The drafter when none is asked for: the hybrid where the package has a draft model, else suffix matches."""
+    return DrafterKind.HYBRID if has_draft_model else DrafterKind.SUFFIX
 
 
 @dataclass(frozen=True)

@@ -6,106 +6,38 @@ import numbers
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .batching import BatchedModel, batch_problem
-from .calibration import Calibration, measure
-from .calibration import calibration_key as calibration_key_for
-from .calibration_store import calibration_files, load_calibration, save_calibration
-from .chat import Message, render_chat
-from .decoder import ContextLengthError, DecoderState, Model
-from .drafting import DraftModelProposer, FeatureHeadProposer, NgramProposer, Proposer
-from .hybrid import HybridLength, HybridProposer
-from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
-from .options import GenerationConfig, check_text
-from .sampling import SamplingConfig
-from .speculative import (
-    AutoDraftLength,
-    AutoMemo,
-    AutoState,
-    DraftLength,
-    LoopStats,
-    TokenChooser,
-    speculative_decode,
-)
-from .state_pool import DEFAULT_IDLE_STATES, StatePool
-from .suffix import SuffixMemory, SuffixProposer
-from .tokenizer import TextAssembler, TextTokenizer
+from ortspec.runtime.drafters.factory import new_proposer
+from ortspec.runtime.drafters.hybrid import HybridLength
+from ortspec.runtime.drafters.suffix import SuffixMemory
+from ortspec.runtime.errors import ContextLengthError
+from ortspec.runtime.model.batching import BatchedModel, batch_problem
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
+from ortspec.runtime.model.state_pool import DEFAULT_IDLE_STATES, StatePool
+from ortspec.runtime.options import DrafterKind, GenerationConfig, check_text, default_drafter
+from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
+from ortspec.runtime.results import Events, GenerationResult, GenerationStats, TextStream
+from ortspec.runtime.speculation.auto_length import AutoDraftLength, AutoMemo, AutoState
+from ortspec.runtime.speculation.calibration import Calibration, measure
+from ortspec.runtime.speculation.calibration import calibration_key as calibration_key_for
+from ortspec.runtime.speculation.calibration_store import calibration_files, load_calibration, save_calibration
+from ortspec.runtime.speculation.chooser import TokenChooser
+from ortspec.runtime.speculation.draft_length import DraftLength, DraftLengthPolicy
+from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
+from ortspec.runtime.speculation.sampling import SamplingConfig
+from ortspec.runtime.text.chat import Message, render_chat
+from ortspec.runtime.text.tokenizer import TextAssembler, TextTokenizer
 
 Prompt = str | Sequence[int]
-DRAFT_MODELS = ("model", "head")  # drafters that cost model calls (a draft LM, or a feature-level head)
-WITH_DRAFT_STATE = (*DRAFT_MODELS, "hybrid")  # drafters that decode with the draft model (hybrid: some rounds)
-SCORED_DRAFTERS = ("suffix",)  # free drafters that score each token: auto γ sends the best prefix
 DEFAULT_DRAFT_THREADS = 1
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """How a generation went: speed, calls and how many drafts the target accepted."""
-
-    prompt_tokens: int
-    new_tokens: int
-    target_calls: int
-    draft_calls: int
-    drafted_tokens: int
-    accepted_tokens: int
-    acceptance_rate: float | None  # accepted / drafted; None when nothing was drafted
-    tokens_per_target_call: float  # new tokens / target calls after the prefill
-    seconds: float  # wall time of the whole generation, prefill included
-    time_to_first_token: float
-    tokens_per_second: float  # new tokens / seconds
-    draft_tokens: int | str  # γ as configured: an integer, "adaptive", or 0 for plain decoding
-    drafter: str  # "model" (a draft LM), "head" (a feature-level draft head), "hybrid", "ngram", "suffix" or "none"
-    accepted_per_round: tuple[int, ...]  # drafts the target accepted in each speculative round
-    drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
-    undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
-    finish_reason: str  # "eos", "length" or "stop"
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """New text, the new token ids (eos or the stop string's last token included), and stats."""
-
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-
-
-Events = Generator[tuple[str, GenerationResult | None], None, None]  # text deltas, then ("", the result)
-
-
-class TextStream:
-    """Iterator of text deltas from `Pipeline.stream`; `.result` holds the full result once exhausted.
-
-    Each stream decodes in states of its own: streams advanced in turns, or alongside `generate`
-    calls, do not affect one another. `close()` (or dropping the stream) ends it early.
-    """
-
-    def __init__(self, events: Events) -> None:
-        self._events = events  # held directly, no cycle: a dropped stream ends (and frees its states) at once
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        for delta, result in self._events:
-            if result is not None:
-                self.result = result
-            elif delta:
-                return delta
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop generating and hand the stream's decoder states back to the pipeline."""
-        self._events.close()
 
 
 class Pipeline:
@@ -116,7 +48,7 @@ class Pipeline:
     decoder states of its own (KV cache, position, drafter) from `target_states` / `draft_states`
     and returns them when it ends, and the pools keep up to `idle_states` of each for reuse. What
     generations learn from one another (auto γ's estimates, suffix drafting's memory) is shared
-    under locks. For direct model calls, `pipe.target.new_state()` gives a sequence of your own.
+    under locks. For direct model calls, `DecoderState(pipe.target)` gives a sequence of your own.
 
     With `batch` (a `BatchedModel` of the target), generations running at once decode in its rows and
     their one-token target steps share calls (continuous batching); `batch` is None where it is off.
@@ -185,31 +117,41 @@ class Pipeline:
         elif problem:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
-    def _draft_length(self, config: GenerationConfig, drafter: str) -> DraftLength | AutoDraftLength | HybridLength:
-        if drafter == "hybrid":  # each of its drafters keeps a policy (and what auto γ learns) of its own
-            model = "head" if self.draft.spec.is_head else "model"
-            return HybridLength(self._one_length(config, "suffix", "hybrid"), self._one_length(config, model, "hybrid"))
+    def _draft_length(self, config: GenerationConfig, drafter: DrafterKind) -> DraftLengthPolicy:
+        if drafter is DrafterKind.HYBRID:  # each of its drafters keeps a policy (and what auto γ learns) of its own
+            model = self._model_drafter()
+            suffix = self._one_length(config, DrafterKind.SUFFIX, drafter)
+            return HybridLength(suffix, self._one_length(config, model, drafter))
         return self._one_length(config, drafter)
 
-    def _one_length(self, config: GenerationConfig, drafter: str, within: str = "") -> DraftLength | AutoDraftLength:
+    def _model_drafter(self) -> DrafterKind:
+        """What the package's draft model is: a head or a draft LM."""
+        if self.draft is None:
+            raise ValueError("the package has no draft model")
+        return DrafterKind.HEAD if self.draft.spec.is_head else DrafterKind.MODEL
+
+    def _one_length(
+        self, config: GenerationConfig, drafter: DrafterKind, within: DrafterKind | None = None
+    ) -> DraftLength | AutoDraftLength:
         """γ's policy for one drafter; `within` names the hybrid it serves (what it learns is kept apart)."""
         if config.draft_tokens == "adaptive":
             return DraftLength(None, config.draft_tokens_max)
         if config.draft_tokens == "auto":
             calibration = self.calibration(max_gamma=config.draft_tokens_max)
-            costs = dict(draft_cost=drafter in DRAFT_MODELS, max_gamma=config.draft_tokens_max)
-            scored = drafter in SCORED_DRAFTERS
+            draft_cost, max_gamma, scored = drafter.calls_a_model, config.draft_tokens_max, drafter.scores_tokens
             if _reproducible(config):
                 # γ choices that depend on neither timings nor earlier generations (the samples depend
                 # on them), only on the stored calibration and this generation's acceptance.
-                return AutoDraftLength(calibration, AutoState(), **costs, learn_timings=False, scored=scored)
-            key = (within, drafter, config.draft_tokens_max)
+                return AutoDraftLength(
+                    calibration, AutoState(), draft_cost, max_gamma, learn_timings=False, scored=scored
+                )
+            key = (str(within or ""), str(drafter), config.draft_tokens_max)
             with self._lock:
                 memo = self._auto.get(key)
                 if memo is None or memo[0] is not calibration:  # reuse the cached per-context costs
                     memo = self._auto[key] = (calibration, AutoMemo())
-                state = self._auto_states.setdefault(f"{within}:{drafter}", AutoState())
-            return AutoDraftLength(calibration, state, **costs, scored=scored, memo=memo[1])
+                state = self._auto_states.setdefault(f"{within or ''}:{drafter}", AutoState())
+            return AutoDraftLength(calibration, state, draft_cost, max_gamma, scored=scored, memo=memo[1])
         return DraftLength(int(config.draft_tokens))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -243,52 +185,27 @@ class Pipeline:
                 f"(at most {max(limit - len(prompt_ids), 0)} new tokens fit)"
             )
 
-    def _drafter(self, config: GenerationConfig) -> str:
-        """Which drafter a generation uses: "model", "head", "hybrid", "ngram", "suffix" or "none"."""
+    def drafter(self, config: GenerationConfig) -> DrafterKind:
+        """Which drafter a generation under `config` uses (the package's draft model resolved to a head or LM)."""
         if not config.use_draft:
-            return "none"
-        drafter = config.draft or ("hybrid" if self.draft is not None else "suffix")
-        if drafter in ("model", "hybrid") and self.draft is None:
+            return DrafterKind.NONE
+        drafter = DrafterKind(config.draft) if config.draft else default_drafter(self.draft is not None)
+        if drafter.needs_draft_state and self.draft is None:
             raise ValueError(
-                f"the package has no draft model (draft={drafter!r} needs one): export one with --draft, "
+                f"the package has no draft model (draft={drafter.value!r} needs one): export one with --draft, "
                 "or use draft='suffix' or 'ngram'"
             )
-        if drafter == "model":
-            return "head" if self.draft.spec.is_head else "model"
-        return drafter
-
-    def _proposer(
-        self,
-        config: GenerationConfig,
-        drafter: str,
-        target: DecoderState,
-        draft: DecoderState | None,
-        length: DraftLength | AutoDraftLength | HybridLength | None,
-    ) -> Proposer | None:
-        """One generation's proposer, drafting with its own `draft` state (and `target`'s features)."""
-        if drafter == "head" or (drafter == "hybrid" and self.draft.spec.is_head):
-            model = FeatureHeadProposer(draft, target, self._shared_vocab, config.draft_min_prob)
-        elif drafter in ("model", "hybrid"):
-            model = DraftModelProposer(draft, self._shared_vocab, config.draft_min_prob)
-        if drafter == "hybrid":
-            return HybridProposer(SuffixProposer(self._suffix_memory(config)), model, length)
-        if drafter in DRAFT_MODELS:
-            return model
-        if drafter == "ngram":
-            return NgramProposer(config.max_ngram_size)
-        if drafter == "suffix":
-            return SuffixProposer(self._suffix_memory(config))
-        return None
+        return self._model_drafter() if drafter is DrafterKind.MODEL else drafter
 
     def _suffix_memory(self, config: GenerationConfig) -> SuffixMemory:
         """The pipeline's pool; seeded sampling drafts from this sequence alone: the same seed, the same text."""
         return SuffixMemory() if _reproducible(config) else self.suffix_memory
 
     @contextmanager
-    def _states(self, drafter: str) -> Iterator[tuple[DecoderState, DecoderState | None]]:
+    def _states(self, drafter: DrafterKind) -> Iterator[tuple[DecoderState, DecoderState | None]]:
         """A target state, and a draft state for drafters that are models, for one generation."""
         with self.target_states.state() as target:
-            if drafter not in WITH_DRAFT_STATE or self.draft_states is None:
+            if not drafter.needs_draft_state or self.draft_states is None:
                 yield target, None
                 return
             with self.draft_states.state() as draft:
@@ -300,9 +217,9 @@ class Pipeline:
         config = GenerationConfig.from_options(options)
         prompt_ids = self._prompt_ids(prompt)
         self._check_lengths(prompt_ids, config.max_new_tokens)
-        drafter = self._drafter(config)
+        drafter = self.drafter(config)
         # γ's policy now, not inside the timed generation: auto may have to calibrate first
-        draft_length = self._draft_length(config, drafter) if drafter != "none" else None
+        draft_length = self._draft_length(config, drafter) if drafter is not DrafterKind.NONE else None
         chooser = TokenChooser(_sampling(config), np.random.default_rng(config.seed))
         return self._generate(prompt_ids, config, chooser, drafter, draft_length)
 
@@ -311,8 +228,8 @@ class Pipeline:
         prompt_ids: list[int],
         config: GenerationConfig,
         chooser: TokenChooser,
-        drafter: str,
-        draft_length: DraftLength | AutoDraftLength | HybridLength | None,
+        drafter: DrafterKind,
+        draft_length: DraftLengthPolicy | None,
     ) -> Events:
         """Yield (text delta, None) as tokens are committed, then ("", the result). Decodes in states of
         its own, taken when it starts and handed back when it ends, is closed or is collected."""
@@ -322,7 +239,8 @@ class Pipeline:
         with self._states(drafter) as (target, draft):
             start = time.perf_counter()
             first_token_at = None
-            proposer = self._proposer(config, drafter, target, draft, draft_length)
+            memory = self._suffix_memory(config)
+            proposer = new_proposer(drafter, config, target, draft, draft_length, memory, self._shared_vocab)
             rounds = speculative_decode(
                 target,
                 prompt_ids,
@@ -365,7 +283,7 @@ class Pipeline:
             time_to_first_token=(first_token_at or start) - start,
             tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
             draft_tokens=config.draft_tokens if proposer else 0,
-            drafter=drafter,
+            drafter=drafter.value,
             accepted_per_round=tuple(loop.accepted_per_round),
             drafted_per_round=tuple(loop.drafted_per_round),
             undrafted_rounds=loop.undrafted_rounds,

@@ -26,7 +26,7 @@ def serve(
     """Load `parallel` slots of `package` (batched, where it can) and serve them until interrupted."""
     import uvicorn
 
-    from ..runtime.batching import batch_problem
+    from ortspec.runtime.model.batching import batch_problem
 
     pipelines = load_pipelines(package, parallel, batch, **(load_options or {}))
     for pipe in dict.fromkeys(pipelines):  # measured (or read) now, not inside the first requests

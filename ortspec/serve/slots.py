@@ -29,7 +29,7 @@ def load_pipelines(package: str | Path, parallel: int, batch: bool = True, **loa
     """The pipeline of each slot: one thread-safe Pipeline shared by all (the weights are loaded once,
     each generation takes KV states of its own), keeping a state per slot for reuse. With `batch`, the
     slots' generations decode in rows of one batch and share target calls where the package allows
-    (see `ortspec.runtime.batching`); elsewhere each decodes alone."""
+    (see `ortspec.runtime.model.batching`); elsewhere each decodes alone."""
     load_options.setdefault("idle_states", parallel)
     if batch:
         load_options.setdefault("batch", parallel)

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...runtime import graph_names as names
+from ortspec.runtime.package import graph_names as names
+
 from .config import DecoderConfig
 from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader

@@ -26,14 +26,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ...runtime import graph_names as names
-from ...runtime.manifest import HEAD_KIND
+from ortspec.runtime.package import graph_names as names
+from ortspec.runtime.package.manifest import HEAD_KIND
+
 from .config import DecoderConfig
 from .graph import GraphBuilder, decoder_stack, finish_graph, last_positions, logits_to_keep_input, rotary_tables
 from .safetensors_io import Checkpoint
 from .weights import WeightReader
 
 HEAD_CONFIG = "head.json"
+LM_DRAFT_CONFIG = "ortspec-draft.json"  # what `distill --kind lm` writes beside its Hugging Face checkpoint
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_FORMAT = 2  # 2: `feature_layers`, the inner layers its features hold besides the final ones
 

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from ...runtime.manifest import TOKENIZER_FILE
-from ...runtime.prompt_files import read_requests
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.package.manifest import TOKENIZER_FILE
+from ortspec.runtime.text.prompt_files import read_requests
+
 from ..builder import weight_reader
 from ..builder.graph import check_feature_layers
-from ..builder.head import HEAD_CONFIG, HEAD_FORMAT, HEAD_KIND, head_decoder_config, target_fingerprint
+from ..builder.head import HEAD_CONFIG, HEAD_FORMAT, HEAD_KIND, LM_DRAFT_CONFIG, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
 from .data import text_file_sequences
 from .features import SequenceStore, open_target, sequence_features
@@ -40,7 +42,6 @@ from .writers import default_batch, default_writers, write_chats
 
 Reporter = Callable[[str], None]
 KINDS = ("head", "lm")
-LM_DRAFT_CONFIG = "ortspec-draft.json"  # what `--kind lm` writes beside its Hugging Face checkpoint
 HELD_OUT_SEED = 1_000_000
 MAX_SEQUENCE = 1024
 STORES = ("chats", "held-out", "prompts", "prompts-held-out", "text")
@@ -161,7 +162,7 @@ def _text(store: SequenceStore, pipe: Any, paths: Sequence[str], length: int) ->
     pieces = list(text_file_sequences(pipe, [Path(p) for p in paths], length))[len(store) :]
     if not pieces:
         return
-    reader = pipe.target.new_state()
+    reader = DecoderState(pipe.target)
     with _progress_bar(sum(len(p["tokens"]) for p in pieces), "tok", "target reading text") as bar:
         for piece in pieces:
             store.append(piece, sequence_features(reader, piece["tokens"]))

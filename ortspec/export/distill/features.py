@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ...runtime.batching import BatchedModel, batch_problem
-from ...runtime.decoder import DecoderState, Model
-from ...runtime.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_manifest
-from ...runtime.pipeline import Pipeline
-from ...runtime.tokenizer import TextTokenizer
+from ortspec.runtime.model.batching import BatchedModel, batch_problem
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
+from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_manifest
+from ortspec.runtime.pipeline import Pipeline
+from ortspec.runtime.text.tokenizer import TextTokenizer
 
 CHUNK = 256  # tokens per target call while reading a sequence
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..builder.head import LM_DRAFT_CONFIG
 from .train import TrainProgress, native_bf16
 
 LM_STATE_FILE = "lm-train-state.pt"
@@ -165,7 +166,5 @@ def save_lm(model: Any, tokenizer_dir: Path, out: Path, card: str, training: dic
     for file in Path(tokenizer_dir).iterdir():
         if file.is_file():
             shutil.copy2(file, out / file.name)
-    from . import LM_DRAFT_CONFIG
-
     (out / LM_DRAFT_CONFIG).write_text(json.dumps({"kind": "lm", "training": training}, indent=2) + "\n")
     (out / "README.md").write_text(card)

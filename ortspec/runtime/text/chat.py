@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .options import check_text
+from ortspec.runtime.errors import ChatTemplateError
+from ortspec.runtime.options import check_text
 
 if TYPE_CHECKING:
-    from .sandbox import Budget
+    from ortspec.runtime.text.sandbox import Budget
 
 Message = dict[str, Any]
 
-
-class ChatTemplateError(ValueError):
-    """The package has no chat template, or the template rejected the conversation (or broke a limit)."""
 
 
 def check_messages(messages: Any) -> list[Message]:
@@ -54,7 +52,7 @@ def render_chat(
             "this model has no chat template (tokenizer_config.json has no chat_template): "
             "use generate() with a plain prompt instead"
         )
-    from .sandbox import render  # jinja2 is imported only when a chat is rendered
+    from ortspec.runtime.text.sandbox import render  # jinja2 is imported only when a chat is rendered
 
     variables = dict(messages=check_messages(messages), add_generation_prompt=add_generation_prompt, **special_tokens)
     return _text("the chat template's output", render(template, variables, budget))

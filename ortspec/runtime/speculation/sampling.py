@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .options import check_option
+from ortspec.runtime.options import check_option
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from .manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, PackageError
+from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

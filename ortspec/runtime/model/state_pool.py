@@ -12,8 +12,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .batching import BatchedModel, RowState
-from .decoder import DecoderState, Model
+from ortspec.runtime.model.batching import BatchedModel, RowState
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
 
 DEFAULT_IDLE_STATES = 4
 
@@ -43,7 +44,7 @@ class StatePool:
             if self._idle:
                 return self._idle.pop()
             self.created += 1
-        return self.model.new_state()
+        return DecoderState(self.model)
 
     def give(self, state: DecoderState) -> None:
         """Take `state` back (emptied); beyond `size` idle states it is dropped and its buffers freed."""

@@ -24,7 +24,7 @@ from jinja2.filters import do_format, do_join, do_replace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from .chat import ChatTemplateError
+from ortspec.runtime.errors import ChatTemplateError
 
 MAX_CHARS = 4_000_000  # text written, and any value built on the way: far beyond any context
 MAX_SECONDS = 5.0  # real chat templates render in milliseconds

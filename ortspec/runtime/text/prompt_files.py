@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .chat import Message
+from ortspec.runtime.text.chat import Message
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer "system", read as it
 

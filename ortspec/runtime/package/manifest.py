@@ -1,7 +1,7 @@
 """The deployment package's manifest: the contract between export and runtime.
 
 The exporter writes here what the package holds, and the runtime trusts nothing it does not check:
-loading checks every field against the schema (manifest_schema.py), refuses paths that escape the
+loading checks every field against the schema (schema.py), refuses paths that escape the
 package, and checks that every file the runtime will open (graphs, their external data, tokenizer
 files) is listed, a regular file of the listed size and, when verifying, of the listed sha256. Each
 graph's real inputs, outputs and shapes are checked against its entry when its session is made
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import manifest_schema
-from .external_data import external_data_locations
+from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package import schema
+from ortspec.runtime.package.external_data import external_data_locations
 
 FORMAT_NAME = "ortspec-package"
 FORMAT_VERSION = 2  # 2: a draft may be a feature-level head (kind "eagle-head")
@@ -32,9 +33,6 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special token strings; optional
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB (a chat template at most adds some)
 
-
-class PackageError(Exception):
-    """A deployment package is missing, malformed, corrupted or unsupported."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ def parse_manifest(data: dict[str, Any], root: Path) -> Manifest:
             f"package format version {version!r} is not supported by this ortspec (it reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade ortspec or re-export the package with this version"
         )
-    if found := manifest_schema.problem(data):
+    if found := schema.problem(data):
         raise PackageError(f"{found}; the package is malformed")
     tokenizer = data["tokenizer"]
     return Manifest(

@@ -1,70 +1,15 @@
-"""Draft proposers: cheap guesses of the next tokens, for the target to verify in one call.
-
-A draft model and prompt lookup live here; suffix drafting (with a pool across generations) in `suffix.py`.
-"""
+"""Drafting with a model: a small draft LM, or a feature-level head that reads the target's features."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .decoder import DecoderState
-from .sampling import sample
-
-if TYPE_CHECKING:
-    from .speculative import TokenChooser
-
-
-@dataclass
-class Proposal:
-    """Proposed tokens and, for sampled drafts, the distribution each was drawn from.
-
-    `probs` is None for deterministic proposals (greedy drafts, prompt lookup): to the acceptance
-    rule that is a one-hot distribution on the proposed token. `confidence`, from proposers that
-    score their tokens, is each token's chance of acceptance given the tokens before it were
-    accepted: auto γ then sends the prefix with the best expected throughput.
-    """
-
-    tokens: list[int]
-    probs: list[np.ndarray] | None = None
-    confidence: list[float] | None = None
-
-    def prefix(self, count: int) -> Proposal:
-        """The first `count` proposed tokens."""
-        if count >= len(self.tokens):
-            return self
-        probs = None if self.probs is None else self.probs[:count]
-        confidence = None if self.confidence is None else self.confidence[:count]
-        return Proposal(self.tokens[:count], probs, confidence)
-
-
-class Proposer(Protocol):
-    """Proposes up to `count` tokens that may follow `tokens`; told afterwards what was committed."""
-
-    calls: int
-
-    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
-        """Guess up to `count` next tokens after the committed sequence `tokens`."""
-        ...
-
-    def rollback(self, tokens: Sequence[int]) -> None:
-        """Forget state beyond what agrees with the committed `tokens`."""
-        ...
-
-    def pending(self, tokens: Sequence[int]) -> int:
-        """Committed tokens the proposer must still read before it can propose (its catch-up)."""
-        ...
-
-    def reset(self) -> None:
-        """Start a new sequence."""
-        ...
-
-    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
-        """A generation finished: proposers that draft from earlier outputs keep what they need."""
-        ...
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.speculation.chooser import TokenChooser
+from ortspec.runtime.speculation.proposal import Proposal, Proposer
+from ortspec.runtime.speculation.sampling import sample
 
 
 def _softmax_max(logits: np.ndarray) -> float:
@@ -73,7 +18,7 @@ def _softmax_max(logits: np.ndarray) -> float:
     return float(1.0 / shifted.sum())
 
 
-class DraftModelProposer:
+class DraftModelProposer(Proposer):
     """A small causal LM that drafts one cached call per token, greedily or by sampling.
 
     When sampling, each draft is drawn from the draft's processed distribution (same temperature,
@@ -238,50 +183,3 @@ class FeatureHeadProposer(DraftModelProposer):
     def _keep_prediction(self) -> None:
         """Its latest predicted final features feed its next step (a fused head's inner parts stay zero)."""
         self._predicted[:, : self.decoder.model.hidden_size] = self.decoder.hidden[-1:]
-
-
-class NgramProposer:
-    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n from
-    `max_ngram_size` down to 1) and propose what followed it. No model, next to no cost; strong on
-    input-grounded tasks (editing, summarising, code that repeats names).
-
-    An index of every n-gram's latest end position grows with the committed sequence (which only
-    grows between resets), so a round costs a few dict lookups, not a scan of the whole sequence.
-    """
-
-    def __init__(self, max_ngram_size: int = 3) -> None:
-        if max_ngram_size < 1:
-            raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
-        self.max_ngram_size = max_ngram_size
-        self.calls = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self._follows: dict[tuple[int, ...], int] = {}  # n-gram -> where the tokens after its latest occurrence start
-        self._indexed = 0  # n-grams ending before this position are in the index
-
-    def rollback(self, tokens: Sequence[int]) -> None:
-        pass
-
-    def learn(self, prompt: Sequence[int], output: Sequence[int]) -> None:
-        pass
-
-    def pending(self, tokens: Sequence[int]) -> int:
-        return 0
-
-    def _index(self, tokens: Sequence[int]) -> None:
-        """Add the n-grams ending before the last token (the suffix itself is not an earlier occurrence)."""
-        if len(tokens) - 1 < self._indexed:  # not the sequence indexed so far: start over
-            self.reset()
-        for end in range(self._indexed, len(tokens) - 1):
-            for n in range(1, min(self.max_ngram_size, end + 1) + 1):
-                self._follows[tuple(tokens[end - n + 1 : end + 1])] = end + 1
-        self._indexed = max(self._indexed, len(tokens) - 1)
-
-    def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
-        self._index(tokens)
-        for n in range(min(self.max_ngram_size, len(tokens) - 1), 0, -1):
-            start = self._follows.get(tuple(tokens[-n:]))
-            if start is not None:
-                return Proposal([int(t) for t in tokens[start : start + count]])
-        return Proposal([])

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .calibration import expected_tokens
-from .drafting import Proposal
-from .token_index import TokenIndex
+from ortspec.runtime.drafters.token_index import TokenIndex
+from ortspec.runtime.speculation.calibration import expected_tokens
+from ortspec.runtime.speculation.proposal import Proposal, Proposer
 
 if TYPE_CHECKING:
-    from .speculative import TokenChooser
+    from ortspec.runtime.speculation.chooser import TokenChooser
 
 POOL_TOKENS = 1 << 15  # default bound of the pool of earlier outputs (measured 17 MB full of random tokens)
 LEAD = 16  # prompt tokens kept before each pooled output, so that an answer's opening can be matched
@@ -110,7 +110,7 @@ class Candidate:
     chances: list[float] = field(default_factory=list)
 
 
-class SuffixProposer:
+class SuffixProposer(Proposer):
     """Drafts the continuation of the longest suffix match, from the current sequence or the pool.
 
     The current sequence is indexed incrementally as it grows; the pool holds earlier outputs of the
@@ -136,7 +136,7 @@ class SuffixProposer:
     def pending(self, tokens: Sequence[int]) -> int:
         return 0
 
-    def rollback(self, tokens: Sequence[int]) -> None:
+    def accept(self, tokens: Sequence[int]) -> None:
         """Score the latest candidate's tokens against what was committed after it."""
         if self._latest is None:
             return

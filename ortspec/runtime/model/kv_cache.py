@@ -13,11 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .graph_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
-
-
-class CacheStateError(RuntimeError):
-    """Internal error: a cache no longer holds the sequence the decoding loop expects (a bug, never bad input)."""
+from ortspec.runtime.errors import CacheStateError
+from ortspec.runtime.package.graph_names import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
 
 class KVCache(ABC):

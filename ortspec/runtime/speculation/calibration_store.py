@@ -22,9 +22,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .calibration import Calibration
-from .manifest import Manifest
-from .user_cache import cache_dir
+from ortspec.runtime.errors import CalibrationFileError
+from ortspec.runtime.package.manifest import Manifest
+from ortspec.runtime.speculation.calibration import Calibration
+from ortspec.runtime.user_cache import cache_dir
 
 try:
     import fcntl
@@ -35,9 +36,6 @@ CALIBRATION_FILE = "calibration.json"
 MAX_FILE_BYTES = 1 << 20  # an entry takes a few KB: a larger file is not one of ours
 FIELDS = {f.name for f in fields(Calibration)}
 
-
-class CalibrationFileError(ValueError):
-    """A stored calibration file that cannot be used; it is ignored and measured again."""
 
 
 def calibration_files(manifest: Manifest) -> list[Path]:

@@ -1,100 +1,13 @@
-"""The speculative loop: propose, verify all proposals in one target call, keep what the target agrees with.
-
-The target cache always holds every committed token but the last. A round feeds the target
-[last committed, d1..dγ]; its logits at those γ+1 positions judge d1..dγ and give one token of its
-own after the accepted prefix. Both caches are then rolled back to the committed sequence, and each
-round checks that they hold it (as llama.cpp's explicit `seq_rm` does): a cache out of step with
-the sequence raises `CacheStateError` instead of decoding on from the wrong context.
-With no proposer (or γ = 0) the same loop is plain decoding: one token per target call.
-
-Greedy decoding keeps the longest prefix equal to the target's argmax choices. Sampling uses the
-rule of Leviathan et al. (2023) / Chen et al. (2023): accept d_i with probability
-min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from norm(max(0, p_i - q_i)); if all are
-accepted draw the bonus token from p_{γ+1}. The output distribution is exactly the target's.
-"""
+"""Auto γ: each round, the draft length with the best predicted throughput from this machine's calibrated
+round costs and each draft position's running chance of acceptance."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .calibration import Calibration, best_count, best_gamma, best_prefix, prefix_speedups
-from .decoder import DecoderState
-from .drafting import Proposal, Proposer
-from .sampling import SamplingConfig, probabilities, sample
-
-
-@dataclass
-class LoopStats:
-    """Counters of one generation, filled in as the loop runs."""
-
-    target_calls: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_per_round: list[int] = field(default_factory=list)
-    drafted_per_round: list[int] = field(default_factory=list)
-    undrafted_rounds: int = 0  # rounds decoded plainly although drafting was on (auto γ = 0, no proposal)
-    finish_reason: str = ""  # "eos" or "length" (the pipeline adds "stop")
-
-
-class TokenChooser:
-    """Picks tokens from logits under one sampling config and random stream (draft and target share it)."""
-
-    def __init__(self, config: SamplingConfig, rng: np.random.Generator) -> None:
-        self.config = config
-        self.rng = rng
-
-    @property
-    def greedy(self) -> bool:
-        return self.config.greedy
-
-    def history(self, tokens: Sequence[int], drafts: Sequence[int]) -> Sequence[int]:
-        """The sequence so far, only built when a processor needs it (repetition penalty)."""
-        return [*tokens, *drafts] if self.config.repetition_penalty != 1.0 else ()
-
-    def probs(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
-        return probabilities(logits, self.config, seen)
-
-    def choose(self, logits: np.ndarray, seen: Sequence[int]) -> int:
-        if self.config.greedy and self.config.repetition_penalty == 1.0:
-            return int(np.argmax(logits))
-        probs = self.probs(logits, seen)
-        return int(np.argmax(probs)) if self.config.greedy else sample(probs, self.rng)
-
-
-class DraftLength:
-    """γ per round: fixed, or adapted from acceptance (+2 after a fully accepted round, -1 otherwise)."""
-
-    def __init__(self, fixed: int | None, maximum: int = 8, start: int = 4) -> None:
-        self.fixed = fixed
-        self.maximum = maximum
-        self.current = fixed if fixed is not None else min(start, maximum)
-
-    def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
-        """γ for the coming round (`AutoDraftLength` explains the arguments)."""
-        return self.current
-
-    def choose(self, proposal: Proposal, context: int) -> int:
-        """How many of the proposed tokens to send: all of them (γ was fixed before proposing)."""
-        return len(proposal.tokens)
-
-    def observe(self, drafted: int, measured_ms: float, context: int) -> None:
-        """Round timings only matter to `AutoDraftLength`."""
-
-    def judge_held_back(self, right: bool) -> None:
-        """Probes held back only happen in `AutoDraftLength`."""
-
-    def update(self, drafted: int, accepted: int) -> None:
-        if self.fixed is not None or drafted == 0:
-            return
-        if accepted == drafted:
-            self.current = min(self.current + 2, self.maximum)
-        else:
-            self.current = max(1, self.current - 1)
+from ortspec.runtime.speculation.calibration import Calibration, best_count, best_gamma, best_prefix, prefix_speedups
+from ortspec.runtime.speculation.proposal import Proposal
 
 
 class AcceptanceEstimate:
@@ -165,6 +78,11 @@ class RoundCosts:
     def __init__(self) -> None:
         self.plain = 1.0
         self.slowdown = 1.0
+
+    @property
+    def coarse_slowdown(self) -> float:
+        """`slowdown` in steps of 0.05: choices do not flicker on noise, and it can key a memo."""
+        return round(self.slowdown * 20) / 20
 
     def _clip(self, ratio: float) -> float:
         return min(max(ratio, self.CLIP[0]), self.CLIP[1])
@@ -265,6 +183,10 @@ class AutoDraftLength:
         """ms of a round with γ = 0..max_gamma drafts around `context` (cached per bucket of contexts)."""
         return self._costs(context // self.BUCKET)
 
+    @property
+    def cap(self) -> int:
+        return self.max_gamma
+
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         """γ for the coming round, `context` positions into the sequence, `remaining` new tokens at
         most still to come, `pending` committed tokens the draft must read before drafting."""
@@ -276,7 +198,7 @@ class AutoDraftLength:
         rounds = self._costs(bucket)
         state = self.state
         with state.lock:
-            chances, slowdown = state.estimate.chances(self.max_gamma), round(state.costs.slowdown * 20) / 20
+            chances, slowdown = state.estimate.chances(self.max_gamma), state.costs.coarse_slowdown
             speedups = prefix_speedups(chances, rounds, slowdown)
             gamma = best_count(speedups)
             catch_up_ms = pending * self.memo.catch_up[bucket]
@@ -301,7 +223,7 @@ class AutoDraftLength:
             return 0  # a probe's guess is held back and judged against the target's own token
         if proposal.confidence is None:
             return len(proposal.tokens)
-        slowdown = round(self.state.costs.slowdown * 20) / 20
+        slowdown = self.state.costs.coarse_slowdown
         return best_prefix(proposal.confidence, self.costs(context), slowdown)
 
     @staticmethod
@@ -346,102 +268,3 @@ class AutoDraftLength:
                     return
             if not (drafted and self._caught_up):
                 state.costs.observe(drafted > 0, measured_ms, rounds[drafted])
-
-
-def accept_probability(p: float, q: float) -> float:
-    """min(1, p/q): the chance of keeping a draft token the draft proposed with probability q."""
-    return 1.0 if q <= 0 else min(1.0, p / q)
-
-
-def verify(proposal: Proposal, logits: np.ndarray, tokens: Sequence[int], chooser: TokenChooser) -> tuple[int, int]:
-    """(number of drafts accepted, the target's own next token) for one verify call's logits."""
-    drafts = proposal.tokens
-    for i, draft in enumerate(drafts):
-        seen = chooser.history(tokens, drafts[:i])
-        if chooser.greedy:
-            choice = chooser.choose(logits[i], seen)
-            if choice != draft:
-                return i, choice
-            continue
-        p = chooser.probs(logits[i], seen)
-        q = proposal.probs[i] if proposal.probs is not None else None
-        q_draft = 1.0 if q is None else float(q[draft])
-        if chooser.rng.random() < accept_probability(float(p[draft]), q_draft):
-            continue
-        residual = p.copy()
-        if q is None:
-            residual[draft] = 0.0
-        else:
-            residual[: len(q)] = np.maximum(0.0, residual[: len(q)] - q)
-        if residual.sum() <= 0:  # p <= q everywhere means p == q: the draft was always accepted
-            residual = p
-        return i, sample(residual / residual.sum(), chooser.rng)
-    return len(drafts), chooser.choose(logits[len(drafts)], chooser.history(tokens, drafts))
-
-
-def speculative_decode(
-    target: DecoderState,
-    prompt: Sequence[int],
-    max_new_tokens: int,
-    eos_token_ids: Collection[int],
-    chooser: TokenChooser,
-    proposer: Proposer | None = None,
-    draft_length: DraftLength | AutoDraftLength | None = None,
-    stats: LoopStats | None = None,
-) -> Iterator[list[int]]:
-    """Yield the committed new tokens round by round: the target's own greedy sequence, or a sample
-    from exactly the target's (processed) distribution."""
-    stats = stats if stats is not None else LoopStats()
-    draft_length = draft_length or DraftLength(4)
-    target.reset()
-    if proposer is not None:
-        proposer.reset()
-    tokens = list(prompt)
-    generated = 0
-    logits = target.forward(tokens, last_only=True)[-1:]
-    stats.target_calls += 1
-    proposal, held_back = Proposal([]), []
-    last_round: tuple[float, int] | None = None  # (start, drafts) of the latest round
-    while True:
-        k, own = verify(proposal, logits, tokens, chooser)
-        if proposal.tokens:
-            stats.drafted += len(proposal.tokens)
-            stats.accepted += k
-            stats.accepted_per_round.append(k)
-            stats.drafted_per_round.append(len(proposal.tokens))
-            draft_length.update(len(proposal.tokens), k)
-        committed = []
-        for token in [*proposal.tokens[:k], own]:
-            committed.append(token)
-            generated += 1
-            if token in eos_token_ids:
-                stats.finish_reason = "eos"
-                break
-            if generated >= max_new_tokens:
-                stats.finish_reason = "length"
-                break
-        tokens.extend(committed)
-        yield committed
-        if stats.finish_reason:
-            return
-        target.truncate(len(tokens) - 1)
-        target.check(tokens, 0, len(tokens) - 1)
-        if held_back:
-            draft_length.judge_held_back(held_back[0] == own)
-        now = time.perf_counter()
-        if last_round is not None:  # its whole cycle: catch-up, calls, verification, the consumer's work
-            draft_length.observe(last_round[1], (now - last_round[0]) * 1000, len(tokens))
-        proposal, held_back = Proposal([]), []
-        if proposer is not None:
-            proposer.rollback(tokens)
-            budget = max_new_tokens - generated - 1
-            count = min(draft_length.next(len(tokens), budget, proposer.pending(tokens)), budget)
-            if count > 0:
-                drafted = proposer.propose(tokens, count, chooser)
-                proposal = drafted.prefix(draft_length.choose(drafted, len(tokens)))
-                held_back = drafted.tokens if not proposal.tokens else []  # unsent: judged by the target's own token
-            if budget > 0 and not proposal.tokens:
-                stats.undrafted_rounds += 1
-        logits = target.forward([tokens[-1], *proposal.tokens])
-        stats.target_calls += 1
-        last_round = (now, len(proposal.tokens))

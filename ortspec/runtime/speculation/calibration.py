@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .decoder import DecoderState, Model
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.onnx_model import Model
 
 CALIBRATION_VERSION = 3  # part of the key: entries measured the older way are remeasured (3: catch-up scores its last)
 MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
@@ -275,7 +276,7 @@ def measure(
     usable = sorted({min(c, limit) for c in contexts if c > 0})
     vocab = min(target.vocab_size, draft.vocab_size if draft else target.vocab_size)
     tokens = [(17 * i + 5) % vocab for i in range(max(usable))]
-    target_state, draft_state = target.new_state(), draft.new_state() if draft else None
+    target_state, draft_state = DecoderState(target), DecoderState(draft) if draft else None
     target_ms, draft_ms, round_ms, catch_up_ms = [], [], [], []
     for context in usable:
         target_row, draft_step, round_row, catch_up = _measure_context(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .graph_names import KV_LAYOUTS
+from ortspec.runtime.package.graph_names import KV_LAYOUTS
 
 
 @dataclass(frozen=True)

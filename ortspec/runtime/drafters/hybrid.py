@@ -15,14 +15,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .calibration import expected_tokens, prefix_speedups, round_speedup
-from .drafting import DraftModelProposer, Proposal
-from .speculative import AutoDraftLength, DraftLength
-from .suffix import SuffixProposer
+from ortspec.runtime.drafters.model import DraftModelProposer
+from ortspec.runtime.drafters.suffix import SuffixProposer
+from ortspec.runtime.speculation.auto_length import AutoDraftLength
+from ortspec.runtime.speculation.calibration import expected_tokens, prefix_speedups, round_speedup
+from ortspec.runtime.speculation.draft_length import DraftLength
+from ortspec.runtime.speculation.proposal import Proposal, Proposer
 
 if TYPE_CHECKING:
-    from .speculative import TokenChooser
+    from ortspec.runtime.speculation.chooser import TokenChooser
 
+FREE, MODEL = "free", "model"  # `Proposal.source` of the two drafters
 FIXED_FREE_TOKENS = 1.0  # without auto γ: send a suffix proposal expected to keep at least this many drafts
 
 
@@ -33,16 +36,17 @@ class HybridLength:
     def __init__(self, free: DraftLength | AutoDraftLength, model: DraftLength | AutoDraftLength) -> None:
         self.free = free
         self.model = model
-        self.source: DraftLength | AutoDraftLength | None = None  # who proposed this round (None: nobody)
+        self.source: DraftLength | AutoDraftLength | None = None  # the policy of this round's proposer (None: nobody)
         self._round = (0, 1 << 30, 0)  # (context, remaining, pending) of the coming round
 
     def next(self, context: int, remaining: int = 1 << 30, pending: int = 0) -> int:
         self._round = (context, remaining, pending)
         self.source = None
-        return max(self.free.next(context, remaining, 0), self._cap())
+        return max(self.free.next(context, remaining, 0), self.model.cap)
 
-    def _cap(self) -> int:
-        return self.model.max_gamma if isinstance(self.model, AutoDraftLength) else self.model.current
+    @property
+    def cap(self) -> int:
+        return max(self.free.cap, self.model.cap)
 
     def model_gamma(self) -> int:
         """The model's γ for this round (0: it would not draft)."""
@@ -57,7 +61,7 @@ class HybridLength:
         if not isinstance(free, AutoDraftLength):
             return expected_tokens(proposal.confidence or [])
         rounds = free.costs(self._round[0])
-        slowdown = round(free.state.costs.slowdown * 20) / 20
+        slowdown = free.state.costs.coarse_slowdown
         return round_speedup(expected_tokens(proposal.confidence or []), len(proposal.tokens), rounds, slowdown)
 
     def model_gain(self) -> float:
@@ -72,6 +76,7 @@ class HybridLength:
         return max(prefix_speedups(chances, rounds, slowdown), default=1.0)
 
     def choose(self, proposal: Proposal, context: int) -> int:
+        self.source = {FREE: self.free, MODEL: self.model}.get(proposal.source)  # the verdict goes to its policy
         if self.source is self.model:
             return self.model.choose(proposal, context)
         return len(proposal.tokens)  # the suffix prefix was chosen before comparing
@@ -92,7 +97,7 @@ class HybridLength:
             self.model.observe(0, measured_ms, context)
 
 
-class HybridProposer:
+class HybridProposer(Proposer):
     """Proposes with the suffix drafter when its match is worth at least the model's guess, else with
     the model (see the module's docstring)."""
 
@@ -108,6 +113,10 @@ class HybridProposer:
     def reset(self) -> None:
         self.free.reset()
         self.model.reset()
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        self.free.accept(tokens)
+        self.model.accept(tokens)
 
     def rollback(self, tokens: Sequence[int]) -> None:
         self.free.rollback(tokens)
@@ -125,14 +134,14 @@ class HybridProposer:
         free = self.free.propose(tokens, count, chooser)
         free = free.prefix(length.free.choose(free, len(tokens)))
         gain = length.free_gain(free)
+        free.source = FREE
         if free.tokens and gain >= length.model_gain():
-            length.source = length.free
             return free
         gamma = min(length.model_gamma(), count)
         if gamma > 0:
-            length.source = length.model
-            return self.model.propose(tokens, gamma, chooser)
+            drafted = self.model.propose(tokens, gamma, chooser)
+            drafted.source = MODEL
+            return drafted
         if free.tokens:  # the model declined to draft: the suffix match is still worth sending
-            length.source = length.free
             return free
         return Proposal([])

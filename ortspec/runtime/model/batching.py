@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import graph_names as names
-from .decoder import DecoderState, Model, bind_logits_to_keep
-from .kv_cache import SharedBufferKVCache
+from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.kv_cache import SharedBufferKVCache
+from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep
+from ortspec.runtime.package import graph_names as names
 
 DEFAULT_WAIT = 0.004  # seconds a step waits for the other decoding rows to join it
 

@@ -24,22 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from . import graph_names as names
+from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep
+from ortspec.runtime.model.session import GRAPH_ID
+from ortspec.runtime.package import graph_names as names
 
 if TYPE_CHECKING:
-    from .decoder import Model
-    from .kv_cache import KVCache
+    from ortspec.runtime.model.kv_cache import KVCache
 
 MAX_GRAPH_TOKENS = 16
-GRAPH_ID = "gpu_graph_id"
 _graph_ids = itertools.count(1)  # ids are per session; unique in the process is simpler and enough
-
-
-def no_graph_run_options() -> ort.RunOptions:
-    """Run options for a call that must not be captured (on a session with CUDA graphs enabled)."""
-    options = ort.RunOptions()
-    options.add_run_config_entry(GRAPH_ID, "-1")
-    return options
 
 
 class GraphSlot:
@@ -59,8 +52,6 @@ class GraphSlot:
         self.binding.bind_ortvalue_input(names.INPUT_IDS, self.input_ids)
         self.binding.bind_ortvalue_input(names.SEQLENS_K, self.seqlens_k)
         self.binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, self.total)
-        from .decoder import bind_logits_to_keep  # (decoder imports this module)
-
         bind_logits_to_keep(model, self.binding, 0)  # a host input too, frozen: graphed calls score every position
         cache.bind_once(self.binding)
         self.binding.bind_ortvalue_output(names.LOGITS, self.logits)

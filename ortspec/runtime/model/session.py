@@ -60,3 +60,13 @@ def create_session(
 def output_device(session: ort.InferenceSession) -> str:
     """Where the session's first provider keeps tensors: 'cpu', 'cuda', ..."""
     return DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu")
+
+
+GRAPH_ID = "gpu_graph_id"  # the run-config key that picks a CUDA graph (-1: capture nothing)
+
+
+def no_graph_run_options() -> ort.RunOptions:
+    """Run options for a call that must not be captured (on a session with CUDA graphs enabled)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry(GRAPH_ID, "-1")
+    return options

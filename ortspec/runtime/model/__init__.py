@@ -1,0 +1,1 @@
+"""One ONNX model at run time: its session, KV cache, decoder state, batching and CUDA graphs."""
