@@ -206,7 +206,7 @@ def test_target_features_hold_its_inner_layers(checkpoint: Callable[..., Path], 
     out = tmp_path / "pkg"
     export_pair(ckpt, out, quantize="none", feature_layers=(3, 1), report=lambda _: None)
     manifest = load_manifest(out)
-    state = Model.load(manifest.target, manifest.root, max_length=64, keep_hidden=True).new_state()
+    state = DecoderState(Model.load(manifest.target, manifest.root, max_length=64, keep_hidden=True))
     state.forward(PROMPT)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_head_for_another_layout_is_refused(checkpoint: Callable[..., Path], tmp
 
     def state(package: Path, role: str):  # type: ignore[no-untyped-def]
         manifest = load_manifest(package)
-        return Model.load(getattr(manifest, role), manifest.root, max_length=64, keep_hidden=True).new_state()
+        return DecoderState(Model.load(getattr(manifest, role), manifest.root, max_length=64, keep_hidden=True))
 
     target = checkpoint("llama")
     plain, fused = tmp_path / "plain", tmp_path / "fused"
