@@ -51,7 +51,7 @@ def describe_model(
         raise ValueError(f"the {role} graph has no input_ids/logits/past_key_values.*: not a causal LM with a cache")
     _, kv_heads, _, head_dim = _dims(inputs[names.past_name(0, "key")])
     vocab = _dims(outputs[names.LOGITS])[-1]
-    if not all(isinstance(d, int) for d in (kv_heads, head_dim, vocab)):
+    if not (isinstance(kv_heads, int) and isinstance(head_dim, int) and isinstance(vocab, int)):
         raise ValueError(f"the {role} graph has symbolic KV heads/head dim/vocab; cannot describe its cache")
     elem = outputs[names.LOGITS].type.tensor_type.elem_type
     return ModelSpec(

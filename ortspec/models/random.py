@@ -93,6 +93,7 @@ def make_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     vocab = max(make_tokenizer(directory, tokenizer_vocab), vocab_size or 0)
     eos = 0 if eos_token_id is None else eos_token_id
+    config: transformers.PretrainedConfig
     if family == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab,

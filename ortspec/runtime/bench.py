@@ -192,7 +192,7 @@ def divergence_gap(
     return position, float(abs(logits[plain_ids[position]] - logits[spec_ids[position]]))
 
 
-def path_noise(pipe: Pipeline, prompts: list[list[int]], answers: dict[tuple, list[int]]) -> float:
+def path_noise(pipe: Pipeline, prompts: list[list[int]], answers: dict[tuple[int, ...], list[int]]) -> float:
     """Largest change of the top-2 logit margin along the plain answers between the one-position
     kernels (token by token, as plain decoding runs) and the many-position ones (one chunk)."""
     target, worst = DecoderState(pipe.target), 0.0

@@ -37,7 +37,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-probabilities, in float64 so that small KLs are not rounding noise."""
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    log_probs: np.ndarray = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return log_probs
 
 
 def windows(tokens: Sequence[int], window: int, prefix: Sequence[int] = ()) -> list[list[int]]:

@@ -152,11 +152,12 @@ class GenerationConfig:
         return cls(**options)
 
 
-OPTIONS: dict[str, Field] = {f.name: f for f in fields(GenerationConfig)}
+OPTIONS: dict[str, Field[Any]] = {f.name: f for f in fields(GenerationConfig)}
 
 
 def spec_of(name: str) -> Spec:
-    return OPTIONS[name].metadata["spec"]
+    spec: Spec = OPTIONS[name].metadata["spec"]
+    return spec
 
 
 def check_option(name: str, value: Any) -> Any:

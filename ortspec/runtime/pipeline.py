@@ -23,7 +23,7 @@ from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.model.onnx_model import Model
 from ortspec.runtime.model.state_pool import DEFAULT_IDLE_STATES, StatePool
 from ortspec.runtime.options import DrafterKind, GenerationConfig, check_text, default_drafter
-from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest, load_manifest
+from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, Manifest, load_manifest
 from ortspec.runtime.results import Events, GenerationResult, GenerationStats, TextStream
 from ortspec.runtime.speculation.auto_length import AutoDraftLength, AutoMemo, AutoState
 from ortspec.runtime.speculation.calibration import Calibration, measure
@@ -81,7 +81,7 @@ class Pipeline:
         self.on_calibrate: Callable[[str], None] | None = None
         self.calibration_file: Path | None = None  # where the last measured calibration was stored (None: nowhere)
         self._auto_states: dict[str, AutoState] = {}  # what auto γ learned per drafter, kept across generations
-        self._auto: dict[tuple[str, int], tuple[Calibration, AutoMemo]] = {}  # its cached per-context choices
+        self._auto: dict[tuple[str, str, int], tuple[Calibration, AutoMemo]] = {}  # its cached per-context choices
         # what draft="suffix" keeps across generations: earlier outputs (bounded) and its confidence table
         self.suffix_memory = SuffixMemory()
 
@@ -171,7 +171,7 @@ class Pipeline:
         for position, token in enumerate(ids):
             if isinstance(token, bool) or not isinstance(token, numbers.Integral):
                 raise ValueError(f"prompt token ids must be integers, got {token!r} at position {position}")
-            if not 0 <= token < self.target.vocab_size:
+            if not 0 <= int(token) < self.target.vocab_size:
                 raise ValueError(f"prompt token id {token} is outside the vocabulary (0..{self.target.vocab_size - 1})")
         return [int(t) for t in ids]
 
@@ -390,7 +390,7 @@ def load(
         )
     key = calibration_key_for(target.providers, threads, draft_threads, draft.providers if draft is not None else None)
     tokenizer = TextTokenizer(
-        manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
+        manifest.tokenizer_json(), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others
     rows = BatchedModel(target, batch) if batch > 1 and batch_problem(target) is None else None
     return Pipeline(manifest, target, draft, tokenizer, key, idle_states, rows)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from ..runtime import GenerationConfig, GenerationResult, Pipeline
+from ..runtime import GenerationConfig, GenerationResult, Pipeline, TextStream
 from .errors import APIError, as_api_error, install_error_handlers
 from .schema import (
     ChatRequest,
@@ -24,7 +24,9 @@ from .schema import (
     parse_body,
     validate,
 )
-from .slots import Slots
+from .slots import Event, Slots
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAP
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
-        def start(pipe: Pipeline) -> Any:  # in the slot's thread
+        def start(pipe: Pipeline) -> TextStream:  # in the slot's thread
             ids = prompt_ids(pipe)
             room = pipe.target.max_length - len(ids)
             new_tokens = max_tokens or max(1, min(settings.max_tokens, room))
@@ -154,7 +156,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return parse_body(bytes(raw))
 
 
-async def _last(first: Any, events: AsyncIterator[Any]) -> GenerationResult:
+async def _last(first: Event, events: AsyncGenerator[Event, None]) -> GenerationResult:
     """Run the generation to its end; the result holds the whole text."""
     item = first
     while not isinstance(item, GenerationResult):
@@ -163,7 +165,7 @@ async def _last(first: Any, events: AsyncIterator[Any]) -> GenerationResult:
     return item
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
     """Await `work`, cancelling it (and so its generation) if the client disconnects first: None then.
     Its errors are raised as API errors."""
 
@@ -171,22 +173,22 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(gone())]
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-    if not tasks[0].done() or tasks[0].cancelled():
+        task.cancel()
+        watch.cancel()
+    if not task.done() or task.cancelled():
         return None
     try:
-        return tasks[0].result()
+        return task.result()
     except Exception as exc:
         raise as_api_error(exc) from exc
 
 
 async def _sse(
-    first: Any, events: AsyncIterator[Any], responses: Responses, include_usage: bool
+    first: Event, events: AsyncGenerator[Event, None], responses: Responses, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """Server-sent events: the deltas as chunks, the finish reason, optionally the usage, then [DONE].
     A failure after the first byte can only be told in the stream: as an OpenAI error event."""

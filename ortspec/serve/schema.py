@@ -10,7 +10,7 @@ import json
 import math
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -139,7 +139,7 @@ class CompletionRequest(GenerationRequest):
             prompt = prompt[0]
         if not prompt:
             raise APIError(400, "prompt: the prompt is empty", param="prompt")
-        return prompt
+        return cast(str | list[int], prompt)  # a batch of one was unpacked above
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

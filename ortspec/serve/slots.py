@@ -14,7 +14,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from ..runtime import GenerationResult, Pipeline, TextStream, load
 from .errors import APIError
 
 Job = Callable[[Pipeline], TextStream]  # starts a generation on a slot's pipeline (runs in its thread)
+Event = str | GenerationResult  # what a generation hands the event loop: text deltas, then its result
 
 
 def load_pipelines(package: str | Path, parallel: int, batch: bool = True, **load_options: Any) -> list[Pipeline]:
@@ -46,7 +47,7 @@ class Slots:
         self.size = len(pipelines)
         self.max_queue = max_queue
         self._free = list(pipelines)
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[Pipeline]] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="ortspec-slot")
         self._mean_seconds = 1.0  # running mean of a generation's time, for Retry-After
 
@@ -72,7 +73,7 @@ class Slots:
                 code="queue_full",
                 retry_after=self.retry_after(),
             )
-        handed = asyncio.get_running_loop().create_future()
+        handed: asyncio.Future[Pipeline] = asyncio.get_running_loop().create_future()
         self._waiters.append(handed)
         try:
             # shielded: a timeout must not lose a pipeline that was handed over at that moment
@@ -107,16 +108,16 @@ class Slots:
                 return
         self._free.append(pipe)
 
-    async def generate(self, job: Job, timeout: float) -> AsyncIterator[str | GenerationResult]:
+    async def generate(self, job: Job, timeout: float) -> AsyncGenerator[Event, None]:
         """Wait for a slot, run `job` on it: text deltas, then the GenerationResult. Errors of the job
         are raised here; past `timeout` seconds (waiting included) the generation stops with a 503/504."""
         deadline = time.monotonic() + timeout
         pipe = await self._acquire(timeout)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+        events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         stop = threading.Event()
 
-        def emit(item: str | GenerationResult | BaseException) -> None:
+        def emit(item: Event | BaseException) -> None:
             try:
                 loop.call_soon_threadsafe(events.put_nowait, item)
             except RuntimeError:  # the event loop is gone: nobody is listening
@@ -150,7 +151,7 @@ class Slots:
             stop.set()  # the worker stops after its current round
 
 
-def _run(job: Job, pipe: Pipeline, stop: threading.Event, emit: Callable[[Any], None]) -> None:
+def _run(job: Job, pipe: Pipeline, stop: threading.Event, emit: Callable[[Event | BaseException], None]) -> None:
     """Run one generation in the slot's thread, stopping between two rounds once `stop` is set."""
     stream = job(pipe)
     try:
@@ -158,6 +159,7 @@ def _run(job: Job, pipe: Pipeline, stop: threading.Event, emit: Callable[[Any], 
             if stop.is_set():
                 return
             emit(delta)
+        assert stream.result is not None, "an exhausted stream holds its result"
         emit(stream.result)
     finally:
         stream.close()

@@ -98,21 +98,21 @@ class WeightReader:
             q, k, v = np.split(fused, [q_size, q_size + kv_size], axis=-1)
         else:
             q, k, v = (self.linear(f"{prefix}.{n}_proj.weight") for n in "qkv")
-        bias = None
+        bias = biases = None
         if f"{prefix}.q_proj.bias" in self.ckpt:
-            bias = [self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"]
+            biases = [self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"]
         pad, rot = self.padded, cfg.rotary
         parts = [
             pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad, rot),
             pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad, rot),
             pad_value_heads(v, cfg.kv_heads, cfg.head_dim, pad),
         ]
-        if bias is not None:
+        if biases is not None:
             bias = np.concatenate(
                 [
-                    pad_rotary_heads(bias[0], cfg.heads, cfg.head_dim, pad, rot),
-                    pad_rotary_heads(bias[1], cfg.kv_heads, cfg.head_dim, pad, rot),
-                    pad_value_heads(bias[2], cfg.kv_heads, cfg.head_dim, pad),
+                    pad_rotary_heads(biases[0], cfg.heads, cfg.head_dim, pad, rot),
+                    pad_rotary_heads(biases[1], cfg.kv_heads, cfg.head_dim, pad, rot),
+                    pad_value_heads(biases[2], cfg.kv_heads, cfg.head_dim, pad),
                 ]
             )
         return np.concatenate(parts, axis=-1), bias

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from ortspec.runtime.model.decoder import DecoderState
-from ortspec.runtime.package.manifest import TOKENIZER_FILE
 from ortspec.runtime.text.prompt_files import read_requests
 
 from ..builder import weight_reader
@@ -273,7 +272,7 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
         raise ValueError("no training data was made: raise --minutes or give --text")
     sequences = [tokens for tokens, _ in pairs]
     if config.kind == "lm":
-        tokenizer_dir = pipe.manifest.tokenizer_file(TOKENIZER_FILE).parent
+        tokenizer_dir = pipe.manifest.tokenizer_json().parent
         return _distill_lm(
             target, out, checkpoint.config, reader, tokenizer_dir, sequences, held, deadline, config, report
         )

@@ -20,7 +20,7 @@ import numpy as np
 from ortspec.runtime.model.batching import BatchedModel, batch_problem
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.model.onnx_model import Model
-from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_manifest
+from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, load_manifest
 from ortspec.runtime.pipeline import Pipeline
 from ortspec.runtime.text.tokenizer import TextTokenizer
 
@@ -117,7 +117,7 @@ def open_target(package: Path, threads: int | None, max_length: int, rows: int =
     (and a graph that batches), that many sequences at once share its one-token steps (`BatchedModel`)."""
     manifest = load_manifest(package, verify=False)
     target = Model.load(manifest.target, manifest.root, threads=threads, max_length=max_length, keep_hidden=True)
-    tokenizer = TextTokenizer(manifest.tokenizer_file(TOKENIZER_FILE), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE))
+    tokenizer = TextTokenizer(manifest.tokenizer_json(), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE))
     batch = BatchedModel(target, rows) if rows > 1 and batch_problem(target) is None else None
     return Pipeline(manifest, target, None, tokenizer, batch=batch)
 

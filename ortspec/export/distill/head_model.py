@@ -63,6 +63,10 @@ def llama_config(cfg: DecoderConfig) -> Any:
 class FeatureHead(nn.Module):
     """Trainable fc + layer + norm; frozen embedding table and lm_head rows of the vocabulary subset."""
 
+    embedding: torch.Tensor  # buffers (registered in __init__)
+    lm_head: torch.Tensor
+    input_scale: torch.Tensor
+
     def __init__(
         self, cfg: DecoderConfig, embedding: np.ndarray, lm_head_rows: np.ndarray, feature_parts: int = 1
     ) -> None:

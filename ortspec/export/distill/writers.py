@@ -169,7 +169,8 @@ def chats_in_rows(
     if rows <= 1:
         yield from self_instructed_chats(pipe, seeds, max_answer_tokens=max_answer_tokens, requests=requests)
         return
-    lock, stop, done = threading.Lock(), threading.Event(), queue.Queue(maxsize=2 * rows)
+    lock, stop = threading.Lock(), threading.Event()
+    done: queue.Queue[Any] = queue.Queue(maxsize=2 * rows)  # chats, errors and `finished`
     finished = object()  # a row's last word: its seeds ran out
 
     def shared_seeds() -> Iterator[int]:

@@ -34,6 +34,7 @@ class DraftModelProposer(Proposer):
     context can lower acceptance but never change the output.
     """
 
+    calls = 0  # draft model calls so far
     lag = 0  # the proposer's cache holds committed positions [offset, offset + length) of tokens[lag:]
 
     def __init__(
@@ -43,7 +44,6 @@ class DraftModelProposer(Proposer):
         self.vocab_limit = min(vocab_limit or decoder.vocab_size, decoder.vocab_size)
         self.min_prob = min_prob
         self.window = window
-        self.calls = 0
         self._disabled = False
         self._offset = 0  # committed tokens before the draft cache's first position
 

@@ -21,7 +21,6 @@ class NgramProposer(Proposer):
         if max_ngram_size < 1:
             raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
         self.max_ngram_size = max_ngram_size
-        self.calls = 0
         self.reset()
 
     def reset(self) -> None:

@@ -126,7 +126,6 @@ class SuffixProposer(Proposer):
 
     def __init__(self, memory: SuffixMemory) -> None:
         self.memory = memory
-        self.calls = 0  # no model calls
         self.reset()
 
     def reset(self) -> None:

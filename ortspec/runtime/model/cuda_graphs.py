@@ -29,7 +29,7 @@ from ortspec.runtime.model.session import GRAPH_ID
 from ortspec.runtime.package import graph_names as names
 
 if TYPE_CHECKING:
-    from ortspec.runtime.model.kv_cache import KVCache
+    from ortspec.runtime.model.kv_cache import SharedBufferKVCache
 
 MAX_GRAPH_TOKENS = 16
 _graph_ids = itertools.count(1)  # ids are per session; unique in the process is simpler and enough
@@ -38,7 +38,7 @@ _graph_ids = itertools.count(1)  # ids are per session; unique in the process is
 class GraphSlot:
     """The fixed device buffers and IO binding of one call size of one state."""
 
-    def __init__(self, model: Model, cache: KVCache, tokens: int) -> None:
+    def __init__(self, model: Model, cache: SharedBufferKVCache, tokens: int) -> None:
         def device(shape: list[int], dtype: type) -> ort.OrtValue:  # on the model's device (tests: the CPU)
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, model.device, 0)
 
@@ -69,7 +69,7 @@ class GraphSlot:
 class GraphedCalls:
     """CUDA-graph replays of one state's calls of 1..MAX_GRAPH_TOKENS new tokens on a non-empty cache."""
 
-    def __init__(self, model: Model, cache: KVCache) -> None:
+    def __init__(self, model: Model, cache: SharedBufferKVCache) -> None:
         self.model, self.cache = model, cache
         self._slots: dict[int, GraphSlot] = {}
 

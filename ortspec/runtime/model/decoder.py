@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from ortspec.runtime.errors import CacheStateError, ContextLengthError
 from ortspec.runtime.model.cuda_graphs import GraphedCalls
-from ortspec.runtime.model.kv_cache import KVCache
+from ortspec.runtime.model.kv_cache import KVCache, SharedBufferKVCache
 from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep
 from ortspec.runtime.package import graph_names as names
 from ortspec.runtime.package.manifest import ModelSpec
@@ -36,7 +36,9 @@ class DecoderState:
         self._tokens: list[int] = []  # the cached sequence (longrope recomputes it; `check` compares it)
         self._long = False  # whether the cache holds longrope's long-factor keys
         self._one_token = np.zeros((1, 1), np.int64)  # a one-token call's input_ids, bound once, written in place
-        self._graphs = GraphedCalls(model, self.cache) if model.cuda_graphs else None
+        self._graphs: GraphedCalls | None = None
+        if model.cuda_graphs and isinstance(self.cache, SharedBufferKVCache):  # a graphed model's caches all are
+            self._graphs = GraphedCalls(model, self.cache)
 
     def _new_binding(self) -> ort.IOBinding:
         binding = self.model.session.io_binding()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -60,7 +61,7 @@ class KVCache(ABC):
         """Bind what changes for a call that adds `new_tokens` positions."""
 
     @abstractmethod
-    def update(self, outputs: Sequence, new_tokens: int) -> None:
+    def update(self, outputs: Sequence[Any], new_tokens: int) -> None:
         """Take the call's outputs (logits first, then `output_names` in order) as the new state."""
 
     @abstractmethod
@@ -81,7 +82,7 @@ class ConcatKVCache(KVCache):
         present_names: Sequence[str],
         num_kv_heads: int,
         head_dim: int,
-        dtype: np.dtype,
+        dtype: type[np.floating[Any]],
         device: str = "cpu",
     ) -> None:
         super().__init__(past_names, present_names)
@@ -105,7 +106,7 @@ class ConcatKVCache(KVCache):
         for name in self._present_names:
             binding.bind_output(name, self._device)
 
-    def update(self, outputs: Sequence, new_tokens: int) -> None:
+    def update(self, outputs: Sequence[Any], new_tokens: int) -> None:
         self._values = [ort.OrtValue(outputs[i]) for i in range(1, len(outputs))]
         self._length += new_tokens
 
@@ -129,7 +130,7 @@ class SharedBufferKVCache(KVCache):
         num_kv_heads: int,
         head_dim: int,
         max_length: int,
-        dtype: np.dtype,
+        dtype: type[np.floating[Any]],
         device: str = "cpu",
         buffers: list[ort.OrtValue] | None = None,
     ) -> None:
@@ -161,7 +162,7 @@ class SharedBufferKVCache(KVCache):
         binding.bind_cpu_input(SEQLENS_K, self._seqlens_k)
         binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, self._total)
 
-    def update(self, outputs: Sequence, new_tokens: int) -> None:
+    def update(self, outputs: Sequence[Any], new_tokens: int) -> None:
         self._length += new_tokens
 
     def _drop_after(self, length: int) -> None:

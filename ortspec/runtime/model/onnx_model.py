@@ -7,7 +7,7 @@ import contextlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -18,7 +18,11 @@ from ortspec.runtime.model.session import create_session, no_graph_run_options, 
 from ortspec.runtime.package import graph_names as names
 from ortspec.runtime.package.manifest import ModelSpec, resolve_inside
 
-ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+ONNX_TO_NUMPY: dict[str, type[np.floating[Any]]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
 DEFAULT_MAX_LENGTH = 4096  # positions held per sequence unless the caller asks for more (or less)
 
 
@@ -49,10 +53,12 @@ def check_graph(spec: ModelSpec, session: ort.InferenceSession) -> str:
         refuse(f"has no {names.TOTAL_SEQUENCE_LENGTH} input")
     cache = [(n, inputs.get(n)) for n in names.past_names(layers)]
     cache += [(n, outputs.get(n)) for n in names.present_names(layers)]
+    cache_type = None  # the first cache tensor's: every other one must have it too
     for name, value in cache:
         if value is None:
             refuse(f"lacks cache tensor {name}")
-        if value.type != cache[0][1].type or value.type not in ONNX_TO_NUMPY:
+        cache_type = cache_type or value.type
+        if value.type != cache_type or value.type not in ONNX_TO_NUMPY:
             refuse(f"has cache tensor {name} of type {value.type}")
         shape = value.shape
         if len(shape) != 4:
@@ -120,7 +126,7 @@ class Model:
         self.run_options = no_graph_run_options() if cuda_graphs else None
         # A graph is captured from the session's stream: a call from another thread meanwhile would land
         # in it. The GPU runs one call at a time anyway, so calls on a graph session take turns.
-        self.run_lock: threading.Lock | contextlib.nullcontext = (
+        self.run_lock: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if cuda_graphs else contextlib.nullcontext()
         )
         if keep_hidden and (not has_hidden or self.layout != names.SHARED_BUFFER):

@@ -51,7 +51,7 @@ def create_session(
 ) -> ort.InferenceSession:
     """One inference session for one ONNX graph; `cuda_graphs` lets the CUDA provider capture and replay
     the calls that ask for it (see cuda_graphs.py)."""
-    chosen: list = resolve_providers(providers)
+    chosen: list[str | tuple[str, dict[str, str]]] = list(resolve_providers(providers))
     if cuda_graphs:
         chosen = [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in chosen]
     return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning), providers=chosen)

@@ -113,6 +113,13 @@ class Manifest:
         entry = next((f for f in self.tokenizer.files if PurePosixPath(f.path).name == name), None)
         return None if entry is None else resolve_inside(self.root, entry.path)
 
+    def tokenizer_json(self) -> Path:
+        """The path of tokenizer.json, which every package must list."""
+        path = self.tokenizer_file(TOKENIZER_FILE)
+        if path is None:
+            raise PackageError(f"manifest field tokenizer.files lists no {TOKENIZER_FILE}; the package is malformed")
+        return path
+
     def to_json(self) -> str:
         """Serialise (without `root`, which is where the package happens to lie)."""
         data = dataclasses.asdict(self)
@@ -155,7 +162,7 @@ def _listed(root: Path, files: list[FileEntry], relative: str) -> bool:
 
 
 def _model(data: dict[str, Any], role: str) -> ModelSpec:
-    spec = ModelSpec(**_known(ModelSpec, data))
+    spec = ModelSpec(**{**_known(ModelSpec, data), "files": _files(data["files"])})
     if spec.role != role:
         raise PackageError(f"manifest field {role}.role is {spec.role!r}, not {role!r}; the package is malformed")
     if spec.kind not in MODEL_KINDS:
@@ -165,7 +172,7 @@ def _model(data: dict[str, Any], role: str) -> ModelSpec:
         )
     if spec.kind == HEAD_KIND and role != "draft":
         raise PackageError(f"the {role} is a draft head; only a draft can be one")
-    return dataclasses.replace(spec, files=_files(spec.files))
+    return spec
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -213,8 +220,7 @@ def check_listing(manifest: Manifest) -> None:
                 f"manifest field {model.role}.onnx names {model.onnx}, which {model.role}.files does not list; "
                 "refusing to load it"
             )
-    if manifest.tokenizer_file(TOKENIZER_FILE) is None:
-        raise PackageError(f"manifest field tokenizer.files lists no {TOKENIZER_FILE}; the package is malformed")
+    manifest.tokenizer_json()  # refuses a package that lists none
 
 
 def verify_files(manifest: Manifest, check_hashes: bool = True) -> None:

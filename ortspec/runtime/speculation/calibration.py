@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -212,28 +213,28 @@ def _measure_context(
         target.forward(probe[:n]).argmax(axis=-1)
         target.truncate(context)
 
-    def draft_step() -> None:
+    def draft_step(draft: DecoderState) -> None:
         int(draft.forward(probe[:1])[-1].argmax())
         draft.truncate(context)
 
-    def catch_up() -> None:
+    def catch_up(draft: DecoderState) -> None:
         draft.truncate(max(0, context - CATCH_UP))
         draft.forward(tokens[-CATCH_UP:], last_only=True)  # as the loop's catch-up: the last position scored
         draft.truncate(context)
 
-    def speculative_round(gamma: int) -> None:
+    def speculative_round(draft: DecoderState, gamma: int) -> None:
         for token in probe[:gamma]:
             int(draft.forward([token])[-1].argmax())
         draft.truncate(context)
         target_call(gamma + 1)
 
     def one_pass(steady: int) -> dict[str, float]:
-        timings = {f"t{n}": _steady_ms(lambda n=n: target_call(n), steady) for n in range(1, max_gamma + 2)}
+        timings = {f"t{n}": _steady_ms(partial(target_call, n), steady) for n in range(1, max_gamma + 2)}
         if draft is not None:
-            timings["d"] = _steady_ms(draft_step, steady)
-            timings["c"] = _steady_ms(catch_up, steady) * CATCH_UP / min(CATCH_UP, context)
-            rounds = {f"r{g}": _steady_ms(lambda g=g: speculative_round(g), steady) for g in range(1, max_gamma + 1)}
-            timings |= rounds
+            timings["d"] = _steady_ms(partial(draft_step, draft), steady)
+            timings["c"] = _steady_ms(partial(catch_up, draft), steady) * CATCH_UP / min(CATCH_UP, context)
+            for g in range(1, max_gamma + 1):
+                timings[f"r{g}"] = _steady_ms(partial(speculative_round, draft, g), steady)
         return timings
 
     for decoder in (target, draft):

@@ -16,21 +16,21 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from ortspec.runtime.errors import CalibrationFileError
 from ortspec.runtime.package.manifest import Manifest
 from ortspec.runtime.speculation.calibration import Calibration
 from ortspec.runtime.user_cache import cache_dir
 
-try:
+if sys.platform != "win32":  # Windows has no fcntl: writers are not serialised there (a lost entry is measured again)
     import fcntl
-except ImportError:  # Windows: writers are not serialised (a lost entry is measured again)
-    fcntl = None
 
 CALIBRATION_FILE = "calibration.json"
 MAX_FILE_BYTES = 1 << 20  # an entry takes a few KB: a larger file is not one of ours
@@ -141,7 +141,7 @@ def _checked(entry: object) -> Calibration:
         raise ValueError(f"{entry['key']!r}: {error}") from None
 
 
-def _timings(value: object, shape: tuple[int, ...], name: str, zero: bool = False) -> list:
+def _timings(value: object, shape: tuple[int, ...], name: str, zero: bool = False) -> list[Any]:
     """`value` as nested lists of that shape holding finite ms > 0 (or ≥ 0 with `zero`)."""
     if not isinstance(value, list) or len(value) != shape[0]:
         raise ValueError(f"{name} must be a list of {shape[0]} {'rows' if len(shape) > 1 else 'timings'}")
@@ -169,7 +169,7 @@ def _merge(path: Path, calibration: Calibration) -> None:
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an advisory lock on `path`.lock (a regular file, never followed if a symlink) meanwhile."""
-    if fcntl is None:
+    if sys.platform == "win32":
         yield
         return
     lock = path.with_name(path.name + ".lock")

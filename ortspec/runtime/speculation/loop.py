@@ -16,7 +16,7 @@ accepted draw the bonus token from p_{γ+1}. The output distribution is exactly 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +81,7 @@ def speculative_decode(
     proposer: Proposer | None = None,
     draft_length: DraftLengthPolicy | None = None,
     stats: LoopStats | None = None,
-) -> Iterator[list[int]]:
+) -> Generator[list[int], None, None]:
     """Yield the committed new tokens round by round: the target's own greedy sequence, or a sample
     from exactly the target's (processed) distribution."""
     stats = stats if stats is not None else LoopStats()
@@ -93,7 +93,8 @@ def speculative_decode(
     generated = 0
     logits = target.forward(tokens, last_only=True)[-1:]
     stats.target_calls += 1
-    proposal, held_back = Proposal([]), []
+    proposal = Proposal([])
+    held_back: list[int] = []  # drafted tokens not sent to the target
     last_round: tuple[float, int] | None = None  # (start, drafts) of the latest round
     while True:
         k, own = verify(proposal, logits, tokens, chooser)

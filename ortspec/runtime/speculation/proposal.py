@@ -40,7 +40,10 @@ class Proposer:
     """Proposes up to `count` tokens that may follow the committed `tokens`, and hears what the target made
     of them. Drafters override `propose` and the hooks they need; the others do nothing."""
 
-    calls: int = 0  # model calls made so far (free drafters make none)
+    @property
+    def calls(self) -> int:
+        """Model calls made so far (free drafters make none)."""
+        return 0
 
     def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
         """Guess up to `count` next tokens after the committed sequence `tokens`."""

@@ -206,9 +206,10 @@ class _Guard(NodeTransformer):
     def __init__(self, environment: ImmutableSandboxedEnvironment) -> None:
         self.environment = environment
 
-    def wrap(self, node: nodes.Expr, guard: str) -> nodes.Filter:
+    def wrap(self, node: nodes.Node, guard: str) -> nodes.Filter:
         wrapped = nodes.Filter(node, guard, [], [], None, None, lineno=node.lineno)
-        return wrapped.set_environment(self.environment)
+        wrapped.set_environment(self.environment)
+        return wrapped
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self.generic_visit(node)

@@ -53,18 +53,21 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, by default with the special tokens the post-processor adds (e.g. BOS)."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens (eos, ...) left out."""
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        text: str = self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text
 
     def stream(self) -> TextStreamDecoder:
         """A fresh incremental decoder for one generation."""
         return TextStreamDecoder(self._tokenizer)
 
     def __len__(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        return size
 
 
 class TextStreamDecoder:
@@ -87,7 +90,7 @@ class TextStreamDecoder:
     def flush(self) -> str:
         """At the end: whatever the held-back bytes decode to (a replacement character for a cut
         one), so that all pieces together equal a one-shot decode of every id."""
-        full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        full: str = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         rest = full[self._emitted :]
         self._emitted = len(full)
         return rest
