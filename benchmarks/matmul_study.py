@@ -9,6 +9,7 @@ every weight format ONNX Runtime's CPU provider offers:
     nbits4-b{32,128}-l{0,4}  MatMulNBits, int4 blocks, accuracy_level 0 (fp32 compute) or 4 (int8 compute)
     nbits8-b32-l{0,4}        MatMulNBits with bits=8
     dqmm-int8                DynamicQuantizeMatMul: int8 weights per column, MLAS's int8 GEMM (QGEMM)
+    rowq-int8                int8 activations scaled per row + MatMulInteger: the same GEMM, rows independent
     mmitf-int8               DynamicQuantizeLinear + MatMulIntegerToFloat (ORT would fuse it into the above)
     dq-int8+mm               DequantizeLinear (int8, per column) + fp32 MatMul: dequantizes every call
     dq-int8-fused            the same graph as ONNX Runtime runs it by default (its QDQ pass makes it MatMulNBits)
@@ -110,6 +111,35 @@ def _mmitf(rng, x, y, k, n, tag):
     ], _int8_weight(rng, k, n, tag)
 
 
+def _row_quantized(rng, x, y, k, n, tag):
+    """int8 activations with a scale per row (per position), so a row's result does not depend on the other
+    rows of the call, unlike DynamicQuantizeMatMul's one scale for the whole input; MatMulInteger (MLAS's
+    integer GEMM) and the two scales applied to its int32 output."""
+    t = f"{tag}_"
+    nodes = [
+        helper.make_node("Abs", [x], [t + "abs"]),
+        helper.make_node("ReduceMax", [t + "abs", "rows_axis"], [t + "max"], keepdims=1),
+        helper.make_node("Mul", [t + "max", "inv127"], [t + "rs"]),  # [n, 1]
+        helper.make_node("Max", [t + "rs", "tiny"], [t + "rs1"]),
+        helper.make_node("Div", [x, t + "rs1"], [t + "xs"]),
+        helper.make_node("Round", [t + "xs"], [t + "xr"]),
+        helper.make_node("Add", [t + "xr", "u8_offset"], [t + "xu"]),  # uint8 around 128: MLAS's u8 x s8 kernels
+        helper.make_node("Cast", [t + "xu"], [t + "xq"], to=TensorProto.UINT8),  # 1..255: no saturation
+        helper.make_node("MatMulInteger", [t + "xq", f"{tag}_W", "u8_zero"], [t + "acc"]),
+        helper.make_node("Cast", [t + "acc"], [t + "accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [t + "accf", t + "rs1"], [t + "y1"]),
+        helper.make_node("Mul", [t + "y1", f"{tag}_s"], [y]),
+    ]
+    shared = [
+        numpy_helper.from_array(np.array([1], np.int64), "rows_axis"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "inv127"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "tiny"),
+        numpy_helper.from_array(np.array(128, np.float32), "u8_offset"),
+        numpy_helper.from_array(np.array(128, np.uint8), "u8_zero"),
+    ]
+    return nodes, _int8_weight(rng, k, n, tag) + (shared if tag == "w0" else [])
+
+
 def _dq_matmul(rng, x, y, k, n, tag):
     return [
         helper.make_node("DequantizeLinear", [f"{tag}_W", f"{tag}_s"], [f"{tag}_Wf"], axis=1),
@@ -130,6 +160,7 @@ FORMATS = [
     _nbits(8, 32, 0, in_chain=False),  # MLAS has no fp32-compute 8-bit kernel: the operator dequantizes B per call
     _nbits(8, 32, 4),
     Format("dqmm-int8", _dqmm, 1 + 4 / 2048),
+    Format("rowq-int8", _row_quantized, 1 + 4 / 2048),
     Format("mmitf-int8", _mmitf, 1 + 4 / 2048, ("DynamicQuantizeMatMulFusion",)),
     Format("dq-int8+mm", _dq_matmul, 1 + 4 / 2048, ("QDQSelectorActionTransformer",), in_chain=False),
     Format("dq-int8-fused", _dq_matmul, 1 + 4 / 2048),
