@@ -32,6 +32,7 @@ from ortspec.runtime.speculation.calibration_store import calibration_files, loa
 from ortspec.runtime.speculation.chooser import TokenChooser
 from ortspec.runtime.speculation.draft_length import DraftLength, DraftLengthPolicy
 from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
+from ortspec.runtime.speculation.proposal import Proposer
 from ortspec.runtime.speculation.sampling import SamplingConfig
 from ortspec.runtime.text.chat import Message, render_chat
 from ortspec.runtime.text.tokenizer import TextAssembler, TextTokenizer
@@ -131,9 +132,10 @@ class Pipeline:
         return DrafterKind.HEAD if self.draft.spec.is_head else DrafterKind.MODEL
 
     def _one_length(
-        self, config: GenerationConfig, drafter: DrafterKind, within: DrafterKind | None = None
+        self, config: GenerationConfig, drafter: DrafterKind, within: str | None = None
     ) -> DraftLength | AutoDraftLength:
-        """γ's policy for one drafter; `within` names the hybrid it serves (what it learns is kept apart)."""
+        """γ's policy for one drafter; `within` names the hybrid it serves, or "custom" for a caller's proposer
+        (what it learns is kept apart)."""
         if config.draft_tokens == "adaptive":
             return DraftLength(None, config.draft_tokens_max)
         if config.draft_tokens == "auto":
@@ -211,7 +213,7 @@ class Pipeline:
             with self.draft_states.state() as draft:
                 yield target, draft
 
-    def _start(self, prompt: Prompt, options: dict[str, Any]) -> Events:
+    def _start(self, prompt: Prompt, options: dict[str, Any], custom: Proposer | None = None) -> Events:
         """Check everything up front (so errors surface at the call, even for `stream`), then return the
         generation, a generator that has not started."""
         config = GenerationConfig.from_options(options)
@@ -219,9 +221,15 @@ class Pipeline:
         self._check_lengths(prompt_ids, config.max_new_tokens)
         drafter = self.drafter(config)
         # γ's policy now, not inside the timed generation: auto may have to calibrate first
-        draft_length = self._draft_length(config, drafter) if drafter is not DrafterKind.NONE else None
+        if custom is not None:
+            if drafter is DrafterKind.NONE:
+                raise ValueError("a proposer drafts for speculative decoding: it cannot run with use_draft=False")
+            drafter = DrafterKind.NGRAM  # the policy of a free drafter that does not score its tokens
+            draft_length: DraftLengthPolicy | None = self._one_length(config, drafter, "custom")
+        else:
+            draft_length = self._draft_length(config, drafter) if drafter is not DrafterKind.NONE else None
         chooser = TokenChooser(_sampling(config), np.random.default_rng(config.seed))
-        return self._generate(prompt_ids, config, chooser, drafter, draft_length)
+        return self._generate(prompt_ids, config, chooser, drafter, draft_length, custom)
 
     def _generate(
         self,
@@ -230,6 +238,7 @@ class Pipeline:
         chooser: TokenChooser,
         drafter: DrafterKind,
         draft_length: DraftLengthPolicy | None,
+        custom: Proposer | None = None,
     ) -> Events:
         """Yield (text delta, None) as tokens are committed, then ("", the result). Decodes in states of
         its own, taken when it starts and handed back when it ends, is closed or is collected."""
@@ -240,7 +249,9 @@ class Pipeline:
             start = time.perf_counter()
             first_token_at = None
             memory = self._suffix_memory(config)
-            proposer = new_proposer(drafter, config, target, draft, draft_length, memory, self._shared_vocab)
+            proposer = custom
+            if proposer is None:
+                proposer = new_proposer(drafter, config, target, draft, draft_length, memory, self._shared_vocab)
             rounds = speculative_decode(
                 target,
                 prompt_ids,
@@ -283,7 +294,7 @@ class Pipeline:
             time_to_first_token=(first_token_at or start) - start,
             tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
             draft_tokens=config.draft_tokens if proposer else 0,
-            drafter=drafter.value,
+            drafter="custom" if custom is not None else drafter.value,
             accepted_per_round=tuple(loop.accepted_per_round),
             drafted_per_round=tuple(loop.drafted_per_round),
             undrafted_rounds=loop.undrafted_rounds,
@@ -291,15 +302,19 @@ class Pipeline:
         )
         yield "", GenerationResult(text.text, ids, stats)
 
-    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+    def generate(self, prompt: Prompt, *, proposer: Proposer | None = None, **options: Any) -> GenerationResult:
         """Generate a continuation of `prompt` (text, encoded with the tokenizer's special tokens, or
         token ids used as-is). Greedy unless `temperature` > 0; with a draft (the package's draft
         model, or draft="suffix" or "ngram") decoding is speculative and lossless: greedy output equals the
         target's own, sampled output follows exactly the target's distribution. Options: see
         `GenerationConfig` (max_new_tokens, use_draft, draft_tokens, temperature, top_k, top_p,
         min_p, repetition_penalty, seed, stop, ...).
+
+        `proposer` (for benchmarks and experiments) drafts in place of the package's drafters, as a free
+        drafter under the γ policy `draft_tokens` names; what auto γ learns of it is kept apart. It is
+        called once per round: see `Proposer`. The output is lossless whatever it proposes.
         """
-        events = self._start(prompt, options)
+        events = self._start(prompt, options, proposer)
         try:
             for _, result in events:
                 if result is not None:
