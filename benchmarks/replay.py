@@ -49,7 +49,6 @@ class ReplayProposer(Proposer):
         self.prompt = [int(t) for t in prompt]
         self.truth = [int(t) for t in truth]
         self.guesses = [int(t) for t in np.where(corrupted, wrong, truth)]
-        self.calls = 0
 
     def propose(self, tokens: Sequence[int], count: int, chooser: TokenChooser) -> Proposal:
         start = len(tokens) - len(self.prompt)
