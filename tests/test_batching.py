@@ -238,7 +238,7 @@ def test_a_target_with_a_draft_head_batches(checkpoint, tmp_path):
     generation's own, drafting or not."""
     from ortspec.export import export_pair
 
-    from test_draft_head import make_head
+    from helpers.heads import make_head
 
     make_head(checkpoint("llama"), tmp_path / "head")
     export_pair(checkpoint("llama"), tmp_path / "pkg", draft=tmp_path / "head", quantize="none", report=lambda _: None)

@@ -24,7 +24,7 @@ from ortspec.runtime.speculation.chooser import TokenChooser
 from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
 from ortspec.runtime.speculation.sampling import SamplingConfig
 
-from test_draft_head import make_head
+from helpers.heads import make_head
 
 MAX_NEW = 12
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=3 + 2 * seed)] for seed in range(4)]

@@ -18,7 +18,7 @@ from ortspec.models.train_default import HELDOUT
 from ortspec.runtime.bench import NEAR_TIE, compare_modes, divergence_gap
 from ortspec.runtime.model.decoder import DecoderState
 
-from reference import hf_model
+from helpers.reference import hf_model
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from ortspec.cli import main
 from ortspec.runtime.evaluate import CHUNK, evaluate, windows
 from ortspec.runtime.model.decoder import DecoderState
 
-from reference import hf_model
+from helpers.reference import hf_model
 
 
 def random_windows(vocab: int, count: int = 3, length: int = CHUNK + 72, seed: int = 0) -> list[list[int]]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gguf_files import write_gguf
+from helpers.gguf_files import write_gguf
 
 SCRIPT = """
 import importlib.abc, json, sys

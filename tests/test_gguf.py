@@ -25,8 +25,8 @@ from ortspec.models.random import CORPUS
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.text.tokenizer import TextTokenizer
 
-from gguf_files import CHAT_TEMPLATE, write_gguf
-from reference import hf_model
+from helpers.gguf_files import CHAT_TEMPLATE, write_gguf
+from helpers.reference import hf_model
 
 TEXTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -221,7 +221,7 @@ def test_q4_1_target_with_a_head_drafts_exactly(gguf_file, tmp_path):
     """A head's vocabulary-subset lm_head is cut from the target's Q4_1 one: it gets the correction too
     (re-quantized, SmolLM2's head agreed less often with its target: held-out α 0.485 -> 0.449), and greedy
     drafting with the head still equals plain decoding."""
-    from test_draft_head import make_head
+    from helpers.heads import make_head
 
     gguf = gguf_file("llama", "Q4_1", "tied")
     make_head(gguf, tmp_path / "head")
@@ -373,7 +373,7 @@ def test_catalog_package_exports_the_fetched_gguf_with_its_head(gguf_file, tmp_p
     is stubbed: tests use no network), cached, and drafting with the head is exact."""
     from ortspec.models import catalog
 
-    from test_draft_head import make_head
+    from helpers.heads import make_head
 
     gguf = gguf_file("llama", "Q8_0")
     make_head(gguf, tmp_path / "heads" / "smollm2")

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from test_calibration import synthetic
 
 import ortspec
 from ortspec.export import export_pair
@@ -16,7 +15,8 @@ from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoDraf
 from ortspec.runtime.speculation.draft_length import DraftLength
 from ortspec.runtime.speculation.proposal import Proposal
 
-from test_draft_head import make_head
+from helpers.calibrations import synthetic
+from helpers.heads import make_head
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8, 9, 10, 40, 41, 5, 6, 7, 8]  # repeats: suffix matches exist
 

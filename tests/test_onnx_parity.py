@@ -9,8 +9,8 @@ import ortspec
 from ortspec.export.families import FAMILIES
 from ortspec.runtime.model.decoder import DecoderState
 
-from conftest import CASE_IDS, CASES
-from reference import hf_logits, hf_model
+from helpers.cases import CASE_IDS, CASES
+from helpers.reference import hf_logits, hf_model
 
 BUILDER_VARIANTS = [
     *[("llama", variant) for variant in ("head-dim-40", "llama3-rope", "bf16", "sharded", "tied")],

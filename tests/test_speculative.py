@@ -12,8 +12,8 @@ from ortspec.runtime.speculation.chooser import TokenChooser
 from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
 from ortspec.runtime.speculation.sampling import SamplingConfig
 
-from conftest import CASE_IDS, CASES
-from reference import greedy_margin, hf_greedy
+from helpers.cases import CASE_IDS, CASES
+from helpers.reference import greedy_margin, hf_greedy
 
 MAX_NEW = 24
 EOS = 0  # the test checkpoints' eos id

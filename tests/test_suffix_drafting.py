@@ -27,13 +27,9 @@ from ortspec.runtime.speculation.calibration import (
 from ortspec.runtime.speculation.proposal import Proposal
 from ortspec.runtime.speculation.sampling import SamplingConfig, probabilities
 
+from helpers.calibrations import synthetic
+
 MAX_NEW = 40
-
-
-def synthetic(verify_growth: float) -> Calibration:
-    """Round costs of a free drafter: 10 ms per target step (15 at context 1000), +`verify_growth` per position."""
-    rows = [[base * (1 + verify_growth * (n - 1)) for n in range(1, 10)] for base in (10.0, 15.0)]
-    return Calibration("test", [100, 1000], rows, [0.0, 0.0])
 
 
 def random_tokens(length: int, seed: int, vocab: int = 300) -> list[int]:
@@ -55,7 +51,7 @@ def fresh(pipe, calibration=None):
 
 
 def test_greedy_suffix_equals_plain(pipe):
-    fresh(pipe, synthetic(verify_growth=0.05))  # cheap verify positions: auto drafts readily
+    fresh(pipe, synthetic(draft_ms=0.0, verify_growth=0.05))  # cheap verify positions: auto drafts readily
     accepted = 0
     for seed in range(3):
         phrase = random_tokens(7, seed)
@@ -72,7 +68,7 @@ def test_greedy_suffix_equals_plain(pipe):
 
 
 def test_pool_carries_outputs_across_generations_and_resets(pipe):
-    fresh(pipe, synthetic(verify_growth=0.05))
+    fresh(pipe, synthetic(draft_ms=0.0, verify_growth=0.05))
     prompt = random_tokens(10, 42)  # no repeats inside: only the pool can help
     plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False).token_ids
     first = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft="suffix", draft_tokens=8)
@@ -93,7 +89,7 @@ def test_pool_carries_outputs_across_generations_and_resets(pipe):
 
 
 def test_seeded_sampling_is_reproducible_with_a_warm_pool(pipe):
-    fresh(pipe, synthetic(verify_growth=0.05))
+    fresh(pipe, synthetic(draft_ms=0.0, verify_growth=0.05))
     prompt = random_tokens(6, 3) * 3
     options = dict(max_new_tokens=24, draft="suffix", temperature=0.8, seed=5)
     first = pipe.generate(prompt, **options).token_ids
@@ -268,7 +264,7 @@ def test_best_prefix_maximises_expected_tokens_per_round_cost():
 
 
 def test_auto_asks_scored_drafters_for_the_most_and_sends_the_best_prefix():
-    cal = synthetic(verify_growth=0.3)  # 10 ms per step, +3 ms per extra position
+    cal = synthetic(draft_ms=0.0, verify_growth=0.3)  # 10 ms per step, +3 ms per extra position
     auto = AutoDraftLength(cal, AutoState(), draft_cost=False, max_gamma=6, scored=True)
     assert auto.next(100) == 6
     proposal = Proposal([5, 6, 7, 8, 9], confidence=[0.95, 0.9, 0.9, 0.05, 0.9])
