@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 from tokenizers import Tokenizer
 
-from ortspec.export.builder.safetensors_io import Checkpoint
+from ortspec.export.builder.safetensors_io import SafetensorsCheckpoint
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
@@ -123,7 +123,7 @@ def write_gguf(
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
     family = config["model_type"]
     arch = architecture or family
-    ckpt = Checkpoint(checkpoint_dir)
+    ckpt = SafetensorsCheckpoint(checkpoint_dir)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer = GGUFWriter(str(path), arch)

@@ -18,7 +18,7 @@ from .config import SUPPORTED, DecoderConfig, UnsupportedModelError, decoder_con
 from .gguf_io import GGUFCheckpoint, is_gguf
 from .graph import build_decoder
 from .head import build_head, read_head_config, target_fingerprint
-from .safetensors_io import Checkpoint
+from .safetensors_io import SafetensorsCheckpoint
 from .weights import WeightReader
 
 DEFAULT_MAX_POSITIONS = 32768  # rotary table rows baked into the graph (the KV buffer is sized at load)
@@ -35,15 +35,15 @@ def can_build(config: dict[str, Any]) -> bool:
     return True
 
 
-def weight_reader(source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any]) -> WeightReader:
+def weight_reader(source: Path | SafetensorsCheckpoint | GGUFCheckpoint, config: dict[str, Any]) -> WeightReader:
     """The builder's view of a checkpoint's weights: a safetensors directory, a .gguf file, or either opened."""
     if isinstance(source, (str, Path)):
-        source = GGUFCheckpoint(source) if is_gguf(source) else Checkpoint(Path(source))
+        source = GGUFCheckpoint(source) if is_gguf(source) else SafetensorsCheckpoint(Path(source))
     return WeightReader(source, decoder_config(config))
 
 
 def build_onnx(
-    source: Path | Checkpoint | GGUFCheckpoint, config: dict[str, Any], feature_layers: Sequence[int] = ()
+    source: Path | SafetensorsCheckpoint | GGUFCheckpoint, config: dict[str, Any], feature_layers: Sequence[int] = ()
 ) -> tuple[onnx.ModelProto, DecoderConfig, int]:
     """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers.
     `feature_layers`: inner layers whose output hidden_states also carries (what a fused draft head reads)."""
@@ -53,7 +53,7 @@ def build_onnx(
 
 
 def build_head_onnx(
-    head_dir: Path, target: Path | Checkpoint | GGUFCheckpoint, target_config: dict[str, Any]
+    head_dir: Path, target: Path | SafetensorsCheckpoint | GGUFCheckpoint, target_config: dict[str, Any]
 ) -> tuple[onnx.ModelProto, int]:
     """Build a draft head's graph for its target, refusing a head trained for another model."""
     reader = weight_reader(target, target_config)

@@ -31,7 +31,7 @@ from ortspec.runtime.package.manifest import HEAD_KIND
 
 from .config import DecoderConfig
 from .graph import GraphBuilder, decoder_stack, finish_graph, last_positions, logits_to_keep_input, rotary_tables
-from .safetensors_io import Checkpoint
+from .safetensors_io import SafetensorsCheckpoint
 from .weights import WeightReader
 
 HEAD_CONFIG = "head.json"
@@ -97,7 +97,7 @@ def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx
     """The head's graph: inputs input_ids and features [1, S, parts x hidden] (+ the usual cache inputs);
     outputs full-vocabulary logits and its predicted final features (`hidden_states`)."""
     cfg = head_decoder_config(target.cfg)
-    weights = Checkpoint(head_dir)
+    weights = SafetensorsCheckpoint(head_dir)
     reader = WeightReader(weights, cfg)
     subset = weights.get("vocab_subset").astype(np.int64)
     if subset.min() < 0 or subset.max() >= cfg.vocab_size:

@@ -60,7 +60,7 @@ class SafetensorsFile:
         return np.array(raw)
 
 
-class Checkpoint:
+class SafetensorsCheckpoint:
     """All tensors of a checkpoint directory: model.safetensors or shards listed by an index file."""
 
     def __init__(self, directory: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import DecoderConfig
 from .gguf_io import GGUFCheckpoint
-from .safetensors_io import Checkpoint
+from .safetensors_io import SafetensorsCheckpoint
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -67,7 +67,7 @@ class LayerWeights:
 class WeightReader:
     """Reads and reshapes the tensors of one Llama-family checkpoint for the graph builder."""
 
-    def __init__(self, checkpoint: Checkpoint | GGUFCheckpoint, cfg: DecoderConfig) -> None:
+    def __init__(self, checkpoint: SafetensorsCheckpoint | GGUFCheckpoint, cfg: DecoderConfig) -> None:
         self.ckpt = checkpoint
         self.cfg = cfg
         self.padded = padded_head_dim(cfg.head_dim)
