@@ -60,6 +60,7 @@ def test_logits_match_pytorch(family, exporter, checkpoint, package):
 
 def test_families_marked_tested_are_the_tested_ones():
     assert {f.name for f in FAMILIES.values() if f.tested} == {family for family, _ in CASES}
+    assert {f.name for f in FAMILIES.values() if f.builder} == {family for family, e in CASES if e == "builder"}
 
 
 @pytest.mark.parametrize(("family", "variant"), BUILDER_VARIANTS)

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+from ..families import FAMILIES
+
+SUPPORTED = tuple(name for name, family in FAMILIES.items() if family.builder)
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 

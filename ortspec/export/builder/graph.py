@@ -22,12 +22,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ortspec.runtime.package import graph_names as names
 
+from ..quantize import MS_DOMAIN
 from .config import DecoderConfig
 from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
 
 OPSET = 21
-MS_DOMAIN = "com.microsoft"
 BATCH = "batch_size"  # the dynamic batch dimension of inputs, cache and outputs
 
 
