@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnxruntime as ort
@@ -121,16 +122,15 @@ class BatchedModel:
         """Row `row` of each buffer, as [1, kv_heads, positions, head_dim] OrtValues on the same memory."""
         return [ort.OrtValue.ortvalue_from_numpy(buffer[row : row + 1]) for buffer in self.buffers]
 
-    def alone(
-        self, state: RowState, token_ids: Sequence[int], features: np.ndarray | None, last_only: bool = False
-    ) -> np.ndarray:
-        """A batch-1 forward on the row of `state`, between batched calls."""
+    @contextmanager
+    def alone(self, state: RowState) -> Iterator[None]:
+        """Hold the buffers for a batch-1 forward on the row of `state`, between batched calls."""
         if state.length:  # verifying drafts: likely to again next round (a prefill is followed by steps)
             with self._cond:
                 state.stepping = False
                 self._cond.notify_all()  # a gathering step need not wait for it any more
         with self._run_lock:
-            return DecoderState._run(state, token_ids, features, last_only)
+            yield
 
     def step(self, state: RowState, token: int) -> np.ndarray:
         """Logits [1, vocab] of `token` on the row of `state`, from a call shared with the other rows
@@ -248,9 +248,11 @@ class RowState(DecoderState):
         self.stepping = True  # the next step waits for this row (unless its last forward verified drafts)
 
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
-        if len(token_ids) != 1 or features is not None:
-            return self.batch.alone(self, token_ids, features, last_only)
-        return self.batch.step(self, int(token_ids[0]))
+        """One token joins a batched call; longer forwards run as a lone `DecoderState`, batch 1."""
+        if len(token_ids) == 1 and features is None:
+            return self.batch.step(self, int(token_ids[0]))
+        with self.batch.alone(self):
+            return super()._run(token_ids, features, last_only)
 
     def stepped(self, token: int, hidden: np.ndarray | None = None) -> None:
         """Count `token` in the cache (and keep its features): the batched call that wrote it does so

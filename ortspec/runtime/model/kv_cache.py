@@ -33,11 +33,6 @@ class KVCache(ABC):
         """Number of positions currently cached."""
         return self._length
 
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the graph outputs this cache binds, in the order `update` expects them."""
-        return self._present_names
-
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (rejected drafts)."""
         if not 0 <= length <= self._length:
@@ -62,7 +57,7 @@ class KVCache(ABC):
 
     @abstractmethod
     def update(self, outputs: Sequence[Any], new_tokens: int) -> None:
-        """Take the call's outputs (logits first, then `output_names` in order) as the new state."""
+        """Take the call's outputs (logits first, then the presents in their names' order) as the new state."""
 
     @abstractmethod
     def reset(self) -> None:
