@@ -21,6 +21,8 @@ from ortspec.runtime.model.batching import BatchedModel, RowState, batch_problem
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.package.manifest import file_entry
 
+from helpers.waiting import wait_until
+
 ROWS = 4
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=2 + 5 * seed)] for seed in range(ROWS)]
 REPEATING = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # drafters find proposals in it
@@ -125,7 +127,7 @@ def test_rows_join_leave_and_cancel_mid_run(alone, batched):
         for index, _ in enumerate(stream):
             if index == 3:  # under way: let the late one join before going on
                 late.start()
-                assert wait_for(lambda: batched.batch.in_use == 2)
+                assert wait_until(lambda: batched.batch.in_use == 2, timeout=30, poll=0.001)
         results["long"] = stream.result.token_ids
 
     def late_run() -> None:
@@ -154,15 +156,6 @@ def test_rows_join_leave_and_cancel_mid_run(alone, batched):
     other.join(60)
     assert results["other"] == results["long"]
     assert batched.batch.in_use == 0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def test_more_generations_than_rows_decode_in_states_of_their_own(alone, built):

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from ortspec.cli import main
 from ortspec.serve import load_pipelines
 
-from helpers.serving import Slowed, client_for, running, wait_until
+from helpers.serving import Slowed, client_for, running
+from helpers.waiting import wait_until
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
 

@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from helpers.serving import PROMPTS, client_for, wait_until
+from helpers.serving import PROMPTS, client_for
+from helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from ray's own code
 

@@ -16,7 +16,8 @@ import pytest
 
 from ortspec.serve import ServeSettings, create_app, load_pipelines
 
-from helpers.serving import PROMPTS, Slowed, client_for, running, wait_until
+from helpers.serving import PROMPTS, Slowed, client_for, running
+from helpers.waiting import wait_until
 
 IDLE = {"status": "ok", "slots": 1, "busy": 0, "waiting": 0}
 HEADERS = (

@@ -73,12 +73,3 @@ class Slowed:
                     self.closed_early += 1
 
         return TextStream(events())
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
