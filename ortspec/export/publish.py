@@ -10,7 +10,6 @@ files that package wrote: anything else in the directory stays.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import FORMAT_NAME, MANIFEST_FILE, READABLE_VERSIONS, parse_manifest
 from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE
 
@@ -180,8 +180,8 @@ def _package_files(out: Path) -> set[Path]:
     if not manifest.is_file():
         raise PackageExistsError(f"{out} exists and is not an ortspec package (no {MANIFEST_FILE}); {refusing}")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(manifest)
+    except ValueError:
         data = None
     kind, version = (data.get("format"), data.get("format_version")) if isinstance(data, dict) else (None, None)
     if kind != FORMAT_NAME or version not in READABLE_VERSIONS:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.options import check_threads
 from ortspec.runtime.package.manifest import TOKENIZER_FILE
 from ortspec.runtime.text.prompt_files import read_requests
 
@@ -229,7 +230,15 @@ def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size:
 def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
     """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`. `out` is
     claimed for the run (a second run into it fails at once) and must be new, empty or distill's own."""
-    for name in EXTRAS.get(config.kind, EXTRAS["head"]):  # before anything is written, not deep in a run
+    check_threads("threads", config.threads)
+    check_threads("writers", config.writers)
+    if config.batch is None:
+        config = replace(config, batch=default_batch(config.writers or default_writers(config.threads)))
+    if config.batch < 1:
+        raise ValueError(f"batch must be at least 1, got {config.batch}")
+    if config.kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
+    for name in EXTRAS[config.kind]:  # before anything is written, not deep in a run
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -263,14 +272,6 @@ def _distill(target: str, out: Path, config: DistillConfig, report: Reporter) ->
     from .head_model import FeatureHead, save_head_weights
     from .train import TrainConfig, train_head
 
-    if config.writers is not None and config.writers < 1:
-        raise ValueError(f"writers must be at least 1, got {config.writers}")
-    if config.batch is None:
-        config = replace(config, batch=default_batch(config.writers or default_writers(config.threads)))
-    if config.batch < 1:
-        raise ValueError(f"batch must be at least 1, got {config.batch}")
-    if config.kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
     start = time.monotonic()
     deadline = start + config.minutes * 60
     other = {"head": LM_DRAFT_CONFIG, "lm": HEAD_CONFIG}[config.kind]
