@@ -19,15 +19,30 @@ from ortspec.export.publish import ExportInProgressError, PackageExistsError, cl
 QUICK = DistillConfig(minutes=0.05, quantize="none", vocab=64, held_out=0, threads=1)
 
 
-def _cli(*args: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """`ortspec ARGS` in a fresh process where the modules `blocked` cannot be imported."""
+def _cli(*args: str, blocked: tuple[str, ...] = (), read_only: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`ortspec ARGS` in a fresh process where the modules `blocked` cannot be imported, and where the file
+    system refuses writes under `read_only` as a read-only mount does (EROFS from open and mkdir)."""
     script = (
-        "import importlib.abc, sys\n"
+        "import errno, importlib.abc, os, sys\n"
         "class Blocker(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         f"        if name.split('.')[0] in {blocked!r}:\n"
         "            raise ImportError(f'{name} is blocked in this test', name=name)\n"
         "sys.meta_path.insert(0, Blocker())\n"
+        f"ro = {str(read_only) if read_only else None!r}\n"
+        "real_open, real_mkdir = os.open, os.mkdir\n"
+        "def refuse(path):\n"
+        "    if ro and os.fspath(path).startswith(ro):\n"
+        "        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))\n"
+        "def open_(path, flags, *args, **kwargs):\n"
+        "    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):\n"
+        "        refuse(path)\n"
+        "    return real_open(path, flags, *args, **kwargs)\n"
+        "def mkdir_(path, *args, **kwargs):\n"
+        "    if not os.path.isdir(path):\n"
+        "        refuse(path)\n"
+        "    return real_mkdir(path, *args, **kwargs)\n"
+        "os.open, os.mkdir = open_, mkdir_\n"
         "from ortspec.cli import main\n"
         "main(sys.argv[1:], prog_name='ortspec')\n"
     )
@@ -76,6 +91,35 @@ def test_distill_without_the_export_extras_is_one_line(checkpoint: Callable[...,
     result = _cli("distill", str(checkpoint("llama")), "--out", str(tmp_path / "head"), blocked=("torch",))
     _one_line_error(result, "needs the export extras", "torch is missing")
     assert not (tmp_path / "head").exists()
+
+
+def test_a_read_only_out_is_one_line_naming_it(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    for command in ("export", "distill"):
+        result = _cli(command, str(checkpoint("llama")), "--out", str(read_only / "out"), read_only=read_only)
+        _one_line_error(result, str(read_only), "Read-only file system")
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_nul_byte_in_a_path_is_named(checkpoint: Callable[..., Path], package: Callable[..., Path], tmp_path: Path):
+    import ortspec
+    from ortspec.export import export_pair
+    from ortspec.runtime.text.prompt_files import read_prompts
+
+    target, bad = str(checkpoint("llama")), str(tmp_path / "o\0ut")
+    cases = {
+        "out": lambda: export_pair(target, bad, report=lambda _: None),
+        "draft": lambda: export_pair(target, tmp_path / "p", draft=bad, report=lambda _: None),
+        "path": lambda: ortspec.load(bad),
+        "prompts": lambda: distill(target, tmp_path / "d", DistillConfig(prompts=(bad,)), report=lambda _: None),
+    }
+    for name, call in cases.items():
+        with pytest.raises(ValueError, match=f"{name} '.*o\\\\x00ut' holds a NUL byte"):
+            call()
+    with pytest.raises(ValueError, match="holds a NUL byte"):
+        read_prompts(Path(bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # hostile draft heads given to `export --draft`

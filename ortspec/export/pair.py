@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from ortspec.runtime.options import check_paths
 from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import (
     FORMAT_NAME,
@@ -195,6 +196,7 @@ def export_pair(
     draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
+    check_paths(target=target, out=out, draft=draft)
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
     for value in exporters.values():
         if value not in EXPORTERS:

@@ -230,3 +230,12 @@ def check_threads(name: str, value: int | None) -> int | None:
     if value is not None and (type(value) is not int or not 1 <= value <= limit):
         raise ValueError(f"{name} must be 1 .. {limit} ({THREADS_PER_CPU} per CPU of this machine), got {value!r}")
     return value
+
+
+def check_paths(**paths: Any) -> None:
+    """Refuse a path holding a NUL byte, which no file name can, naming its option (os calls would only say
+    "embedded null byte"). None values and non-paths (hub ids are strings too) pass."""
+    for name, value in paths.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, os.PathLike)) and "\0" in str(os.fspath(item)):
+                raise ValueError(f"{name} {str(item)!r} holds a NUL byte, which no file name can")

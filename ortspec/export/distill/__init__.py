@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ortspec.runtime.model.decoder import DecoderState
-from ortspec.runtime.options import check_threads
+from ortspec.runtime.options import check_paths, check_threads
 from ortspec.runtime.package.manifest import TOKENIZER_FILE
 from ortspec.runtime.text.prompt_files import read_requests
 
@@ -230,6 +230,7 @@ def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size:
 def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
     """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`. `out` is
     claimed for the run (a second run into it fails at once) and must be new, empty or distill's own."""
+    check_paths(target=target, out=out, text=config.text, prompts=config.prompts)
     check_threads("threads", config.threads)
     check_threads("writers", config.writers)
     if config.batch is None:
