@@ -30,6 +30,9 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except (PackageError, ContextLengthError, ValueError, FileExistsError) as exc:  # ChatTemplateError too
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # what the file system refused (read-only, no permission, full): name the path
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
 
     return wrapper
 

@@ -215,7 +215,7 @@ def test_sigterm_stops_an_export_without_leftovers(checkpoint, tmp_path):
 
 def test_a_second_first_run_of_the_cached_default_pair_waits_instead_of_failing(tmp_path, monkeypatch):
     """Two `ortspec demo` / `generate` first runs at once: the one that finds the export claimed waits."""
-    from ortspec.export.publish import _claim
+    from ortspec.export.publish import claim
     from ortspec.models.default_pair import default_package
 
     monkeypatch.setenv("ORTSPEC_CACHE", str(tmp_path / "cache"))
@@ -230,7 +230,7 @@ def test_a_second_first_run_of_the_cached_default_pair_waits_instead_of_failing(
 
     (tmp_path / "cache").mkdir()
     thread = threading.Thread(target=first_run)
-    with _claim(_expected_default_out("none")):  # another process holds the export of that package
+    with claim(_expected_default_out("none"), "export"):  # another process holds the export of that package
         thread.start()
         deadline = time.monotonic() + 30
         while not any("waiting" in m for m in messages) and not outcome and time.monotonic() < deadline:

@@ -198,7 +198,7 @@ def test_disconnects_free_their_slot(pipes):
 
     def until_idle() -> None:
         left = time.monotonic()
-        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=2)
+        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=10)
         freed_after.append(time.monotonic() - left)
 
     with running([slowed]) as url, httpx.Client(base_url=url, timeout=30) as http:
@@ -222,8 +222,8 @@ def test_disconnects_free_their_slot(pipes):
             for _ in range(3):  # queued behind the holder, then gone
                 with pytest.raises(httpx.ReadTimeout):
                     httpx.post(f"{url}/v1/completions", json=hold, timeout=0.3)
-            assert wait_until(lambda: http.get("/health").json()["waiting"] == 0, timeout=2)
-        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=2)
+            assert wait_until(lambda: http.get("/health").json()["waiting"] == 0, timeout=10)
+        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=10)
         assert (slowed.closed_early, slowed.finished) == (9, 0)  # the queued ones never started
         started = time.monotonic()
         reply = client_for(url).completions.create(model="tiny", prompt="x", max_tokens=3)
@@ -231,8 +231,7 @@ def test_disconnects_free_their_slot(pipes):
         # a client that leaves halfway through sending its body takes no slot either
         with socket.create_connection(("127.0.0.1", httpx.URL(url).port)) as half:
             half.sendall(HEADERS.format(length=1000).encode() + b'{"model": "tiny", "prompt": "de')
-        # (the 3-token request's slot is handed back just after its reply went out: wait for that too)
-        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=2)
+        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=10)
         assert client_for(url).completions.create(model="tiny", prompt="x", max_tokens=3).usage.completion_tokens == 3
 
 
@@ -251,7 +250,7 @@ def test_slow_readers_hold_no_slot(pipes):
             reader.connect((host, port))
             reader.sendall(HEADERS.format(length=len(body)).encode() + body)
             readers.append(reader)
-        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=5)  # nothing read yet
+        assert wait_until(lambda: http.get("/health").json() == IDLE, timeout=10)  # nothing read yet
         started = time.monotonic()
         for prompt in PROMPTS:
             assert client_for(url).completions.create(model="tiny", prompt=prompt, max_tokens=8).choices[0].text

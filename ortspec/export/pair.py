@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,6 +12,8 @@ from typing import Any
 
 import onnx
 
+from ortspec.runtime.options import check_paths
+from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -26,7 +27,7 @@ from ortspec.runtime.package.manifest import (
 from .. import __version__
 from .builder import build_head_onnx, build_onnx, can_build
 from .builder.config import decoder_config
-from .builder.head import is_head_dir, read_head_config
+from .builder.head import check_head, is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
 from .families import family_of, max_positions
@@ -159,7 +160,8 @@ def _chat_template(tokenizer_dir: Path) -> str | None:
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     config = tokenizer_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    data = read_json(config) if config.is_file() else None
+    template = data.get("chat_template") if isinstance(data, dict) else None
     return template if isinstance(template, str) else None
 
 
@@ -194,6 +196,7 @@ def export_pair(
     draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
+    check_paths(target=target, out=out, draft=draft)
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
     for value in exporters.values():
         if value not in EXPORTERS:
@@ -209,7 +212,7 @@ def export_pair(
     if head and exporter == "optimum":
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
     if head:
-        feature_layers = read_head_config(draft).get("feature_layers", [])
+        feature_layers = check_head(draft).get("feature_layers", [])
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
     steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)

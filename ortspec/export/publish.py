@@ -10,7 +10,6 @@ files that package wrote: anything else in the directory stays.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import FORMAT_NAME, MANIFEST_FILE, READABLE_VERSIONS, parse_manifest
 from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE
 
@@ -42,7 +42,7 @@ def staging_directory(out: str | Path, force: bool, report: Reporter = print) ->
     finishes without error, and both are removed whatever happens."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _claim(out), _sigterm_as_interrupt():
+    with claim(out, "export"), _sigterm_as_interrupt():
         _remove_dead_leftovers(out, report)
         _replaceable_files(out, force)  # refuse before the work rather than after it
         made: list[Path] = []
@@ -57,8 +57,9 @@ def staging_directory(out: str | Path, force: bool, report: Reporter = print) ->
 
 
 @contextmanager
-def _claim(out: Path) -> Iterator[None]:
-    """Hold `.NAME.lock` beside `out` for the whole export (POSIX), so a second export to `out` fails at once."""
+def claim(out: Path, command: str) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `out` while `command` (export, distill) writes it (POSIX), so a second command
+    writing `out` fails at once, naming the first and its pid."""
     if os.name != "posix":
         yield
         return
@@ -70,11 +71,12 @@ def _claim(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            holder = os.read(fd, 64).decode(errors="replace").split()  # "PID COMMAND"
             os.close(fd)
-            pid = f" (pid {holder})" if holder else ""
+            pid = f" (pid {holder[0]})" if holder else ""
+            other = holder[1] if len(holder) > 1 else "export"
             raise ExportInProgressError(
-                f"another export{pid} is writing {out} right now; wait for it to end or choose another --out"
+                f"another {other}{pid} is writing {out} right now; wait for it to end or choose another --out"
             ) from None
         try:
             current = os.stat(lock)
@@ -86,7 +88,7 @@ def _claim(out: Path) -> Iterator[None]:
         os.close(fd)  # its last holder removed it after we opened it: take the new one
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} {command}".encode())
         yield
     finally:
         os.unlink(lock)  # while still holding it, so that a waiting export retries on a fresh file
@@ -178,8 +180,8 @@ def _package_files(out: Path) -> set[Path]:
     if not manifest.is_file():
         raise PackageExistsError(f"{out} exists and is not an ortspec package (no {MANIFEST_FILE}); {refusing}")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(manifest)
+    except ValueError:
         data = None
     kind, version = (data.get("format"), data.get("format_version")) if isinstance(data, dict) else (None, None)
     if kind != FORMAT_NAME or version not in READABLE_VERSIONS:

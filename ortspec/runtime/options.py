@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import Field, dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -219,3 +220,23 @@ def check_text(what: str, text: str) -> str:
             f"character {exc.start} (bytes that are not UTF-8?)"
         ) from None
     return text
+
+
+THREADS_PER_CPU = 4  # more threads (or processes) than this per CPU only contend
+
+
+def check_threads(name: str, value: int | None) -> int | None:
+    """A count of threads or processes (None: the default), at most THREADS_PER_CPU per CPU of this machine."""
+    limit = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if value is not None and (type(value) is not int or not 1 <= value <= limit):
+        raise ValueError(f"{name} must be 1 .. {limit} ({THREADS_PER_CPU} per CPU of this machine), got {value!r}")
+    return value
+
+
+def check_paths(**paths: Any) -> None:
+    """Refuse a path holding a NUL byte, which no file name can, naming its option (os calls would only say
+    "embedded null byte"). None values and non-paths (hub ids are strings too) pass."""
+    for name, value in paths.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, os.PathLike)) and "\0" in str(os.fspath(item)):
+                raise ValueError(f"{name} {str(item)!r} holds a NUL byte, which no file name can")

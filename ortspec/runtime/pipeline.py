@@ -22,7 +22,14 @@ from ortspec.runtime.model.batching import BatchedModel, batch_problem
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.model.onnx_model import Model
 from ortspec.runtime.model.state_pool import DEFAULT_IDLE_STATES, StatePool
-from ortspec.runtime.options import DrafterKind, GenerationConfig, check_text, default_drafter
+from ortspec.runtime.options import (
+    DrafterKind,
+    GenerationConfig,
+    check_paths,
+    check_text,
+    check_threads,
+    default_drafter,
+)
 from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, Manifest, load_manifest
 from ortspec.runtime.results import Events, GenerationResult, GenerationStats, TextStream
 from ortspec.runtime.speculation.auto_length import AutoDraftLength, AutoMemo, AutoState
@@ -383,6 +390,9 @@ def load(
     target graph allows it (`batch_problem`: builder graphs of this ortspec on the CPU); elsewhere
     generations decode one call each, as without.
     """
+    check_paths(path=path)
+    check_threads("threads", threads)
+    check_threads("draft_threads", draft_threads)
     manifest = load_manifest(path, verify=verify)
     root = manifest.root
     head = manifest.draft is not None and manifest.draft.is_head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -45,24 +46,37 @@ class TextStream:
     """Iterator of text deltas from `Pipeline.stream`; `.result` holds the full result once exhausted.
 
     Each stream decodes in states of its own: streams advanced in turns, or alongside `generate`
-    calls, do not affect one another. `close()` (or dropping the stream) ends it early.
+    calls, do not affect one another. `close()` (or dropping the stream) ends it early, from any thread.
     """
 
     def __init__(self, events: Events) -> None:
         self._events = events  # held directly, no cycle: a dropped stream ends (and frees its states) at once
+        self._running = threading.Lock()  # held while a thread advances the generator
+        self._stop = threading.Event()
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        for delta, result in self._events:
-            if result is not None:
-                self.result = result
-            elif delta:
-                return delta
+        with self._running:
+            for delta, result in self._events:
+                if self._stop.is_set():
+                    break
+                if result is not None:
+                    self.result = result
+                elif delta:
+                    return delta
+            self._events.close()
         raise StopIteration
 
     def close(self) -> None:
-        """Stop generating and hand the stream's decoder states back to the pipeline."""
-        self._events.close()
+        """Stop generating and hand the stream's decoder states back to the pipeline. Called while another
+        thread iterates the stream, it stops the generation after its current round (that thread's
+        iteration then ends), since a running generator cannot be closed from outside."""
+        self._stop.set()
+        if self._running.acquire(blocking=False):
+            try:
+                self._events.close()
+            finally:
+                self._running.release()

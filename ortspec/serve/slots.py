@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import GenerationResult, Pipeline, TextStream, load
+from ..runtime.model.onnx_model import check_caches_fit
 from .errors import APIError
 
 Job = Callable[[Pipeline], TextStream]  # starts a generation on a slot's pipeline (runs in its thread)
@@ -34,7 +35,9 @@ def load_pipelines(package: str | Path, parallel: int, batch: bool = True, **loa
     load_options.setdefault("idle_states", parallel)
     if batch:
         load_options.setdefault("batch", parallel)
-    return [load(package, **load_options)] * parallel
+    pipe = load(package, **load_options)
+    check_caches_fit([m for m in (pipe.target, pipe.draft) if m is not None], parallel, "parallel slots")
+    return [pipe] * parallel
 
 
 class Slots:
@@ -125,13 +128,18 @@ class Slots:
 
         def work() -> None:
             start = time.perf_counter()
+            outcome: GenerationResult | BaseException | None = None
             try:
-                _run(job, pipe, stop, emit)
+                outcome = _run(job, pipe, stop, emit)
             except BaseException as exc:
-                emit(exc)
+                outcome = exc
             finally:
+                # the slot is freed before the outcome is handed over (the loop runs callbacks in order), so a
+                # client that has its response never sees the slot still busy
                 with contextlib.suppress(RuntimeError):  # a closed loop: nothing is left to serve
                     loop.call_soon_threadsafe(self._finished, pipe, time.perf_counter() - start)
+            if outcome is not None:
+                emit(outcome)
 
         loop.run_in_executor(self._executor, work)
         try:
@@ -151,15 +159,17 @@ class Slots:
             stop.set()  # the worker stops after its current round
 
 
-def _run(job: Job, pipe: Pipeline, stop: threading.Event, emit: Callable[[Event | BaseException], None]) -> None:
-    """Run one generation in the slot's thread, stopping between two rounds once `stop` is set."""
+def _run(
+    job: Job, pipe: Pipeline, stop: threading.Event, emit: Callable[[Event | BaseException], None]
+) -> GenerationResult | None:
+    """Run one generation in the slot's thread, emitting its deltas and stopping between two rounds once
+    `stop` is set; its result (None if stopped), once the stream has let go of the pipeline."""
     stream = job(pipe)
     try:
         for delta in stream:
             if stop.is_set():
-                return
+                return None
             emit(delta)
-        assert stream.result is not None, "an exhausted stream holds its result"
-        emit(stream.result)
     finally:
         stream.close()
+    return stream.result

@@ -266,7 +266,7 @@ def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 class GGUFCheckpoint:
     """The tensors of a GGUF file under Hugging Face names, dequantized to float32.
 
-    Same interface as `safetensors_io.Checkpoint` (`in`, `names`, `get`, `dtype`), so `WeightReader`
+    Same interface as `safetensors_io.SafetensorsCheckpoint` (`in`, `names`, `get`, `dtype`), so `WeightReader`
     reads either.
     """
 

@@ -18,7 +18,6 @@ then its inner layers' RMS-normalised outputs, as the target graph built for the
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,31 @@ import onnx
 from onnx import TensorProto, helper
 
 from ortspec.runtime.package import graph_names as names
+from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import HEAD_KIND
+from ortspec.runtime.package.schema import OBJECT, POSITIVE, STRING, integer, list_of, one_of, optional, problem, record
 
 from .config import DecoderConfig
 from .graph import GraphBuilder, decoder_stack, finish_graph, last_positions, logits_to_keep_input, rotary_tables
-from .safetensors_io import SafetensorsCheckpoint
+from .safetensors_io import SafetensorsCheckpoint, SafetensorsFile
 from .weights import WeightReader
 
 HEAD_CONFIG = "head.json"
 LM_DRAFT_CONFIG = "ortspec-draft.json"  # what `distill --kind lm` writes beside its Hugging Face checkpoint
 HEAD_WEIGHTS = "head.safetensors"
+FINAL_NORM = "model.norm.weight"
 HEAD_FORMAT = 2  # 2: `feature_layers`, the inner layers its features hold besides the final ones
+HEAD_SCHEMA = record(  # what head.json must hold (format 1 heads lack `format` and `feature_layers`)
+    {
+        "kind": one_of(HEAD_KIND),
+        "format": optional(integer(1)),
+        "target_fingerprint": STRING,
+        "feature_layers": optional(list_of(integer(1))),
+        "hidden_size": optional(POSITIVE),
+        "vocab_size": optional(POSITIVE),
+        "training": optional(OBJECT),
+    }
+)
 
 
 def is_head_dir(path: str | Path) -> bool:
@@ -46,12 +59,72 @@ def is_head_dir(path: str | Path) -> bool:
 
 
 def read_head_config(path: str | Path) -> dict[str, Any]:
-    config = json.loads((Path(path) / HEAD_CONFIG).read_text(encoding="utf-8"))
-    if config.get("kind") != HEAD_KIND:
-        raise ValueError(f"{path}/{HEAD_CONFIG} is not an ortspec draft head (kind {config.get('kind')!r})")
-    if config.get("format", 1) > HEAD_FORMAT:
-        raise ValueError(f"{path} holds a draft head of format {config['format']}: made by a newer ortspec, upgrade it")
+    """head.json, every field checked as a manifest's are: errors name the file and the field."""
+    file = Path(path) / HEAD_CONFIG
+    config = read_json(file)
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if kind != HEAD_KIND:
+        raise ValueError(f"{file} is not an ortspec draft head (kind {kind!r})")
+    version = config.get("format", 1)
+    if type(version) is int and version > HEAD_FORMAT:
+        raise ValueError(f"{path} holds a draft head of format {version}: made by a newer ortspec, upgrade it")
+    if found := problem(config, HEAD_SCHEMA, document=str(file)):
+        raise ValueError(found)
+    if version >= 2 and "feature_layers" not in config:
+        raise ValueError(f"{file} field feature_layers is missing (a format 2 head lists the layers it reads)")
     return config
+
+
+def check_head(path: str | Path) -> dict[str, Any]:
+    """head.json and head.safetensors checked against each other, before anything is built: the tensors a
+    head has, shaped for its own width and the features it reads. Returns head.json."""
+    config = read_head_config(path)
+    file = Path(path) / HEAD_WEIGHTS
+    if not file.is_file():
+        raise ValueError(f"{path} has no {HEAD_WEIGHTS} (a draft head's weights, as `ortspec distill` writes them)")
+    weights = SafetensorsFile(file)
+    norm = weights.shape(FINAL_NORM) if FINAL_NORM in weights.names() else None
+    if norm is None or len(norm) != 1:
+        raise ValueError(f"{file} has no 1-D tensor {FINAL_NORM}: not the weights of a draft head")
+    hidden = norm[0]
+    parts = 1 + len(config.get("feature_layers", []))
+    expected = {"fc.weight": [hidden, hidden * (1 + parts)], "vocab_subset": None}
+    for name, shape in expected.items():
+        if name not in weights.names():
+            raise ValueError(f"{file} has no tensor {name}: not the weights of a draft head")
+        found = weights.shape(name)
+        if (shape is not None and found != shape) or (shape is None and len(found) != 1):
+            want = f"{shape}" if shape else "1-D"
+            raise ValueError(
+                f"{file}: tensor {name} is {found}, not {want} ({hidden} wide, reading {parts} feature vector(s) "
+                f"as {HEAD_CONFIG}'s feature_layers say)"
+            )
+    if config.get("hidden_size", hidden) != hidden:
+        raise ValueError(f"{file} holds a head {hidden} wide, {HEAD_CONFIG} says hidden_size {config['hidden_size']}")
+    return config
+
+
+def check_head_layer(weights: SafetensorsCheckpoint, cfg: DecoderConfig, where: Path) -> None:
+    """The head's layer tensors are there and shaped for a layer of `cfg` (the target's width)."""
+    q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    shapes = {
+        "input_layernorm.weight": [cfg.hidden],
+        "self_attn.q_proj.weight": [q, cfg.hidden],
+        "self_attn.k_proj.weight": [kv, cfg.hidden],
+        "self_attn.v_proj.weight": [kv, cfg.hidden],
+        "self_attn.o_proj.weight": [cfg.hidden, q],
+        "post_attention_layernorm.weight": [cfg.hidden],
+        "mlp.gate_proj.weight": [cfg.intermediate, cfg.hidden],
+        "mlp.up_proj.weight": [cfg.intermediate, cfg.hidden],
+        "mlp.down_proj.weight": [cfg.hidden, cfg.intermediate],
+        FINAL_NORM: [cfg.hidden],
+    }
+    for part, shape in shapes.items():
+        name = part if part == FINAL_NORM else f"model.layers.0.{part}"
+        found = weights.shape(name) if name in weights else None
+        if found != shape:
+            what = "missing" if found is None else f"{found}"
+            raise ValueError(f"{where}: tensor {name} is {what}, not {shape} (a layer of the target's shape)")
 
 
 def head_decoder_config(target: DecoderConfig) -> DecoderConfig:
@@ -98,6 +171,7 @@ def build_head(head_dir: Path, target: WeightReader, max_positions: int) -> onnx
     outputs full-vocabulary logits and its predicted final features (`hidden_states`)."""
     cfg = head_decoder_config(target.cfg)
     weights = SafetensorsCheckpoint(head_dir)
+    check_head_layer(weights, cfg, head_dir / HEAD_WEIGHTS)
     reader = WeightReader(weights, cfg)
     subset = weights.get("vocab_subset").astype(np.int64)
     if subset.min() < 0 or subset.max() >= cfg.vocab_size:
@@ -123,6 +197,7 @@ __all__ = [
     "HEAD_FORMAT",
     "HEAD_KIND",
     "build_head",
+    "check_head",
     "head_decoder_config",
     "is_head_dir",
     "read_head_config",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ortspec.runtime.package.json_file import parse_json, read_json
 
 DTYPES = {
     "F32": np.float32,
@@ -21,6 +25,11 @@ DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+class SafetensorsError(ValueError):
+    """A .safetensors file that is not one: truncated, random bytes, or a header that does not fit the file."""
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -34,10 +43,13 @@ class SafetensorsFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        self._header = header
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            (header_size,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
+            if not 0 < header_size <= min(MAX_HEADER_BYTES, size - 8):
+                raise SafetensorsError(f"{path} is not a safetensors file (its header size does not fit the file)")
+            header = parse_json(f.read(header_size), str(path), SafetensorsError)
+        self._header = _checked_header(path, header, size - 8 - header_size)
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
 
     def names(self) -> list[str]:
@@ -45,6 +57,9 @@ class SafetensorsFile:
 
     def dtype(self, name: str) -> str:
         return self._header[name]["dtype"]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._header[name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as float32 (floating types) or its own integer type."""
@@ -60,6 +75,32 @@ class SafetensorsFile:
         return np.array(raw)
 
 
+def _checked_header(path: Path, header: Any, data_bytes: int) -> dict[str, dict[str, Any]]:
+    """The header's tensors, each checked: a shape of sizes >= 0, and offsets inside the data that hold exactly
+    that many elements of its dtype (so reading a tensor cannot reach past the file or misshape it)."""
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is not a JSON object")
+    header = {name: info for name, info in header.items() if name != "__metadata__"}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        known = isinstance(dtype, str) and dtype in DTYPES  # others are refused when read
+        itemsize = np.dtype(DTYPES[dtype]).itemsize if isinstance(dtype, str) and known else None
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(n) is int for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+            or (itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize)
+        ):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry (dtype, shape, data_offsets)")
+    return header
+
+
 class SafetensorsCheckpoint:
     """All tensors of a checkpoint directory: model.safetensors or shards listed by an index file."""
 
@@ -67,7 +108,10 @@ class SafetensorsCheckpoint:
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f'{index} has no "weight_map" of tensor names to file names')
             shards = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
             self._where = {tensor: shards[shard] for tensor, shard in weight_map.items()}
         else:
@@ -91,3 +135,6 @@ class SafetensorsCheckpoint:
 
     def dtype(self, name: str) -> str:
         return self._where[name].dtype(name)
+
+    def shape(self, name: str) -> list[int]:
+        return self._where[name].shape(name)

@@ -17,6 +17,7 @@ the sequences and their features, always appended together.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections import Counter
@@ -29,12 +30,14 @@ from typing import Any
 import numpy as np
 
 from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.options import check_paths, check_threads
 from ortspec.runtime.text.prompt_files import read_requests
 
 from ..builder import weight_reader
 from ..builder.graph import check_feature_layers
 from ..builder.head import HEAD_CONFIG, HEAD_FORMAT, HEAD_KIND, LM_DRAFT_CONFIG, head_decoder_config, target_fingerprint
 from ..checkpoint import resolve_checkpoint
+from ..publish import PackageExistsError, claim
 from .data import text_file_sequences
 from .features import SequenceStore, open_target, sequence_features
 from .writers import default_batch, default_writers, write_chats
@@ -44,6 +47,12 @@ KINDS = ("head", "lm")
 HELD_OUT_SEED = 1_000_000
 MAX_SEQUENCE = 1024
 STORES = ("chats", "held-out", "prompts", "prompts-held-out", "text")
+MARKER = "ortspec-distill.json"  # what makes a folder distill's own: only such a folder is written into
+EXTRAS = {"head": ("torch", "tqdm"), "lm": ("torch", "tqdm", "transformers")}  # imported lazily, while running
+
+
+class MissingExtrasError(ImportError, ValueError):
+    """`distill` runs without the export extras it imports while running (torch, ...)."""
 
 
 @dataclass(frozen=True)
@@ -218,21 +227,53 @@ def vocabulary_subset(sequences: Sequence[Sequence[int]], size: int, vocab_size:
 
 
 def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(), report: Reporter = print) -> Path:
-    """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`."""
-    from .head_model import FeatureHead, save_head_weights
-    from .train import TrainConfig, train_head
-
-    if config.writers is not None and config.writers < 1:
-        raise ValueError(f"writers must be at least 1, got {config.writers}")
+    """Train a draft head for `target` (HF directory, hub id or GGUF) into `out`; return `out`. `out` is
+    claimed for the run (a second run into it fails at once) and must be new, empty or distill's own."""
+    check_paths(target=target, out=out, text=config.text, prompts=config.prompts)
+    check_threads("threads", config.threads)
+    check_threads("writers", config.writers)
     if config.batch is None:
         config = replace(config, batch=default_batch(config.writers or default_writers(config.threads)))
     if config.batch < 1:
         raise ValueError(f"batch must be at least 1, got {config.batch}")
     if config.kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
+    for name in EXTRAS[config.kind]:  # before anything is written, not deep in a run
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise MissingExtrasError(
+                f"`ortspec distill` needs the export extras ({name} is missing): pip install 'ortspec[export]'"
+            ) from exc
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with claim(out.resolve(), "distill"):
+        _check_own_folder(out)
+        out.mkdir(exist_ok=True)
+        (out / MARKER).write_text(json.dumps({"written_by": "ortspec distill", "target": str(target)}) + "\n")
+        return _distill(target, out, config, report)
+
+
+def _check_own_folder(out: Path) -> None:
+    """Refuse an `out` that distill did not make: it writes README.md, head.json... and must not replace a
+    user's. Its own folder has its marker (or, from before the marker, its data layout)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PackageExistsError(f"--out {out} exists and is not a directory")
+    if any(out.iterdir()) and not (out / MARKER).is_file() and not (out / "data" / "layout.json").is_file():
+        raise PackageExistsError(
+            f"--out {out} holds files that ortspec distill did not write (no {MARKER}); refusing to write into it: "
+            "give a new or empty directory, or the --out of an earlier distill to resume it"
+        )
+
+
+def _distill(target: str, out: Path, config: DistillConfig, report: Reporter) -> Path:
+    from .head_model import FeatureHead, save_head_weights
+    from .train import TrainConfig, train_head
+
     start = time.monotonic()
     deadline = start + config.minutes * 60
-    out = Path(out)
     other = {"head": LM_DRAFT_CONFIG, "lm": HEAD_CONFIG}[config.kind]
     if (out / other).is_file():
         raise ValueError(f"{out} holds a draft of another kind ({other}): give another --out")

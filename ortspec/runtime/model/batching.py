@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.model.kv_cache import SharedBufferKVCache
-from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep
+from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep, check_caches_fit
 from ortspec.runtime.package import graph_names as names
 
 DEFAULT_WAIT = 0.004  # seconds a step waits for the other decoding rows to join it
@@ -77,6 +77,7 @@ class BatchedModel:
             raise ValueError(f"a batch needs at least one row, got {rows}")
         if problem := batch_problem(model):
             raise ValueError(f"the {model.spec.role} model cannot batch: {problem}")
+        check_caches_fit([model], rows, "a batch (generations decoding at once)")
         spec = model.spec
         self.model = model
         self.rows = rows

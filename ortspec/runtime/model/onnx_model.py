@@ -4,6 +4,7 @@ Immutable and shared by every sequence decoding on it (`DecoderState`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +174,12 @@ class Model:
         """Columns of the logits."""
         return self.spec.vocab_size
 
+    def cache_bytes(self) -> int:
+        """Bytes of one sequence's KV buffers at `max_length` positions."""
+        spec = self.spec
+        per_layer = 2 * spec.num_kv_heads * self.max_length * spec.head_dim * np.dtype(self.cache_dtype).itemsize
+        return spec.num_layers * per_layer
+
     def new_cache(self) -> KVCache:
         """Empty KV buffers for one sequence (a shared-buffer cache allocates `max_length` positions)."""
         spec = self.spec
@@ -182,6 +189,26 @@ class Model:
                 pasts, presents, spec.num_kv_heads, spec.head_dim, self.max_length, self.cache_dtype, self.device
             )
         return ConcatKVCache(pasts, presents, spec.num_kv_heads, spec.head_dim, self.cache_dtype, self.device)
+
+
+def physical_memory() -> int | None:
+    """Bytes of this machine's memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_caches_fit(models: Sequence[Model], sequences: int, what: str) -> None:
+    """Refuse `sequences` KV buffers of each of `models` beyond the machine's memory, naming `what` asked for
+    them: an absurd count would end in a MemoryError, or in the OOM killer, long after it was given."""
+    need = sequences * sum(model.cache_bytes() for model in models)
+    memory = physical_memory()
+    if memory is not None and need > memory:
+        raise ValueError(
+            f"{what} of {sequences} needs {need / 2**30:.1f} GiB of KV cache ({models[0].max_length} positions "
+            f"each), more than this machine's {memory / 2**30:.1f} GiB: ask for fewer, or a shorter max_length"
+        )
 
 
 _LOGITS_TO_KEEP = {keep: np.array([keep], np.int64) for keep in (0, 1)}  # bound by reference: never freed

@@ -10,7 +10,7 @@ other field by its length. The file is memory-mapped, so the weights are never r
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 # message kind -> {field number: kind of the message in that field}, from onnx.proto
@@ -87,3 +87,50 @@ def external_data_locations(path: Path) -> set[str]:
             found: set[str] = set()
             _walk(buf, "model", 0, len(buf), 0, found)
             return found
+
+
+def _tensor_name_and_dims(buf: mmap.mmap, start: int, end: int) -> tuple[str, list[int]]:
+    """A TensorProto's name (field 8) and dims (field 1, packed or not), its data skipped."""
+    name, dims, pos = "", [], start
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, end)
+            if number == 1:
+                dims.append(value)
+        elif wire == _BYTES:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise ValueError("a field runs past the end of its message")
+            if number == 8:
+                name = bytes(buf[pos : pos + length]).decode("utf-8", errors="replace")
+            elif number == 1:  # packed dims
+                at = pos
+                while at < pos + length:
+                    value, at = _varint(buf, at, pos + length)
+                    dims.append(value)
+            pos += length
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return name, dims
+
+
+def initializer_dims(path: Path, wanted: Collection[str]) -> dict[str, list[int]]:
+    """The dims of the main graph's initializers named in `wanted` (their data is never read)."""
+    found: dict[str, list[int]] = {}
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, start, end in _fields(buf, 0, len(buf)):
+                if number != 7:  # ModelProto.graph
+                    continue
+                for field, s, e in _fields(buf, start, end):
+                    if field == 5:  # GraphProto.initializer
+                        name, dims = _tensor_name_and_dims(buf, s, e)
+                        if name in wanted:
+                            found[name] = dims
+    return found

@@ -21,7 +21,8 @@ from typing import Any
 
 from ortspec.runtime.errors import PackageError
 from ortspec.runtime.package import schema
-from ortspec.runtime.package.external_data import external_data_locations
+from ortspec.runtime.package.external_data import external_data_locations, initializer_dims
+from ortspec.runtime.package.json_file import read_json
 
 FORMAT_NAME = "ortspec-package"
 FORMAT_VERSION = 2  # 2: a draft may be a feature-level head (kind "eagle-head")
@@ -276,6 +277,23 @@ def check_external_data(manifest: Manifest) -> None:
                 )
 
 
+ROTARY_TABLES = {"cos_cache": 1, "cos_cache_local": 1, "cos_tables": 2}  # name -> tables stacked (longrope: 2)
+
+
+def check_rotary_tables(manifest: Manifest) -> None:
+    """Refuse a `max_positions` beyond the rotary tables a graph holds (GroupQueryAttention's cos_cache): ONNX
+    Runtime would fail at the first sequence that long. Graphs that compute their rotary angles have none."""
+    for model in manifest.models():
+        graph = resolve_inside(manifest.root, model.onnx)
+        for name, dims in initializer_dims(graph, ROTARY_TABLES).items():
+            rows = dims[0] // ROTARY_TABLES[name] if dims else 0
+            if model.max_positions > rows:
+                raise PackageError(
+                    f"manifest field {model.role}.max_positions is {model.max_positions}, but the {model.role} "
+                    f"graph's rotary table {name} holds {rows} positions; the package is malformed"
+                )
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise PackageError(f"package directory {root} does not exist")
@@ -285,10 +303,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     resolve_inside(root, MANIFEST_FILE)
     if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
         raise PackageError(f"{path} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes; refusing to read it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{path} is not valid JSON ({exc}); the package is corrupted") from exc
+    data = read_json(path, PackageError, MAX_MANIFEST_BYTES)
     if not isinstance(data, dict):
         raise PackageError(f"{path} does not hold a JSON object; the package is corrupted")
     return data
@@ -303,4 +318,5 @@ def load_manifest(package: str | Path, verify: bool = True) -> Manifest:
     check_listing(manifest)
     verify_files(manifest, check_hashes=verify)
     check_external_data(manifest)
+    check_rotary_tables(manifest)
     return manifest

@@ -131,20 +131,20 @@ def _shown(value: Any) -> str:
     return f"{_JSON_TYPES.get(type(value), 'null')} ({text if len(text) <= 40 else text[:37] + '...'})"
 
 
-def problem(value: Any, rule: Rule = MANIFEST, path: str = "") -> str | None:
-    """The first way `value` breaks `rule`, as a sentence naming the field; None if it does not."""
+def problem(value: Any, rule: Rule = MANIFEST, path: str = "", document: str = "manifest") -> str | None:
+    """The first way `value` breaks `rule`, as a sentence naming the field of `document`; None if it does not."""
     if not rule.accepts(value):
-        return f"manifest field {path or '(top level)'} must be {rule.expected}, got {_shown(value)}"
+        return f"{document} field {path or '(top level)'} must be {rule.expected}, got {_shown(value)}"
     if rule.fields and value is not None:
         for name, sub in rule.fields.items():
             where = f"{path}.{name}" if path else name
             if name not in value:
                 if sub.required:
-                    return f"manifest field {where} is missing"
-            elif found := problem(value[name], sub, where):
+                    return f"{document} field {where} is missing"
+            elif found := problem(value[name], sub, where, document):
                 return found
     if rule.items and value is not None:
         for i, item in enumerate(value):
-            if found := problem(item, rule.items, f"{path}[{i}]"):
+            if found := problem(item, rule.items, f"{path}[{i}]", document):
                 return found
     return None

@@ -12,24 +12,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ortspec.runtime.package.json_file import parse_json
 from ortspec.runtime.text.chat import Message
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer "system", read as it
+MAX_FILE_BYTES = 256 << 20  # a prompt file is read whole: beyond this (or /dev/zero), refuse rather than fill memory
+
+
+def _text(path: Path) -> str:
+    """The file's text, read up to MAX_FILE_BYTES (a device or a pipe may never end)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except ValueError:  # open() refuses a NUL byte in a path
+        raise ValueError(f"{str(path)!r} is no file name (it holds a NUL byte)") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB; give a smaller prompt file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _entries(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, entry) per non-empty line: the line's text, or its JSON value in a .jsonl file."""
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        if Path(path).suffix != ".jsonl":
-            yield where, line
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+        yield where, parse_json(line, where) if Path(path).suffix == ".jsonl" else line
 
 
 def read_prompts(path: Path) -> list[str]:

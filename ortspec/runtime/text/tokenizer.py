@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from ortspec.runtime.errors import PackageError
+from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -17,10 +17,7 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 def _special_tokens(config_path: Path | None) -> dict[str, str]:
     """bos/eos/pad/unk token strings from tokenizer_config.json (chat templates use them)."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{config_path} is not valid JSON ({exc}); the package is corrupted") from exc
+    config = read_json(config_path, PackageError) if config_path else {}
     tokens = {}
     for key in SPECIAL_TOKEN_KEYS:
         value = config.get(key) if isinstance(config, dict) else None
