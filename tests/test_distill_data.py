@@ -31,7 +31,9 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|endoftext|>assistant\n' }}{% endif %}"
 )
-QUICK = dict(quantize="none", vocab=64, held_out=2, threads=1, max_answer_tokens=24)
+# data_share 5: chat writing ends at max_chats, the clock (60 s at 0.2 minutes) only backstops it, so that a
+# loaded machine writes as many chats as a quiet one
+QUICK = dict(quantize="none", vocab=64, held_out=2, threads=1, max_answer_tokens=24, data_share=5.0)
 
 
 @pytest.fixture(scope="module")
