@@ -190,9 +190,9 @@ def _safetensors(header: dict[str, object]) -> bytes:
 def test_hostile_heads_are_refused_in_one_line_before_anything_is_built(
     checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from test_draft_head import make_head
-
     from ortspec.export import export_pair
+
+    from helpers.heads import make_head
 
     target = checkpoint("llama")
     good = make_head(target, tmp_path / "good", feature_layers=(1,))
@@ -365,10 +365,11 @@ def test_a_slot_is_free_before_its_non_streamed_response_is_sent(chat_package: P
     import time
 
     import httpx
-    from serving import running
 
     from ortspec.runtime.results import TextStream
     from ortspec.serve import load_pipelines
+
+    from helpers.serving import running
 
     class SlowToLetGo(TextStream):
         def close(self) -> None:
