@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 import ortspec
-from ortspec.cli import BENCH_OPTIONS, main
+from ortspec.cli import main
+from ortspec.cli.bench import BENCH_OPTIONS
 from ortspec.runtime.errors import ChatTemplateError
 from ortspec.runtime.options import GenerationConfig
 from ortspec.runtime.speculation.sampling import SamplingConfig

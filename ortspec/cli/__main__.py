@@ -1,0 +1,5 @@
+"""`python -m ortspec.cli`, as the `ortspec` script."""
+
+from . import main
+
+main()
