@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import get_args
 
 import httpx
 import openai
@@ -15,7 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from ortspec.cli import main
+from ortspec.runtime.options import DRAFTERS, DrafterKind
 from ortspec.serve import load_pipelines
+from ortspec.serve.schema import RequestDrafter
 
 from helpers.serving import Slowed, client_for, running
 from helpers.waiting import wait_until
@@ -149,6 +152,17 @@ def test_bad_requests_are_openai_errors(client, server):
     assert sent.status_code == 415 and sent.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server}/v1/completions").status_code == 405
     assert httpx.get(f"{server}/v2/anything").json()["error"]["message"] == "Not Found"
+
+
+def test_requests_name_the_drafters_the_cli_names(client):
+    """A request's draft is one of the CLI's --draft choices, or "none": the runtime's DrafterKind names."""
+    assert {str(kind) for kind in get_args(RequestDrafter)} == {*DRAFTERS, str(DrafterKind.NONE)}
+    reply = client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"draft": "suffix"})
+    assert reply.usage.model_extra["speculative"]["drafter"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"draft": "head"})
+    assert caught.value.body["param"] == "draft"
+    assert "should be 'model', 'hybrid', 'ngram', 'suffix' or 'none'" in caught.value.body["message"]
 
 
 def test_chat_without_a_template_is_a_400(package):

@@ -27,6 +27,9 @@ class DrafterKind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:  # as its name: messages that list kinds ("got 'head'") read as plain strings
+        return repr(self.value)
+
     @property
     def calls_a_model(self) -> bool:
         """Drafting costs model calls (a draft LM, or a head)."""

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..runtime import GenerationStats
+from ..runtime.options import DrafterKind
 from .errors import APIError
 
 MAX_STOPS = 4  # as OpenAI
@@ -34,6 +35,8 @@ UNSUPPORTED = {
     "presence_penalty": 0,
     "frequency_penalty": 0,
 }
+# the drafters a request may name: the CLI's --draft choices, and "none" for plain decoding
+RequestDrafter = Literal[DrafterKind.MODEL, DrafterKind.HYBRID, DrafterKind.NGRAM, DrafterKind.SUFFIX, DrafterKind.NONE]
 
 
 class _Strict(BaseModel):
@@ -59,7 +62,7 @@ class GenerationRequest(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    draft: Literal["model", "hybrid", "ngram", "suffix", "none"] | None = None
+    draft: RequestDrafter | None = None
     draft_tokens: Annotated[int, Field(ge=1)] | Literal["auto", "adaptive"] | None = None
     # only their defaults are accepted (see UNSUPPORTED); typed loosely so a wrong value is a clear 400
     n: Any = 1
@@ -84,7 +87,7 @@ class GenerationRequest(_Strict):
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "draft_tokens"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
-        if self.draft == "none":
+        if self.draft is DrafterKind.NONE:
             options["use_draft"] = False
         elif self.draft is not None:
             options["draft"] = self.draft
