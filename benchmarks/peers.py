@@ -197,7 +197,7 @@ def report(setting: Setting, totals: dict[str, Totals], failed: dict[str, str]) 
         "tokens/s: new tokens / wall time of whole generations (prefill included); accept: accepted / drafted\n"
         "* share of runs whose tokens equal the same engine's plain run: with int4 accuracy-level-4 kernels a\n"
         "  multi-position call differs from single steps in the last bits, so runs part at near-tied logits\n"
-        "  (README 'Exactness'); transformers runs fp32 PyTorch"
+        "  (docs/design.md 'Exactness'); transformers runs fp32 PyTorch"
     )
     pairs = [
         ("ortspec draft auto", "ortspec plain", "auto vs our plain (target >= 0.97)"),

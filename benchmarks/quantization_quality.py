@@ -4,7 +4,7 @@ Exports the target at fp32, int8 and int4 (block 32, 64, 128; for a GGUF, block 
 re-quantized: `--gguf-blocks requantize`) with the builder (cached in --work: delete it after changing the export),
 scores each on the same text against the fp32 export (`ortspec eval`'s measures: perplexity, top-1
 agreement, mean KL), and times a decode step t(1) at context 64, all in one run. Prints a Markdown
-table for the README.
+table for docs/benchmarks.md ("Quantization quality").
 
     python benchmarks/quantization_quality.py path/to/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
 

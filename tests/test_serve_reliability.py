@@ -1,5 +1,5 @@
 """The server under load, hostile input and misbehaving clients (127.0.0.1 only, a few seconds each).
-The figures are in README.md ("Serve"); benchmarks/serve_soak.py is the long run."""
+The figures are in docs/benchmarks.md ("Serving: reliability"); benchmarks/serve_soak.py is the long run."""
 
 from __future__ import annotations
 

@@ -191,7 +191,7 @@ def export_pair(
     defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
     `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
     `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
-    them exactly (faster steps, lower fidelity; see README "What quantization costs"). `feature_layers`: inner
+    them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `feature_layers`: inner
     layers whose output the target's hidden_states carries too, for a draft head that reads them (a head
     draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.

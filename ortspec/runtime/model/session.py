@@ -29,7 +29,8 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
 
     `spinning=False` makes idle pool threads sleep at once instead of busy-waiting for the next
     call. The draft must not spin: its calls alternate with the target's, and a draft pool spinning
-    on the cores the target needs made whole rounds 2-3x slower on 2 cores (benchmarks in README).
+    on the cores the target needs made whole rounds 2-3x slower on 2 cores (docs/design.md, "What was
+    measured about ONNX Runtime and this CPU").
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
