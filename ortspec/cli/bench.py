@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def bench(
     from ortspec.runtime.text.prompt_files import read_prompts, read_requests
 
     pipe = load_pipeline(package, runtime)
+    prompts: Sequence[str | list[int]]
     if chat:
         prompts = [pipe.chat_prompt(messages) for messages in read_requests(prompts_file)]
     else:

@@ -53,9 +53,10 @@ def runtime_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return func(*args, runtime={name: kwargs.pop(name) for name in names}, **kwargs)
 
+    command: Callable[..., Any] = wrapper
     for option in reversed(RUNTIME_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+        command = option(command)
+    return command
 
 
 def load_options(runtime: dict[str, Any]) -> dict[str, Any]:
@@ -152,8 +153,9 @@ def generation_options(*names: str, **defaults: Any) -> Callable[[Callable[..., 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return func(*args, options={name: kwargs.pop(name) for name in names}, **kwargs)
 
+        command: Callable[..., Any] = wrapper
         for name in reversed(names):
-            wrapper = _generation_option(name, defaults.get(name, OPTIONS[name].default))(wrapper)
-        return wrapper
+            command = _generation_option(name, defaults.get(name, OPTIONS[name].default))(command)
+        return command
 
     return decorate

@@ -44,7 +44,7 @@ def print_stats(stats: GenerationStats) -> None:
         why = {
             DrafterKind.SUFFIX: "no suffix match was found, or none whose tokens' chances of acceptance",
             DrafterKind.HYBRID: "neither a suffix match nor the draft model at the acceptance rate seen so far",
-        }.get(stats.drafter, "no γ, at the acceptance rate seen so far,")
+        }.get(DrafterKind(stats.drafter), "no γ, at the acceptance rate seen so far,")
         click.echo(
             f"auto γ decoded {stats.undrafted_rounds} of {rounds} rounds without drafts: {why} was predicted to "
             "beat plain decoding by 5% on this machine's measured step costs (`ortspec calibrate`)"
