@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,15 @@ class DistillConfig:
     max_chats: int | None = None  # stop making chats after this many (tests)
     max_answer_tokens: int = 256
     feature_layers: tuple[int, ...] | None = None  # inner layers the head reads too (None: `default_feature_layers`)
+
+    @property
+    def writer_count(self) -> int:
+        return self.writers or default_writers(self.threads)
+
+    @property
+    def rows(self) -> int:
+        """Chats each writer writes at once."""
+        return self.batch if self.batch is not None else default_batch(self.writer_count)
 
 
 def _advance(bar: Any, began: float) -> None:
@@ -144,9 +153,16 @@ def _make_chats(
     have = len(store)
     if have >= count or time.monotonic() >= deadline or (requests is not None and not todo):
         return
-    writers = config.writers or default_writers(config.threads)
     chats = write_chats(
-        pipe, package, seed + have, writers, config.threads, config.max_answer_tokens, config.batch, requests, todo
+        pipe,
+        package,
+        seed + have,
+        config.writer_count,
+        config.threads,
+        config.max_answer_tokens,
+        config.rows,
+        requests,
+        todo,
     )
     name, tokens, started = store.path.parent.name, 0, time.monotonic()
     with closing(chats), _progress_bar(count if count < 10**6 else None, "chat", f"target writing {name}") as bar:
@@ -157,11 +173,11 @@ def _make_chats(
             bar.update(1)
             if len(store) >= count or time.monotonic() >= deadline:
                 break
-    seconds = time.monotonic() - started
+    seconds, writers = time.monotonic() - started, config.writer_count
     report(
         f"{name}: {len(store) - have} new chats, {tokens:,} tokens with their features in {seconds:.0f} s "
         f"({tokens / max(seconds, 1e-9):.0f} tok/s, {writers} writer{'s' if writers > 1 else ''} "
-        f"x {config.batch} at once)"
+        f"x {config.rows} at once)"
     )
 
 
@@ -232,10 +248,8 @@ def distill(target: str, out: str | Path, config: DistillConfig = DistillConfig(
     check_paths(target=target, out=out, text=config.text, prompts=config.prompts)
     check_threads("threads", config.threads)
     check_threads("writers", config.writers)
-    if config.batch is None:
-        config = replace(config, batch=default_batch(config.writers or default_writers(config.threads)))
-    if config.batch < 1:
-        raise ValueError(f"batch must be at least 1, got {config.batch}")
+    if config.rows < 1:
+        raise ValueError(f"batch must be at least 1, got {config.rows}")
     if config.kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
     for name in EXTRAS[config.kind]:  # before anything is written, not deep in a run
@@ -288,8 +302,8 @@ def _distill(target: str, out: Path, config: DistillConfig, report: Reporter) ->
     check_feature_layers(layers, cfg.layers)
     package = out / "target-package"
     _export_target(target, package, config.quantize, layers, report)
-    in_process = (config.writers or default_writers(config.threads)) == 1  # chats written by this process
-    pipe = open_target(package, config.threads, MAX_SEQUENCE, config.batch if in_process else 1)
+    in_process = config.writer_count == 1  # chats written by this process
+    pipe = open_target(package, config.threads, MAX_SEQUENCE, config.rows if in_process else 1)
     _check_layout(data, layers, cfg.hidden, pipe)
     longest = pipe.target.max_length
 

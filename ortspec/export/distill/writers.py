@@ -19,7 +19,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def write_chats(
     rows: int = 1,
     requests: Requests | None = None,
     todo: list[int] | None = None,
-) -> Iterator[Chat]:
+) -> Generator[Chat, None, None]:
     """Chats with their features: from `pipe` in this process when `writers` is 1, else from `writers`
     processes with threads // writers threads each, writing `rows` chats at once each (in this process:
     as many as `pipe`'s batch has rows). Sampled requests (seeds from `base_seed`) never run out; with
