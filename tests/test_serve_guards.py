@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from ortspec.serve import ServeSettings, load_pipelines
+from ortspec.serve import ServeSettings, load_pipelines, slots
 
 from helpers.serving import Slowed, client_for, running
 from helpers.waiting import wait_until
@@ -154,3 +154,15 @@ def test_metrics_count_requests_tokens_and_acceptance(pipes):
     seconds = after["ortspec_generation_seconds_total"]
     assert seconds > 0 and after["ortspec_tokens_per_second"] == pytest.approx(23 / seconds, rel=1e-6)
     assert (after["ortspec_slots_busy"], after["ortspec_requests_waiting"]) == (0, 0)
+
+
+def test_slots_beyond_the_memory_left_are_a_one_line_error(chat_package, monkeypatch):
+    """Slots whose KV caches the machine would hold, but not what is left of its memory (numpy raises
+    MemoryError): a ValueError naming --parallel's count, not a traceback."""
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.22 GiB for an array")
+
+    monkeypatch.setattr(slots, "load", out_of_memory)
+    with pytest.raises(ValueError, match="parallel slots of 5000: out of memory"):
+        load_pipelines(chat_package, 5000)

@@ -110,3 +110,14 @@ def catalog_package(
         export_pair(gguf, out, draft=head, quantize=quantize, force=True, report=report)
 
     return export_once(out, export, rebuild, report)
+
+
+def resolve_package(spec: str | Path, report: Callable[[str], None] = print) -> Path:
+    """What a PACKAGE argument names: a package directory as given, or a catalog model's package in the
+    cache (fetched and exported on first use). A directory of that name wins over the catalog."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if str(spec) in CATALOG:
+        return catalog_package(str(spec), report=report)
+    raise ValueError(f"{str(spec)!r} is neither a package directory nor a catalog model ({', '.join(CATALOG)})")

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import APIError
 
 OPEN_PATHS = frozenset({"/health"})  # for load balancers' probes, which carry no key
+KEY_VARIABLE = "ORTSPEC_API_KEY"  # the environment variable holding the key (kept out of `ps` and shell history)
 
 
 class RequireKey:

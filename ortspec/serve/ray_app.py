@@ -6,17 +6,19 @@ Run it with Ray's own CLI, locally or against a cluster (RAY_ADDRESS), with argu
     serve run ortspec.serve.ray_app:build package=/models/pair replicas=4 parallel=1 model=pair
 
 The package path must exist on every node that runs a replica (a shared filesystem, or the same path
-copied to each).
+copied to each). With ORTSPEC_API_KEY set where `serve run` runs, every route but /health needs that key.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
+from .access import KEY_VARIABLE
 from .app import ServeSettings, create_app
 from .slots import load_pipelines
 
@@ -68,6 +70,7 @@ def build(args: dict[str, str]) -> Application:
         max_queue=int(args.get("max_queue", 16)),
         timeout=float(args.get("timeout", 300)),
         max_tokens=int(args.get("max_tokens", 512)),
+        api_key=os.environ.get(KEY_VARIABLE) or None,
     )
     load_options = {"threads": int(args["threads"])} if "threads" in args else {}
     return deployment(
