@@ -14,7 +14,7 @@ from ortspec.runtime.errors import ContextLengthError, PackageError
 from ortspec.runtime.options import DRAFTERS, OPTIONS, check_option, spec_of
 from ortspec.runtime.package.manifest import Manifest, load_manifest
 
-from .models.catalog import CATALOG
+from .models.catalog import CATALOG, check_package, resolve_package
 
 QUANT_CHOICES = click.Choice(["none", "int8", "int4"])
 # the generation options of `bench` (greedy by design: it checks that both modes give the same tokens)
@@ -95,10 +95,29 @@ def _load_options(runtime: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+class _Package(click.ParamType):
+    """PACKAGE: a package directory, or a catalog model's name (fetched and exported on first use, by `_load`)."""
+
+    name = "package"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_package(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+PACKAGE = _Package()
+
+
+def _report(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def _load(package: str, runtime: dict[str, Any]) -> Any:
     from ortspec.runtime.pipeline import load
 
-    pipe = load(package, **_load_options(runtime))
+    pipe = load(resolve_package(package, _report), **_load_options(runtime))
     pipe.on_calibrate = lambda message: click.echo(message, err=True)
     return pipe
 
@@ -509,9 +528,10 @@ def _echo_stream(stream: Any) -> Any:
 def _package_and_prompt(args: tuple[str, ...]) -> tuple[str, str]:
     """`[PACKAGE] PROMPT`: with no package, the embedded default pair."""
     if len(args) == 2:
-        if not Path(args[0]).is_dir():
-            raise click.BadParameter(f"package directory {args[0]} does not exist", param_hint="PACKAGE")
-        return args[0], args[1]
+        try:
+            return check_package(args[0]), args[1]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="PACKAGE") from None
     if len(args) == 1:
         from .models.default_pair import default_package
 
@@ -555,7 +575,7 @@ def generate(
 
 
 @main.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--system", help="A system message to start the conversation with.")
 @click.option("--stats", is_flag=True, help="Print acceptance and speed after each reply (to stderr).")
 @generation_options()
@@ -596,7 +616,7 @@ def chat(
 
 
 @main.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option(
     "--prompts",
     "prompts_file",
@@ -782,7 +802,7 @@ def _compare_table(pipe: Any, prompts: list[Any], modes: dict[str, dict[str, Any
 
 
 @main.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--max-gamma", type=click.IntRange(1, 16), default=8, show_default=True)
 @_runtime_options
 @_user_errors
@@ -832,7 +852,7 @@ def _quantization_label(manifest: Manifest) -> str:
 
 
 @main.command("eval")
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option(
     "--text",
     "text_path",
@@ -842,7 +862,7 @@ def _quantization_label(manifest: Manifest) -> str:
 )
 @click.option(
     "--reference",
-    type=click.Path(exists=True, file_okay=False),
+    type=PACKAGE,
     help="A package of the same model to compare with, e.g. its `--quantize none` export: "
     "top-1 agreement and mean KL(reference || package).",
 )
@@ -937,20 +957,20 @@ def describe(manifest: Manifest) -> str:
 
 
 @main.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.json.")
 @click.option("--verify", is_flag=True, help="Also check every file's sha256.")
 @_user_errors
 def info(package: str, as_json: bool, verify: bool) -> None:
     """Show what PACKAGE holds: models, quantization, KV layout, tokenizer, files."""
-    manifest = load_manifest(package, verify=verify)
+    manifest = load_manifest(resolve_package(package, _report), verify=verify)
     click.echo(manifest.to_json() if as_json else describe(manifest))
     if verify:
         click.echo("all files match their sha256")
 
 
 @main.command()
-@click.argument("package", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("package", required=False, type=PACKAGE)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
@@ -982,7 +1002,26 @@ def info(package: str, as_json: bool, verify: bool) -> None:
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="For requests that set none."
 )
-@click.option("--model-name", help="The model id clients use (default: the package directory's name).")
+@click.option(
+    "--api-key",
+    envvar="ORTSPEC_API_KEY",
+    help="Every route but /health needs Authorization: Bearer KEY (default: $ORTSPEC_API_KEY; unset: no key).",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True, max=3600),
+    default=15.0,
+    show_default=True,
+    help="Seconds a client has to send its whole request (headers and body); then its connection is closed.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 65536),
+    default=128,
+    show_default=True,
+    help="Open connections; beyond, a new one gets a 503.",
+)
+@click.option("--model-name", help="The model id clients use (default: the package directory's or model's name).")
 @click.option("--draft", type=click.Choice(list(DRAFTERS)), help="Default drafter of requests.")
 @click.option("--draft-tokens", default="auto", show_default=True, help="Default γ of requests: N, adaptive or auto.")
 @_runtime_options
@@ -997,13 +1036,17 @@ def serve(
     timeout: float,
     max_body: int,
     max_tokens: int,
+    api_key: str | None,
+    read_timeout: float,
+    max_connections: int,
     model_name: str | None,
     draft: str | None,
     draft_tokens: str,
     runtime: dict[str, Any],
 ) -> None:
-    """Serve PACKAGE (default: the embedded default pair) over an OpenAI-compatible HTTP API:
-    /v1/chat/completions and /v1/completions (streaming or not), /v1/models, /health.
+    """Serve PACKAGE (default: the embedded default pair; or a catalog model: smollm2) over an
+    OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions (streaming or not), /v1/models,
+    /health, /metrics (Prometheus).
 
     \b
     Needs the serve extra: pip install 'ortspec[serve]'. Example:
@@ -1018,13 +1061,7 @@ def serve(
         raise click.ClickException(
             f"ortspec serve needs the serve extra: pip install 'ortspec[serve]' ({exc})"
         ) from exc
-    report = lambda line: click.echo(line, err=True)  # noqa: E731
-    if package is None:
-        from .models.default_pair import default_package
-
-        package, name = str(default_package(report=report)), "ortspec-default"
-    else:
-        name = Path(package).resolve().name
+    name = "ortspec-default" if package is None else Path(package).resolve().name  # smollm2: "smollm2"
     defaults: dict[str, Any] = {"draft_tokens": int(draft_tokens) if draft_tokens.isdigit() else draft_tokens}
     if draft:
         defaults["draft"] = draft
@@ -1035,8 +1072,16 @@ def serve(
         max_body_bytes=max_body,
         max_tokens=max_tokens,
         defaults=defaults,
-    )
-    run_server(package, settings, parallel, host, port, _load_options(runtime), report, batch)
+        api_key=api_key,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+    )  # bad settings are refused here, before a catalog model is fetched or a package loaded
+    if package is None:
+        from .models.default_pair import default_package
+
+        package = str(default_package(report=_report))
+    path = resolve_package(package, _report)
+    run_server(path, settings, parallel, host, port, _load_options(runtime), _report, batch)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
+from ortspec.cli import main
 from ortspec.serve import ServeSettings, load_pipelines, slots
 
 from helpers.serving import Slowed, client_for, running
@@ -166,3 +168,39 @@ def test_slots_beyond_the_memory_left_are_a_one_line_error(chat_package, monkeyp
     monkeypatch.setattr(slots, "load", out_of_memory)
     with pytest.raises(ValueError, match="parallel slots of 5000: out of memory"):
         load_pipelines(chat_package, 5000)
+
+
+def test_cli_takes_catalog_names_the_key_and_the_bounds(chat_package, monkeypatch):
+    """`ortspec serve smollm2` / `ortspec chat smollm2`: the catalog's package (its fetch and export stubbed:
+    tests use no network), served as "smollm2"; the key from --api-key or ORTSPEC_API_KEY; bad bounds one line."""
+    from ortspec import serve as serve_module
+    from ortspec.models import catalog
+
+    monkeypatch.setattr(catalog, "catalog_package", lambda name, report: chat_package)
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda *args: calls.append(args))
+    runner = CliRunner()
+    assert runner.invoke(main, ["serve", "smollm2", "--api-key", "k1"]).exit_code == 0
+    assert runner.invoke(main, ["serve", "smollm2"], env={"ORTSPEC_API_KEY": "k2"}).exit_code == 0
+    assert runner.invoke(main, ["serve", "smollm2"], env={"ORTSPEC_API_KEY": None}).exit_code == 0
+    assert [(package, settings.model, settings.api_key) for package, settings, *_ in calls] == [
+        (chat_package, "smollm2", "k1"),
+        (chat_package, "smollm2", "k2"),
+        (chat_package, "smollm2", None),
+    ]
+    assert (calls[0][1].read_timeout, calls[0][1].max_connections) == (15.0, 128)
+    chat = runner.invoke(main, ["chat", "smollm2", "--max-new-tokens", "3"], input="hi\n")
+    assert chat.exit_code == 0, chat.output
+    unknown = runner.invoke(main, ["chat", "nope"])
+    assert unknown.exit_code == 2 and "'nope' is neither a package directory nor a catalog model" in unknown.output
+    for bad, says in [
+        (["--api-key", " "], "must not be empty"),
+        (["--read-timeout", "0"], "--read-timeout"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--parallel", "0"], "--parallel"),
+    ]:
+        result = runner.invoke(main, ["serve", "smollm2", *bad])
+        assert result.exit_code in (1, 2) and says in result.output and "Traceback" not in result.output, bad
+    monkeypatch.undo()  # the real server: --threads is checked before it listens
+    result = runner.invoke(main, ["serve", str(chat_package), "--threads", "100000"])
+    assert result.exit_code == 1 and "threads must be 1 .." in result.output and len(result.output.splitlines()) == 1
