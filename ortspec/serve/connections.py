@@ -89,4 +89,4 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type[GuardedP
 def server_config(app: Any, host: str, port: int, read_timeout: float, max_connections: int, **options: Any) -> Any:
     """uvicorn's Config for `app` with the connection guards (`options`: uvicorn's own, e.g. log_level)."""
     http = guarded_protocol(read_timeout, max_connections)
-    return uvicorn.Config(app, host=host, port=port, http=http, **options)
+    return uvicorn.Config(app, host=host, port=port, http=http, ws="none", **options)  # no WebSocket routes

@@ -47,13 +47,12 @@ def deployment(
 ) -> Application:
     """The Ray Serve application: `replicas` copies of the server. Ray's proxy sends each replica at most
     its slots plus its queue at once, so that a replica's own 429 stays the signal of a full queue."""
-    options = serve.deployment(
-        Replica,
+    options = serve.deployment(  # as a decorator: the form Ray's annotations type as giving a Deployment
         name="ortspec",
         num_replicas=replicas,
         max_ongoing_requests=parallel + settings.max_queue,
         ray_actor_options={"num_cpus": cpus_per_replica},
-    )
+    )(Replica)
     return options.bind(str(package), settings, parallel, dict(load_options or {}))
 
 
