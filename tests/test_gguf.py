@@ -383,6 +383,14 @@ def test_catalog_package_exports_the_fetched_gguf_with_its_head(gguf_file, tmp_p
     out = catalog.catalog_package("smollm2", quantize="none", report=lambda _: None)
     assert out.parent == tmp_path / "cache"
     assert catalog.catalog_package("smollm2", quantize="none", report=lambda _: None) == out  # cached
+    # a PACKAGE argument: a directory as given (even one named like a catalog model), else the catalog's
+    monkeypatch.setattr(catalog, "catalog_package", lambda name, report: out if name == "smollm2" else None)
+    assert catalog.resolve_package("smollm2") == out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    assert catalog.resolve_package("smollm2") == Path("smollm2")
+    with pytest.raises(ValueError, match="'nope' is neither a package directory nor a catalog model"):
+        catalog.resolve_package("nope")
     pipe = ortspec.load(out)
     assert pipe.manifest.draft.is_head
     spec = pipe.generate([3, 50, 7, 9], max_new_tokens=16, draft="model", draft_tokens=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -251,7 +252,8 @@ def test_cli_serve_end_to_end_without_torch(chat_package):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["serve", str(chat_package), "--port", str(port), "--parallel", "2", "--model-name", "m", "--max-queue", "3"]
-    server = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, *args], stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "ORTSPEC_API_KEY": "x"}  # the key `client_for` sends
+    server = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, *args], stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -264,6 +266,7 @@ def test_cli_serve_end_to_end_without_torch(chat_package):
 
         assert wait_until(up, timeout=60)
         assert httpx.get(f"{url}/health").json() == {"status": "ok", "slots": 2, "busy": 0, "waiting": 0}
+        assert httpx.get(f"{url}/v1/models").status_code == 401
         reply = client_for(url).completions.create(model="m", prompt="def f(x):", max_tokens=5)
         assert reply.usage.completion_tokens == 5
     finally:

@@ -1,5 +1,5 @@
 """The server scaled out on Ray Serve: a local Ray instance, 2 replicas behind Ray's HTTP proxy (slow: Ray
-takes ~30 s to start and needs the `ray` extra, which CI does not install)."""
+takes ~30 s to start; needs the `ray` extra, which CI installs, and is skipped without it)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 
 @pytest.fixture(scope="module")
 def ray_url(chat_package):
+    """Ray's proxy on a free port; the replicas want the API key "x" (the one `client_for` sends)."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
@@ -29,7 +30,9 @@ def ray_url(chat_package):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build({"package": str(chat_package), "replicas": "2", "model": "tiny", "max_queue": "4"})
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ORTSPEC_API_KEY", "x")
+            app = build({"package": str(chat_package), "replicas": "2", "model": "tiny", "max_queue": "4"})
         serve.run(app, name="ortspec", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -42,6 +45,7 @@ def test_two_replicas_serve_the_same_api(ray_url):
 
     deployment = serve.status().applications["ortspec"].deployments["ortspec"]
     assert deployment.replica_states.get("RUNNING") == 2
+    assert httpx.get(f"{ray_url}/v1/models").status_code == 401 and httpx.get(f"{ray_url}/health").status_code == 200
     client = client_for(ray_url)
     whole = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=12)
     assert whole.usage.completion_tokens == 12 and "speculative" in whole.usage.model_extra

@@ -11,7 +11,7 @@ import click
 
 from ortspec.runtime.options import DrafterKind, GenerationConfig
 
-from .options import generation_options, load_pipeline, runtime_options
+from .options import PACKAGE, generation_options, load_pipeline, runtime_options
 from .output import quantization_label
 
 # the generation options of `bench` (greedy by design: it checks that both modes give the same tokens)
@@ -19,7 +19,7 @@ BENCH_OPTIONS = ("max_new_tokens", "draft", "draft_tokens", "draft_tokens_max", 
 
 
 @click.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option(
     "--prompts",
     "prompts_file",
@@ -100,7 +100,7 @@ def bench(
 
 
 @click.command("eval")
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option(
     "--text",
     "text_path",
@@ -110,7 +110,7 @@ def bench(
 )
 @click.option(
     "--reference",
-    type=click.Path(exists=True, file_okay=False),
+    type=PACKAGE,
     help="A package of the same model to compare with, e.g. its `--quantize none` export: "
     "top-1 agreement and mean KL(reference || package).",
 )
@@ -164,7 +164,7 @@ def evaluate_package(
 
 
 @click.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--max-gamma", type=click.IntRange(1, 16), default=8, show_default=True)
 @runtime_options
 def calibrate(

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from ortspec.models.catalog import resolve_package
 from ortspec.runtime.package.manifest import load_manifest
 
+from .options import PACKAGE, report
 from .output import describe
 
 QUANT_CHOICES = click.Choice(["none", "int8", "int4"])
@@ -274,12 +276,12 @@ def distill(
 
 
 @click.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.json.")
 @click.option("--verify", is_flag=True, help="Also check every file's sha256.")
 def info(package: str, as_json: bool, verify: bool) -> None:
     """Show what PACKAGE holds: models, quantization, KV layout, tokenizer, files."""
-    manifest = load_manifest(package, verify=verify)
+    manifest = load_manifest(resolve_package(package, report), verify=verify)
     click.echo(manifest.to_json() if as_json else describe(manifest))
     if verify:
         click.echo("all files match their sha256")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from .options import generation_options, load_pipeline, runtime_options
+from ortspec.models.catalog import check_package
+
+from .options import PACKAGE, generation_options, load_pipeline, runtime_options
 from .output import echo_stream, print_stats
 
 
@@ -22,9 +23,10 @@ def _parse_token_ids(prompt: str) -> list[int]:
 def _package_and_prompt(args: tuple[str, ...]) -> tuple[str, str]:
     """`[PACKAGE] PROMPT`: with no package, the embedded default pair."""
     if len(args) == 2:
-        if not Path(args[0]).is_dir():
-            raise click.BadParameter(f"package directory {args[0]} does not exist", param_hint="PACKAGE")
-        return args[0], args[1]
+        try:
+            return check_package(args[0]), args[1]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="PACKAGE") from None
     if len(args) == 1:
         from ortspec.models.default_pair import default_package
 
@@ -67,7 +69,7 @@ def generate(
 
 
 @click.command()
-@click.argument("package", type=click.Path(exists=True, file_okay=False))
+@click.argument("package", type=PACKAGE)
 @click.option("--system", help="A system message to start the conversation with.")
 @click.option("--stats", is_flag=True, help="Print acceptance and speed after each reply (to stderr).")
 @generation_options()

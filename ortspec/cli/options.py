@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import click
 
+from ortspec.models.catalog import check_package, resolve_package
 from ortspec.runtime.options import OPTIONS, check_option, spec_of
 from ortspec.runtime.pipeline import Pipeline, load
 
@@ -71,9 +72,30 @@ def load_options(runtime: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+class PackageParam(click.ParamType):
+    """PACKAGE: a package directory, or a catalog model's name (fetched and exported on first use, by
+    `load_pipeline` / `resolve_package`)."""
+
+    name = "package"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_package(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+PACKAGE = PackageParam()
+
+
+def report(line: str) -> None:
+    """Progress and notes for the user, on stderr."""
+    click.echo(line, err=True)
+
+
 def load_pipeline(package: str, runtime: dict[str, Any]) -> Pipeline:
-    """PACKAGE loaded with the runtime options; calibration messages go to stderr."""
-    pipe = load(package, **load_options(runtime))
+    """PACKAGE (a directory or a catalog name) loaded with the runtime options; calibration messages go to stderr."""
+    pipe = load(resolve_package(package, report), **load_options(runtime))
     pipe.on_calibrate = lambda message: click.echo(message, err=True)
     return pipe
 

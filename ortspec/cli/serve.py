@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
+from ortspec.models.catalog import resolve_package
 from ortspec.runtime.options import DRAFTERS
 
-from .options import load_options, runtime_options
+from .options import PACKAGE, load_options, report, runtime_options
 
 
 @click.command()
-@click.argument("package", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("package", required=False, type=PACKAGE)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
@@ -45,7 +46,26 @@ from .options import load_options, runtime_options
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="For requests that set none."
 )
-@click.option("--model-name", help="The model id clients use (default: the package directory's name).")
+@click.option(
+    "--api-key",
+    envvar="ORTSPEC_API_KEY",
+    help="Every route but /health needs Authorization: Bearer KEY (default: $ORTSPEC_API_KEY; unset: no key).",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True, max=3600),
+    default=15.0,
+    show_default=True,
+    help="Seconds a client has to send its whole request (headers and body); then its connection is closed.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 65536),
+    default=128,
+    show_default=True,
+    help="Open connections; beyond, a new one gets a 503.",
+)
+@click.option("--model-name", help="The model id clients use (default: the package directory's or model's name).")
 @click.option("--draft", type=click.Choice(list(DRAFTERS)), help="Default drafter of requests.")
 @click.option("--draft-tokens", default="auto", show_default=True, help="Default γ of requests: N, adaptive or auto.")
 @runtime_options
@@ -59,13 +79,17 @@ def serve(
     timeout: float,
     max_body: int,
     max_tokens: int,
+    api_key: str | None,
+    read_timeout: float,
+    max_connections: int,
     model_name: str | None,
     draft: str | None,
     draft_tokens: str,
     runtime: dict[str, Any],
 ) -> None:
-    """Serve PACKAGE (default: the embedded default pair) over an OpenAI-compatible HTTP API:
-    /v1/chat/completions and /v1/completions (streaming or not), /v1/models, /health.
+    """Serve PACKAGE (default: the embedded default pair; or a catalog model: smollm2) over an
+    OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions (streaming or not), /v1/models,
+    /health, /metrics (Prometheus).
 
     \b
     Needs the serve extra: pip install 'ortspec[serve]'. Example:
@@ -80,13 +104,7 @@ def serve(
         raise click.ClickException(
             f"ortspec serve needs the serve extra: pip install 'ortspec[serve]' ({exc})"
         ) from exc
-    report = lambda line: click.echo(line, err=True)  # noqa: E731
-    if package is None:
-        from ortspec.models.default_pair import default_package
-
-        package, name = str(default_package(report=report)), "ortspec-default"
-    else:
-        name = Path(package).resolve().name
+    name = "ortspec-default" if package is None else Path(package).resolve().name  # smollm2: "smollm2"
     defaults: dict[str, Any] = {"draft_tokens": int(draft_tokens) if draft_tokens.isdigit() else draft_tokens}
     if draft:
         defaults["draft"] = draft
@@ -97,5 +115,13 @@ def serve(
         max_body_bytes=max_body,
         max_tokens=max_tokens,
         defaults=defaults,
-    )
-    run_server(package, settings, parallel, host, port, load_options(runtime), report, batch)
+        api_key=api_key,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+    )  # bad settings are refused here, before a catalog model is fetched or a package loaded
+    if package is None:
+        from ortspec.models.default_pair import default_package
+
+        package = str(default_package(report=report))
+    path = resolve_package(package, report)
+    run_server(path, settings, parallel, host, port, load_options(runtime), report, batch)

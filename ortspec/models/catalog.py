@@ -111,3 +111,18 @@ def catalog_package(
         export_pair(gguf, out, draft=head, quantize=quantize, force=True, report=report)
 
     return export_once(out, export, rebuild, report)
+
+
+def check_package(spec: str | Path) -> str:
+    """`spec` if it names a package directory or a catalog model (a ValueError otherwise)."""
+    if Path(spec).is_dir() or str(spec) in CATALOG:
+        return str(spec)
+    raise ValueError(f"{str(spec)!r} is neither a package directory nor a catalog model ({', '.join(CATALOG)})")
+
+
+def resolve_package(spec: str | Path, report: Callable[[str], None] = print) -> Path:
+    """What a PACKAGE argument names: a package directory as given, or a catalog model's package in the
+    cache (fetched and exported on first use). A directory of that name wins over the catalog."""
+    if Path(check_package(spec)).is_dir():
+        return Path(spec)
+    return catalog_package(str(spec), report=report)

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .app import ServeSettings, create_app
+from .connections import server_config
 from .slots import load_pipelines
 
-__all__ = ["ServeSettings", "create_app", "load_pipelines", "serve"]
+__all__ = ["ServeSettings", "create_app", "load_pipelines", "serve", "server_config"]
 
 
 def serve(
@@ -41,4 +42,7 @@ def serve(
         f"serving {settings.model!r} from {package} on http://{host}:{port}/v1 "
         f"({parallel} slot(s), continuous batching {batching})"
     )
-    uvicorn.run(create_app(pipelines, settings), host=host, port=port, log_level="info")
+    config = server_config(
+        create_app(pipelines, settings), host, port, settings.read_timeout, settings.max_connections, log_level="info"
+    )
+    uvicorn.Server(config).run()

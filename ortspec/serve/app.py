@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: /v1/chat/completions, /v1/completions, /v1/models and /health."""
+"""The OpenAI-compatible HTTP app: /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ..runtime import GenerationConfig, GenerationResult, Pipeline, TextStream
+from .access import RequireKey
 from .errors import APIError, as_api_error, install_error_handlers
+from .metrics import CONTENT_TYPE, Metrics
 from .schema import (
     ChatRequest,
     CompletionRequest,
@@ -39,9 +41,14 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies are a 413
     max_tokens: int = 512  # new tokens when a request sets no max_tokens (fewer if the context is shorter)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # generation options under each request's own
+    api_key: str | None = field(default=None, repr=False)  # every route but /health needs it (Bearer), if set
+    read_timeout: float = 15.0  # seconds a client has to send a whole request, headers and body
+    max_connections: int = 128  # open connections; one more is refused with a 503
 
     def __post_init__(self) -> None:
         GenerationConfig.from_options(dict(self.defaults))  # a bad default fails here, not on every request
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty or blank")
 
 
 def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAPI:
@@ -52,6 +59,10 @@ def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAP
     app = FastAPI(title="ortspec", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.slots = slots
     install_error_handlers(app)
+    metrics = Metrics(slots)
+    if settings.api_key is not None:
+        app.add_middleware(RequireKey, key=settings.api_key)
+    app.add_middleware(metrics.middleware)  # outermost: 401s are counted too
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model, "object": "model", "created": started, "owned_by": "ortspec"}
@@ -59,6 +70,10 @@ def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAP
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "slots": slots.size, "busy": slots.busy, "waiting": slots.waiting}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -108,7 +123,7 @@ def create_app(pipelines: Sequence[Pipeline], settings: ServeSettings) -> FastAP
             new_tokens = max_tokens or max(1, min(settings.max_tokens, room))
             return pipe.stream(ids, **options, max_new_tokens=new_tokens)
 
-        events = slots.generate(start, settings.timeout)
+        events = metrics.observe(slots.generate(start, settings.timeout))
         # the first delta: a slot was free and the prompt and options passed the pipeline's checks
         first = await _unless_client_leaves(request, anext(events))
         if first is None:

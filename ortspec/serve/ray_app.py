@@ -6,17 +6,19 @@ Run it with Ray's own CLI, locally or against a cluster (RAY_ADDRESS), with argu
     serve run ortspec.serve.ray_app:build package=/models/pair replicas=4 parallel=1 model=pair
 
 The package path must exist on every node that runs a replica (a shared filesystem, or the same path
-copied to each).
+copied to each). With ORTSPEC_API_KEY set where `serve run` runs, every route but /health needs that key.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
+from .access import KEY_VARIABLE
 from .app import ServeSettings, create_app
 from .slots import load_pipelines
 
@@ -45,13 +47,12 @@ def deployment(
 ) -> Application:
     """The Ray Serve application: `replicas` copies of the server. Ray's proxy sends each replica at most
     its slots plus its queue at once, so that a replica's own 429 stays the signal of a full queue."""
-    options = serve.deployment(
-        Replica,
+    options = serve.deployment(  # as a decorator: the form Ray's annotations type as giving a Deployment
         name="ortspec",
         num_replicas=replicas,
         max_ongoing_requests=parallel + settings.max_queue,
         ray_actor_options={"num_cpus": cpus_per_replica},
-    )
+    )(Replica)
     return options.bind(str(package), settings, parallel, dict(load_options or {}))
 
 
@@ -68,6 +69,7 @@ def build(args: dict[str, str]) -> Application:
         max_queue=int(args.get("max_queue", 16)),
         timeout=float(args.get("timeout", 300)),
         max_tokens=int(args.get("max_tokens", 512)),
+        api_key=os.environ.get(KEY_VARIABLE) or None,
     )
     load_options = {"threads": int(args["threads"])} if "threads" in args else {}
     return deployment(

@@ -35,7 +35,10 @@ def load_pipelines(package: str | Path, parallel: int, batch: bool = True, **loa
     load_options.setdefault("idle_states", parallel)
     if batch:
         load_options.setdefault("batch", parallel)
-    pipe = load(package, **load_options)
+    try:
+        pipe = load(package, **load_options)
+    except MemoryError:  # the machine's memory would hold them, but not what is left of it (or a ulimit)
+        raise ValueError(f"parallel slots of {parallel}: out of memory for their KV caches: ask for fewer") from None
     check_caches_fit([m for m in (pipe.target, pipe.draft) if m is not None], parallel, "parallel slots")
     return [pipe] * parallel
 

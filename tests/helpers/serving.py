@@ -12,7 +12,7 @@ import openai
 import uvicorn
 
 from ortspec import TextStream
-from ortspec.serve import ServeSettings, create_app
+from ortspec.serve import ServeSettings, create_app, server_config
 
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in range(3):", "x = [1, 2", "print(", "while True", "# note"]
 
@@ -24,9 +24,19 @@ def client_for(url: str) -> openai.OpenAI:
 
 @contextmanager
 def running(pipelines: list[Any], **settings: Any) -> Iterator[str]:
-    """Serve `pipelines` on 127.0.0.1 (a free port) in a background thread; yields the base URL."""
-    app = create_app(pipelines, ServeSettings(model="tiny", **settings))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
+    """Serve `pipelines` on 127.0.0.1 (a free port) in a background thread, guarded as `ortspec serve`;
+    yields the base URL."""
+    options = ServeSettings(model="tiny", **settings)
+    app = create_app(pipelines, options)
+    config = server_config(
+        app,
+        "127.0.0.1",
+        0,
+        options.read_timeout,
+        options.max_connections,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
