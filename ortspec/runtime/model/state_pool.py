@@ -66,7 +66,7 @@ class StatePool:
         holding the longest prefix of it, as it is (`DecoderState.reuse` keeps that prefix), else the least
         recently used; without one, emptied."""
         wanted = prompt if self.reuse else None
-        state = self.batch.take(wanted) if self.batch is not None else None
+        state: DecoderState | None = self.batch.take(wanted) if self.batch is not None else None
         if state is None:
             with self._lock:
                 if not self._idle:
