@@ -52,8 +52,8 @@ def start_together(pipe: ortspec.Pipeline, count: int) -> None:
     barrier = threading.Barrier(count)
     take = pipe.target_states.take
 
-    def take_then_wait() -> RowState:
-        state = take()
+    def take_then_wait(prompt: list[int] | None = None) -> RowState:
+        state = take(prompt)
         barrier.wait(timeout=30)
         return state
 

@@ -151,10 +151,10 @@ def test_sequential_generations_reuse_one_state_per_model(package):
 
 def test_the_pool_frees_the_states_it_drops(pipe):
     pool = StatePool(pipe.target, size=1)
-    kept, dropped = pool.take(), pool.take()
-    pool.give(kept)
+    dropped, kept = pool.take(), pool.take()
+    pool.give(dropped)
     gone = [weakref.ref(dropped), weakref.ref(dropped.cache)]
-    pool.give(dropped)  # the pool is full: it lets the state go
+    pool.give(kept)  # the pool is full: it lets the least recently used state go
     del dropped
     assert [ref() for ref in gone] == [None, None]
     assert pool.take() is kept and pool.created == 2

@@ -54,7 +54,10 @@ class Pipeline:
     Thread-safe: any number of threads may call `generate`, `stream` and `chat` on one pipeline at
     once. The models (`target`, `draft`: sessions and weights) are shared; each generation takes
     decoder states of its own (KV cache, position, drafter) from `target_states` / `draft_states`
-    and returns them when it ends, and the pools keep up to `idle_states` of each for reuse. What
+    and returns them when it ends, and the pools keep up to `idle_states` of each for reuse. An idle
+    target state keeps the sequence its cache holds: with `prefix_cache`, a generation whose prompt
+    starts with one takes that state and feeds only the rest of its prompt (a chat's next turn, a
+    shared system prompt); `GenerationStats.cached_tokens` says how many prompt tokens it reused. What
     generations learn from one another (auto γ's estimates, suffix drafting's memory) is shared
     under locks. For direct model calls, `DecoderState(pipe.target)` gives a sequence of your own.
 
@@ -71,13 +74,16 @@ class Pipeline:
         calibration_key: str = "",
         idle_states: int = DEFAULT_IDLE_STATES,
         batch: BatchedModel | None = None,
+        idle_bytes: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.manifest = manifest
         self.target = target
         self.draft = draft
         self.batch = batch
-        self.target_states = StatePool(target, idle_states, batch)
-        self.draft_states = StatePool(draft, idle_states) if draft is not None else None
+        self.target_states = StatePool(target, idle_states, batch, idle_bytes, prefix_cache)
+        # a draft LM re-reads at most its window of a prompt, a head reads the target's features: empty states
+        self.draft_states = StatePool(draft, idle_states, max_bytes=idle_bytes) if draft is not None else None
         self._lock = threading.Lock()  # calibration (measured once) and auto γ's shared state
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(manifest.tokenizer.eos_token_ids)
@@ -211,9 +217,12 @@ class Pipeline:
         return SuffixMemory() if _reproducible(config) else self.suffix_memory
 
     @contextmanager
-    def _states(self, drafter: DrafterKind) -> Iterator[tuple[DecoderState, DecoderState | None]]:
-        """A target state, and a draft state for drafters that are models, for one generation."""
-        with self.target_states.state() as target:
+    def _states(
+        self, drafter: DrafterKind, prompt_ids: Sequence[int]
+    ) -> Iterator[tuple[DecoderState, DecoderState | None]]:
+        """A target state (holding the longest cached prefix of the prompt), and a draft state for drafters
+        that are models, for one generation."""
+        with self.target_states.state(prompt_ids) as target:
             if not drafter.needs_draft_state or self.draft_states is None:
                 yield target, None
                 return
@@ -252,7 +261,7 @@ class Pipeline:
         loop = LoopStats()
         text = TextAssembler(self.tokenizer.stream(), config.stop)
         ids: list[int] = []
-        with self._states(drafter) as (target, draft):
+        with self._states(drafter, prompt_ids) as (target, draft):
             start = time.perf_counter()
             first_token_at = None
             memory = self._suffix_memory(config)
@@ -306,6 +315,7 @@ class Pipeline:
             drafted_per_round=tuple(loop.drafted_per_round),
             undrafted_rounds=loop.undrafted_rounds,
             finish_reason=loop.finish_reason,
+            cached_tokens=loop.cached_tokens,
         )
         yield "", GenerationResult(text.text, ids, stats)
 
@@ -373,6 +383,8 @@ def load(
     idle_states: int = DEFAULT_IDLE_STATES,
     cuda_graphs: bool = True,
     batch: int = 0,
+    idle_bytes: int | None = None,
+    prefix_cache: bool = True,
 ) -> Pipeline:
     """Open a deployment package written by `ortspec export`.
 
@@ -384,8 +396,12 @@ def load(
     new tokens (default: the model's maximum, at most 4096; the shared KV buffers are allocated for
     it); `verify=False` skips the sha256 check (sizes are always checked). Each generation running at
     once has KV buffers of its own; `idle_states` bounds how many of them per model are kept for
-    reuse when no generation holds them. `cuda_graphs` (CUDA provider only) replays decoding's small calls
-    as CUDA graphs, which removes most of a small model's per-call launch cost on a GPU. `batch` > 1
+    reuse when no generation holds them, and `idle_bytes` (default: no bound but the count) how many
+    bytes of them, the least recently used dropped first. `prefix_cache` (default on): a generation
+    takes the idle state (or free batch row) whose cache holds the longest prefix of its prompt, and
+    feeds only the rest; greedy output is the same (up to float rounding: near-ties). `cuda_graphs`
+    (CUDA provider only) replays decoding's small calls as CUDA graphs, which removes most of a small
+    model's per-call launch cost on a GPU. `batch` > 1
     turns on continuous batching for that many generations at once (see `BatchedModel`), where the
     target graph allows it (`batch_problem`: builder graphs of this ortspec on the CPU); elsewhere
     generations decode one call each, as without.
@@ -418,4 +434,4 @@ def load(
         manifest.tokenizer_json(), manifest.tokenizer_file(TOKENIZER_CONFIG_FILE)
     )  # the files load_manifest checked, no others
     rows = BatchedModel(target, batch) if batch > 1 and batch_problem(target) is None else None
-    return Pipeline(manifest, target, draft, tokenizer, key, idle_states, rows)
+    return Pipeline(manifest, target, draft, tokenizer, key, idle_states, rows, idle_bytes, prefix_cache)

@@ -28,6 +28,7 @@ class GenerationStats:
     drafted_per_round: tuple[int, ...]  # drafts proposed in each round (γ actually used)
     undrafted_rounds: int  # rounds decoded without drafts although drafting was on (auto chose γ=0, no proposal)
     finish_reason: str  # "eos", "length" or "stop"
+    cached_tokens: int = 0  # prompt tokens reused from an earlier sequence's cache (the prefix cache): not fed again
 
 
 @dataclass(frozen=True)

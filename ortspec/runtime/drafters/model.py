@@ -122,7 +122,9 @@ class FeatureHeadProposer(DraftModelProposer):
     whose scores (the head graph's logits) guess x_{j+2}; while drafting, its own predicted
     features stand in for the target's. Every target call already computes the features of the
     positions it reads, so after each round the head keeps those of the committed positions and
-    re-reads them in place of its predictions: its cache only ever holds what the target saw.
+    re-reads them in place of its predictions: its cache only ever holds what the target saw. The
+    target state keeps the features of every position it holds, so a prompt prefix it reused from an
+    earlier sequence (not computed in this generation) has them too.
     A head that reads fused features (final, then inner layers) gets its prediction of the final
     ones with zeros for the rest, as it was trained. It only ever re-reads the last `window`
     positions' features, so it keeps those alone, in a ring (a few hundred KB however long the text).
@@ -150,16 +152,19 @@ class FeatureHeadProposer(DraftModelProposer):
         self._features = np.zeros((window, head.feature_size), np.float32)  # position p in row p % window
         self._predicted = np.zeros((1, head.feature_size), np.float32)  # its latest predicted features
         self._real = 0  # head positions read with the target's features (the rest held drafts)
+        self._known = 0  # committed positions whose target features the ring has taken
 
     def reset(self) -> None:
         super().reset()
         self._real = 0
+        self._known = 0
 
     def rollback(self, tokens: Sequence[int]) -> None:
-        start, hidden = self.target.hidden_start, self.target.hidden
-        end = min(start + len(hidden), len(tokens) - 1)  # features of committed positions only
-        first = max(start, end - self.window)
-        self._features[self._rows(first, end)] = hidden[first - start : end - start]
+        end = len(tokens) - 1  # the committed positions, all in the target's cache (a reused prefix's too)
+        first = max(self._known, end - self.window)
+        if first < end:
+            self._features[self._rows(first, end)] = self.target.hidden_at(first, end)
+        self._known = end
         self.decoder.truncate(min(self.decoder.length, self._real))
         self._check(tokens)
 

@@ -12,7 +12,9 @@ rounding), so greedy output does not depend on what else runs.
 Rolling back stays O(1): a call writes each bound row's new entry at that row's length, past
 everything it holds. Rows in the call's range that are not stepping write a throwaway entry at their
 length too, which their next call overwrites (a full row at its last position: to forward again it
-must first roll back, and its next call rewrites everything from there).
+must first roll back, and its next call rewrites everything from there). Free rows do the same, so a
+released row keeps its last sequence for a generation whose prompt starts with it (a prefix cache;
+a prompt is never longer than the context less one position, so the last position is never reused).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 import onnxruntime as ort
 
-from ortspec.runtime.model.decoder import DecoderState
+from ortspec.runtime.model.decoder import DecoderState, best_reuse
 from ortspec.runtime.model.kv_cache import SharedBufferKVCache
 from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep, check_caches_fit
 from ortspec.runtime.package import graph_names as names
@@ -86,7 +88,8 @@ class BatchedModel:
         shape = (rows, spec.num_kv_heads, model.max_length, spec.head_dim)
         self.buffers = [np.zeros(shape, model.cache_dtype) for _ in names.past_names(spec.num_layers)]
         self._free = list(range(rows - 1, -1, -1))  # lowest row first: calls bind rows [0, highest in use]
-        self._states: dict[int, RowState] = {}
+        self._states: dict[int, RowState] = {}  # rows held by generations
+        self._kept: dict[int, RowState] = {}  # free rows' states, holding their last sequence
         self._run_lock = threading.Lock()  # one call at a time on the buffers
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
@@ -101,20 +104,28 @@ class BatchedModel:
         """Rows held by generations."""
         return len(self._states)
 
-    def take(self) -> RowState | None:
-        """A free row as a fresh state, or None when all rows are in use."""
+    def take(self, prompt: Sequence[int] | None = None) -> RowState | None:
+        """A free row, or None when all rows are in use: for a `prompt`, the row whose last sequence holds
+        the longest prefix of it (see `DecoderState.reuse`), else the lowest free row; its state as its
+        last generation left it."""
         with self._cond:
             if not self._free:
                 return None
-            row = self._free.pop()
-            state = self._states[row] = RowState(self, row)
+            kept = [self._kept[row] for row in self._free if row in self._kept]
+            best = best_reuse(kept, prompt) if prompt is not None else None
+            row = kept[best].row if best is not None else self._free[-1]
+            self._free.remove(row)
+            state = self._kept.pop(row, None) or RowState(self, row)
+            state.stepping = True
+            self._states[row] = state
             return state
 
     def release(self, state: RowState) -> None:
-        """Free the row of `state` (its generation ended)."""
+        """Free the row of `state` (its generation ended); the row keeps its sequence for a later `take`."""
         with self._cond:
             if self._states.get(state.row) is state:
                 del self._states[state.row]
+                self._kept[state.row] = state
                 self._free.append(state.row)
                 self._free.sort(reverse=True)
                 self._cond.notify_all()  # a gathering step need not wait for it any more
@@ -201,8 +212,9 @@ class BatchedModel:
         bound = max(job.state.row for job in jobs) + 1
         tokens = np.zeros((bound, 1), np.int64)
         last = self.max_length - 1
-        with self._cond:  # rows that are not stepping: at their length (free rows: 0), a full row at its last
-            lengths = [min(self._states[r].length, last) if r in self._states else 0 for r in range(bound)]
+        with self._cond:  # rows that are not stepping: at their length (free rows too), a full row at its last
+            held = [self._states.get(r) or self._kept.get(r) for r in range(bound)]
+            lengths = [min(state.length, last) if state is not None else 0 for state in held]
         seqlens = np.array(lengths, np.int32)
         for job in jobs:
             tokens[job.state.row, 0] = job.token
@@ -263,5 +275,5 @@ class RowState(DecoderState):
         self.cache.update((), 1)
         self._tokens[past:] = [token]
         if hidden is not None:
-            self.hidden, self.hidden_start = hidden, past
+            self.keep_hidden_states(hidden, past)
         self.stepping = True

@@ -15,11 +15,36 @@ from ortspec.runtime.model.onnx_model import Model, bind_logits_to_keep
 from ortspec.runtime.package import graph_names as names
 from ortspec.runtime.package.manifest import ModelSpec
 
+MIN_REUSE = 16  # prompt tokens an idle state must hold to be picked for them (a shorter match is left to chance)
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(differ[0]) if len(differ) else n
+
+
+def best_reuse(states: Sequence[DecoderState], prompt: Sequence[int], least: int = MIN_REUSE) -> int | None:
+    """Index of the state that holds the longest prefix of `prompt` it can reuse (`DecoderState.reuse`), if
+    that is at least `least` tokens; None if none does."""
+    best, index = least - 1, None
+    for i, state in enumerate(states):
+        shared = shared_prefix(state.cached_tokens, prompt[:-1])
+        if shared > best:
+            best, index = shared, i
+    return index
+
 
 class DecoderState:
     """One sequence on a `Model`: its KV cache, IO binding, cached token ids and (with `keep_hidden`)
-    latest hidden states. `forward(tokens)` returns logits for those tokens. Not thread-safe: one
+    hidden states. `forward(tokens)` returns logits for those tokens. Not thread-safe: one
     generation at a time uses a state; many states share one model.
+
+    A state's cache is valid for the token ids it was fed (`cached_tokens`), whatever generation fed
+    them: `reuse(prompt)` keeps the longest prefix of a new prompt it already holds (a prefix cache).
 
     Longrope models (`spec.long_rope_after`) rotate with other factors once the sequence is longer
     than the switch point, and transformers' Phi-3 then recomputes the cached keys: so does
@@ -31,8 +56,10 @@ class DecoderState:
         self.model = model
         self.cache = cache if cache is not None else model.new_cache()
         self._binding = self._new_binding()
-        self.hidden = np.zeros((0, 0), np.float32)
+        self.hidden = np.zeros((0, 0), np.float32)  # the latest call's hidden states, from position hidden_start
         self.hidden_start = 0
+        # every cached position's hidden states (keep_hidden): a draft head reads those of a reused prefix too
+        self._hidden_kept: np.ndarray | None = None
         self._tokens: list[int] = []  # the cached sequence (longrope recomputes it; `check` compares it)
         self._long = False  # whether the cache holds longrope's long-factor keys
         self._one_token = np.zeros((1, 1), np.int64)  # a one-token call's input_ids, bound once, written in place
@@ -76,6 +103,42 @@ class DecoderState:
     def length(self) -> int:
         """Positions currently in the cache."""
         return self.cache.length
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The token ids whose keys and values the cache holds, in order."""
+        return self._tokens[: self.cache.length]
+
+    def nbytes(self) -> int:
+        """Bytes this state holds for its sequence (KV buffers, and kept hidden states)."""
+        kept = self._hidden_kept.nbytes if self._hidden_kept is not None else 0
+        return self.cache.nbytes() + kept
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Keep the longest prefix of `prompt` the cache holds, all of it but its last token at most (a
+        prompt's last token is fed again for its logits), and forget the rest; return the positions kept."""
+        kept = shared_prefix(self.cached_tokens, prompt[:-1])
+        if kept == 0:
+            self.reset()
+        else:
+            self.truncate(kept)
+        return kept
+
+    def hidden_at(self, start: int, end: int) -> np.ndarray:
+        """Hidden states of cached positions [start, end) (a model kept with `keep_hidden`)."""
+        if self._hidden_kept is None or not 0 <= start <= end <= self.cache.length:
+            raise CacheStateError(
+                f"internal error: no hidden states of positions [{start}, {end}) in a {self.spec.role} cache of "
+                f"{self.cache.length}; this is a bug in ortspec, please report it"
+            )
+        return self._hidden_kept[start:end]
+
+    def keep_hidden_states(self, hidden: np.ndarray, start: int) -> None:
+        """Take a call's hidden states [positions, features], the first at position `start`."""
+        self.hidden, self.hidden_start = hidden, start
+        if self._hidden_kept is None:
+            self._hidden_kept = np.zeros((self.max_length, hidden.shape[-1]), np.float32)
+        self._hidden_kept[start : start + len(hidden)] = hidden
 
     def forward(
         self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False
@@ -121,7 +184,7 @@ class DecoderState:
             self.cache.update((), n)
             self._tokens[past:] = token_ids
             if hidden is not None:
-                self.hidden, self.hidden_start = np.array(hidden), past
+                self.keep_hidden_states(np.array(hidden), past)
             return logits
         binding = self._binding  # rebinding a name replaces it; unchanged bindings (cache buffers) stay
         self._bind_token_ids(token_ids)
@@ -154,8 +217,7 @@ class DecoderState:
         self.cache.update(outputs, n)
         self._tokens[past:] = token_ids
         if model.keep_hidden:
-            self.hidden = np.array(outputs[len(outputs) - 1].numpy()[0])
-            self.hidden_start = past
+            self.keep_hidden_states(np.array(outputs[len(outputs) - 1].numpy()[0]), past)
         return np.array(outputs[0].numpy()[0], dtype=np.float32)  # a copy: the binding reuses its buffer
 
     def _bind_token_ids(self, token_ids: Sequence[int]) -> None:
@@ -175,9 +237,14 @@ class DecoderState:
         self.cache.truncate(length)
 
     def reset(self) -> None:
-        """Start a new sequence, letting go of what the last call left behind: its outputs stay in the
-        binding (a prefill's logits: positions x vocabulary floats) and, with concat caches, its pasts."""
+        """Start a new sequence, letting go of what the last call left behind (see `shed`) and, with concat
+        caches, its pasts."""
         self.cache.reset()
+        self.shed()
+
+    def shed(self) -> None:
+        """Let go of the last call's outputs, kept in the binding (a prefill's logits: positions x vocabulary
+        floats), but not of the cache: an idle state keeps its sequence for `reuse`."""
         self._binding = self._new_binding()
         self.hidden = np.zeros((0, 0), np.float32)
 

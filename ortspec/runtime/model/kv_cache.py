@@ -63,6 +63,10 @@ class KVCache(ABC):
     def reset(self) -> None:
         """Empty the cache for a new sequence."""
 
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of memory the cache holds."""
+
 
 class ConcatKVCache(KVCache):
     """Cache of graphs whose `present` = concat(`past`, new): presents become the next pasts.
@@ -108,6 +112,10 @@ class ConcatKVCache(KVCache):
     def _drop_after(self, length: int) -> None:
         self._values = [self._to_device(value.numpy()[:, :, :length]) for value in self._values]
 
+    def nbytes(self) -> int:
+        per_position = self._shape[1] * self._shape[3] * self._dtype.itemsize
+        return len(self._values) * self._length * per_position
+
 
 class SharedBufferKVCache(KVCache):
     """Cache of GroupQueryAttention graphs: one preallocated [1, kv_heads, max_length, head_dim] buffer
@@ -138,11 +146,15 @@ class SharedBufferKVCache(KVCache):
         else:
             self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in past_names]
         self.max_length = max_length
+        self._nbytes = len(past_names) * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self._seqlens_k = np.zeros(1, dtype=np.int32)
         self._total = np.zeros((), dtype=np.int32)
 
     def reset(self) -> None:
         self._length = 0
+
+    def nbytes(self) -> int:
+        return self._nbytes  # allocated for max_length positions, whatever it holds
 
     def bind_once(self, binding: ort.IOBinding) -> None:
         # The buffers never move, so they are bound once; per call only the lengths change.

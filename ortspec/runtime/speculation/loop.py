@@ -6,6 +6,8 @@ own after the accepted prefix. Both caches are then rolled back to the committed
 round checks that they hold it (as llama.cpp's explicit `seq_rm` does): a cache out of step with
 the sequence raises `CacheStateError` instead of decoding on from the wrong context.
 With no proposer (or γ = 0) the same loop is plain decoding: one token per target call.
+The target state may hold a prefix of the prompt from an earlier sequence (the state pool's prefix
+cache): only the rest of the prompt is fed, and its last token always is, for the first logits.
 
 Greedy decoding keeps the longest prefix equal to the target's argmax choices. Sampling uses the
 rule of Leviathan et al. (2023) / Chen et al. (2023): accept d_i with probability
@@ -33,6 +35,7 @@ class LoopStats:
     """Counters of one generation, filled in as the loop runs."""
 
     target_calls: int = 0
+    cached_tokens: int = 0  # prompt tokens the target state held already: not fed again
     drafted: int = 0
     accepted: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
@@ -86,12 +89,12 @@ def speculative_decode(
     from exactly the target's (processed) distribution."""
     stats = stats if stats is not None else LoopStats()
     draft_length = draft_length if draft_length is not None else DraftLength(4)
-    target.reset()
+    tokens = list(prompt)
+    stats.cached_tokens = target.reuse(tokens)  # a prefix the state holds already (a prefix cache) is not fed again
     if proposer is not None:
         proposer.reset()
-    tokens = list(prompt)
     generated = 0
-    logits = target.forward(tokens, last_only=True)[-1:]
+    logits = target.forward(tokens[stats.cached_tokens :], last_only=True)[-1:]
     stats.target_calls += 1
     proposal = Proposal([])
     held_back: list[int] = []  # drafted tokens not sent to the target
