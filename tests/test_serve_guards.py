@@ -204,3 +204,15 @@ def test_cli_takes_catalog_names_the_key_and_the_bounds(chat_package, monkeypatc
     monkeypatch.undo()  # the real server: --threads is checked before it listens
     result = runner.invoke(main, ["serve", str(chat_package), "--threads", "100000"])
     assert result.exit_code == 1 and "threads must be 1 .." in result.output and len(result.output.splitlines()) == 1
+
+
+def test_metrics_count_prompt_tokens_reused_from_the_prefix_cache(pipes):
+    prompt = "def add(a, b):\n    return a + b\n\n" * 6
+    with running(pipes) as url:
+        client = client_for(url)
+        first = _scrape(url)["ortspec_prompt_cached_tokens_total"]
+        for _ in range(2):  # one after the other: the second finds the first's sequence in an idle state
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=3)
+        after = _scrape(url)
+    assert first == 0
+    assert after["ortspec_prompt_cached_tokens_total"] >= 16

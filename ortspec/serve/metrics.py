@@ -24,6 +24,7 @@ class Metrics:
         self.responses: collections.Counter[tuple[str, int]] = collections.Counter()  # (route, status)
         self.generations = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.new_tokens = 0
         self.seconds = 0.0
         self.drafted = 0
@@ -32,6 +33,7 @@ class Metrics:
     def record(self, stats: GenerationStats) -> None:
         self.generations += 1
         self.prompt_tokens += stats.prompt_tokens
+        self.cached_tokens += stats.cached_tokens
         self.new_tokens += stats.new_tokens
         self.seconds += stats.seconds
         self.drafted += stats.drafted_tokens
@@ -78,6 +80,12 @@ class Metrics:
             ),
             _family("ortspec_generations_total", "counter", "Generations that ran to their end.", self.generations),
             _family("ortspec_prompt_tokens_total", "counter", "Their prompt tokens.", self.prompt_tokens),
+            _family(
+                "ortspec_prompt_cached_tokens_total",
+                "counter",
+                "Prompt tokens whose KV came from the prefix cache (not computed again).",
+                self.cached_tokens,
+            ),
             _family("ortspec_generated_tokens_total", "counter", "Tokens those generations made.", self.new_tokens),
             _family(
                 "ortspec_generation_seconds_total", "counter", "Wall time of those generations, summed.", self.seconds
