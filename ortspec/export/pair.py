@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from ortspec.runtime.errors import PackageError
 from ortspec.runtime.options import check_paths
 from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import (
@@ -22,6 +23,7 @@ from ortspec.runtime.package.manifest import (
     Manifest,
     ModelSpec,
     TokenizerSpec,
+    load_manifest,
 )
 
 from .. import __version__
@@ -267,4 +269,13 @@ def export_pair(
                 ),
             )
             (root / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+            _check_loadable(root)
     return manifest
+
+
+def _check_loadable(root: Path) -> None:
+    """Refuse to publish a package the loader would refuse (its manifest's fields, sizes and files)."""
+    try:
+        load_manifest(root, verify=False)
+    except PackageError as exc:
+        raise ValueError(f"the exported package would not load: {exc}") from exc
