@@ -27,8 +27,9 @@ from ortspec.runtime.package.manifest import (
 )
 
 from .. import __version__
-from .builder import build_head_onnx, build_onnx, can_build
+from .builder import GraphBuilder, build_head_onnx, build_onnx, can_build
 from .builder.config import decoder_config
+from .builder.external import ExternalData, save_graph
 from .builder.head import check_head, is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
@@ -38,6 +39,7 @@ from .package import copy_tokenizer, describe_model, save_onnx
 from .precision import check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
+from .quantize.streaming import StreamingQuantizer
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -97,6 +99,8 @@ def _export_model(
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     long_rope_after = None
+    if exporter == "builder" and quantize.dtype == "fp32":
+        return _build_streaming(checkpoint, role, quantize, root, progress, feature_layers)
     if exporter == "builder":
         source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
         with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
@@ -109,6 +113,47 @@ def _export_model(
             model = onnx.load(export_with_optimum(checkpoint, work / role))
     spec = _save_model(model, role, quantize, root, progress, checkpoint, checkpoint.name, positions, exporter)
     return dataclasses.replace(spec, long_rope_after=long_rope_after)
+
+
+def _build_streaming(
+    checkpoint: Checkpoint,
+    role: str,
+    quantize: Quantization,
+    root: Path,
+    progress: Progress,
+    feature_layers: Sequence[int],
+) -> ModelSpec:
+    """Build the graph with each weight read, quantized and written to the package's external data in turn:
+    memory holds a layer or two of fp32 weights, never the model (fp32 graphs; fp16 ones convert whole)."""
+    bits, path = BITS[quantize.kind], root / role / "model.onnx"
+    quantizer = (
+        StreamingQuantizer(bits, quantize.block_size, quantize.accuracy_level, quantize.keep_gguf_blocks)
+        if bits
+        else None
+    )
+    source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+    what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
+    if quantizer:
+        progress.total -= 1  # no separate quantization stage
+    data = ExternalData(path)
+    with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder{what}"):
+        model, cfg, positions = build_onnx(
+            checkpoint.path, checkpoint.config, feature_layers, GraphBuilder(data, quantizer)
+        )
+        files = save_graph(model, path, data)
+    spec = describe_model(
+        model,
+        role=role,
+        root=root,
+        files=files,
+        family=family_of(checkpoint.config).name,
+        source=checkpoint.name,
+        max_positions=positions,
+        quantization=quantizer.summary() if quantizer else {"method": "none"},
+        exporter="builder",
+        source_info=checkpoint.source_info,
+    )
+    return dataclasses.replace(spec, long_rope_after=cfg.long_rope_after)
 
 
 def _export_head(

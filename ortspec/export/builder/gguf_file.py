@@ -1,4 +1,4 @@
-"""Parse a GGUF file's header, metadata and tensor table with bounds, and map its tensor data.
+"""Parse a GGUF file's header, metadata and tensor table with bounds, and read its tensors one at a time.
 
 A GGUF header is a list of counts and lengths that the file claims (items in an array, bytes in a
 string, dimensions of a tensor, where its data lies). A reader that allocates what a claim asks
@@ -128,9 +128,9 @@ class _Cursor:
             raise self.fail(f"metadata {key} is an array of {kind_name}")
         width = _SCALARS[item][1]
         self.need(width * count, f"the {count} items of metadata {key}")
-        values = np.frombuffer(self.buffer, np.dtype(_SCALARS[item][0]), count, self.at)
+        values = np.frombuffer(self.buffer, np.dtype(_SCALARS[item][0]), count, self.at).tolist()
         self.at += width * count
-        return values.tolist()  # Python ints, floats and bools
+        return values  # Python ints, floats and bools (no view keeps the map open)
 
 
 def _tensor_type(code: int, name: str, cursor: _Cursor) -> Any:
@@ -148,21 +148,22 @@ def _tensor_type(code: int, name: str, cursor: _Cursor) -> Any:
 class GGUFFile:
     """The metadata (a dict of Python values) and tensor table of one GGUF file, its data memory-mapped.
 
-    Opening parses the header only; `data(name)` returns a tensor's bytes as a read-only view of the
-    mapped file ([rows..., bytes per row], as `gguf.quants.dequantize` reads them): nothing is copied.
+    Opening parses the header only (mapped: only its pages are touched); `data(name)` reads a tensor's
+    bytes ([rows..., bytes per row], as `gguf.quants.dequantize` reads them).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        name = self.path.name
         with open(self.path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
-                raise GGUFError(f"{name}: {size} bytes is too short for a GGUF header; not a valid GGUF file")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        cursor = _Cursor(self._map, size, name)
-        if self._map[:4] != MAGIC:
-            raise GGUFError(f"{name} does not start with the GGUF magic bytes; not a GGUF file")
+                raise GGUFError(f"{self.path.name}: {size} bytes is too short for a GGUF header; not a valid GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+                self._parse(_Cursor(buffer, size, self.path.name))
+
+    def _parse(self, cursor: _Cursor) -> None:
+        if cursor.buffer[:4] != MAGIC:
+            raise GGUFError(f"{cursor.name} does not start with the GGUF magic bytes; not a GGUF file")
         cursor.at = 4
         version = cursor.u32("the version")
         if version not in VERSIONS:
@@ -220,7 +221,10 @@ class GGUFFile:
         return TensorInfo(name, shape, kind, start, nbytes)
 
     def data(self, name: str) -> np.ndarray:
-        """The raw bytes of tensor `name`, [rows..., bytes per row], a read-only view of the mapped file."""
+        """The raw bytes of tensor `name`, [rows..., bytes per row], read from the file (not mapped: mapped
+        pages would stay resident as an export goes through the whole file)."""
         info = self.tensors[name]
-        raw = np.frombuffer(self._map, np.uint8, info.nbytes, info.start)
+        raw = np.fromfile(self.path, np.uint8, info.nbytes, offset=info.start)
+        if raw.size != info.nbytes:
+            raise GGUFError(f"{self.path.name}: tensor {name} was cut short (the file changed while read)")
         return raw.reshape(*info.shape[:-1], info.row_bytes)

@@ -82,8 +82,13 @@ class WeightReader:
     def embedding(self) -> np.ndarray:
         return self.ckpt.get("model.embed_tokens.weight")
 
+    @property
+    def tied(self) -> bool:
+        """Whether the lm_head is the embedding table (transposed)."""
+        return self.cfg.tie_embeddings or "lm_head.weight" not in self.ckpt
+
     def lm_head(self) -> np.ndarray:
-        if self.cfg.tie_embeddings or "lm_head.weight" not in self.ckpt:
+        if self.tied:
             return np.ascontiguousarray(self.embedding().T)
         return self.linear("lm_head.weight")
 
