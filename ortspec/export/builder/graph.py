@@ -291,15 +291,16 @@ class LazyLayers(Sequence[LayerWeights]):
     """The layers of a checkpoint read on demand, the last one kept: a pass over them holds two at most."""
 
     def __init__(self, reader: WeightReader) -> None:
-        self.reader, self._last = reader, (-1, None)
+        self.reader = reader
+        self._last: tuple[int, LayerWeights] | None = None
 
     def __len__(self) -> int:
         return self.reader.cfg.layers
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]  # slices are not needed
         if not 0 <= i < len(self):
             raise IndexError(i)
-        if self._last[0] != i:
+        if self._last is None or self._last[0] != i:
             self._last = (i, self.reader.layer(i))
         return self._last[1]
 

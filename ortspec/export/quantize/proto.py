@@ -60,9 +60,10 @@ def quantize_lossless(
                 if (names := store_blocks(graph, weight, width, block_size)) is not None:
                     stored[weight.name] = (names, width)
                     break
-        if stored[weight.name] is None:
+        found = stored[weight.name]
+        if found is None:
             continue
-        names, width = stored[weight.name]
+        names, width = found
         k, n = weight.dims
         node.CopyFrom(
             matmul_nbits(f"{node.name}_Q{width}", node.input[0], names, node.output[0], k, n, width, block_size,
@@ -98,16 +99,17 @@ def quantize_offset_lossless(
             fit = offset_blocks(numpy_helper.to_array(weight), bits, block_size)
             names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales", f"{weight.name}_offsets"]
             if fit is not None:
-                packed, scales, offsets = fit
-                arrays = [packed, scales, offsets * np.float32(block_size)]
+                packed, scales, offset_values = fit
+                arrays = [packed, scales, offset_values * np.float32(block_size)]
                 graph.initializer.extend(
                     numpy_helper.from_array(a, name) for a, name in zip(arrays, names, strict=True)
                 )
             stored[weight.name] = None if fit is None else names
-        if weight is None or stored[weight.name] is None:
+        entry = None if weight is None else stored[weight.name]
+        if weight is None or entry is None:
             nodes.append(node)
             continue
-        *blocks, offsets = stored[weight.name]
+        *blocks, offsets = entry
         k, n = weight.dims
         x, out, p = node.input[0], node.output[0], node.name or node.output[0]
         if x not in means:
