@@ -42,12 +42,12 @@ def _fit_levels(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray] 
 def fit_weight(weight: np.ndarray, block_size: int, fit: Callable[[np.ndarray], Any]) -> Any:
     """`fit` applied to the blocks [N, K/block, block] of a MatMul weight [K, N] (blocks run along K), or None.
 
-    Most weights do not fit at all, so a few output rows are tried first.
+    Most weights do not fit at all, so one output row is tried first.
     """
     k, n = weight.shape
     if weight.dtype != np.float32 or k % block_size:
         return None
-    if fit(np.ascontiguousarray(weight[:, :8].T).reshape(-1, k // block_size, block_size)) is None:
+    if fit(np.ascontiguousarray(weight[:, :1].T).reshape(-1, k // block_size, block_size)) is None:
         return None
     return fit(np.ascontiguousarray(weight.T).reshape(n, k // block_size, block_size))
 
