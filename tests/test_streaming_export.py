@@ -130,3 +130,45 @@ def test_streaming_export_holds_a_layer_not_the_model(tmp_path):
     assert size > 150e6
     assert after - before < size / 3, f"peak RSS grew by {after - before} bytes exporting {size} bytes"
     assert json.loads((tmp_path / "pkg" / "manifest.json").read_text())["target"]["quantization"]["bits"] == 4
+
+
+class Constants:
+    """The graph builder's side the quantizer writes to, keeping the arrays."""
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.initializers: list = []
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.arrays[name] = array
+        return name
+
+
+@pytest.mark.parametrize("kind", ["quantized", "exact", "exact-offset"])
+def test_a_large_table_quantized_in_slices_gives_the_same_blocks(kind, monkeypatch):
+    from ortspec.export.quantize import streaming
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 200
+    d = rng.uniform(1e-3, 1e-2, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, 0.1, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
+    codes[..., 0], codes[..., 1] = 0, 15  # each block spans all codes
+    weight = (
+        {
+            "quantized": rng.standard_normal((n, k), dtype=np.float32),
+            "exact": d * (codes - 8),  # Q4_0 blocks
+            "exact-offset": d * codes + m,  # Q4_1 blocks (d * q + m)
+        }[kind]
+        .reshape(n, k)
+        .T
+    )  # a [K, N] view of an [N, K] table, as the builder passes an embedding
+    whole, sliced = Constants(), Constants()
+    expected = StreamingQuantizer(4).store(whole, "w", weight)
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", k * 48)  # slices of 48 columns, the last one of 8
+    got = StreamingQuantizer(4).store(sliced, "w", weight)
+    assert got == expected and got.kind == kind
+    assert whole.arrays.keys() == sliced.arrays.keys()
+    for name, array in whole.arrays.items():
+        np.testing.assert_array_equal(sliced.arrays[name], array)

@@ -76,8 +76,9 @@ class WeightReader:
         return self.ckpt.get(name) + np.float32(self.cfg.norm_offset)
 
     def linear(self, name: str) -> np.ndarray:
-        """A torch Linear weight [out, in] as a MatMul weight [in, out]."""
-        return np.ascontiguousarray(self.ckpt.get(name).T)
+        """A torch Linear weight [out, in] as a MatMul weight [in, out]: a transposed view, not a copy (the
+        quantizer reads it a slice of output columns, i.e. of the stored rows, at a time)."""
+        return self.ckpt.get(name).T
 
     def embedding(self) -> np.ndarray:
         return self.ckpt.get("model.embed_tokens.weight")
@@ -89,7 +90,7 @@ class WeightReader:
 
     def lm_head(self) -> np.ndarray:
         if self.tied:
-            return np.ascontiguousarray(self.embedding().T)
+            return self.embedding().T
         return self.linear("lm_head.weight")
 
     def final_norm(self) -> np.ndarray:

@@ -9,6 +9,7 @@ offset correction, else ONNX Runtime's own block quantizer (the same kernel, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +41,26 @@ class QuantizedWeight:
     n: int
     bits: int
     kind: str  # "exact", "exact-8bit", "exact-offset" or "quantized"
+
+
+CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32: a large table (the embedding) is quantized a slice at a time
+
+
+def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weight: np.ndarray):
+    """`fit` (blocks, scales[, offsets [K/block, N]]) of W [K, N] computed on slices of its columns and joined,
+    or None if any slice does not fit. Blocks run along K within a column, so slicing changes no result;
+    it bounds the temporaries of a large table to a slice's."""
+    k, n = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    pieces = []
+    for start in range(0, n, step):
+        piece = fit(weight[:, start : start + step])
+        if piece is None:
+            return None
+        pieces.append(piece)
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(np.concatenate(parts, axis=1 if i == 2 else 0) for i, parts in enumerate(zip(*pieces, strict=True)))
 
 
 class StreamingQuantizer:
@@ -76,15 +97,17 @@ class StreamingQuantizer:
     def store(self, g: Graph, name: str, weight: np.ndarray) -> QuantizedWeight:
         """Add the blocks of W [K, N] to the graph as initializers; the fp32 weight can then be dropped."""
         k, n = weight.shape
-        found: tuple[Any, ...] | None = lossless_blocks(weight, self.bits, self.block_size)
+        found = by_columns(lambda w: lossless_blocks(w, self.bits, self.block_size), weight)
         bits, kind = self.bits, "exact"
         if found is None and self.keep_gguf_blocks and self.bits < 8:
-            found, bits, kind = lossless_blocks(weight, 8, self.block_size), 8, "exact-8bit"
+            found, bits, kind = by_columns(lambda w: lossless_blocks(w, 8, self.block_size), weight), 8, "exact-8bit"
         if found is None and self.keep_gguf_blocks:
-            found, bits, kind = offset_blocks(weight, self.bits, self.block_size), self.bits, "exact-offset"
+            found = by_columns(lambda w: offset_blocks(w, self.bits, self.block_size), weight)
+            bits, kind = self.bits, "exact-offset"
         if found is None:
-            packed, scales, _ = self._ort.qbits_block_quant(np.ascontiguousarray(weight, np.float32))
-            found, bits, kind = (packed, scales), self.bits, "quantized"
+            found = by_columns(lambda w: self._ort.qbits_block_quant(np.ascontiguousarray(w, np.float32))[:2], weight)
+            bits, kind = self.bits, "quantized"
+        assert found is not None  # ONNX Runtime's quantizer fits any weight
         blocks = g.constant(f"{name}_Q{bits}", found[0])
         scales = g.constant(f"{name}_scales", found[1])
         offsets = None
