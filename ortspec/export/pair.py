@@ -133,8 +133,6 @@ def _build_streaming(
     )
     source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
     what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
-    if quantizer:
-        progress.total -= 1  # no separate quantization stage
     data = ExternalData(path)
     with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder{what}"):
         model, cfg, positions = build_onnx(
@@ -261,7 +259,14 @@ def export_pair(
     if head:
         feature_layers = check_head(draft).get("feature_layers", [])
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
-    steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
+
+    def separate_quantization(role: str, quantization: str) -> bool:
+        """Whether quantizing is a stage of its own: not for a graph the builder streams (fp32 activations,
+        not a head; `auto` is taken to pick the builder, and the count is mended if it picks optimum)."""
+        streamed = dtypes[role] == "fp32" and exporters[role] != "optimum" and not (head and role == "draft")
+        return BITS[quantization] is not None and not streamed
+
+    steps = 2 + sum(1 + separate_quantization(role, q) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)
     out = Path(out)
     with staging_directory(out, force, report) as (root, work):
@@ -285,6 +290,8 @@ def export_pair(
                 specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
                 continue
             chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
+            if chosen == "optimum" and exporters[role] == "auto" and q != "none" and dtypes[role] == "fp32":
+                progress.total += 1  # optimum's graph is quantized as a stage of its own
             layers = feature_layers if role == "target" else ()
             specs[role] = _export_model(checkpoints[role], role, chosen, quantization, work, root, progress, layers)
         with progress.stage(f"writing the package manifest to {out}"):
