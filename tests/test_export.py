@@ -52,13 +52,14 @@ def test_tied_embedding_is_stored_once(package, checkpoint):
     counts = ops(tied)
     assert counts.get("GatherBlockQuantized") == 1 and "Gather" not in counts
     assert counts.get("MatMulNBits") == ops(untied).get("MatMulNBits") == 2 * 4 + 1
-    # same shapes: the untied package holds an fp32 table besides its lm_head, the tied one two small shapes
+    assert ops(untied).get("GatherBlockQuantized") == 1  # an untied table is quantized on its own
+    # same shapes: the untied package holds the table's int4 blocks and scales besides its lm_head's
     graph = onnx.load(tied).graph
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0])  # the lm_head
     vocab, hidden = (next(a.i for a in head.attribute if a.name == dim) for dim in "NK")
-    table = vocab * hidden * 4
-    assert table - 64 < initializer_bytes(untied) - initializer_bytes(tied) <= table
+    blocks = vocab * hidden // 2 + vocab * hidden // 32 * 4
+    assert blocks - 64 < initializer_bytes(untied) - initializer_bytes(tied) <= blocks
 
 
 def tied_graph(vocab: int, hidden: int, tie: bool) -> onnx.ModelProto:
@@ -148,7 +149,11 @@ def test_interrupted_export_leaves_no_package(checkpoint, tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pair, "quantize_weights", fail)
+    monkeypatch.setattr(pair, "quantize_weights", fail)  # the whole-graph quantizer (optimum's exports)
+    with pytest.raises(KeyboardInterrupt):
+        export_pair(checkpoint("llama"), tmp_path / "pkg", quantize="int4", exporter="optimum", report=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pair.StreamingQuantizer, "store", fail)  # the builder's, half-way through its data file
     with pytest.raises(KeyboardInterrupt):
         export_pair(checkpoint("llama"), tmp_path / "pkg", quantize="int4", report=lambda _: None)
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,8 @@ from ortspec.export import export_pair
 from ortspec.export.builder import UnsupportedModelError
 from ortspec.export.builder.gguf_io import open_gguf
 from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
-from ortspec.export.quantize import dequantized_weight, offset_blocks
+from ortspec.export.quantize import dequantized_weight
+from ortspec.export.quantize.gguf_blocks import offset_blocks
 from ortspec.models.random import CORPUS
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.text.tokenizer import TextTokenizer

@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from ortspec.runtime.errors import PackageError
 from ortspec.runtime.options import check_paths
 from ortspec.runtime.package.json_file import read_json
 from ortspec.runtime.package.manifest import (
@@ -22,11 +23,13 @@ from ortspec.runtime.package.manifest import (
     Manifest,
     ModelSpec,
     TokenizerSpec,
+    load_manifest,
 )
 
 from .. import __version__
-from .builder import build_head_onnx, build_onnx, can_build
+from .builder import GraphBuilder, build_head_onnx, build_onnx, can_build
 from .builder.config import decoder_config
+from .builder.external import ExternalData, save_graph
 from .builder.head import check_head, is_head_dir, read_head_config
 from .checkpoint import Checkpoint, prepare_tokenizer, resolve_checkpoint
 from .compat import PairCompatibility, check_pair
@@ -36,6 +39,7 @@ from .package import copy_tokenizer, describe_model, save_onnx
 from .precision import check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
+from .quantize.streaming import StreamingQuantizer
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -95,6 +99,8 @@ def _export_model(
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     long_rope_after = None
+    if exporter == "builder" and quantize.dtype == "fp32":
+        return _build_streaming(checkpoint, role, quantize, root, progress, feature_layers)
     if exporter == "builder":
         source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
         with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder"):
@@ -107,6 +113,45 @@ def _export_model(
             model = onnx.load(export_with_optimum(checkpoint, work / role))
     spec = _save_model(model, role, quantize, root, progress, checkpoint, checkpoint.name, positions, exporter)
     return dataclasses.replace(spec, long_rope_after=long_rope_after)
+
+
+def _build_streaming(
+    checkpoint: Checkpoint,
+    role: str,
+    quantize: Quantization,
+    root: Path,
+    progress: Progress,
+    feature_layers: Sequence[int],
+) -> ModelSpec:
+    """Build the graph with each weight read, quantized and written to the package's external data in turn:
+    memory holds a layer or two of fp32 weights, never the model (fp32 graphs; fp16 ones convert whole)."""
+    bits, path = BITS[quantize.kind], root / role / "model.onnx"
+    quantizer = (
+        StreamingQuantizer(bits, quantize.block_size, quantize.accuracy_level, quantize.keep_gguf_blocks)
+        if bits
+        else None
+    )
+    source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+    what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
+    data = ExternalData(path)
+    with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder{what}"):
+        model, cfg, positions = build_onnx(
+            checkpoint.path, checkpoint.config, feature_layers, GraphBuilder(data, quantizer)
+        )
+        files = save_graph(model, path, data)
+    spec = describe_model(
+        model,
+        role=role,
+        root=root,
+        files=files,
+        family=family_of(checkpoint.config).name,
+        source=checkpoint.name,
+        max_positions=positions,
+        quantization=quantizer.summary() if quantizer else {"method": "none"},
+        exporter="builder",
+        source_info=checkpoint.source_info,
+    )
+    return dataclasses.replace(spec, long_rope_after=cfg.long_rope_after)
 
 
 def _export_head(
@@ -214,7 +259,14 @@ def export_pair(
     if head:
         feature_layers = check_head(draft).get("feature_layers", [])
     roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
-    steps = 2 + sum(1 + (BITS[q] is not None) + (dtypes[role] == "fp16") for role, _, q in roles)
+
+    def separate_quantization(role: str, quantization: str) -> bool:
+        """Whether quantizing is a stage of its own: not for a graph the builder streams (fp32 activations,
+        not a head; `auto` is taken to pick the builder, and the count is mended if it picks optimum)."""
+        streamed = dtypes[role] == "fp32" and exporters[role] != "optimum" and not (head and role == "draft")
+        return BITS[quantization] is not None and not streamed
+
+    steps = 2 + sum(1 + separate_quantization(role, q) + (dtypes[role] == "fp16") for role, _, q in roles)
     progress = Progress(steps, report)
     out = Path(out)
     with staging_directory(out, force, report) as (root, work):
@@ -238,6 +290,8 @@ def export_pair(
                 specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
                 continue
             chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
+            if chosen == "optimum" and exporters[role] == "auto" and q != "none" and dtypes[role] == "fp32":
+                progress.total += 1  # optimum's graph is quantized as a stage of its own
             layers = feature_layers if role == "target" else ()
             specs[role] = _export_model(checkpoints[role], role, chosen, quantization, work, root, progress, layers)
         with progress.stage(f"writing the package manifest to {out}"):
@@ -267,4 +321,13 @@ def export_pair(
                 ),
             )
             (root / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+            _check_loadable(root)
     return manifest
+
+
+def _check_loadable(root: Path) -> None:
+    """Refuse to publish a package the loader would refuse (its manifest's fields, sizes and files)."""
+    try:
+        load_manifest(root, verify=False)
+    except PackageError as exc:
+        raise ValueError(f"the exported package would not load: {exc}") from exc

@@ -16,14 +16,22 @@ import onnx
 
 from .config import SUPPORTED, DecoderConfig, UnsupportedModelError, decoder_config
 from .gguf_io import GGUFCheckpoint, is_gguf
-from .graph import build_decoder
+from .graph import GraphBuilder, build_decoder
 from .head import build_head, read_head_config, target_fingerprint
 from .safetensors_io import SafetensorsCheckpoint
 from .weights import WeightReader
 
 DEFAULT_MAX_POSITIONS = 32768  # rotary table rows baked into the graph (the KV buffer is sized at load)
 
-__all__ = ["SUPPORTED", "DecoderConfig", "UnsupportedModelError", "build_head_onnx", "build_onnx", "can_build"]
+__all__ = [
+    "SUPPORTED",
+    "DecoderConfig",
+    "GraphBuilder",
+    "UnsupportedModelError",
+    "build_head_onnx",
+    "build_onnx",
+    "can_build",
+]
 
 
 def can_build(config: dict[str, Any]) -> bool:
@@ -43,13 +51,18 @@ def weight_reader(source: Path | SafetensorsCheckpoint | GGUFCheckpoint, config:
 
 
 def build_onnx(
-    source: Path | SafetensorsCheckpoint | GGUFCheckpoint, config: dict[str, Any], feature_layers: Sequence[int] = ()
+    source: Path | SafetensorsCheckpoint | GGUFCheckpoint,
+    config: dict[str, Any],
+    feature_layers: Sequence[int] = (),
+    graph: GraphBuilder | None = None,
 ) -> tuple[onnx.ModelProto, DecoderConfig, int]:
-    """Build the fp32 decoder graph; return it, its config and the positions its rotary table covers.
-    `feature_layers`: inner layers whose output hidden_states also carries (what a fused draft head reads)."""
+    """Build the decoder graph; return it, its config and the positions its rotary table covers.
+    `feature_layers`: inner layers whose output hidden_states also carries (what a fused draft head reads).
+    `graph`: a builder that writes the weights to external data (and quantizes them) as they come; by
+    default, an fp32 graph with its weights inside."""
     reader = weight_reader(source, config)
     positions = min(reader.cfg.max_positions, DEFAULT_MAX_POSITIONS)
-    return build_decoder(reader, positions, feature_layers), reader.cfg, positions
+    return build_decoder(reader, positions, feature_layers, graph), reader.cfg, positions
 
 
 def build_head_onnx(

@@ -1,4 +1,4 @@
-"""Read GGUF files (llama.cpp's format) with the `gguf` package and numpy alone.
+"""Read GGUF files (llama.cpp's format) with numpy and the `gguf` package's tensor types alone.
 
 A GGUF file holds the config (metadata keys such as `llama.block_count`), the tokenizer
 (`tokenizer.ggml.*`) and the weights, many of them block-quantized (Q4_0, Q4_1, Q8_0, K-quants...).
@@ -8,6 +8,11 @@ tensor names, dequantized to float32, so `WeightReader` builds the same graph as
 
 llama.cpp's converter permutes the rows of the q/k projections of Llama-architecture models for its
 interleaved rotary layout; `GGUFCheckpoint` undoes that permutation (Qwen2 is stored unpermuted).
+
+The header is parsed with bounds (`gguf_file`); `GGUFModel.config()` then checks every value the
+builder uses (counts, sizes, every tensor's presence and shape) and refuses a bad one in one line
+naming the key or tensor, so no file reaches the builder to fail there with a traceback, and none
+makes a package the loader would refuse.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .config import UnsupportedModelError
+from .gguf_file import GGUFError, GGUFFile, TensorInfo
 
 ARCHITECTURES = ("llama", "qwen2")  # GGUF `general.architecture` values the builder reproduces exactly
 
@@ -49,35 +55,12 @@ ROPE_FREQS = "rope_freqs.weight"  # llama.cpp stores Llama 3.1's rope scaling as
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-class GGUFError(ValueError):
-    """A GGUF file cannot be read or lacks what export needs."""
-
-
-def _field_value(field: Any) -> Any:
-    """A metadata value as Python (str, int, float, bool, or a list of them); works on gguf >= 0.10."""
-    from gguf import GGUFValueType
-
-    def scalar(kind: Any, part: np.ndarray) -> Any:
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        value = part[0]
-        if kind == GGUFValueType.BOOL:
-            return bool(value)
-        return float(value) if kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) else int(value)
-
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        if len(field.types) > 2:
-            raise GGUFError(f"GGUF metadata {field.name} is a nested array, which ortspec does not read")
-        item = field.types[1] if len(field.types) > 1 else GGUFValueType.UINT8
-        if item == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if item in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-            return [float(field.parts[i][0]) for i in field.data]
-        if item == GGUFValueType.BOOL:
-            return [bool(field.parts[i][0]) for i in field.data]
-        return [int(field.parts[i][0]) for i in field.data]
-    return scalar(kind, field.parts[field.data[0]])
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 20  # hidden, feed-forward and head sizes, heads
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 24
+MAX_NAME_CHARS = 1024  # general.name goes into the manifest, which the loader reads only up to 16 MB
+MAX_CHAT_TEMPLATE_CHARS = 1 << 20
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -89,17 +72,17 @@ class GGUFModel:
 
     def __init__(self, path: Path) -> None:
         try:
-            from gguf import GGUFReader
+            import gguf  # noqa: F401  (tensor types and dequantization)
         except ImportError as exc:  # a base dependency, but say so plainly if it is missing
             raise GGUFError("reading GGUF files needs the `gguf` package: pip install 'gguf>=0.10'") from exc
         self.path = Path(path)
         try:
-            reader = GGUFReader(self.path)
-        except Exception as exc:
-            raise GGUFError(f"{self.path} is not a readable GGUF file: {exc}") from exc
-        self.metadata: dict[str, Any] = {name: _field_value(field) for name, field in reader.fields.items()}
-        self.tensors = {t.name: t for t in reader.tensors}
-        if int(self.metadata.get("split.count", 1)) > 1:
+            self.file = GGUFFile(self.path)
+        except OSError as exc:
+            raise GGUFError(f"{self.path} is not a readable file: {exc}") from exc
+        self.metadata: dict[str, Any] = self.file.metadata
+        self.tensors: dict[str, TensorInfo] = self.file.tensors
+        if self._int("split.count", 1, whole=True) > 1:
             raise GGUFError(
                 f"{self.path.name} is one part of a split GGUF ({self.metadata['split.count']} files); "
                 "merge the parts first (llama-gguf-split --merge)"
@@ -110,8 +93,8 @@ class GGUFModel:
         return str(self.metadata.get("general.architecture", "unknown"))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """A tensor's shape in numpy (row-major) order: GGUF lists dimensions innermost first."""
-        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+        """A tensor's shape in numpy (row-major) order."""
+        return self.tensors[name].shape
 
     def tensor_types(self) -> dict[str, int]:
         """How many tensors of each GGML type (F32, Q4_1, ...) the file holds."""
@@ -120,42 +103,110 @@ class GGUFModel:
     def _arch(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
-    def _uniform(self, key: str, default: Any = None) -> Any:
-        """A per-model value that some files store per layer: refuse layers that differ."""
-        value = self._arch(key, default)
-        if isinstance(value, list):
+    def _int(self, key: str, default: int | None = None, *, minimum: int = 1, maximum: int = MAX_WIDTH,
+             whole: bool = False) -> int:  # fmt: skip
+        """The integer metadata `key` (under the architecture's prefix unless `whole`), in [minimum, maximum];
+        a missing key takes `default`, or is refused without one. Some files store a value per layer: those
+        must agree."""
+        full = key if whole else f"{self.architecture}.{key}"
+        value = self.metadata.get(full, default)
+        if isinstance(value, list) and value:
             if len(set(value)) != 1:
-                raise UnsupportedModelError(f"{self.path.name}: {key} differs between layers ({value}); not supported")
+                raise UnsupportedModelError(
+                    f"{self.path.name}: metadata {full} differs between layers ({value[:6]}); not supported"
+                )
             value = value[0]
+        if value is None:
+            raise GGUFError(f"{self.path.name} has no metadata {full}: not a complete {self.architecture} model")
+        if type(value) is not int or not minimum <= value <= maximum:
+            raise GGUFError(
+                f"{self.path.name}: metadata {full} is {str(value)[:40]}, not an integer from {minimum} to {maximum}"
+            )
         return value
 
-    def _rope_scaling(self) -> dict[str, Any] | None:
+    def _float(self, key: str, default: float) -> float:
+        value = self._arch(key, default)
+        if type(value) not in (int, float) or not 0 < value < float("inf"):
+            raise GGUFError(
+                f"{self.path.name}: metadata {self.architecture}.{key} is {str(value)[:40]}, not a positive number"
+            )
+        return float(value)
+
+    def _string(self, key: str, limit: int) -> str | None:
+        value = self.metadata.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > limit):
+            shown = f"{len(value)} characters long" if isinstance(value, str) else f"a {type(value).__name__}"
+            raise GGUFError(f"{self.path.name}: metadata {key} is {shown}, not a string of at most {limit}")
+        return value
+
+    def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
         kind = self._arch("rope.scaling.type", "none")
         if ROPE_FREQS in self.tensors:
             if kind not in ("none", "linear") or (kind == "linear" and self._arch("rope.scaling.factor", 1.0) != 1.0):
                 raise UnsupportedModelError(f"{self.path.name}: rope_freqs combined with {kind} rope scaling")
-            from gguf.quants import dequantize
-
-            t = self.tensors[ROPE_FREQS]
-            factors = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+            self._check_shape(ROPE_FREQS, (head_dim // 2,))
+            factors = self.dequantized(ROPE_FREQS).reshape(-1)
+            if not np.all(np.isfinite(factors) & (factors > 0)):
+                raise GGUFError(f"{self.path.name}: tensor {ROPE_FREQS} holds factors that are not positive numbers")
             return {"rope_type": "freq_factors", "factors": factors.tolist()}
         if kind == "none":
             return None
         if kind == "linear":
-            return {"rope_type": "linear", "factor": float(self._arch("rope.scaling.factor", 1.0))}
+            return {"rope_type": "linear", "factor": self._float("rope.scaling.factor", 1.0)}
         raise UnsupportedModelError(
-            f"{self.path.name}: rope scaling {kind!r} is not supported for GGUF input (none, linear and llama3 are)"
+            f"{self.path.name}: rope scaling {str(kind)[:40]!r} is not supported for GGUF input "
+            "(none, linear and llama3 are)"
         )
 
+    def _check_shape(self, name: str, shape: tuple[int, ...], optional: bool = False) -> None:
+        if name not in self.tensors:
+            if optional:
+                return
+            raise GGUFError(f"{self.path.name} has no tensor {name}: not a complete {self.architecture} model")
+        if self.tensors[name].shape != shape:
+            raise GGUFError(
+                f"{self.path.name}: tensor {name} has shape {list(self.tensors[name].shape)}, "
+                f"expected {list(shape)} from the metadata"
+            )
+
+    def _check_tensors(self, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ff: int) -> None:
+        """Every tensor the builder reads is present with the shape the metadata implies ([out, in])."""
+        q, kv = heads * head_dim, kv_heads * head_dim
+        vocab = self.shape("token_embd.weight")[0]
+        self._check_shape("token_embd.weight", (vocab, hidden))
+        self._check_shape("output.weight", (vocab, hidden), optional=True)
+        self._check_shape("output_norm.weight", (hidden,))
+        shapes = {
+            "attn_norm.weight": (hidden,),
+            "attn_q.weight": (q, hidden),
+            "attn_k.weight": (kv, hidden),
+            "attn_v.weight": (kv, hidden),
+            "attn_output.weight": (hidden, q),
+            "ffn_norm.weight": (hidden,),
+            "ffn_gate.weight": (ff, hidden),
+            "ffn_up.weight": (ff, hidden),
+            "ffn_down.weight": (hidden, ff),
+        }
+        if "blk.0.attn_q.bias" in self.tensors:
+            shapes |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
+        for i in range(layers):
+            for part, shape in shapes.items():
+                self._check_shape(f"blk.{i}.{part}", shape)
+        beyond = [name for name in self.tensors if (m := _LAYER_NAME.fullmatch(name)) and int(m.group(1)) >= layers]
+        if beyond:
+            raise GGUFError(f"{self.path.name}: tensor {beyond[0]} lies beyond block_count {layers}")
+
     def config(self) -> dict[str, Any]:
-        """The Hugging Face-style config.json of this model, for `builder.config.decoder_config`."""
+        """The Hugging Face-style config.json of this model, for `builder.config.decoder_config`.
+
+        Checks every value it reads (and every tensor's shape against them) first."""
         arch = self.architecture
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"{self.path.name}: GGUF architecture {arch!r} is not supported "
+                f"{self.path.name}: GGUF architecture {arch[:40]!r} is not supported "
                 f"(ortspec exports GGUFs of the {' and '.join(ARCHITECTURES)} architectures)"
             )
-        if int(self._arch("expert_count", 0) or 0) > 0:
+        if self._int("expert_count", 0, minimum=0) > 0:
             raise UnsupportedModelError(f"{self.path.name}: mixture-of-experts GGUFs are not supported")
         unknown = [name for name in self.tensors if hf_tensor_name(name) is None and name != ROPE_FREQS]
         if unknown:
@@ -163,37 +214,47 @@ class GGUFModel:
                 f"{self.path.name}: tensors the builder does not reproduce: {', '.join(unknown[:5])}"
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
-        for required in ("token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight"):
+        for required in ("token_embd.weight", "blk.0.attn_q.weight"):
             if required not in self.tensors:
                 raise GGUFError(f"{self.path.name} has no tensor {required}: not a complete {arch} model")
-        heads = int(self._uniform("attention.head_count"))
-        kv_heads = int(self._uniform("attention.head_count_kv", heads))
-        hidden = int(self._arch("embedding_length"))
-        head_dim = int(self._arch("attention.key_length", 0) or self.shape("blk.0.attn_q.weight")[0] // heads)
-        if int(self._arch("attention.value_length", head_dim)) != head_dim:
+        layers = self._int("block_count", maximum=MAX_LAYERS)
+        hidden = self._int("embedding_length")
+        heads = self._int("attention.head_count")
+        kv_heads = self._int("attention.head_count_kv", heads, maximum=heads)
+        if heads % kv_heads:
+            raise GGUFError(f"{self.path.name}: {heads} attention heads do not divide into {kv_heads} key/value heads")
+        head_dim = self._int("attention.key_length", max(1, self.shape("blk.0.attn_q.weight")[0] // heads))
+        if self._int("attention.value_length", head_dim) != head_dim:
             raise UnsupportedModelError(f"{self.path.name}: key and value head sizes differ; not supported")
-        rotary = int(self._arch("rope.dimension_count", head_dim))
+        if head_dim % 2:
+            raise GGUFError(f"{self.path.name}: head size {head_dim} is odd; rotary embeddings need an even one")
+        rotary = self._int("rope.dimension_count", head_dim)
         if rotary != head_dim:
             raise UnsupportedModelError(
                 f"{self.path.name}: partial rotary embeddings ({rotary} of {head_dim} dims) are not supported"
             )
+        ff = self._int("feed_forward_length")
+        self._check_tensors(layers, hidden, heads, kv_heads, head_dim, ff)
         vocab_rows = self.shape("token_embd.weight")[0]
+        if vocab_rows > MAX_VOCAB:
+            raise GGUFError(f"{self.path.name}: tensor token_embd.weight has {vocab_rows} rows (at most {MAX_VOCAB})")
+        self._string("tokenizer.chat_template", MAX_CHAT_TEMPLATE_CHARS)
         config: dict[str, Any] = {
             "model_type": arch,
             "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
-            "_name_or_path": str(self.metadata.get("general.name", self.path.stem)),
+            "_name_or_path": self._string("general.name", MAX_NAME_CHARS) or self.path.stem,
             "vocab_size": vocab_rows,
             "hidden_size": hidden,
-            "intermediate_size": int(self._uniform("feed_forward_length")),
-            "num_hidden_layers": int(self._arch("block_count")),
+            "intermediate_size": ff,
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "hidden_act": "silu",
-            "rms_norm_eps": float(self._arch("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
-            "rope_scaling": self._rope_scaling(),
-            "max_position_embeddings": int(self._arch("context_length", 4096)),
+            "rms_norm_eps": self._float("attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": self._float("rope.freq_base", 10000.0),
+            "rope_scaling": self._rope_scaling(head_dim),
+            "max_position_embeddings": self._int("context_length", 4096, maximum=MAX_CONTEXT),
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
             "torch_dtype": "float32",
@@ -204,13 +265,16 @@ class GGUFModel:
 
     def special_ids(self) -> dict[str, Any]:
         """bos/eos/pad ids for config.json; eos lists every end-of-generation id the file names."""
-        meta = self.metadata
+        rows = self.shape("token_embd.weight")[0] if "token_embd.weight" in self.tensors else MAX_VOCAB
+
+        def token(key: str) -> int:
+            return self._int(f"tokenizer.ggml.{key}_token_id", minimum=0, maximum=rows - 1, whole=True)
+
         ids: dict[str, Any] = {}
         for key, name in (("bos", "bos_token_id"), ("padding", "pad_token_id")):
-            if f"tokenizer.ggml.{key}_token_id" in meta:
-                ids[name] = int(meta[f"tokenizer.ggml.{key}_token_id"])
-        keys = [f"tokenizer.ggml.{kind}_token_id" for kind in ("eos", "eot", "eom")]
-        eos = [int(meta[key]) for key in keys if key in meta]
+            if f"tokenizer.ggml.{key}_token_id" in self.metadata:
+                ids[name] = token(key)
+        eos = [token(kind) for kind in ("eos", "eot", "eom") if f"tokenizer.ggml.{kind}_token_id" in self.metadata]
         if eos:
             eos = sorted(set(eos), key=eos.index)
             ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
@@ -225,9 +289,23 @@ class GGUFModel:
         return {
             "format": "gguf",
             "architecture": self.architecture,
-            "name": self.metadata.get("general.name"),
+            "name": self._string("general.name", MAX_NAME_CHARS),
             "tensor_types": self.tensor_types(),
         }
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 in its numpy shape (a new array; the file's bytes stay mapped)."""
+        from gguf.quants import dequantize
+
+        info = self.tensors[name]
+        try:
+            w = dequantize(self.file.data(name), info.tensor_type)
+        except NotImplementedError as exc:
+            raise UnsupportedModelError(
+                f"{self.path.name}: tensor {name} has type {info.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            ) from exc
+        return np.array(w, dtype=np.float32).reshape(info.shape)
 
 
 @lru_cache(maxsize=4)
@@ -288,20 +366,9 @@ class GGUFCheckpoint:
         return self.model.tensors[self._where[name]].tensor_type.name
 
     def get(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
         if name not in self._where:
             raise KeyError(f"the GGUF file has no tensor for {name}")
-        gguf_name = self._where[name]
-        tensor = self.model.tensors[gguf_name]
-        try:
-            w = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as exc:
-            raise UnsupportedModelError(
-                f"{self.model.path.name}: tensor {gguf_name} has type {tensor.tensor_type.name}, "
-                "which the gguf package cannot dequantize"
-            ) from exc
-        w = np.array(w, dtype=np.float32).reshape(self.model.shape(gguf_name))
+        w = self.model.dequantized(self._where[name])
         projection = name.split(".")[-2]
         if projection in self._permute_heads:
             w = unpermute_rotary_rows(w, self._permute_heads[projection])

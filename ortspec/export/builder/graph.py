@@ -15,6 +15,7 @@ B > 1 only for one new token per row, or for prompts without a past).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -22,25 +23,34 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ortspec.runtime.package import graph_names as names
 
-from ..quantize import MS_DOMAIN
+from ..quantize.nodes import MS_DOMAIN
 from .config import DecoderConfig
 from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
+
+if TYPE_CHECKING:
+    from ..quantize.streaming import QuantizedWeight, StreamingQuantizer
+    from .external import ExternalData
 
 OPSET = 21
 BATCH = "batch_size"  # the dynamic batch dimension of inputs, cache and outputs
 
 
 class GraphBuilder:
-    """Collects nodes and initializers with unique names."""
+    """Collects nodes and initializers with unique names.
 
-    def __init__(self) -> None:
+    With `data`, large initializers go straight to the external data file; with `quantizer`, MatMul weights
+    become quantized blocks as they arrive (`matmul`), so no fp32 weight outlives its layer."""
+
+    def __init__(self, data: ExternalData | None = None, quantizer: StreamingQuantizer | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.data, self.quantizer = data, quantizer
         self._count = 0
 
     def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        self.initializers.append(self.data.tensor(name, array) if self.data else numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
@@ -53,9 +63,17 @@ class GraphBuilder:
     def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
+    def matmul(self, x: str, name: str, weight: np.ndarray) -> str:
+        """x @ weight [in, out]: a MatMul over an fp32 constant, or the quantizer's nodes over its blocks; the
+        output is `{name}_out` either way."""
+        if self.quantizer is not None:
+            return self.quantizer.matmul(self, x, name, weight)
+        self.nodes.append(helper.make_node("MatMul", [x, self.constant(name, weight)], [f"{name}_out"], name=name))
+        return f"{name}_out"
+
 
 def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str, head_dim: int) -> str:
-    qkv = g.one("MatMul", [h, g.constant(f"layers.{i}.attn.qkv.weight", w.qkv)])
+    qkv = g.matmul(h, f"layers.{i}.attn.qkv.weight", w.qkv)
     if w.qkv_bias is not None:
         qkv = g.one("Add", [qkv, g.constant(f"layers.{i}.attn.qkv.bias", w.qkv_bias)])
     if cfg.qk_norm:
@@ -89,7 +107,7 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
         domain=MS_DOMAIN,
         **attrs,
     )[0]
-    return g.one("MatMul", [out, g.constant(f"layers.{i}.attn.o_proj.weight", w.o_proj)])
+    return g.matmul(out, f"layers.{i}.attn.o_proj.weight", w.o_proj)
 
 
 def _head_norm(
@@ -107,7 +125,7 @@ def _head_norm(
 
 
 def _mlp(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str) -> str:
-    gate_up = g.one("MatMul", [h, g.constant(f"layers.{i}.mlp.gate_up.weight", w.gate_up)])
+    gate_up = g.matmul(h, f"layers.{i}.mlp.gate_up.weight", w.gate_up)
     gate, up = g.op(
         "Split", [gate_up, g.constant(f"layers.{i}.mlp.split", np.array([cfg.intermediate] * 2, np.int64))], 2, axis=-1
     )
@@ -115,7 +133,7 @@ def _mlp(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: str) -
         act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
     else:
         act = g.one("Gelu", [gate], approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
-    return g.one("MatMul", [g.one("Mul", [act, up]), g.constant(f"layers.{i}.mlp.down.weight", w.down)])
+    return g.matmul(g.one("Mul", [act, up]), f"layers.{i}.mlp.down.weight", w.down)
 
 
 def _norm(g: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
@@ -176,7 +194,7 @@ def rotary_tables(g: GraphBuilder, cfg: DecoderConfig, max_positions: int, head_
 def decoder_stack(
     g: GraphBuilder,
     cfg: DecoderConfig,
-    layers: list[LayerWeights],
+    layers: Sequence[LayerWeights],
     residual: str,
     final_norm: np.ndarray,
     head_dim: int,
@@ -224,20 +242,27 @@ def fused_features(g: GraphBuilder, cfg: DecoderConfig, final: str, inner: list[
     return g.one("Concat", [final, *normed], axis=-1)
 
 
-def build_decoder(reader: WeightReader, max_positions: int, feature_layers: Sequence[int] = ()) -> onnx.ModelProto:
+def build_decoder(
+    reader: WeightReader, max_positions: int, feature_layers: Sequence[int] = (), g: GraphBuilder | None = None
+) -> onnx.ModelProto:
     """The whole decoder graph for the checkpoint behind `reader`, rotary tables for `max_positions`;
-    its hidden_states also carry the residual stream after each of `feature_layers` layers."""
+    its hidden_states also carry the residual stream after each of `feature_layers` layers. `g` may write
+    weights to external data and quantize them as they come; layers are read one at a time either way."""
     cfg, head_dim = reader.cfg, reader.padded
-    g = GraphBuilder()
+    g = g or GraphBuilder()
     rotary_tables(g, cfg, max_positions, head_dim)
-    hidden = g.one("Gather", [g.constant("embed_tokens.weight", reader.embedding()), names.INPUT_IDS])
+    hidden, lm_head = _embedding(g, reader)
     if cfg.embed_scale != 1.0:
         hidden = g.one("Mul", [hidden, g.constant("embed_scale", np.array(cfg.embed_scale, np.float32))])
     residual = hidden
     check_feature_layers(feature_layers, cfg.layers)
-    layers = [reader.layer(i) for i in range(cfg.layers)]
+    layers = LazyLayers(reader)
     h, inner = decoder_stack(g, cfg, layers, residual, reader.final_norm(), head_dim, feature_layers)
-    logits = g.one("MatMul", [last_positions(g, h), g.constant("lm_head.weight", reader.lm_head())])
+    last = last_positions(g, h)
+    if lm_head is not None and g.quantizer is not None:
+        logits = g.quantizer.apply(g, last, lm_head)
+    else:
+        logits = g.matmul(last, "lm_head.weight", reader.lm_head())
     if cfg.final_softcap:
         cap = g.constant("final_softcap", np.array(cfg.final_softcap, np.float32))
         logits = g.one("Mul", [g.one("Tanh", [g.one("Div", [logits, cap])]), cap])
@@ -245,6 +270,39 @@ def build_decoder(reader: WeightReader, max_positions: int, feature_layers: Sequ
     features = fused_features(g, cfg, h, inner)
     name = f"ortspec-{cfg.family}"
     return finish_graph(g, cfg, name, logits, features, cfg.vocab_size, head_dim, (keep,), "scored", len(inner) + 1)
+
+
+def _embedding(g: GraphBuilder, reader: WeightReader) -> tuple[str, QuantizedWeight | None]:
+    """The token lookup, and the quantized lm_head it shares its blocks with (tied embeddings, quantizing).
+
+    Quantizing, the table is stored as blocks too (GatherBlockQuantized): a tied one once, for both uses;
+    an untied one on its own, so a package is about the size of its quantized source."""
+    table = reader.embedding()
+    tied = reader.tied
+    if g.quantizer is not None and (tied or g.quantizer.untied_embedding):
+        q = g.quantizer.store(g, "lm_head.weight" if tied else "embed_tokens", table.T)
+        rows = g.quantizer.gather(g, q, names.INPUT_IDS, shared=tied)
+        if rows is not None:
+            return rows, q if tied else None
+    return g.one("Gather", [g.constant("embed_tokens.weight", table), names.INPUT_IDS]), None
+
+
+class LazyLayers(Sequence[LayerWeights]):
+    """The layers of a checkpoint read on demand, the last one kept: a pass over them holds two at most."""
+
+    def __init__(self, reader: WeightReader) -> None:
+        self.reader = reader
+        self._last: tuple[int, LayerWeights] | None = None
+
+    def __len__(self) -> int:
+        return self.reader.cfg.layers
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]  # slices are not needed
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.reader.layer(i))
+        return self._last[1]
 
 
 def last_positions(g: GraphBuilder, h: str) -> str:

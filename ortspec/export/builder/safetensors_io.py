@@ -38,7 +38,7 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped; tensors are read on demand."""
+    """One .safetensors file; each tensor is read when asked for."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -50,7 +50,7 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{path} is not a safetensors file (its header size does not fit the file)")
             header = parse_json(f.read(header_size), str(path), SafetensorsError)
         self._header = _checked_header(path, header, size - 8 - header_size)
-        self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+        self._start = 8 + header_size
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -67,12 +67,15 @@ class SafetensorsFile:
         if info["dtype"] not in DTYPES:
             raise ValueError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        raw = self._data[start:end].view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        # read, not memory-mapped: mapped pages stay resident as the export goes through the file
+        raw = np.fromfile(self.path, dtype, (end - start) // dtype.itemsize, offset=self._start + start)
+        raw = raw.reshape(info["shape"])
         if info["dtype"] == "BF16":
             return _bf16_to_f32(raw)
         if info["dtype"] in ("F16", "F64"):
             return raw.astype(np.float32)
-        return np.array(raw)
+        return raw
 
 
 def _checked_header(path: Path, header: Any, data_bytes: int) -> dict[str, dict[str, Any]]:

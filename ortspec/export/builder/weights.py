@@ -76,15 +76,21 @@ class WeightReader:
         return self.ckpt.get(name) + np.float32(self.cfg.norm_offset)
 
     def linear(self, name: str) -> np.ndarray:
-        """A torch Linear weight [out, in] as a MatMul weight [in, out]."""
-        return np.ascontiguousarray(self.ckpt.get(name).T)
+        """A torch Linear weight [out, in] as a MatMul weight [in, out]: a transposed view, not a copy (the
+        quantizer reads it a slice of output columns, i.e. of the stored rows, at a time)."""
+        return self.ckpt.get(name).T
 
     def embedding(self) -> np.ndarray:
         return self.ckpt.get("model.embed_tokens.weight")
 
+    @property
+    def tied(self) -> bool:
+        """Whether the lm_head is the embedding table (transposed)."""
+        return self.cfg.tie_embeddings or "lm_head.weight" not in self.ckpt
+
     def lm_head(self) -> np.ndarray:
-        if self.cfg.tie_embeddings or "lm_head.weight" not in self.ckpt:
-            return np.ascontiguousarray(self.embedding().T)
+        if self.tied:
+            return self.embedding().T
         return self.linear("lm_head.weight")
 
     def final_norm(self) -> np.ndarray:

@@ -35,7 +35,6 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special token strings; option
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB (a chat template at most adds some)
 
 
-
 @dataclass(frozen=True)
 class FileEntry:
     """One file of the package, relative to its root, with the size and hash it was written with."""

@@ -37,7 +37,6 @@ MAX_FILE_BYTES = 1 << 20  # an entry takes a few KB: a larger file is not one of
 FIELDS = {f.name for f in fields(Calibration)}
 
 
-
 def calibration_files(manifest: Manifest) -> list[Path]:
     """Where a package's calibrations are looked for and stored, in order: beside its manifest, then
     in the user cache under a digest of the manifest (which lists every file's sha256)."""

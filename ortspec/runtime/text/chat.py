@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 Message = dict[str, Any]
 
 
-
 def check_messages(messages: Any) -> list[Message]:
     """`messages` as a list, if it is a list of dicts whose `role` and `content` are strings."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):

@@ -1,0 +1,167 @@
+"""Quantize the builder's weights one at a time, while the graph is built: each fp32 weight becomes its
+blocks (written to the package's external data by the graph builder) and is dropped, so the export never
+holds the fp32 model, nor a whole-model proto for a quantizer to copy.
+
+Per weight, the same choice as the whole-graph quantizer (`proto.quantize_weights`) makes, in its order:
+GGUF blocks kept exactly at `bits`, then (`keep_gguf_blocks`) at 8 bits or as Q4_1 blocks with their
+offset correction, else ONNX Runtime's own block quantizer (the same kernel, so the same codes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from .gguf_blocks import lossless_blocks, offset_blocks
+from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
+
+
+class Graph(Protocol):
+    """What the quantizer needs of the graph builder: its nodes and initializers, and to add a constant."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+
+    def constant(self, name: str, array: np.ndarray) -> str: ...
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight W [K, N] as MatMulNBits blocks and scales (+ block * offsets [K/block, N] for Q4_1 blocks)."""
+
+    name: str
+    blocks: str
+    scales: str
+    offsets: str | None
+    k: int
+    n: int
+    bits: int
+    kind: str  # "exact", "exact-8bit", "exact-offset" or "quantized"
+
+
+CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32: a large table (the embedding) is quantized a slice at a time
+
+
+def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weight: np.ndarray):
+    """`fit` (blocks, scales[, offsets [K/block, N]]) of W [K, N] computed on slices of its columns and joined,
+    or None if any slice does not fit. Blocks run along K within a column, so slicing changes no result;
+    it bounds the temporaries of a large table to a slice's."""
+    k, n = weight.shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    pieces = []
+    for start in range(0, n, step):
+        piece = fit(weight[:, start : start + step])
+        if piece is None:
+            return None
+        pieces.append(piece)
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(np.concatenate(parts, axis=1 if i == 2 else 0) for i, parts in enumerate(zip(*pieces, strict=True)))
+
+
+class StreamingQuantizer:
+    """Writes each MatMul weight as MatMulNBits blocks (and token tables as GatherBlockQuantized) as it comes.
+
+    `untied_embedding=False` keeps an untied embedding table in fp32 (as the whole-graph quantizer does)."""
+
+    def __init__(
+        self,
+        bits: int,
+        block_size: int = 32,
+        accuracy_level: int = 4,
+        keep_gguf_blocks: bool = True,
+        untied_embedding: bool = True,
+    ):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+
+        if bits not in (4, 8):
+            raise ValueError(f"weight-only quantization supports 4 or 8 bits, not {bits}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+        self.keep_gguf_blocks = keep_gguf_blocks
+        self.untied_embedding = untied_embedding  # quantize an embedding table that is not the lm_head too
+        config = DefaultWeightOnlyQuantConfig(block_size, True, accuracy_level, bits=bits)
+        self._ort = DefaultWeightOnlyQuantizer(config)
+        self._means: dict[str, str] = {}  # input -> its block means (Q4_1 corrections)
+        self.kinds: list[str] = []  # of each MatMul's weight
+        self.embedding = "fp32 Gather"
+
+    def store(self, g: Graph, name: str, weight: np.ndarray) -> QuantizedWeight:
+        """Add the blocks of W [K, N] to the graph as initializers; the fp32 weight can then be dropped."""
+        k, n = weight.shape
+        found = by_columns(lambda w: lossless_blocks(w, self.bits, self.block_size), weight)
+        bits, kind = self.bits, "exact"
+        if found is None and self.keep_gguf_blocks and self.bits < 8:
+            found, bits, kind = by_columns(lambda w: lossless_blocks(w, 8, self.block_size), weight), 8, "exact-8bit"
+        if found is None and self.keep_gguf_blocks:
+            found = by_columns(lambda w: offset_blocks(w, self.bits, self.block_size), weight)
+            bits, kind = self.bits, "exact-offset"
+        if found is None:
+            found = by_columns(lambda w: self._ort.qbits_block_quant(np.ascontiguousarray(w, np.float32))[:2], weight)
+            bits, kind = self.bits, "quantized"
+        assert found is not None  # ONNX Runtime's quantizer fits any weight
+        blocks = g.constant(f"{name}_Q{bits}", found[0])
+        scales = g.constant(f"{name}_scales", found[1])
+        offsets = None
+        if len(found) == 3:
+            offsets = g.constant(f"{name}_offsets", found[2] * np.float32(self.block_size))
+        return QuantizedWeight(name, blocks, scales, offsets, k, n, bits, kind)
+
+    def apply(self, g: Graph, x: str, q: QuantizedWeight) -> str:
+        """x @ W through the blocks of `q` (with its Q4_1 correction); returns the output's name."""
+        out = f"{q.name}_out"  # as the graph builder names an fp32 MatMul's output
+        product = f"{out}_nbits" if q.offsets else out
+        g.nodes.append(
+            matmul_nbits(
+                f"{q.name}_Q{q.bits}", x, [q.blocks, q.scales], product, q.k, q.n, q.bits, self.block_size,
+                self.accuracy_level,
+            )
+        )  # fmt: skip
+        self.kinds.append(q.kind)
+        if q.offsets:
+            if x not in self._means:
+                g.nodes.append(block_means(x, self.block_size))
+                self._means[x] = g.nodes[-1].output[0]
+            g.nodes += offset_correction(q.name, self._means[x], product, q.offsets, out)
+        return out
+
+    def matmul(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
+        return self.apply(g, x, self.store(g, name, weight))
+
+    def gather(self, g: Graph, q: QuantizedWeight, ids: str, shared: bool) -> str | None:
+        """Rows `ids` of the table [N, K] whose transpose `q` holds, or None if its blocks cannot be gathered."""
+        if q.k % self.block_size:
+            return None  # a padded last block would need cutting off
+        out = f"{q.name}_rows"
+        nodes, inits = quantized_gather(out, q.blocks, q.scales, q.offsets, ids, out, q.k, q.n, q.bits, self.block_size)
+        g.nodes += nodes
+        g.initializers += inits
+        self.embedding = f"int{q.bits} GatherBlockQuantized" + (", shared with the lm_head" if shared else "")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's `quantization` record, as `proto.quantize_weights` writes it."""
+        exact = [kind for kind in self.kinds if kind != "quantized"]
+        return {
+            "method": "matmul_nbits",
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "accuracy_level": self.accuracy_level,
+            "symmetric": True,
+            "ops": ["MatMul"],
+            "gemm_rewritten": 0,
+            "quantized_nodes": len(self.kinds),
+            "lossless_nodes": len(exact),
+            "lossless_offset_nodes": exact.count("exact-offset"),
+            "lossless_8bit_nodes": exact.count("exact-8bit"),
+            "embedding": self.embedding,
+            "unquantized_matmuls": 0,
+        }
