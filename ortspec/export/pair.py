@@ -256,9 +256,11 @@ def export_pair(
     head = draft is not None and is_head_dir(draft)
     if head and exporter == "optimum":
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
-    if head:
+    if draft is not None and head:
         feature_layers = check_head(draft).get("feature_layers", [])
-    roles = [("target", target, quantize)] + ([("draft", draft, draft_quantize)] if draft else [])
+    roles: list[tuple[str, str | Path, str]] = [("target", target, quantize)]
+    if draft:
+        roles.append(("draft", draft, draft_quantize))
 
     def separate_quantization(role: str, quantization: str) -> bool:
         """Whether quantizing is a stage of its own: not for a graph the builder streams (fp32 activations,
@@ -284,10 +286,10 @@ def export_pair(
                     checkpoints["draft"].vocab_size,
                 )
         specs = {}
-        for role, name, q in roles:
+        for role, source, q in roles:
             quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks)
             if head and role == "draft":
-                specs[role] = _export_head(Path(name), checkpoints["target"], quantization, root, progress)
+                specs[role] = _export_head(Path(source), checkpoints["target"], quantization, root, progress)
                 continue
             chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
             if chosen == "optimum" and exporters[role] == "auto" and q != "none" and dtypes[role] == "fp32":

@@ -81,6 +81,8 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
             f"layers.{i}.attn.split", np.array([cfg.heads, cfg.kv_heads, cfg.kv_heads], np.int64) * head_dim
         )
         q, k, v = g.op("Split", [qkv, sizes], 3, axis=-1)
+        if w.q_norm is None or w.k_norm is None:
+            raise ValueError(f"layer {i} has no q/k norm weights, but the config asks for q/k norms")
         q = _head_norm(g, q, w.q_norm, f"layers.{i}.attn.q_norm.weight", cfg, cfg.heads, head_dim)
         k = _head_norm(g, k, w.k_norm, f"layers.{i}.attn.k_norm.weight", cfg, cfg.kv_heads, head_dim)
         query = [q, k, v]
@@ -180,7 +182,8 @@ def rotary_tables(g: GraphBuilder, cfg: DecoderConfig, max_positions: int, head_
     total = g.one("Cast", [names.TOTAL_SEQUENCE_LENGTH], to=TensorProto.INT64)
     is_long = g.one("Greater", [total, g.constant("long_rope_after", np.array(cfg.long_rope_after, np.int64))])
     offset = g.one(
-        "Mul", [g.one("Cast", [is_long], to=TensorProto.INT64), g.constant("rope_rows", np.int64(max_positions))]
+        "Mul",
+        [g.one("Cast", [is_long], to=TensorProto.INT64), g.constant("rope_rows", np.array(max_positions, np.int64))],
     )
     one = g.constant("rope_one", np.array([1], np.int64))  # total_sequence_length may come as [] or [1]
     start = g.one("Reshape", [offset, one])
@@ -339,7 +342,7 @@ def finish_graph(
     """
     g.nodes.append(helper.make_node("Identity", [logits], [names.LOGITS], name="logits_identity"))
     g.nodes.append(helper.make_node("Identity", [hidden], [names.HIDDEN_STATES], name="hidden_identity"))
-    cache_shape = [BATCH, cfg.kv_heads, "max_length", head_dim]
+    cache_shape: list[str | int] = [BATCH, cfg.kv_heads, "max_length", head_dim]
     inputs = [
         helper.make_tensor_value_info(names.INPUT_IDS, TensorProto.INT64, [BATCH, "sequence_length"]),
         *extra,
@@ -350,7 +353,7 @@ def finish_graph(
     for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
         inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
         outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))
-    hidden_shape = [BATCH, "sequence_length", cfg.hidden * hidden_parts]
+    hidden_shape: list[str | int] = [BATCH, "sequence_length", cfg.hidden * hidden_parts]
     outputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, TensorProto.FLOAT, hidden_shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(
