@@ -90,3 +90,16 @@ def chat_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempP
     config_path.write_text(json.dumps(config))
     export_pair(source, root / "tiny-chat", draft=checkpoint("llama", "close"), quantize="none", report=lambda _: None)
     return root / "tiny-chat"
+
+
+@pytest.fixture(scope="session")
+def llama_head_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 llama target with a distilled-shape draft head (final features only), exported once."""
+    from ortspec.export.pair import export_pair
+
+    from helpers.heads import make_head
+
+    root = tmp_path_factory.mktemp("llama-head")
+    head = make_head(checkpoint("llama"), root / "head")
+    export_pair(checkpoint("llama"), root / "pkg", draft=head, quantize="none", report=lambda _: None)
+    return root / "pkg"

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import ortspec
-from ortspec.export import export_pair
 from ortspec.runtime.drafters.model import DraftModelProposer
 from ortspec.runtime.errors import CacheStateError
 from ortspec.runtime.model.decoder import DecoderState
@@ -23,8 +22,6 @@ from ortspec.runtime.speculation.calibration import Calibration
 from ortspec.runtime.speculation.chooser import TokenChooser
 from ortspec.runtime.speculation.loop import LoopStats, speculative_decode
 from ortspec.runtime.speculation.sampling import SamplingConfig
-
-from helpers.heads import make_head
 
 MAX_NEW = 12
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=3 + 2 * seed)] for seed in range(4)]
@@ -42,11 +39,8 @@ def pipe(package: Callable[..., Path]) -> ortspec.Pipeline:
 
 
 @pytest.fixture(scope="module")
-def head_pipe(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> ortspec.Pipeline:
-    root = tmp_path_factory.mktemp("head-concurrency")
-    head = make_head(checkpoint("llama"), root / "head")
-    export_pair(checkpoint("llama"), root / "pkg", draft=head, quantize="none", report=lambda _: None)
-    return ortspec.load(root / "pkg", threads=1, max_length=64)
+def head_pipe(llama_head_package: Path) -> ortspec.Pipeline:
+    return ortspec.load(llama_head_package, threads=1, max_length=64)
 
 
 def solo(pipe: ortspec.Pipeline) -> list[list[int]]:

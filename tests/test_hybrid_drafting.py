@@ -9,32 +9,22 @@ from pathlib import Path
 import pytest
 
 import ortspec
-from ortspec.export import export_pair
 from ortspec.runtime.drafters.hybrid import HybridLength, HybridProposer
 from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
 from ortspec.runtime.speculation.draft_length import DraftLength
 from ortspec.runtime.speculation.proposal import Proposal
 
 from helpers.calibrations import synthetic
-from helpers.heads import make_head
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8, 9, 10, 40, 41, 5, 6, 7, 8]  # repeats: suffix matches exist
-
-
-@pytest.fixture(scope="module")
-def head_package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hybrid-head")
-    head = make_head(checkpoint("llama"), root / "head")
-    export_pair(checkpoint("llama"), root / "pkg", draft=head, quantize="none", report=lambda _: None)
-    return root / "pkg"
 
 
 @pytest.mark.parametrize("kind", ["head", "draft LM"])
 @pytest.mark.parametrize("draft_tokens", [1, 3, "adaptive", "auto"])
 def test_hybrid_speculation_equals_plain(
-    kind: str, draft_tokens: int | str, head_package: Path, package: Callable[..., Path]
+    kind: str, draft_tokens: int | str, llama_head_package: Path, package: Callable[..., Path]
 ) -> None:
-    pipe = ortspec.load(head_package if kind == "head" else package("llama", draft="close"))
+    pipe = ortspec.load(llama_head_package if kind == "head" else package("llama", draft="close"))
     for _ in range(2):  # the second generation also drafts from the first one's output (the pool)
         plain = pipe.generate(PROMPT, max_new_tokens=40, use_draft=False)
         spec = pipe.generate(PROMPT, max_new_tokens=40, draft_tokens=draft_tokens)
@@ -136,10 +126,10 @@ def test_a_round_with_a_long_catch_up_is_not_taken_for_slow_drafting() -> None:
     assert auto.state.costs.slowdown > 1.0
 
 
-def test_hybrid_sampling_is_reproducible_and_drafts_from_both(head_package: Path) -> None:
+def test_hybrid_sampling_is_reproducible_and_drafts_from_both(llama_head_package: Path) -> None:
     """Seeded sampling: the same text twice (suffix drafts from this sequence alone), the target's
     distribution (tested for each drafter in test_distribution) with drafts from the head and the suffix."""
-    pipe = ortspec.load(head_package)
+    pipe = ortspec.load(llama_head_package)
     runs = [pipe.generate(PROMPT, max_new_tokens=40, temperature=0.8, seed=11, draft_tokens=2) for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].stats.drafter == "hybrid" and runs[0].stats.drafted_tokens > 0

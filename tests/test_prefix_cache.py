@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 
 import ortspec
-from ortspec.export import export_pair
 from ortspec.runtime.model.decoder import MIN_REUSE, DecoderState, shared_prefix
 from ortspec.runtime.model.state_pool import StatePool
-
-from helpers.heads import make_head
 
 PREFIX = [int(t) for t in np.random.default_rng(1).integers(2, 300, size=40)]
 ENDINGS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=3 + seed)] for seed in (2, 3, 4)]
@@ -33,14 +30,6 @@ DRAFTERS = [
 def built(package: Callable[..., Path]) -> Path:
     """The tiny fp32 llama pair (a close draft LM), builder graphs (shared buffers, batching)."""
     return package("llama", draft="close", exporter="builder")
-
-
-@pytest.fixture(scope="module")
-def head_built(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("prefix-head")
-    head = make_head(checkpoint("llama"), root / "head")
-    export_pair(checkpoint("llama"), root / "pkg", draft=head, quantize="none", report=lambda _: None)
-    return root / "pkg"
 
 
 Call = tuple[str, int, np.ndarray]
@@ -119,11 +108,11 @@ def test_greedy_output_is_the_same_with_and_without_the_cache(built, options, ba
     assert reused[3] >= len(PREFIX + ENDINGS[0]) and reused[4] == 24  # a prompt inside the prefix: all but its last
 
 
-def test_a_draft_head_reads_the_target_features_of_a_reused_prefix(head_built, fed):
+def test_a_draft_head_reads_the_target_features_of_a_reused_prefix(llama_head_package, fed):
     """The head's first read after a reused prefix gets the target's features of those positions (kept
     with the state), not zeros: its drafts, and the output, are the ones without the cache."""
-    cached = ortspec.load(head_built, max_length=128)
-    fresh = ortspec.load(head_built, max_length=128, prefix_cache=False)
+    cached = ortspec.load(llama_head_package, max_length=128)
+    fresh = ortspec.load(llama_head_package, max_length=128, prefix_cache=False)
     options = dict(**GREEDY, draft="model", draft_tokens=3)
     for prompt in (PREFIX + ENDINGS[0], PREFIX + ENDINGS[1]):
         fed.clear()
