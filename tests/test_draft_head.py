@@ -227,7 +227,7 @@ def test_vocabulary_subset_takes_the_most_frequent() -> None:
 def test_distill_makes_a_loadable_head(checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     """A seconds-long run on a tiny target (trained on local text: it has no chat template), resumed once."""
     text = tmp_path / "text.txt"
-    text.write_text(Path(ortspec.__file__).with_name("cli.py").read_text(encoding="utf-8")[:6000])
+    text.write_text((Path(ortspec.__file__).parent / "runtime" / "pipeline.py").read_text(encoding="utf-8")[:6000])
     config = DistillConfig(minutes=0.05, text=(str(text),), quantize="none", vocab=64, held_out=0, threads=1)
     out = distill(str(checkpoint("llama")), tmp_path / "head", config, report=lambda _: None)
     head_config = json.loads((out / HEAD_CONFIG).read_text())
@@ -304,7 +304,7 @@ def test_distill_makes_a_loadable_draft_lm(checkpoint: Callable[..., Path], tmp_
     """The second kind: a small independent Llama on the same data, a Hugging Face checkpoint with the
     target's tokenizer that exports as an ordinary draft model and drafts exactly."""
     text = tmp_path / "text.txt"
-    text.write_text(Path(ortspec.__file__).with_name("cli.py").read_text(encoding="utf-8")[:6000])
+    text.write_text((Path(ortspec.__file__).parent / "runtime" / "pipeline.py").read_text(encoding="utf-8")[:6000])
     config = DistillConfig(minutes=0.05, text=(str(text),), quantize="none", held_out=0, threads=1, kind="lm")
     out = distill(str(checkpoint("llama")), tmp_path / "lm", config, report=lambda _: None)
     training = json.loads((out / "ortspec-draft.json").read_text())["training"]
