@@ -131,3 +131,17 @@ def test_greedy_speculative_output_is_plain_greedy_output(gemm_package):
 def test_the_gemm_kernel_needs_int8(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="needs quantize='int8'"):
         export_pair(checkpoint("llama"), tmp_path / "p", quantize="int4", int8_kernel="gemm", report=lambda _: None)
+
+
+def test_the_gemm_kernel_needs_the_builders_fp32_graph(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="needs the builder's fp32 graph"):
+        export_pair(checkpoint("llama"), tmp_path / "p", quantize="int8", int8_kernel="gemm", dtype="fp16",
+                    report=lambda _: None)  # fmt: skip
+
+
+def test_cli_export_option(checkpoint, tmp_path):
+    out = tmp_path / "pkg"
+    args = ["export", str(checkpoint("llama")), "--out", str(out), "--quantize", "int8", "--int8-kernel", "gemm"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ortspec.load(out).manifest.target.quantization["int8_kernel"] == "gemm"
