@@ -40,6 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, row_quantized_matmul
 from ortspec.runtime.model.session import session_options
 
 MS = "com.microsoft"
@@ -114,29 +115,9 @@ def _mmitf(rng, x, y, k, n, tag):
 def _row_quantized(rng, x, y, k, n, tag):
     """int8 activations with a scale per row (per position), so a row's result does not depend on the other
     rows of the call, unlike DynamicQuantizeMatMul's one scale for the whole input; MatMulInteger (MLAS's
-    integer GEMM) and the two scales applied to its int32 output."""
-    t = f"{tag}_"
-    nodes = [
-        helper.make_node("Abs", [x], [t + "abs"]),
-        helper.make_node("ReduceMax", [t + "abs", "rows_axis"], [t + "max"], keepdims=1),
-        helper.make_node("Mul", [t + "max", "inv127"], [t + "rs"]),  # [n, 1]
-        helper.make_node("Max", [t + "rs", "tiny"], [t + "rs1"]),
-        helper.make_node("Div", [x, t + "rs1"], [t + "xs"]),
-        helper.make_node("Round", [t + "xs"], [t + "xr"]),
-        helper.make_node("Add", [t + "xr", "u8_offset"], [t + "xu"]),  # uint8 around 128: MLAS's u8 x s8 kernels
-        helper.make_node("Cast", [t + "xu"], [t + "xq"], to=TensorProto.UINT8),  # 1..255: no saturation
-        helper.make_node("MatMulInteger", [t + "xq", f"{tag}_W", "u8_zero"], [t + "acc"]),
-        helper.make_node("Cast", [t + "acc"], [t + "accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [t + "accf", t + "rs1"], [t + "y1"]),
-        helper.make_node("Mul", [t + "y1", f"{tag}_s"], [y]),
-    ]
-    shared = [
-        numpy_helper.from_array(np.array([1], np.int64), "rows_axis"),
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "inv127"),
-        numpy_helper.from_array(np.array(1e-12, np.float32), "tiny"),
-        numpy_helper.from_array(np.array(128, np.float32), "u8_offset"),
-        numpy_helper.from_array(np.array(128, np.uint8), "u8_zero"),
-    ]
+    integer GEMM) and the two scales applied to its int32 output: the exporter's `--int8-kernel gemm` nodes."""
+    shared = [numpy_helper.from_array(array, name) for name, array in ROW_CONSTANTS.items()]
+    nodes = row_quantized_matmul(tag, x, f"{tag}_W", f"{tag}_s", y)
     return nodes, _int8_weight(rng, k, n, tag) + (shared if tag == "w0" else [])
 
 

@@ -3,19 +3,37 @@
 For fp32, int8 and int4 packages, prints in one run: ms per target decode step, ms per draft step,
 c = draft/target, and v(n) = cost of verifying n positions / cost of one step, n = 1..γ+1, at the
 given context length. These are the numbers the speedup model E/(γ·c + v(γ+1)) needs.
+`--weights` picks the packages (int8-gemm: `--int8-kernel gemm`); `--shape` times a target alone of one of
+benchmarks/scale.py's real shapes (random weights) instead of the bench pair.
 
     python benchmarks/step_costs.py [--work /tmp/ortspec-bench] [--context 128] [--gamma 4] [--threads N]
+    python benchmarks/step_costs.py --shape 360M --weights int4 int8-gemm --gamma 7
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+from matmul_study import cpu_summary
+from scale import SHAPES, write_checkpoint
 
 import ortspec
 from ortspec.runtime.speculation.calibration import measure
 
 from common import bench_checkpoints, exported
+
+WEIGHTS = {
+    "none": {"quantize": "none"},
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "int4"},
+    "int8-gemm": {"quantize": "int8", "int8_kernel": "gemm"},
+}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -25,21 +43,30 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", nargs="+", choices=list(WEIGHTS), default=["none", "int8", "int4"])
+    parser.add_argument("--shape", choices=list(SHAPES), help="a target alone of this shape (no draft)")
     args = parser.parse_args()
-    target, draft = bench_checkpoints(args.work)
+    if args.shape:
+        target, draft = write_checkpoint(args.work / f"ckpt-{args.shape}", args.shape), None
+    else:
+        target, draft = bench_checkpoints(args.work)
+    print(cpu_summary())
+    print(f"load average before: {load_average()}")
     print(f"context {args.context}, threads {args.threads or 'default'}, median of {args.repeats} calls")
     print(
-        f"{'weights':<8}{'target ms':>10}{'draft ms':>10}{'c':>7}"
+        f"{'weights':<10}{'target ms':>10}{'draft ms':>10}{'c':>7}"
         + "".join(f"{f'v({n})':>8}" for n in range(1, args.gamma + 2))
     )
-    for quantize in ("none", "int8", "int4"):
-        root = exported(args.work / f"pair-{quantize}", target, draft=draft, quantize=quantize)
+    for weights in args.weights:
+        name = f"{args.shape}-{weights}" if args.shape else f"pair-{weights}"
+        root = exported(args.work / name, target, draft=draft, **WEIGHTS[weights])
         pipe = ortspec.load(root, threads=args.threads, verify=False)
         cal = measure(pipe.target, pipe.draft, "bench", args.gamma, [args.context], args.repeats)
         costs, draft_ms = cal.target_ms[0], cal.draft_ms[0]
         size = sum(f.size for f in pipe.manifest.target.files) / 1e6
-        row = f"{quantize:<8}{costs[0]:>10.2f}{draft_ms:>10.2f}{draft_ms / costs[0]:>7.3f}"
+        row = f"{weights:<10}{costs[0]:>10.2f}{draft_ms:>10.2f}{draft_ms / costs[0]:>7.3f}"
         print(row + "".join(f"{c / costs[0]:>8.2f}" for c in costs) + f"   (target file {size:.0f} MB)")
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     help="MatMulNBits compute accuracy; 4 (int8 compute) is the fast one on CPU.",
 )
 @click.option(
+    "--int8-kernel",
+    type=click.Choice(["nbits", "gemm"]),
+    default="nbits",
+    show_default=True,
+    help="With --quantize int8: nbits keeps MatMulNBits; gemm stores the target's layer projections as int8 per "
+    "output column for ONNX Runtime's int8 GEMM (MatMulInteger), activations quantized per position, so a "
+    "call of many positions (verifying a draft) costs about one. Builder, fp32 only.",
+)
+@click.option(
     "--exporter",
     type=click.Choice(["auto", "builder", "optimum"]),
     default="auto",
@@ -103,6 +112,7 @@ def export(
     draft_quantize: str | None,
     block_size: int,
     accuracy_level: int,
+    int8_kernel: str,
     exporter: str,
     dtype: str,
     draft_dtype: str | None,
@@ -139,6 +149,7 @@ def export(
         dtype=dtype,
         draft_dtype=draft_dtype,
         keep_gguf_blocks=gguf_blocks == "keep",
+        int8_kernel=int8_kernel,
         force=force,
         report=lambda line: click.echo(line, err=True),
     )

@@ -58,7 +58,8 @@ def quantization_label(manifest: Manifest) -> str:
     quant = manifest.target.quantization
     if quant.get("method") == "none":
         return manifest.target.dtype
-    return f"int{quant['bits']}, block {quant['block_size']}"
+    gemm = ", int8 GEMM projections" if quant.get("int8_kernel") == "gemm" else ""
+    return f"int{quant['bits']}, block {quant['block_size']}{gemm}"
 
 
 def describe(manifest: Manifest) -> str:
@@ -75,6 +76,11 @@ def describe(manifest: Manifest) -> str:
             else (
                 f"int{quant['bits']} MatMulNBits, block {quant['block_size']}, "
                 f"accuracy level {quant['accuracy_level']}, {quant['quantized_nodes']} quantized weights"
+                + (
+                    f", of which {quant.get('int8_gemm_nodes')} int8 GEMM (MatMulInteger, per-row activation scales)"
+                    if quant.get("int8_kernel") == "gemm"
+                    else ""
+                )
             )
         )
         size = sum(f.size for f in spec.files)

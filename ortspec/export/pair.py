@@ -39,7 +39,7 @@ from .package import copy_tokenizer, describe_model, save_onnx
 from .precision import check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
-from .quantize.streaming import StreamingQuantizer
+from .quantize.streaming import INT8_KERNELS, StreamingQuantizer
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -54,6 +54,7 @@ class Quantization:
     accuracy_level: int = 4
     dtype: str = "fp32"  # activations, KV cache and logits: "fp32" or "fp16" (GPUs)
     keep_gguf_blocks: bool = True  # GGUF Q4_1 (with a correction) and, at int4, Q8_0 blocks kept exactly
+    int8_kernel: str = "nbits"  # "gemm": int8 projections through MatMulInteger (streamed builder graphs only)
 
 
 class Progress:
@@ -99,6 +100,8 @@ def _export_model(
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     long_rope_after = None
+    if quantize.int8_kernel != "nbits" and not (exporter == "builder" and quantize.dtype == "fp32"):
+        raise ValueError(f"--int8-kernel {quantize.int8_kernel} needs the builder's fp32 graph for the {role}")
     if exporter == "builder" and quantize.dtype == "fp32":
         return _build_streaming(checkpoint, role, quantize, root, progress, feature_layers)
     if exporter == "builder":
@@ -127,7 +130,13 @@ def _build_streaming(
     memory holds a layer or two of fp32 weights, never the model (fp32 graphs; fp16 ones convert whole)."""
     bits, path = BITS[quantize.kind], root / role / "model.onnx"
     quantizer = (
-        StreamingQuantizer(bits, quantize.block_size, quantize.accuracy_level, quantize.keep_gguf_blocks)
+        StreamingQuantizer(
+            bits,
+            quantize.block_size,
+            quantize.accuracy_level,
+            quantize.keep_gguf_blocks,
+            int8_kernel=quantize.int8_kernel,
+        )
         if bits
         else None
     )
@@ -224,6 +233,7 @@ def export_pair(
     dtype: str = "fp32",
     draft_dtype: str | None = None,
     keep_gguf_blocks: bool = True,
+    int8_kernel: str = "nbits",
     feature_layers: Sequence[int] = (),
     force: bool = False,
     report: Reporter = print,
@@ -236,7 +246,10 @@ def export_pair(
     defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
     `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
     `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
-    them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `feature_layers`: inner
+    them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `int8_kernel="gemm"`
+    (with quantize="int8") stores the target's layer projections as int8 per output column for ONNX Runtime's
+    int8 GEMM, activations quantized per position: calls of many positions cost about one (builder, fp32
+    only; the default "nbits" keeps MatMulNBits; see docs/design.md "Many positions per call"). `feature_layers`: inner
     layers whose output the target's hidden_states carries too, for a draft head that reads them (a head
     draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.
@@ -250,6 +263,10 @@ def export_pair(
     for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
         if value not in BITS:
             raise ValueError(f"{name} must be one of {', '.join(BITS)}, got {value!r}")
+    if int8_kernel not in INT8_KERNELS:
+        raise ValueError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+    if int8_kernel != "nbits" and quantize != "int8":
+        raise ValueError(f"int8_kernel {int8_kernel!r} needs quantize='int8', got {quantize!r}")
     dtypes = {"target": dtype, "draft": draft_dtype or dtype}
     for role, value in dtypes.items():
         check_dtype("dtype" if role == "target" else "draft_dtype", value)
@@ -287,7 +304,8 @@ def export_pair(
                 )
         specs = {}
         for role, source, q in roles:
-            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks)
+            kernel = int8_kernel if role == "target" else "nbits"
+            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel)
             if head and role == "draft":
                 specs[role] = _export_head(Path(source), checkpoints["target"], quantization, root, progress)
                 continue

@@ -5,6 +5,8 @@ holds the fp32 model, nor a whole-model proto for a quantizer to copy.
 Per weight, the same choice as the whole-graph quantizer (`proto.quantize_weights`) makes, in its order:
 GGUF blocks kept exactly at `bits`, then (`keep_gguf_blocks`) at 8 bits or as Q4_1 blocks with their
 offset correction, else ONNX Runtime's own block quantizer (the same kernel, so the same codes).
+With `int8_kernel="gemm"` (8 bits), the decoder layers' projections are int8 per output column through
+MatMulInteger instead (`int8_gemm`): cheaper calls of many positions; the lm_head and embedding stay blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 
 from .gguf_blocks import lossless_blocks, offset_blocks
+from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
 from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
 
 
@@ -43,6 +46,7 @@ class QuantizedWeight:
     kind: str  # "exact", "exact-8bit", "exact-offset" or "quantized"
 
 
+INT8_KERNELS = ("nbits", "gemm")
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32: a large table (the embedding) is quantized a slice at a time
 
 
@@ -66,7 +70,9 @@ def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weigh
 class StreamingQuantizer:
     """Writes each MatMul weight as MatMulNBits blocks (and token tables as GatherBlockQuantized) as it comes.
 
-    `untied_embedding=False` keeps an untied embedding table in fp32 (as the whole-graph quantizer does)."""
+    `untied_embedding=False` keeps an untied embedding table in fp32 (as the whole-graph quantizer does).
+    `int8_kernel`: "nbits" (MatMulNBits for every weight) or "gemm" (8 bits only: `int8_gemm` for the
+    projections of the decoder layers, the weights the builder names `layers.*`)."""
 
     def __init__(
         self,
@@ -75,6 +81,7 @@ class StreamingQuantizer:
         accuracy_level: int = 4,
         keep_gguf_blocks: bool = True,
         untied_embedding: bool = True,
+        int8_kernel: str = "nbits",
     ):
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
@@ -85,6 +92,11 @@ class StreamingQuantizer:
             raise ValueError(f"weight-only quantization supports 4 or 8 bits, not {bits}")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+        if int8_kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+        if int8_kernel == "gemm" and bits != 8:
+            raise ValueError(f"the int8 GEMM kernel needs 8-bit weights, not {bits}-bit")
+        self.int8_kernel = int8_kernel
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
         self.keep_gguf_blocks = keep_gguf_blocks
         self.untied_embedding = untied_embedding  # quantize an embedding table that is not the lm_head too
@@ -134,7 +146,22 @@ class StreamingQuantizer:
         return out
 
     def matmul(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
+        if self.int8_kernel == "gemm" and name.startswith("layers."):
+            return self.gemm(g, x, name, weight)
         return self.apply(g, x, self.store(g, name, weight))
+
+    def gemm(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
+        """x @ W through int8 codes per output column and MatMulInteger, activations scaled per row."""
+        if not self.kinds.count("int8-gemm"):
+            for constant, array in ROW_CONSTANTS.items():
+                g.constant(constant, array)
+        codes, scales = column_int8(weight)
+        out = f"{name}_out"  # as the graph builder names an fp32 MatMul's output
+        g.nodes += row_quantized_matmul(
+            name, x, g.constant(f"{name}_int8", codes), g.constant(f"{name}_column_scales", scales), out
+        )
+        self.kinds.append("int8-gemm")
+        return out
 
     def gather(self, g: Graph, q: QuantizedWeight, ids: str, shared: bool) -> str | None:
         """Rows `ids` of the table [N, K] whose transpose `q` holds, or None if its blocks cannot be gathered."""
@@ -149,7 +176,8 @@ class StreamingQuantizer:
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `quantization` record, as `proto.quantize_weights` writes it."""
-        exact = [kind for kind in self.kinds if kind != "quantized"]
+        exact = [kind for kind in self.kinds if kind not in ("quantized", "int8-gemm")]
+        gemm = {"int8_kernel": "gemm", "int8_gemm_nodes": self.kinds.count("int8-gemm")}
         return {
             "method": "matmul_nbits",
             "bits": self.bits,
@@ -164,4 +192,4 @@ class StreamingQuantizer:
             "lossless_8bit_nodes": exact.count("exact-8bit"),
             "embedding": self.embedding,
             "unquantized_matmuls": 0,
-        }
+        } | (gemm if self.int8_kernel == "gemm" else {})
