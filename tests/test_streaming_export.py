@@ -172,3 +172,75 @@ def test_a_large_table_quantized_in_slices_gives_the_same_blocks(kind, monkeypat
     assert whole.arrays.keys() == sliced.arrays.keys()
     for name, array in whole.arrays.items():
         np.testing.assert_array_equal(sliced.arrays[name], array)
+
+
+@pytest.mark.parametrize("weights", ["hf", "hf-bf16", "Q4_1", "Q8_0"])
+def test_a_table_read_in_row_ranges_gives_the_whole_reads_rows_and_blocks(weights, checkpoint, tmp_path, monkeypatch):
+    """`rows` (safetensors offsets, GGUF tensor data) reads what `get` reads, bit for bit, and the quantizer fed
+    a table a range at a time from its file writes the blocks it writes from the whole table."""
+    from ortspec.export.builder.gguf_io import GGUFCheckpoint
+    from ortspec.export.builder.weights import TableColumns
+    from ortspec.export.quantize import streaming
+
+    source = checkpoint("llama", variant="tied")
+    if weights == "hf-bf16":
+        table = SafetensorsCheckpoint(source).get("model.embed_tokens.weight")
+        bf16 = (table.view(np.uint32) >> 16).astype(np.uint16)
+        (tmp_path / "bf16").mkdir()
+        safetensors_numpy().save_file({"model.embed_tokens.weight": bf16}, str(tmp_path / "bf16" / "model.safetensors"))
+        header = (tmp_path / "bf16" / "model.safetensors").read_bytes()
+        assert b'"U16"' in header  # numpy has no bfloat16: mark the entry as BF16, the same bytes
+        (tmp_path / "bf16" / "model.safetensors").write_bytes(header.replace(b'"U16"', b'"BF16"', 1))
+        ckpt = SafetensorsCheckpoint(tmp_path / "bf16")
+    elif weights == "hf":
+        ckpt = SafetensorsCheckpoint(source)
+    else:
+        ckpt = GGUFCheckpoint(write_gguf(source, tmp_path / "model.gguf", weights=weights))
+    name = "model.embed_tokens.weight"
+    whole = ckpt.get(name)
+    for start, stop in [(0, 1), (5, 67), (0, whole.shape[0]), (whole.shape[0] - 3, whole.shape[0]), (9, 9)]:
+        got = ckpt.rows(name, start, stop)
+        assert got.dtype == whole.dtype and got.tobytes() == whole[start:stop].tobytes(), (start, stop)
+    with pytest.raises(ValueError, match="has no rows"):
+        ckpt.rows(name, 3, whole.shape[0] + 1)
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", whole.shape[1] * 48)  # slices of 48 rows
+    expected, sliced = Constants(), Constants()
+    assert StreamingQuantizer(4).store(expected, "w", whole.T) == StreamingQuantizer(4).store(
+        sliced, "w", TableColumns(ckpt, name)
+    )
+    assert expected.arrays.keys() == sliced.arrays.keys()
+    for key, array in expected.arrays.items():
+        assert sliced.arrays[key].tobytes() == array.tobytes(), key
+
+
+def safetensors_numpy():
+    import safetensors.numpy
+
+    return safetensors.numpy
+
+
+def test_a_large_table_is_quantized_holding_a_slice_not_the_table(tmp_path, monkeypatch):
+    """Quantizing a table read a range of rows at a time allocates (tracemalloc) a fraction of the table; reading
+    it whole first would allocate the table itself."""
+    import tracemalloc
+
+    from ortspec.export.builder.weights import TableColumns
+    from ortspec.export.quantize import streaming
+
+    vocab, hidden = 16384, 256  # 16 MB of fp32
+    table = np.random.default_rng(0).standard_normal((vocab, hidden), dtype=np.float32)
+    safetensors_numpy().save_file({"model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
+    del table
+    ckpt = SafetensorsCheckpoint(tmp_path)
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", hidden * 512)  # 512 KB slices
+    peaks = []
+    name = "model.embed_tokens.weight"
+    for weight in (lambda: TableColumns(ckpt, name), lambda: ckpt.get(name).T):
+        tracemalloc.start()
+        q = StreamingQuantizer(4).store(Constants(), "w", weight())
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert q.kind == "quantized" and (q.k, q.n) == (hidden, vocab)
+    table_bytes = vocab * hidden * 4
+    assert peaks[1] > table_bytes  # the measure sees a whole table
+    assert peaks[0] < table_bytes / 3, f"quantizing by ranges allocated {peaks[0]} bytes for a {table_bytes}-byte table"

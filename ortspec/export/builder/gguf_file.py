@@ -220,11 +220,19 @@ class GGUFFile:
             )
         return TensorInfo(name, shape, kind, start, nbytes)
 
-    def data(self, name: str) -> np.ndarray:
+    def data(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The raw bytes of tensor `name`, [rows..., bytes per row], read from the file (not mapped: mapped
-        pages would stay resident as an export goes through the whole file)."""
+        pages would stay resident as an export goes through the whole file); `rows` (start, stop) reads
+        only those along the first axis, so a large table can be read a slice at a time."""
         info = self.tensors[name]
-        raw = np.fromfile(self.path, np.uint8, info.nbytes, offset=info.start)
-        if raw.size != info.nbytes:
+        first = info.shape[0] if len(info.shape) > 1 else 1
+        start, stop = rows or (0, first)
+        if not 0 <= start <= stop <= first:
+            raise ValueError(f"{self.path.name}: tensor {name} of shape {info.shape} has no rows [{start}, {stop})")
+        step = info.nbytes // first  # bytes per row of the first axis
+        raw = np.fromfile(self.path, np.uint8, (stop - start) * step, offset=info.start + start * step)
+        if raw.size != (stop - start) * step:
             raise GGUFError(f"{self.path.name}: tensor {name} was cut short (the file changed while read)")
-        return raw.reshape(*info.shape[:-1], info.row_bytes)
+        if rows is None:
+            return raw.reshape(*info.shape[:-1], info.row_bytes)
+        return raw.reshape(stop - start, *info.shape[1:-1], info.row_bytes)

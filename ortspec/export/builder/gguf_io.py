@@ -293,19 +293,24 @@ class GGUFModel:
             "tensor_types": self.tensor_types(),
         }
 
-    def dequantized(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 in its numpy shape (a new array; the file's bytes stay mapped)."""
+    def dequantized(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` as float32 in its numpy shape (a new array), or only `rows` (start, stop) of its
+        first axis."""
         from gguf.quants import dequantize
 
         info = self.tensors[name]
+        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        data = self.file.data(name, rows)
+        if data.size == 0:
+            return np.zeros(shape, np.float32)  # gguf's dequantizers cannot reshape nothing
         try:
-            w = dequantize(self.file.data(name), info.tensor_type)
+            w = dequantize(data, info.tensor_type)
         except NotImplementedError as exc:
             raise UnsupportedModelError(
                 f"{self.path.name}: tensor {name} has type {info.tensor_type.name}, "
                 "which the gguf package cannot dequantize"
             ) from exc
-        return np.array(w, dtype=np.float32).reshape(info.shape)
+        return np.array(w, dtype=np.float32).reshape(shape)
 
 
 @lru_cache(maxsize=4)
@@ -365,6 +370,9 @@ class GGUFCheckpoint:
     def dtype(self, name: str) -> str:
         return self.model.tensors[self._where[name]].tensor_type.name
 
+    def shape(self, name: str) -> list[int]:
+        return list(self.model.tensors[self._where[name]].shape)
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KeyError(f"the GGUF file has no tensor for {name}")
@@ -373,3 +381,11 @@ class GGUFCheckpoint:
         if projection in self._permute_heads:
             w = unpermute_rotary_rows(w, self._permute_heads[projection])
         return w
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of tensor `name`, dequantized alone (`SafetensorsCheckpoint.rows`)."""
+        if name not in self._where:
+            raise KeyError(f"the GGUF file has no tensor for {name}")
+        if name.split(".")[-2] in self._permute_heads:
+            raise ValueError(f"{name} is stored with its rotary rows permuted; read it whole")
+        return self.model.dequantized(self._where[name], (start, stop))

@@ -264,6 +264,8 @@ def build_decoder(
     last = last_positions(g, h)
     if lm_head is not None and g.quantizer is not None:
         logits = g.quantizer.apply(g, last, lm_head)
+    elif g.quantizer is not None:
+        logits = g.quantizer.matmul(g, last, "lm_head.weight", reader.lm_head_columns())
     else:
         logits = g.matmul(last, "lm_head.weight", reader.lm_head())
     if cfg.final_softcap:
@@ -280,13 +282,13 @@ def _embedding(g: GraphBuilder, reader: WeightReader) -> tuple[str, QuantizedWei
 
     Quantizing, the table is stored as blocks too (GatherBlockQuantized): a tied one once, for both uses;
     an untied one on its own, so a package is about the size of its quantized source."""
-    table = reader.embedding()
     tied = reader.tied
     if g.quantizer is not None and (tied or g.quantizer.untied_embedding):
-        q = g.quantizer.store(g, "lm_head.weight" if tied else "embed_tokens", table.T)
+        q = g.quantizer.store(g, "lm_head.weight" if tied else "embed_tokens", reader.embedding_columns())
         rows = g.quantizer.gather(g, q, names.INPUT_IDS, shared=tied)
         if rows is not None:
             return rows, q if tied else None
+    table = reader.embedding()
     return g.one("Gather", [g.constant("embed_tokens.weight", table), names.INPUT_IDS]), None
 
 

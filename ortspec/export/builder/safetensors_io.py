@@ -63,14 +63,27 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as float32 (floating types) or its own integer type."""
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0]) if shape else self._read(name, 0, 1).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (along its first axis), read alone from the file: a large table
+        can be taken a slice at a time, never held whole."""
+        shape = self.shape(name)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path.name}: tensor {name} of shape {shape} has no rows [{start}, {stop})")
+        row = math.prod(shape[1:])
+        return self._read(name, start * row, (stop - start) * row).reshape(stop - start, *shape[1:])
+
+    def _read(self, name: str, first: int, count: int) -> np.ndarray:
+        """`count` elements of the tensor from its `first`, flat, as `get` returns them."""
         info = self._header[name]
         if info["dtype"] not in DTYPES:
             raise ValueError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
         dtype = np.dtype(DTYPES[info["dtype"]])
+        offset = self._start + info["data_offsets"][0] + first * dtype.itemsize
         # read, not memory-mapped: mapped pages stay resident as the export goes through the file
-        raw = np.fromfile(self.path, dtype, (end - start) // dtype.itemsize, offset=self._start + start)
-        raw = raw.reshape(info["shape"])
+        raw = np.fromfile(self.path, dtype, count, offset=offset)
         if info["dtype"] == "BF16":
             return _bf16_to_f32(raw)
         if info["dtype"] in ("F16", "F64"):
@@ -135,6 +148,11 @@ class SafetensorsCheckpoint:
         if name not in self._where:
             raise KeyError(f"the checkpoint has no tensor {name}")
         return self._where[name].get(name)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"the checkpoint has no tensor {name}")
+        return self._where[name].rows(name, start, stop)
 
     def dtype(self, name: str) -> str:
         return self._where[name].dtype(name)

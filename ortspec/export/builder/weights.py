@@ -49,6 +49,18 @@ def pad_value_heads(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np
     return _pad_last(w.reshape(*lead, heads, head_dim), padded).reshape(*lead, heads * padded)
 
 
+class TableColumns:
+    """A checkpoint's table [rows, K] as the MatMul weight W = table.T [K, rows], read a range of its columns
+    (the table's rows) at a time: the quantizer never holds a large table (a 128k-token embedding) whole."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint | GGUFCheckpoint, name: str) -> None:
+        rows, k = checkpoint.shape(name)
+        self.ckpt, self.name, self.shape = checkpoint, name, (k, rows)
+
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        return self.ckpt.rows(self.name, start, stop).T
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
@@ -82,6 +94,14 @@ class WeightReader:
 
     def embedding(self) -> np.ndarray:
         return self.ckpt.get("model.embed_tokens.weight")
+
+    def embedding_columns(self) -> TableColumns:
+        """The embedding table's transpose (the tied lm_head's weight), read as the quantizer asks."""
+        return TableColumns(self.ckpt, "model.embed_tokens.weight")
+
+    def lm_head_columns(self) -> TableColumns:
+        """`lm_head()`, read as the quantizer asks."""
+        return self.embedding_columns() if self.tied else TableColumns(self.ckpt, "lm_head.weight")
 
     @property
     def tied(self) -> bool:

@@ -50,15 +50,27 @@ INT8_KERNELS = ("nbits", "gemm")
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32: a large table (the embedding) is quantized a slice at a time
 
 
-def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weight: np.ndarray):
+class Columns(Protocol):
+    """A weight W [K, N] read a range of columns at a time (`weights.TableColumns`: a table in its file)."""
+
+    shape: tuple[int, int]
+
+    def columns(self, start: int, stop: int) -> np.ndarray: ...
+
+
+Weight = np.ndarray | Columns
+
+
+def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weight: Weight):
     """`fit` (blocks, scales[, offsets [K/block, N]]) of W [K, N] computed on slices of its columns and joined,
     or None if any slice does not fit. Blocks run along K within a column, so slicing changes no result;
-    it bounds the temporaries of a large table to a slice's."""
+    it bounds the temporaries of a large table to a slice's (and a `Columns` table's reading too)."""
     k, n = weight.shape
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     pieces = []
     for start in range(0, n, step):
-        piece = fit(weight[:, start : start + step])
+        stop = min(start + step, n)
+        piece = fit(weight[:, start:stop] if isinstance(weight, np.ndarray) else weight.columns(start, stop))
         if piece is None:
             return None
         pieces.append(piece)
@@ -106,7 +118,7 @@ class StreamingQuantizer:
         self.kinds: list[str] = []  # of each MatMul's weight
         self.embedding = "fp32 Gather"
 
-    def store(self, g: Graph, name: str, weight: np.ndarray) -> QuantizedWeight:
+    def store(self, g: Graph, name: str, weight: Weight) -> QuantizedWeight:
         """Add the blocks of W [K, N] to the graph as initializers; the fp32 weight can then be dropped."""
         k, n = weight.shape
         found = by_columns(lambda w: lossless_blocks(w, self.bits, self.block_size), weight)
@@ -145,8 +157,8 @@ class StreamingQuantizer:
             g.nodes += offset_correction(q.name, self._means[x], product, q.offsets, out)
         return out
 
-    def matmul(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
-        if self.int8_kernel == "gemm" and name.startswith("layers."):
+    def matmul(self, g: Graph, x: str, name: str, weight: Weight) -> str:
+        if self.int8_kernel == "gemm" and name.startswith("layers.") and isinstance(weight, np.ndarray):
             return self.gemm(g, x, name, weight)
         return self.apply(g, x, self.store(g, name, weight))
 
