@@ -184,6 +184,35 @@ def test_valid_tiny_file_parses_and_reads_its_data(tmp_path):
     assert model.dequantized("blk.0.ffn_down.weight").shape == (HIDDEN, FF)
 
 
+def test_a_string_array_is_held_as_bytes_and_decoded_when_read(tmp_path):
+    """A vocabulary's strings are checked when the header is parsed, kept as their bytes (not one Python string
+    each: ~55 bytes apiece) and decoded when read; an item that is not UTF-8 is refused when read, in one line."""
+    from ortspec.export.builder.gguf_file import GGUFError
+
+    items = [f"t{i}" for i in range(200_000)] + ["é", ""]
+    array = struct.pack("<IQ", STRING, len(items)) + b"".join(map(string, items))
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(header([entry("tokenizer.ggml.tokens", ARRAY, array)]))
+    tracemalloc.start()
+    try:
+        parsed = GGUFFile(path)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = parsed.metadata["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(items) and tokens[7] == "t7" and tokens[-2] == "é" and tokens[-1] == ""
+    assert tokens[:3] == items[:3] and tokens == items and list(tokens) == items
+    assert held < 2 * path.stat().st_size, f"{len(items)} strings of {path.stat().st_size} bytes held {held} bytes"
+    with pytest.raises(IndexError):
+        tokens[len(items)]
+    bad = header([entry("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2) + string("a") + string(b"\xff"))])
+    path.write_bytes(bad)
+    tokens = GGUFFile(path).metadata["tokenizer.ggml.tokens"]
+    assert tokens[0] == "a"
+    with pytest.raises(GGUFError, match=r"vocab.gguf: metadata tokenizer.ggml.tokens: item 1 is not UTF-8"):
+        tokens[1]
+
+
 def test_cli_refuses_a_hostile_gguf_in_one_line(tmp_path):
     path = tmp_path / "huge-array.gguf"
     path.write_bytes(header([entry("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 1 << 62))]))

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import mmap
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -108,6 +110,20 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
+    def strings(self, count: int, key: str) -> StringArray:
+        """`count` strings, their lengths checked now and their bytes decoded when read (`StringArray`)."""
+        first, at, end, buffer = self.at, self.at, self.size, self.buffer
+        length, starts = struct.Struct("<Q").unpack_from, array("Q")
+        for i in range(count):  # the checks inline: a vocabulary has up to MAX_ARRAY_ITEMS of them
+            (size,) = length(buffer, at) if at + 8 <= end else (-1,)
+            if not 0 <= size <= MAX_STRING_BYTES or at + 8 + size > end:
+                self.at = at
+                self.string(f"item {i} of metadata {key}")  # raises, naming what is wrong
+            starts.append(at + 8 - first)
+            at += 8 + size
+        self.at = at
+        return StringArray(buffer[first:at], starts, f"{self.name}: metadata {key}")
+
     def value(self, kind: int, key: str) -> Any:
         if kind in _SCALARS:
             value = self.scalar(kind, f"metadata {key}")
@@ -122,7 +138,7 @@ class _Cursor:
             raise self.fail(f"metadata {key} claims an array of {count} items (at most {MAX_ARRAY_ITEMS} are accepted)")
         if item == STRING:
             self.need(8 * count, f"the {count} strings of metadata {key}")  # each at least its length
-            return [self.string(f"item {i} of metadata {key}") for i in range(count)]
+            return self.strings(count, key)
         if item not in _SCALARS:
             kind_name = "nested arrays" if item == ARRAY else f"unknown item type {item}"
             raise self.fail(f"metadata {key} is an array of {kind_name}")
@@ -131,6 +147,44 @@ class _Cursor:
         values = np.frombuffer(self.buffer, np.dtype(_SCALARS[item][0]), count, self.at).tolist()
         self.at += width * count
         return values  # Python ints, floats and bools (no view keeps the map open)
+
+
+class StringArray(Sequence[str]):
+    """A metadata array of strings kept as its bytes and where each item starts, each decoded when read:
+    a vocabulary costs its bytes until used (2M tokens as Python strings were ~150 MB, a header that is
+    then refused included)."""
+
+    def __init__(self, raw: bytes, starts: array, what: str) -> None:
+        self._raw, self._starts, self._what = raw, starts, what
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        start = self._starts[index]  # IndexError past the end, as a list's
+        (size,) = struct.unpack_from("<Q", self._raw, start - 8)
+        try:
+            return self._raw[start : start + size].decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self._what}: item {index % len(self)} is not UTF-8; not a valid GGUF file") from None
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Sequence)
+            and len(other) == len(self)
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, as a list
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} items)"
 
 
 def _tensor_type(code: int, name: str, cursor: _Cursor) -> Any:
