@@ -3,24 +3,39 @@ checkpoints of real shapes (the values do not matter for memory or speed), writt
 that making them needs no more memory than one tensor.
 
     python benchmarks/scale.py --shapes 135M 360M --quantize int4 [--work DIR]
+    python benchmarks/scale.py --shapes 135M 1.17B 3B --llama-cpp /work/tools/llama.cpp --work /work/data/scale
+    python benchmarks/scale.py --shapes 8B --gguf-only --work /work/data/scale
 
-Each export runs in a child process under `/usr/bin/time -v` (its peak RSS is the child's own).
+With `--llama-cpp` (a build from benchmarks/build_llama_cpp.sh), each shape also goes through llama.cpp in the
+same run: its converter (`--outtype f16`) then `llama-quantize` Q4_0 on the same checkpoint; ortspec exports
+that Q4_0 GGUF too, and the table sets package against GGUF size, the loaded package's RSS, and the cost
+t(n) of one forward pass over n new positions after `--context` cached ones, ours (calibration timing) next
+to llama-bench's, for n in 1, 2, 4, 8. The checkpoint carries the SmolLM2 tokenizer rebuilt from
+`--tokenizer-gguf` (llama.cpp's converter only accepts byte-level BPE tokenizers it knows; the rest of its
+vocabulary is padding), so both exports see the same files.
+
+`--gguf-only` writes a Q4_0 GGUF of the shape directly (random blocks with valid fp16 scales, tensor by
+tensor: no fp32 checkpoint on disk) with that tokenizer's metadata, and times ortspec's export of it alone.
+
+Each step runs in a child process under `/usr/bin/time -v` (its peak RSS is the child's own) and, with
+`--address-space`, under `prlimit --as`. One shape at a time; a shape's files are deleted after its row
+unless `--keep`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from llama_cpp import LlamaCpp, Timed, timed
+from load_memory import load_memory
 
 # Llama-family shapes: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
 SHAPES = {
@@ -28,7 +43,10 @@ SHAPES = {
     "360M": dict(hidden=960, layers=32, heads=15, kv_heads=5, intermediate=2560, vocab=49152, tied=True),
     "1.17B": dict(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=49152, tied=False),
     "3B": dict(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256, tied=True),
+    "8B": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256, tied=False),
 }
+SMOLLM2_GGUF = Path.home() / ".cache/ortspec/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+Q4_0_BLOCK = 18  # bytes per 32 weights: an fp16 scale and 16 bytes of 4-bit codes
 
 
 def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
@@ -56,14 +74,21 @@ def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(directory: Path, shape: str | dict, seed: int = 0) -> Path:
+def write_checkpoint(directory: Path, shape: str | dict, seed: int = 0, tokenizer: Path | None = None) -> Path:
     """A random fp32 Llama checkpoint of `shape` (a name in SHAPES or such a dict: config, a 384-token
-    tokenizer, model.safetensors), one tensor in memory at a time."""
-    from ortspec.models.random import make_tokenizer
-
+    tokenizer or the one rebuilt from the GGUF file `tokenizer`, model.safetensors), one tensor in memory
+    at a time."""
     s = SHAPES[shape] if isinstance(shape, str) else shape
     directory.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(directory, 384)
+    if tokenizer is None:
+        from ortspec.models.random import make_tokenizer
+
+        make_tokenizer(directory, 384)
+    else:
+        from ortspec.export.builder.gguf_io import open_gguf
+        from ortspec.export.gguf_tokenizer import write_gguf_tokenizer
+
+        write_gguf_tokenizer(open_gguf(tokenizer), directory)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -103,20 +128,169 @@ def write_checkpoint(directory: Path, shape: str | dict, seed: int = 0) -> Path:
     return directory
 
 
-def timed(command: list[str], address_space: int | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS in GB, output) of `command` under /usr/bin/time -v (and prlimit --as)."""
-    prefix = ["prlimit", f"--as={address_space}"] if address_space else []
-    start = time.perf_counter()
-    done = subprocess.run([*prefix, "/usr/bin/time", "-v", *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return seconds, int(rss.group(1)) / 1e6 if rss else float("nan"), done.stdout
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    """llama.cpp's tensor name for a Llama tensor name of `tensor_shapes`."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf in fixed or hf == "lm_head.weight":
+        return fixed.get(hf, "output.weight")
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def random_q4_0(rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """Q4_0 bytes of a [rows, columns] weight: random codes, fp16 scales around 0.0025 (std ~0.02)."""
+    blocks = rows * columns // 32
+    scales = (0.0025 * (0.5 + rng.random(blocks, dtype=np.float32))).astype(np.float16)
+    codes = rng.integers(0, 256, (blocks, 16), dtype=np.uint8)
+    return np.concatenate([scales.view(np.uint8).reshape(blocks, 2), codes], axis=1).reshape(rows, -1)
+
+
+def write_q4_0_gguf(path: Path, shape: str | dict, tokenizer: Path, seed: int = 0, rows: int = 4096) -> Path:
+    """A Llama GGUF of `shape` with every matrix in random Q4_0 blocks and the norms at one, written
+    tensor by tensor (`rows` rows at a time), with the tokenizer metadata of the GGUF file `tokenizer`
+    padded to the vocabulary as llama.cpp's converter pads it ("[PADi]", unused)."""
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+
+    from ortspec.export.builder.gguf_io import open_gguf
+
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    meta = open_gguf(tokenizer).metadata
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta["tokenizer.ggml.token_type"])
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), s["vocab"])]
+    types += [TokenType.UNUSED] * (len(tokens) - len(types))
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(f"random Llama {s['hidden']}x{s['layers']}")
+    writer.add_context_length(8192)
+    writer.add_embedding_length(s["hidden"])
+    writer.add_block_count(s["layers"])
+    writer.add_feed_forward_length(s["intermediate"])
+    writer.add_head_count(s["heads"])
+    writer.add_head_count_kv(s["kv_heads"])
+    writer.add_rope_dimension_count(s["hidden"] // s["heads"])
+    writer.add_rope_freq_base(500000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(s["vocab"])
+    writer.add_file_type(2)  # MOSTLY_Q4_0
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(list(meta["tokenizer.ggml.merges"]))
+    for key in ("bos", "eos", "padding"):
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if index is not None:
+            getattr(writer, f"add_{'pad' if key == 'padding' else key}_token_id")(index)
+    shapes = {gguf_name(hf): dims for hf, dims in tensor_shapes(s).items()}
+    for name, dims in shapes.items():
+        if len(dims) == 1:
+            writer.add_tensor_info(name, dims, np.dtype(np.float32), 4 * dims[0])
+        else:
+            byte_shape = (dims[0], dims[1] // 32 * Q4_0_BLOCK)
+            nbytes = byte_shape[0] * byte_shape[1]
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    out = writer.fout[0]  # the data section, streamed here a slice of rows at a time
+    rng = np.random.default_rng(seed)
+    for name, dims in shapes.items():
+        writer.write_padding(out, out.tell())
+        if len(dims) == 1:
+            data = np.ones(dims, np.float32)
+            data.tofile(out)
+        else:
+            for start in range(0, dims[0], rows):
+                random_q4_0(min(rows, dims[0] - start), dims[1], rng).tofile(out)
+        writer.tensors[0].pop(name)
+    writer.close()
+    return path
 
 
 def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export(source: Path, out: Path, quantize: str, address_space: int | None) -> Timed:
+    """`ortspec export SOURCE --out OUT --quantize Q` in a child process."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-c", "from ortspec.cli import main; main()", "export", str(source), "--out", str(out)]
+    return timed([*command, "--quantize", quantize], address_space)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def row(run: Timed) -> str:
+    return f"{run.seconds:.1f} s ({run.cpu_s:.0f} CPU s), {run.rss_gb:.2f} GB"
+
+
+def compare_shape(shape: str, args: argparse.Namespace, llama: LlamaCpp | None) -> None:
+    """One shape: our export of the checkpoint and, with llama.cpp, its convert + quantize, our export of
+    its Q4_0 GGUF, load RSS and t(n) of both; prints the table rows."""
+    work: Path = args.work
+    ckpt, ours_pkg = work / f"ckpt-{shape}", work / f"pkg-{shape}"
+    tokenizer = args.tokenizer_gguf if llama else None
+    if not (ckpt / "model.safetensors").is_file():
+        write_checkpoint(ckpt, shape, tokenizer=tokenizer)
+    size = directory_size(ckpt) / 1e9
+    ours = export(ckpt, ours_pkg, args.quantize, args.address_space)
+    package = directory_size(ours_pkg) / 1e9
+    if llama is None:
+        print(f"| {shape} | {size:.2f} | {ours.seconds:.1f} | {ours.rss_gb:.2f} | {package:.3f} | |", flush=True)
+        return
+    f16, q4 = work / f"{shape}.f16.gguf", work / f"{shape}.Q4_0.gguf"
+    peer = llama.convert(ckpt, f16, "f16", args.address_space)
+    peer += llama.quantize(f16, q4, "Q4_0", args.threads, args.address_space)
+    f16.unlink()
+    if not args.keep:
+        shutil.rmtree(ckpt)
+    print(
+        f"| {shape} | checkpoint {size:.2f} GB -> package | ortspec export --quantize {args.quantize}: "
+        f"{row(ours)} | llama.cpp convert f16 + quantize Q4_0: {row(peer)} | "
+        f"time {ours.seconds / peer.seconds:.2f}x, CPU {ours.cpu_s / peer.cpu_s:.2f}x | "
+        f"package {package:.3f} GB |",
+        flush=True,
+    )
+    from_gguf(shape, q4, work / f"pkg-{shape}-gguf", args, llama)
+    if not args.keep:
+        shutil.rmtree(ours_pkg)
+
+
+def from_gguf(shape: str, gguf: Path, out: Path, args: argparse.Namespace, llama: LlamaCpp | None) -> None:
+    """Our export of a Q4_0 GGUF, its package against the GGUF, load RSS, and t(n) beside llama-bench's."""
+    run = export(gguf, out, args.quantize, args.address_space)
+    package, gguf_gb = directory_size(out) / 1e9, gguf.stat().st_size / 1e9
+    loaded = load_memory(out, args.threads, args.max_length, 16, steps=max(args.n), context=args.context)
+    ours = {n: loaded["t_ms"][n - 1] for n in args.n}
+    cells = [f"{n}: {ours[n]:.1f}" for n in args.n]
+    if llama is not None:
+        theirs = llama.step_ms(gguf, args.n, args.context, args.threads)
+        cells = [f"{n}: {ours[n]:.1f} / {theirs[n]:.1f} ({ours[n] / theirs[n]:.2f}x)" for n in args.n]
+    print(
+        f"| {shape} | Q4_0 GGUF {gguf_gb:.3f} GB -> package {package:.3f} GB ({package / gguf_gb:.2f}x) | "
+        f"ortspec export --quantize {args.quantize}: {row(run)} | "
+        f"load RSS {loaded['loaded']['VmRSS'] / 1e9:.2f} GB (max length {args.max_length}) | "
+        f"t(n) ms ours / llama.cpp, context {args.context}: {'; '.join(cells)} |",
+        flush=True,
+    )
+    if not args.keep:
+        shutil.rmtree(out)
+        gguf.unlink()
 
 
 def main() -> None:
@@ -126,31 +300,32 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="where checkpoints and packages go (default: a temp dir)"
     )
-    parser.add_argument("--address-space", type=int, default=None, help="prlimit --as for each export, in bytes")
+    parser.add_argument("--address-space", type=int, default=None, help="prlimit --as for each step, in bytes")
+    parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp tree built by benchmarks/build_llama_cpp.sh")
+    parser.add_argument("--gguf-only", action="store_true", help="export a Q4_0 GGUF written directly")
+    parser.add_argument("--tokenizer-gguf", type=Path, default=SMOLLM2_GGUF, help="whose tokenizer the files carry")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=128, help="cached positions before each t(n) call")
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8], help="the n of t(n)")
+    parser.add_argument("--max-length", type=int, default=2048, help="the loaded package's KV length")
+    parser.add_argument("--keep", action="store_true", help="keep each shape's checkpoint, GGUF and packages")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="ortspec-scale-"))
-    print(f"| shape | checkpoint GB | export s | export peak RSS GB | package GB | ({args.quantize}) |")
-    print("|---|---|---|---|---|---|")
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="ortspec-scale-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    llama = LlamaCpp(args.llama_cpp) if args.llama_cpp else None
+    print(f"load average before: {load_average()}")
+    if not llama and not args.gguf_only:
+        print(f"| shape | checkpoint GB | export s | export peak RSS GB | package GB | ({args.quantize}) |")
+        print("|---|---|---|---|---|---|")
     for shape in args.shapes:
-        ckpt = work / f"ckpt-{shape}"
-        if not (ckpt / "model.safetensors").is_file():
-            write_checkpoint(ckpt, shape)
-        out = work / f"pkg-{shape}"
-        shutil.rmtree(out, ignore_errors=True)
-        command = [
-            sys.executable,
-            "-c",
-            "from ortspec.cli import main; main()",
-            "export",
-            str(ckpt),
-            "--out",
-            str(out),
-            "--quantize",
-            args.quantize,
-        ]
-        seconds, rss, _ = timed(command, args.address_space)
-        size = directory_size(out) / 1e9
-        print(f"| {shape} | {directory_size(ckpt) / 1e9:.2f} | {seconds:.1f} | {rss:.2f} | {size:.3f} | |", flush=True)
+        if args.gguf_only:
+            gguf = args.work / f"{shape}.Q4_0.gguf"
+            if not gguf.is_file():
+                write_q4_0_gguf(gguf, shape, args.tokenizer_gguf)
+            from_gguf(shape, gguf, args.work / f"pkg-{shape}-gguf", args, llama)
+        else:
+            compare_shape(shape, args, llama)
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":
