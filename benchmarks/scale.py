@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from llama_cpp import LlamaCpp, Timed, timed
+from llama_peer import LlamaCpp, Timed, timed
 from load_memory import load_memory
 
 # Llama-family shapes: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
