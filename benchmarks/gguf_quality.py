@@ -6,7 +6,8 @@ config and its tokenizer (`gguf_tokenizer`). llama.cpp converts that checkpoint 
 `llama-quantize` makes Q4_0, Q4_1, Q8_0 and Q4_K_M files of it with its default tensor mixes. ortspec exports
 each file (int4 for Q4_*, int8 for Q8_0) and, as the reference, at fp32 (the same file's weights
 dequantized), and scores one against the other on held-out text as `ortspec eval --text T --reference R`
-does: top-1 agreement and mean KL per position, and perplexity.
+does: top-1 agreement and mean KL per position, and perplexity. `--accuracy-level 0` computes the
+quantized matmuls in fp32 instead of int8 (the default, 4): what is left then is the weights alone.
 
     python benchmarks/gguf_quality.py --llama-cpp /work/tools/llama.cpp [--work /work/data/smollm2-gguf]
 
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/data/smollm2-gguf"))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--text", type=Path, help="UTF-8 text to score (default: standard-library excerpts)")
+    parser.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4], help="of our int4/int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -69,7 +71,10 @@ def main() -> None:
         checkpoint = hf_checkpoint(args.source, work / "hf-fp32")
         llama.convert(checkpoint, f32, "f32")
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
-    print(f"source {args.source.name}; llama.cpp {args.llama_cpp}; threads {args.threads}")
+    print(
+        f"source {args.source.name}; llama.cpp {args.llama_cpp}; threads {args.threads}; "
+        f"accuracy level {args.accuracy_level}"
+    )
     print("| llama.cpp file | GGUF MB | ortspec export | package MB | top-1 agreement | mean KL (nats) | perplexity |")
     print("|---|---|---|---|---|---|---|")
     for kind in args.kinds:
@@ -78,9 +83,18 @@ def main() -> None:
             llama.quantize(f32, gguf, kind, args.threads)
         packages = {}
         for quantize in (KINDS[kind], "none"):
-            out = work / f"pkg-{kind}-{quantize}"
+            level = args.accuracy_level if quantize != "none" else 4  # fp32 weights: no quantized matmul
+            out = work / f"pkg-{kind}-{quantize}" if level == 4 else work / f"pkg-{kind}-{quantize}-level{level}"
             if not (out / "manifest.json").is_file():
-                export_pair(gguf, out, exporter="builder", quantize=quantize, force=True, report=lambda _: None)
+                export_pair(
+                    gguf,
+                    out,
+                    exporter="builder",
+                    quantize=quantize,
+                    accuracy_level=level,
+                    force=True,
+                    report=lambda _: None,
+                )
             packages[quantize] = out
         quantized, reference = (ortspec.load(packages[q], threads=args.threads, verify=False) for q in packages)
         tokens = reference.tokenizer.encode(text, add_special_tokens=False)[: args.max_tokens]

@@ -69,7 +69,7 @@ class LlamaCpp:
         """llama-quantize with its default tensor mix for `kind` (Q4_0, Q4_1, Q8_0, Q4_K_M, ...)."""
         return timed([str(self.bin / "llama-quantize"), str(source), str(out), kind, str(threads)], address_space)
 
-    def step_ms(self, gguf: Path, ns: list[int], context: int, threads: int = 2, repeats: int = 5) -> dict[int, float]:
+    def step_ms(self, gguf: Path, ns: list[int], context: int, threads: int = 2, repeats: int = 3) -> dict[int, float]:
         """t(n): milliseconds of one forward pass over n new positions after `context` cached ones
         (llama-bench's prompt test of n tokens at depth `context`, mean of `repeats`)."""
         command = [
