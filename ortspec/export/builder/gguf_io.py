@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..quantize.gguf_raw import LAYOUTS, Blocks, read_blocks, take
 from .config import UnsupportedModelError
 from .gguf_file import GGUFError, GGUFFile, TensorInfo
 
@@ -347,7 +348,8 @@ def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file under Hugging Face names, dequantized to float32.
+    """The tensors of a GGUF file under Hugging Face names, dequantized to float32 (`get`, `rows`), or as the
+    file's own blocks (`blocks`) for the types `gguf_raw` reads.
 
     Same interface as `safetensors_io.SafetensorsCheckpoint` (`in`, `names`, `get`, `dtype`), so `WeightReader`
     reads either.
@@ -372,6 +374,26 @@ class GGUFCheckpoint:
 
     def shape(self, name: str) -> list[int]:
         return list(self.model.tensors[self._where[name]].shape)
+
+    def gguf_name(self, name: str) -> str:
+        return self._where[name]
+
+    def readable(self, name: str) -> bool:
+        """Whether `blocks` reads tensor `name` (a 2-D tensor of a type `gguf_raw` reads)."""
+        return self.dtype(name) in LAYOUTS and len(self.shape(name)) == 2
+
+    def blocks(self, name: str, rows: tuple[int, int] | None = None) -> Blocks:
+        """Tensor `name` [N, K] (or its `rows` (start, stop)) as the file's blocks along K, q/k rows un-permuted."""
+        info = self.model.tensors[self._where[name]]
+        raw = self.model.file.data(info.name, rows)
+        blocks = read_blocks(raw.reshape(-1, info.row_bytes), info.tensor_type.name)
+        projection = name.split(".")[-2]
+        if projection in self._permute_heads:
+            if rows is not None:
+                raise ValueError(f"{name} is stored with its rotary rows permuted; read it whole")
+            order = unpermute_rotary_rows(np.arange(info.shape[0]), self._permute_heads[projection])
+            blocks = take(blocks, order)
+        return blocks
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
