@@ -39,7 +39,7 @@ from .package import copy_tokenizer, describe_model, save_onnx
 from .precision import check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
-from .quantize.streaming import INT8_KERNELS, StreamingQuantizer
+from .quantize.streaming import INT8_KERNELS, StreamingQuantizer, describe_gguf_blocks
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -140,7 +140,9 @@ def _build_streaming(
         if bits
         else None
     )
-    source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+    source = checkpoint.model_type
+    if checkpoint.is_gguf:
+        source += ", GGUF blocks read from the file" if quantizer else ", GGUF dequantized to fp32"
     what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
     data = ExternalData(path)
     with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder{what}"):
@@ -148,6 +150,8 @@ def _build_streaming(
             checkpoint.path, checkpoint.config, feature_layers, GraphBuilder(data, quantizer)
         )
         files = save_graph(model, path, data)
+    if quantizer and (line := describe_gguf_blocks(quantizer.summary())):
+        progress.report(f"      {line}")
     spec = describe_model(
         model,
         role=role,

@@ -3,20 +3,28 @@
 numpy, gguf and tokenizers only: the llama q/k rows are permuted for llama.cpp's rotary layout,
 Llama 3 rope scaling becomes a `rope_freqs` tensor, 1-D tensors stay F32, 2-D ones are stored as
 F32, F16 or a block-quantized type, and the byte-level BPE tokenizer goes into `tokenizer.ggml.*`.
+K-quants (which gguf cannot quantize) are written as random raw blocks of the tensor's shape
+(`random_blocks`), one type for every 2-D tensor or a llama.cpp-like mix (`MIXES`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 from tokenizers import Tokenizer
 
 from ortspec.export.builder.safetensors_io import SafetensorsCheckpoint
+from ortspec.export.quantize import dequantized_weight
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
@@ -36,6 +44,27 @@ LAYER_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+
+
+def projection_weights(pipe: Any) -> dict[str, np.ndarray]:
+    """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
+    graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
+    inits = {init.name: init for init in graph.initializer}
+    weights = {
+        node.output[0]: (
+            dequantized_weight(node, inits)
+            if node.op_type == "MatMulNBits"
+            else onnx.numpy_helper.to_array(inits[node.input[1]])
+        )
+        for node in graph.node
+        if node.op_type in ("MatMul", "MatMulNBits")
+    }
+    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockMean(x) @ (block * C), C [K/block, N]
+        if node.op_type == "Add" and node.input[0] in weights and node.input[1] in weights:
+            w, c = weights.pop(node.input[0]), weights.pop(node.input[1])
+            block = w.shape[0] // c.shape[0]
+            weights[node.output[0]] = w + np.repeat(c / np.float32(block), block, axis=0)
+    return weights
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -79,9 +108,49 @@ def q4_0_searched(w: np.ndarray, level: int = -7) -> np.ndarray:
     return np.concatenate([d.view(np.uint8), packed], axis=1).reshape(*w.shape[:-1], w.shape[-1] // 32 * 18)
 
 
-def _encode(w: np.ndarray, weights: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+# where each type's fp16 scales (d, dmin / m) lie in its block, as byte offsets (negative: from the end)
+FP16_FIELDS = {"Q4_0": [0], "Q8_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+               "Q6_K": [-2], "Q2_K": [-4, -2]}  # fmt: skip
+
+
+# a typical |code * sub-block scale| of each type, so that fp16 scales of `scale` / it give values near `scale`
+TYPICAL_CODE = {"Q4_0": 4, "Q8_0": 64, "Q5_0": 8, "Q4_1": 8, "Q5_1": 16, "Q4_K": 256, "Q5_K": 512, "Q6_K": 1024,
+                "Q2_K": 32}  # fmt: skip
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
+    """Raw `kind` blocks [rows, bytes per row] for a [rows, cols] tensor: random codes and sub-block scales,
+    finite fp16 scales of random sign so that values lie near `scale`."""
+    size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    for at in FP16_FIELDS[kind]:
+        at = at % nbytes
+        d = rng.uniform(scale, 2 * scale, raw.shape[:2]) / TYPICAL_CODE[kind] * rng.choice([-1, 1], raw.shape[:2])
+        raw[:, :, at : at + 2] = d.astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+def q4_k_m(name: str) -> str:
+    """llama.cpp's Q4_K_M, simplified: Q6_K for attn_v, ffn_down and the output, Q4_K for the rest."""
+    return "Q6_K" if name == "output.weight" or any(part in name for part in ("attn_v.", "ffn_down.")) else "Q4_K"
+
+
+MIXES: dict[str, Callable[[str], str]] = {
+    "Q4_K": lambda name: "Q4_K",
+    "Q5_K": lambda name: "Q5_K",
+    "Q6_K": lambda name: "Q6_K",
+    "Q4_K_M": q4_k_m,
+    "Q4_K_M+Q2_K": lambda name: "Q2_K" if name == "blk.1.attn_output.weight" else q4_k_m(name),
+}
+
+
+def _encode(w: np.ndarray, weights: str, name: str = "") -> tuple[np.ndarray, GGMLQuantizationType | None]:
     if w.ndim == 1 or weights == "F32":
         return w.astype(np.float32), None
+    if weights in MIXES:
+        kind = MIXES[weights](name)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        return random_blocks(kind, *w.shape, rng, scale=float(np.abs(w).mean())), GGMLQuantizationType[kind]
     if weights == "F16":
         return w.astype(np.float16), None
     if weights == "Q4_0-searched":
@@ -116,8 +185,8 @@ def write_gguf(
 ) -> Path:
     """Write the llama/qwen2 checkpoint at `checkpoint_dir` as a GGUF file at `path`.
 
-    `weights`: F32, F16, a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...) or
-    Q4_0-searched (`q4_0_searched`).
+    `weights`: F32, F16, a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...),
+    Q4_0-searched (`q4_0_searched`) or a K-quant mix of `MIXES` (random blocks, not the checkpoint's values).
     `architecture` overrides general.architecture (to test refusals).
     """
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
@@ -164,7 +233,7 @@ def write_gguf(
         w = ckpt.get(hf)
         if family == "llama" and (".attn_q." in gg or ".attn_k." in gg):
             w = llama_cpp_permute(w, heads if ".attn_q." in gg else kv_heads)
-        data, qtype = _encode(w, weights)
+        data, qtype = _encode(w, weights, gg)
         writer.add_tensor(gg, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

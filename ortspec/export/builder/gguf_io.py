@@ -311,7 +311,16 @@ class GGUFModel:
                 f"{self.path.name}: tensor {name} has type {info.tensor_type.name}, "
                 "which the gguf package cannot dequantize"
             ) from exc
-        return np.array(w, dtype=np.float32).reshape(shape)
+        w = np.array(w, dtype=np.float32).reshape(shape)
+        if info.tensor_type.name not in ("F32", "F16", "BF16", "F64"):
+            self.check_finite(name, w)
+        return w
+
+    def check_finite(self, name: str, *arrays: np.ndarray | None) -> None:
+        """Refuse block scales (or values) that are NaN or infinite: no model holds them, and they would reach
+        the package as NaN logits."""
+        if not all(a is None or np.isfinite(a).all() for a in arrays):
+            raise GGUFError(f"{self.path.name}: tensor {name} holds a block scale that is not a finite number")
 
 
 @lru_cache(maxsize=4)
@@ -387,6 +396,7 @@ class GGUFCheckpoint:
         info = self.model.tensors[self._where[name]]
         raw = self.model.file.data(info.name, rows)
         blocks = read_blocks(raw.reshape(-1, info.row_bytes), info.tensor_type.name)
+        self.model.check_finite(info.name, blocks.scales, blocks.offsets)
         projection = name.split(".")[-2]
         if projection in self._permute_heads:
             if rows is not None:

@@ -13,7 +13,7 @@ so their dot products, hence the attention, are unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -180,11 +180,16 @@ class WeightReader:
         w = self.projection(f"{prefix}.o_proj.weight")  # [heads*head_dim, hidden]
         if self.padded == cfg.head_dim:
             return w
-        if isinstance(w, GGUFWeight):  # padding K would move the blocks: the quantizer gets float32
-            w = w.fallback()
-        rows = w.reshape(cfg.heads, cfg.head_dim, cfg.hidden)
-        padded = np.pad(rows, [(0, 0), (0, self.padded - cfg.head_dim), (0, 0)])
-        return padded.reshape(cfg.heads * self.padded, cfg.hidden)
+
+        def pad(w: np.ndarray) -> np.ndarray:
+            rows = w.reshape(cfg.heads, cfg.head_dim, cfg.hidden)
+            padded = np.pad(rows, [(0, 0), (0, self.padded - cfg.head_dim), (0, 0)])
+            return padded.reshape(cfg.heads * self.padded, cfg.hidden)
+
+        if isinstance(w, GGUFWeight):  # zero rows inside K's blocks: the quantizer gets float32 (and names it)
+            shape = (cfg.heads * self.padded, cfg.hidden)
+            return replace(w, shape=shape, read=None, fallback=lambda: pad(w.fallback()))
+        return pad(w)
 
     def _gate_up(self, prefix: str) -> np.ndarray | GGUFWeight:
         if self.cfg.fused_weights:
