@@ -133,9 +133,7 @@ def test_a_type_not_read_directly_is_requantized_and_named(kquant_gguf, tmp_path
     record = ortspec.load(out).manifest.target.quantization["gguf_blocks"]
     assert record["requantized"] == 1 and record["requantized_tensors"] == ["blk.1.attn_output.weight (Q2_K)"]
     assert record["kept_exactly"] == {"Q4_K": 2 + 1 + 1, "Q6_K": 2 + 1, "Q4_K+Q6_K": 2}
-    line = (
-        "GGUF weights: 9 kept exactly (4 Q4_K, 2 Q4_K+Q6_K, 3 Q6_K); 1 re-quantized: blk.1.attn_output.weight (Q2_K)"
-    )
+    line = "GGUF weights: 9 kept exactly (4 Q4_K, 2 Q4_K+Q6_K, 3 Q6_K); 1 re-quantized: blk.1.attn_output.weight (Q2_K)"
     assert any(entry.strip() == line for entry in lines), lines
     assert line in describe(ortspec.load(out).manifest)
 
