@@ -120,12 +120,16 @@ TYPICAL_CODE = {"Q4_0": 4, "Q8_0": 64, "Q5_0": 8, "Q4_1": 8, "Q5_1": 16, "Q4_K":
 
 def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
     """Raw `kind` blocks [rows, bytes per row] for a [rows, cols] tensor: random codes and sub-block scales,
-    finite fp16 scales of random sign so that values lie near `scale`."""
+    finite fp16 scales so that values lie near `scale`, signed as llama.cpp writes them (a symmetric type's d
+    either way, a scale beside a minimum positive, Q4_1's minimum either way, K-quants' dmin positive)."""
     size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
     raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
-    for at in FP16_FIELDS[kind]:
+    fields = FP16_FIELDS[kind]
+    for at in fields:
+        signed = len(fields) == 1 or (kind in ("Q4_1", "Q5_1") and at == 2)
         at = at % nbytes
-        d = rng.uniform(scale, 2 * scale, raw.shape[:2]) / TYPICAL_CODE[kind] * rng.choice([-1, 1], raw.shape[:2])
+        sign = rng.choice([-1, 1], raw.shape[:2]) if signed else 1
+        d = rng.uniform(scale, 2 * scale, raw.shape[:2]) / TYPICAL_CODE[kind] * sign
         raw[:, :, at : at + 2] = d.astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
     return raw.reshape(rows, -1)
 
