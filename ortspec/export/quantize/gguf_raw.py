@@ -128,7 +128,8 @@ def _legacy(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndar
         center = 16
     else:
         q, center = _halves(rest, 16), 8
-    codes = q.astype(np.int8) - np.int8(center)
+    codes = q.view(np.int8)
+    codes -= np.int8(center)
     return codes, d, None if m is None else _offsets(d, center, m)
 
 
@@ -151,7 +152,9 @@ def _k_quants(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.nd
         low = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)
         high = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
         q = low.reshape(n, -1, 32) | (high.reshape(n, -1, 32) << np.uint8(4))
-        return (q.astype(np.int8) - np.int8(32)).reshape(n, 16, 16), scales, None
+        codes = q.view(np.int8)
+        codes -= np.int8(32)
+        return codes.reshape(n, 16, 16), scales, None
     scales, minimum = _k_scales(raw)
     if kind == "Q4_K":
         q, center = _halves(raw[:, 16:], 32), 8
@@ -159,7 +162,9 @@ def _k_quants(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.nd
         qh, qs = raw[:, 16:48], raw[:, 48:]
         high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
         q, center = _halves(qs, 32) | (high.reshape(n, -1) << np.uint8(4)), 16
-    codes = (q.astype(np.int8) - np.int8(center)).reshape(n, 8, 32)
+    codes = q.view(np.int8)
+    codes -= np.int8(center)
+    codes = codes.reshape(n, 8, 32)
     return codes, scales, _offsets(scales, center, -minimum)
 
 
@@ -183,13 +188,18 @@ def _canonical(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nd
     scale: the form `gguf_blocks.lossless_blocks` finds from float32 (scale = largest value / -2^(bits-1)
     or the next level down), so a package stays the same whichever way a weight is stored. ONNX Runtime's
     int8 kernel sums unsigned codes and corrects by the zero point, so negated codes round differently."""
-    wide = codes.astype(np.int16)
-    largest = np.take_along_axis(wide, np.abs(wide).argmax(-1)[..., None], -1)
-    flip = largest[..., 0] > 0
+    high, low = codes.max(-1).astype(np.int16), codes.min(-1).astype(np.int16)
+    flip = high > -low  # a flipped block has no -128: -low < high <= 127
+    ties = np.flatnonzero((high == -low) & (high > 0))
+    if len(ties):  # +v and -v both largest: the first of them decides
+        tied = codes.reshape(-1, codes.shape[-1])[ties].astype(np.int16)
+        first = np.take_along_axis(tied, np.abs(tied).argmax(-1)[:, None], -1)[:, 0]
+        flip.reshape(-1)[ties] = first > 0
+    codes = np.where(flip[..., None], -codes, codes)
     zero = scales == 0
-    wide = np.where(flip[..., None], -wide, wide)
-    wide[zero] = 0
-    return wide.astype(np.int8), np.where(flip, -scales, scales) + np.float32(0)  # -0.0 + 0.0 is +0.0
+    if zero.any():
+        codes[zero] = 0
+    return codes, np.where(flip, -scales, scales) + np.float32(0)  # -0.0 + 0.0 is +0.0
 
 
 def join(parts: Sequence[Blocks], layout: Layout) -> Blocks:

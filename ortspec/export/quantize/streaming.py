@@ -292,7 +292,9 @@ def matmul_blocks(blocks: Blocks, layout: Layout) -> tuple[np.ndarray, ...]:
     """MatMulNBits' B [N, K/block, block*bits/8] and scales [N, K/block] (+ offsets [K/block, N]) of GGUF rows,
     codes moved by MatMulNBits' default zero point 2^(bits-1)."""
     blocks = blocks.split(layout.block)
-    packed = pack(blocks.codes.astype(np.int16) + (1 << (layout.bits - 1)), layout.bits)
+    codes = blocks.codes  # int8; + 2^(bits-1) as uint8: + 8 in int8 (4 bits), the top bit flipped (8 bits)
+    unsigned = (codes + np.int8(8)).view(np.uint8) if layout.bits == 4 else codes.view(np.uint8) ^ np.uint8(128)
+    packed = pack(unsigned, layout.bits)
     if not layout.offsets:
         return packed, blocks.scales
     offsets = np.zeros_like(blocks.scales) if blocks.offsets is None else blocks.offsets
