@@ -168,3 +168,21 @@ def test_a_non_finite_block_scale_is_refused_in_one_line(keep, kquant_gguf, tmp_
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "pkg").exists() and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "kept", "requantized"),
+    [
+        ({"quantize": "int4", "keep_gguf_blocks": False}, {}, 2 * 4 + 2),  # offsets: not what int4 holds as it is
+        ({"quantize": "int8", "int8_kernel": "gemm"}, {"Q4_K": 2}, 2 * 4),  # int8 per column; table and head kept
+    ],
+)
+def test_k_quant_blocks_are_quantized_again_where_asked_and_named(options, kept, requantized, kquant_gguf, tmp_path):
+    pipe = export(kquant_gguf("Q4_K"), tmp_path / "pkg", **options)
+    record = pipe.manifest.target.quantization["gguf_blocks"]
+    assert record["kept_exactly"] == kept and record["requantized"] == requantized
+    assert (
+        len(record["requantized_tensors"]) == requantized
+        and "blk.0.ffn_down.weight (Q4_K)" in record["requantized_tensors"]
+    )
+    assert 0 < len(pipe.generate([3, 50, 7], max_new_tokens=4, use_draft=False).token_ids) <= 4
