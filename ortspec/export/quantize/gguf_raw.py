@@ -178,14 +178,14 @@ def read_blocks(raw: np.ndarray, kind: str) -> Blocks:
     codes, scales, offsets = (_k_quants if kind.endswith("_K") else _legacy)(flat, kind)
     block = LAYOUTS[kind].block
     codes, scales = codes.reshape(rows, -1, block), scales.reshape(rows, -1)
-    if offsets is None:
+    if kind in ("Q4_0", "Q5_0", "Q8_0"):  # the types the float32 search keeps
         codes, scales = _canonical(codes, scales)
     return Blocks(np.ascontiguousarray(codes), scales, None if offsets is None else offsets.reshape(rows, -1))
 
 
 def _canonical(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric blocks with their largest code (the first) negative and zero blocks as zero codes and +0.0
-    scale: the form `gguf_blocks.lossless_blocks` finds from float32 (scale = largest value / -2^(bits-1)
+    """Symmetric blocks of 32 with their largest code (the first) negative and zero blocks as zero codes and
+    +0.0 scale: the form `gguf_blocks.lossless_blocks` finds from float32 (scale = largest value / -2^(bits-1)
     or the next level down), so a package stays the same whichever way a weight is stored. ONNX Runtime's
     int8 kernel sums unsigned codes and corrects by the zero point, so negated codes round differently."""
     high, low = codes.max(-1).astype(np.int16), codes.min(-1).astype(np.int16)
