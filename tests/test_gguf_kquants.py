@@ -186,3 +186,10 @@ def test_k_quant_blocks_are_quantized_again_where_asked_and_named(options, kept,
         and "blk.0.ffn_down.weight (Q4_K)" in record["requantized_tensors"]
     )
     assert 0 < len(pipe.generate([3, 50, 7], max_new_tokens=4, use_draft=False).token_ids) <= 4
+
+
+def test_truncated_k_quant_data_is_refused_in_one_line(kquant_gguf, tmp_path):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(kquant_gguf("Q4_K_M").read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"cut.gguf: tensor blk.1.ffn_down.weight claims \d+ bytes .* past the end"):
+        export_pair(path, tmp_path / "pkg", quantize="int4", report=lambda _: None)
