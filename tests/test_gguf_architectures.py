@@ -1,0 +1,101 @@
+"""GGUFs of the qwen3, gemma3, phi3 and Mistral-style llama architectures, written from the suite's checkpoints
+as llama.cpp's converter writes them: the package exported from the GGUF computes the logits and greedy
+generations of the package exported from the checkpoint itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ortspec
+from ortspec.export import export_pair
+from ortspec.export.builder import UnsupportedModelError
+from ortspec.export.builder.gguf_file import GGUFError
+from ortspec.export.builder.gguf_io import open_gguf
+from ortspec.runtime.model.decoder import DecoderState
+
+from helpers.gguf_files import write_gguf
+
+# (family, checkpoint variant, write_gguf options, the family the GGUF is built as; what the case covers)
+CASES = [
+    # q/k norms, head_dim 128 from key_length (4 heads of a 64-wide model)
+    ("qwen3", "", {}, "qwen3"),
+    # norms stored as 1 + w (q/k norms too), sandwich norms, 5 sliding layers then a global one with linear
+    # rope scaling, final soft-capping
+    ("gemma3_text", "gguf", {}, "gemma3_text"),
+    # fused qkv and gate+up, partial rotary, longrope factors (the long ones past 32 positions)
+    ("phi3", "", {}, "phi3"),
+    # Mistral-style llama: permuted q/k rows of heads wider than hidden / heads
+    ("mistral", "wide-heads", {}, "llama"),
+    # a llama file that names its sliding window is built as Mistral
+    ("mistral", "", {"window_key": True}, "mistral"),
+]
+
+
+def export(source: Path, out: Path) -> ortspec.Pipeline:
+    export_pair(source, out, quantize="none", report=lambda _: None)
+    return ortspec.load(out)
+
+
+def logits(pipe: ortspec.Pipeline, ids: list[int]) -> np.ndarray:
+    """A 30-token prefill then single steps, past every window and longrope's switch at 32 positions."""
+    state = DecoderState(pipe.target)
+    return np.concatenate([state.forward(ids[:30])] + [state.forward([t]) for t in ids[30:]])
+
+
+@pytest.mark.parametrize(("family", "variant", "options", "built_as"), CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
+def test_gguf_package_equals_checkpoint_package(family, variant, options, built_as, checkpoint, tmp_path):
+    source = checkpoint(family, variant=variant)
+    gguf = write_gguf(source, tmp_path / f"{family}.gguf", **options)
+    from_gguf, from_checkpoint = export(gguf, tmp_path / "gguf"), export(source, tmp_path / "hf")
+    assert (from_gguf.manifest.target.family, from_checkpoint.manifest.target.family) == (built_as, family)
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, from_gguf.target.vocab_size, size=40)]
+    expected = logits(from_checkpoint, ids)
+    np.testing.assert_allclose(logits(from_gguf, ids), expected, atol=1e-5, rtol=0)
+    prompt = ids[:5]
+    greedy = [p.generate(prompt, max_new_tokens=40, use_draft=False).token_ids for p in (from_gguf, from_checkpoint)]
+    assert greedy[0] == greedy[1]
+
+
+# (family, variant, write_gguf options, error, message): a tensor or key the architecture needs, missing or
+# out of range, is refused in one line naming it
+REFUSALS = [
+    ("qwen3", "", {"drop": ("blk.1.attn_k_norm.weight",)}, GGUFError, "has no tensor blk.1.attn_k_norm.weight"),
+    ("gemma3_text", "gguf", {"drop": ("blk.0.post_ffw_norm.weight",)}, GGUFError, "no tensor blk.0.post_ffw_norm"),
+    ("phi3", "", {"drop": ("rope_factors_short.weight",)}, GGUFError, "has no tensor rope_factors_short.weight"),
+    (
+        "phi3",
+        "",
+        {"drop": ("{arch}.rope.scaling.original_context_length",)},
+        GGUFError,
+        "has no metadata phi3.rope.scaling.original_context_length",
+    ),
+    ("phi3", "", {"metadata": {"{arch}.rope.scaling.type": "yarn"}}, UnsupportedModelError, "rope scaling 'yarn'"),
+    ("phi3", "", {"metadata": {"{arch}.rope.dimension_count": 11}}, UnsupportedModelError, "11 of 16 dims"),
+    ("llama", "", {"metadata": {"{arch}.rope.dimension_count": 8}}, UnsupportedModelError, "phi3 only"),
+    (
+        "gemma3_text",
+        "gguf",
+        {"metadata": {"{arch}.attention.sliding_window_pattern": [True, False]}},
+        GGUFError,
+        "sliding_window_pattern is not one true/false per layer",
+    ),
+    (
+        "qwen3",
+        "",
+        {"metadata": {"{arch}.attention.key_length": 64, "{arch}.attention.value_length": 64}},
+        GGUFError,
+        r"has shape \[64, 512\], expected \[64, 256\] from the metadata",
+    ),
+]
+
+
+@pytest.mark.parametrize(("family", "variant", "options", "error", "message"), REFUSALS)
+def test_missing_architecture_tensors_and_keys_are_refused(family, variant, options, error, message, checkpoint,
+                                                           tmp_path):  # fmt: skip
+    gguf = write_gguf(checkpoint(family, variant=variant), tmp_path / "bad.gguf", **options)
+    with pytest.raises(error, match=message) as refused:
+        open_gguf(gguf).config()
+    assert "\n" not in str(refused.value)
