@@ -126,3 +126,13 @@ def test_sentencepiece_gguf_tokenizes_like_the_models_tokenizer_json(arch, tmp_p
         assert ours.encode(text) == theirs.encode(text).ids, text
         ids = ours.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+
+
+@pytest.mark.parametrize(
+    ("arch", "ends"), [("gemma3", ["<eos>", "<end_of_turn>"]), ("phi3", ["<|endoftext|>", "<|end|>"])]
+)
+def test_chat_turn_ends_end_generation(arch, ends, tmp_path):
+    """The files name one eos; generation also ends at the token their chats end turns with, as in llama.cpp."""
+    tokens, _, _ = sentencepiece_vocabulary(arch)
+    eos = open_gguf(write_vocabulary_gguf(tmp_path / f"{arch}.gguf", arch)).special_ids()["eos_token_id"]
+    assert eos == [tokens.index(t) for t in ends]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ from .gguf_file import GGUFError, GGUFFile, TensorInfo
 ARCHITECTURES = tuple(ARCHS)  # GGUF `general.architecture` values the builder reproduces exactly
 
 
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
 MAX_LAYERS = 1024
 MAX_WIDTH = 1 << 20  # hidden, feed-forward and head sizes, heads
 MAX_VOCAB = 1 << 22
@@ -328,7 +330,8 @@ class GGUFModel:
         return config | {"rope_scaling": scaling, "original_max_position_embeddings": original}
 
     def special_ids(self) -> dict[str, Any]:
-        """bos/eos/pad ids for config.json; eos lists every end-of-generation id the file names."""
+        """bos/eos/pad ids for config.json; eos lists every end-of-generation id the file names, then the
+        control tokens that end chat turns."""
         rows = self.shape("token_embd.weight")[0] if "token_embd.weight" in self.tensors else MAX_VOCAB
 
         def token(key: str) -> int:
@@ -339,10 +342,21 @@ class GGUFModel:
             if f"tokenizer.ggml.{key}_token_id" in self.metadata:
                 ids[name] = token(key)
         eos = [token(kind) for kind in ("eos", "eot", "eom") if f"tokenizer.ggml.{kind}_token_id" in self.metadata]
+        eos += [i for i in self._turn_ends if i < rows]
         if eos:
             eos = sorted(set(eos), key=eos.index)
             ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         return ids
+
+    @cached_property
+    def _turn_ends(self) -> list[int]:
+        """Control tokens that end a chat turn, found by their text as llama.cpp finds them: files name one
+        eos (Gemma 3's <eos>, Phi-3's <|endoftext|>), their chats end with <end_of_turn>, <|end|>..."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens") or []
+        types = self.metadata.get("tokenizer.ggml.token_type") or []
+        if len(types) != len(tokens):
+            return []  # the tokenizer refuses such a file in one line
+        return [i for i, kind in enumerate(types) if kind in (CONTROL, USER_DEFINED) and tokens[i] in TURN_ENDS]
 
     def generation_config(self) -> dict[str, Any]:
         """The generation_config.json equivalent: the special ids (GGUF files carry no sampling defaults)."""
