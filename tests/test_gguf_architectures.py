@@ -25,6 +25,13 @@ CASES = [
     # norms stored as 1 + w (q/k norms too), sandwich norms, 5 sliding layers then a global one with linear
     # rope scaling, final soft-capping
     ("gemma3_text", "gguf", {}, "gemma3_text"),
+    # the same, its layer kinds given per layer (attention.sliding_window_pattern as a flag array)
+    (
+        "gemma3_text",
+        "gguf",
+        {"metadata": {"{arch}.attention.sliding_window_pattern": [True] * 5 + [False]}},
+        "gemma3_text",
+    ),
     # fused qkv and gate+up, partial rotary, longrope factors (the long ones past 32 positions)
     ("phi3", "", {}, "phi3"),
     # Mistral-style llama: permuted q/k rows of heads wider than hidden / heads
@@ -99,3 +106,18 @@ def test_missing_architecture_tensors_and_keys_are_refused(family, variant, opti
     with pytest.raises(error, match=message) as refused:
         open_gguf(gguf).config()
     assert "\n" not in str(refused.value)
+
+
+def test_qwen3_tokenizer_encodes_like_transformers(checkpoint, tmp_path):
+    """qwen3 files carry Qwen2's byte-level vocabulary: NFC and Qwen2's split pattern, no BOS."""
+    from transformers import AutoTokenizer
+
+    from ortspec.export.gguf_tokenizer import write_gguf_tokenizer
+    from ortspec.runtime.text.tokenizer import TextTokenizer
+
+    gguf = write_gguf(checkpoint("qwen3"), tmp_path / "qwen3.gguf")
+    write_gguf_tokenizer(open_gguf(gguf), tmp_path / "tok")
+    ours = TextTokenizer.from_directory(tmp_path / "tok")
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    for text in ["def f(x):\n    return x  # 2024", "Ünïcödé e\u0301 日本語 🙂", "  a\r\n\n b   ", "it's we'll"]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
