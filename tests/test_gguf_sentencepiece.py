@@ -22,6 +22,8 @@ from ortspec.export.gguf_tokenizer import write_gguf_tokenizer
 from ortspec.models.random import CORPUS
 from ortspec.runtime.text.tokenizer import TextTokenizer
 
+from helpers.gguf_files import finish
+
 # (leading special tokens with their GGUF types, chat tokens after the pieces, bos, eos, unk, add_space_prefix)
 VOCABULARIES = {
     "gemma3": (
@@ -81,11 +83,7 @@ def write_vocabulary_gguf(path: Path, arch: str) -> Path:
     if not prefix:
         writer.add_add_space_prefix(False)  # Gemma's; the converter writes nothing for Phi-3
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)
 
 
 def reference(arch: str) -> Tokenizer:

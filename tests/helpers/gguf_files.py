@@ -218,6 +218,11 @@ def write_gguf(
     for key, value in (metadata or {}).items():
         add = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}
         add.get(type(value), writer.add_array)(key.replace("{arch}", writer.arch), value)  # type: ignore[operator]
+    return finish(writer, path)
+
+
+def finish(writer: GGUFWriter, path: Path) -> Path:
+    """Write the header, metadata and tensors a GGUFWriter holds to `path`."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
