@@ -28,15 +28,21 @@ from typing import Any
 import numpy as np
 
 from .config import UnsupportedModelError
-from .gguf_arch import ARCHITECTURES as ARCHS
-from .gguf_arch import LAYER_NAME, LONG_ROPE, ROPE_FREQS, Architecture, hf_tensor_name, is_norm, layer_shapes
+from .gguf_arch import (
+    ARCHITECTURES,
+    LAYER_NAME,
+    LONG_ROPE,
+    ROPE_FREQS,
+    Architecture,
+    hf_tensor_name,
+    is_norm,
+    layer_shapes,
+)
 from .gguf_file import GGUFError, GGUFFile, TensorInfo
-
-ARCHITECTURES = tuple(ARCHS)  # GGUF `general.architecture` values the builder reproduces exactly
-
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
+
 MAX_LAYERS = 1024
 MAX_WIDTH = 1 << 20  # hidden, feed-forward and head sizes, heads
 MAX_VOCAB = 1 << 22
@@ -170,12 +176,12 @@ class GGUFModel:
     def _spec(self) -> Architecture:
         """The file's architecture, refused in one line unless the builder reproduces it."""
         arch = self.architecture
-        if arch not in ARCHS:
+        if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{self.path.name}: GGUF architecture {arch[:40]!r} is not supported "
                 f"(ortspec exports GGUFs of the {', '.join(ARCHITECTURES)} architectures)"
             )
-        return ARCHS[arch]
+        return ARCHITECTURES[arch]
 
     def _head_dim(self, spec: Architecture, heads: int, kv_heads: int) -> int:
         """attention.key_length (Mistral-style, Qwen3 and Gemma 3 heads are not hidden / heads wide), else what
@@ -424,7 +430,7 @@ class GGUFCheckpoint:
     def __init__(self, model: GGUFModel | str | Path) -> None:
         self.model = model if isinstance(model, GGUFModel) else open_gguf(model)
         config = self.model.config()  # refuses unsupported architectures and tensors
-        self.arch = ARCHS[self.model.architecture]
+        self.arch = ARCHITECTURES[self.model.architecture]
         self._permute_heads: dict[str, int] = {}
         if self.arch.permuted:
             self._permute_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
