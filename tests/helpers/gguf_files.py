@@ -141,6 +141,7 @@ def add_hparams(writer: GGUFWriter, config: dict, arch: str, window_key: bool) -
         if config.get("final_logit_softcapping"):
             writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
+        writer.add_rope_freq_base_swa(config["rope_local_base_freq"])
     if window_key and config.get("sliding_window"):  # the converter writes no window for llama: tests only
         writer.add_sliding_window(config["sliding_window"])
 
