@@ -22,6 +22,8 @@ from helpers.gguf_files import write_gguf
 CASES = [
     # q/k norms, head_dim 128 from key_length (4 heads of a 64-wide model)
     ("qwen3", "", {}, "qwen3"),
+    # a bfloat16 checkpoint converted to BF16 tensors (the converter's default for it)
+    ("qwen3", "bf16", {"weights": "BF16"}, "qwen3"),
     # norms stored as 1 + w (q/k norms too), sandwich norms, 5 sliding layers then a global one with linear
     # rope scaling, final soft-capping
     ("gemma3_text", "gguf", {}, "gemma3_text"),
@@ -41,6 +43,16 @@ CASES = [
 ]
 
 
+def case_ids(cases: list) -> list[str]:
+    """family[-variant][-what the options change: the weight type, dropped or changed tensors and keys]."""
+
+    def changed(options: dict) -> list[str]:
+        names = [options.get("weights", ""), *options.get("drop", ()), *options.get("metadata", {})]
+        return [n.replace("{arch}.", "") for n in names if n] + (["window"] if options.get("window_key") else [])
+
+    return ["-".join([c[0], *([c[1]] if c[1] else []), *changed(c[2])]) for c in cases]
+
+
 def export(source: Path, out: Path) -> ortspec.Pipeline:
     export_pair(source, out, quantize="none", report=lambda _: None)
     return ortspec.load(out)
@@ -52,7 +64,7 @@ def logits(pipe: ortspec.Pipeline, ids: list[int]) -> np.ndarray:
     return np.concatenate([state.forward(ids[:30])] + [state.forward([t]) for t in ids[30:]])
 
 
-@pytest.mark.parametrize(("family", "variant", "options", "built_as"), CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize(("family", "variant", "options", "built_as"), CASES, ids=case_ids(CASES))
 def test_gguf_package_equals_checkpoint_package(family, variant, options, built_as, checkpoint, tmp_path):
     source = checkpoint(family, variant=variant)
     gguf = write_gguf(source, tmp_path / f"{family}.gguf", **options)
@@ -99,7 +111,7 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("family", "variant", "options", "error", "message"), REFUSALS)
+@pytest.mark.parametrize(("family", "variant", "options", "error", "message"), REFUSALS, ids=case_ids(REFUSALS))
 def test_missing_architecture_tensors_and_keys_are_refused(family, variant, options, error, message, checkpoint,
                                                            tmp_path):  # fmt: skip
     gguf = write_gguf(checkpoint(family, variant=variant), tmp_path / "bad.gguf", **options)
