@@ -128,12 +128,12 @@ def export(
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
 
     TARGET and --draft are Hugging Face checkpoint directories, hub ids (hub ids need a network
-    or a filled Hugging Face cache) or GGUF files (llama.cpp's format, llama and qwen2
-    architectures, any weight type the gguf package dequantizes: F32, F16, BF16, Q4_0, Q4_1, Q8_0,
-    K-quants...; read without torch, the weights dequantized to fp32 before --quantize, except that
-    Q4_0/Q4_1 blocks for int4/int8 and Q8_0/Q5_0 blocks for int8 are kept exactly). The package
-    appears only once complete: an interrupted export (Ctrl-C, SIGTERM) leaves no half-written
-    package behind, and one export at a time may write an --out.
+    or a filled Hugging Face cache) or GGUF files (llama.cpp's format; llama incl. Mistral-style,
+    qwen2, qwen3, gemma3 and phi3 architectures; any weight type the gguf package dequantizes:
+    F32, F16, BF16, Q4_0, Q4_1, Q8_0, K-quants...; read without torch, the weights dequantized to
+    fp32 before --quantize, except that Q4_0/Q4_1 blocks for int4/int8 and Q8_0/Q5_0 blocks for
+    int8 are kept exactly). The package appears only once complete: an interrupted export (Ctrl-C,
+    SIGTERM) leaves no half-written package behind, and one export at a time may write an --out.
     """
     try:
         from ortspec.export import export_pair
