@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..quantize.gguf_raw import LAYOUTS, Blocks, read_blocks, take
+from ..quantize.gguf_raw import FLOAT_TYPES, LAYOUTS, Blocks, read_blocks, take
 from .config import UnsupportedModelError
 from .gguf_arch import (
     ARCHITECTURES,
@@ -396,7 +396,7 @@ class GGUFModel:
                 "which the gguf package cannot dequantize"
             ) from exc
         w = np.array(w, dtype=np.float32).reshape(shape)
-        if info.tensor_type.name not in ("F32", "F16", "BF16", "F64"):
+        if info.tensor_type.name not in FLOAT_TYPES:
             self.check_finite(name, w)
         return w
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 QK_K = 256  # elements in a K-quant super-block
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGML types that hold values, not blocks
 
 
 @dataclass(frozen=True)

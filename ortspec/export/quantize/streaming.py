@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .gguf_blocks import lossless_blocks, offset_blocks, pack
-from .gguf_raw import Blocks, GGUFWeight, Layout
+from .gguf_raw import FLOAT_TYPES, Blocks, GGUFWeight, Layout
 from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
 from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
 
@@ -283,9 +283,6 @@ class StreamingQuantizer:
                 "quantized_from_float": dict(sorted(self.gguf_from_float.items())),
             }
         }
-
-
-FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def matmul_blocks(blocks: Blocks, layout: Layout) -> tuple[np.ndarray, ...]:
