@@ -99,6 +99,7 @@ KQUANT_CASES = [
     ("Q4_K", False, {"Q4_K": 2 * 4 + 2}, (4, 32)),
     ("Q5_K", True, {"Q5_K": 2 * 4 + 1}, (8, 32)),
     ("Q6_K", False, {"Q6_K": 2 * 4 + 2}, (8, 16)),
+    ("Q3_K", True, {"Q3_K": 2 * 4 + 1}, (4, 16)),
     # Q4_K_M: q, k Q4_K and v Q6_K make one qkv weight of 8-bit blocks of 16 (with offsets); the tied table is Q4_K
     ("Q4_K_M", True, {"Q4_K": 2 * 2 + 1, "Q6_K": 2, "Q4_K+Q6_K": 2}, (8, 16)),
     ("Q4_K_M", False, {"Q4_K": 2 * 2 + 1, "Q6_K": 2 + 1, "Q4_K+Q6_K": 2}, (8, 16)),

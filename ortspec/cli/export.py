@@ -100,7 +100,7 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     type=click.Choice(["keep", "requantize"]),
     default="keep",
     show_default=True,
-    help="A GGUF's block weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): keep them exactly as the "
+    help="A GGUF's block weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K): keep them exactly as the "
     "file holds them (blocks with a minimum, such as Q4_1 and Q4_K, with a small correction term per weight; "
     "8-bit types at 8 bits) or requantize what --quantize cannot hold as it is (the fastest steps, further "
     "from the file). The export names the tensors it re-quantized. See docs/design.md, 'Quantization choices'.",

@@ -98,12 +98,12 @@ def q4_0_searched(w: np.ndarray, level: int = -7) -> np.ndarray:
 
 # where each type's fp16 scales (d, dmin / m) lie in its block, as byte offsets (negative: from the end)
 FP16_FIELDS = {"Q4_0": [0], "Q8_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
-               "Q6_K": [-2], "Q2_K": [-4, -2]}  # fmt: skip
+               "Q6_K": [-2], "Q2_K": [-4, -2], "Q3_K": [-2]}  # fmt: skip
 
 
 # a typical |code * sub-block scale| of each type, so that fp16 scales of `scale` / it give values near `scale`
 TYPICAL_CODE = {"Q4_0": 4, "Q8_0": 64, "Q5_0": 8, "Q4_1": 8, "Q5_1": 16, "Q4_K": 256, "Q5_K": 512, "Q6_K": 1024,
-                "Q2_K": 32}  # fmt: skip
+                "Q2_K": 32, "Q3_K": 64}  # fmt: skip
 
 
 def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
@@ -131,6 +131,7 @@ MIXES: dict[str, Callable[[str], str]] = {
     "Q4_K": lambda name: "Q4_K",
     "Q5_K": lambda name: "Q5_K",
     "Q6_K": lambda name: "Q6_K",
+    "Q3_K": lambda name: "Q3_K",
     "Q4_K_M": q4_k_m,
     "Q4_K_M+Q2_K": lambda name: "Q2_K" if name == "blk.1.attn_output.weight" else q4_k_m(name),
 }

@@ -9,6 +9,7 @@ Every type read here is value = scale * code + offset in each block along a row:
     Q4_K  d*sc * q - dmin*mn   codes q - 8,  scale d*sc, offset 8 d*sc - dmin*mn   (sub-blocks of 32)
     Q5_K  d*sc * q - dmin*mn   codes q - 16, scale d*sc, offset 16 d*sc - dmin*mn  (sub-blocks of 32)
     Q6_K  d*sc * (q - 32)      codes q - 32, scale d*sc, block 16
+    Q3_K  d*sc * q'            codes q' (-4..3), scale d*sc, block 16 (6-bit signed sc)
 
 d, m, dmin are fp16 and sc a 6-bit (K-quants) or 8-bit (Q6_K) integer, so scale and scale * code are
 exact in float32 and the symmetric types give gguf's own values bit for bit. An offset is one float32
@@ -52,6 +53,7 @@ LAYOUTS = {
     "Q4_K": Layout(4, 32, True),
     "Q5_K": Layout(8, 32, True),
     "Q6_K": Layout(8, 16, False),
+    "Q3_K": Layout(4, 16, False),
 }
 
 
@@ -146,6 +148,17 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _k_quants(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Q4_K, Q5_K, Q6_K super-blocks [n, bytes] -> codes [n, subs, sub], scales [n, subs], offsets or None."""
     n = raw.shape[0]
+    if kind == "Q3_K":  # hmask[32], qs[64], 12 bytes of 6-bit scales, d; a clear hmask bit subtracts 4
+        hmask, qs, packed = raw[:, :32], raw[:, 32:96], raw[:, 96:108]
+        low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+        high = (packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+        sc = ((low & np.uint8(15)) | ((high & np.uint8(3)) << np.uint8(4))).view(np.int8) - np.int8(32)
+        scales = _fp16(raw[:, -2:].copy()) * sc.astype(np.float32)
+        shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        ql = (qs.reshape(n, -1, 1, 32) >> shifts).reshape(n, 16, 16) & np.uint8(3)
+        qh = (hmask.reshape(n, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, 16, 16)
+        codes = ql.view(np.int8) - (((qh & np.uint8(1)) ^ np.uint8(1)) << np.uint8(2)).view(np.int8)
+        return codes, scales, None
     if kind == "Q6_K":
         ql, qh = raw[:, : QK_K // 2], raw[:, QK_K // 2 : QK_K // 2 + QK_K // 4]
         sc = raw[:, QK_K * 3 // 4 : QK_K * 3 // 4 + 16].view(np.int8).astype(np.float32)
