@@ -7,12 +7,17 @@ PER_CHANNEL, kv_cache_bit_width 8, scales [kv_heads x head_dim] per layer), cali
 |value| of each channel over --calibrate positions from the end of the text (evaluation reads its start):
 accuracy, and decode-step CPU time against the fp32 cache.
 
+`layer`: one GroupQueryAttention node alone, SmolLM2-135M's shape (9 heads, 3 KV heads, head dim 64, a
+buffer of --buffer positions), one thread: CPU µs per one-token call at each context with q and the cache
+in fp32, both in fp16, q fp32 over an fp16 cache, and q fp32 over an int8 cache (per-channel scales).
+
 Accuracy is `ortspec eval`'s (perplexity, top-1 agreement, mean KL) against the unedited package, on the
 first --max-tokens tokens of the text in windows of --window. The edited graph runs through the runtime's
 `Model` with its cache type admitted for the probe (the package format has no int8 cache).
 
     python benchmarks/kv_probes.py int8 PACKAGE --text english.txt [--window 2048] [--time]
     python benchmarks/kv_probes.py store16 PACKAGE --text english.txt
+    python benchmarks/kv_probes.py layer [--buffer 2048]
 """
 
 from __future__ import annotations
@@ -105,11 +110,98 @@ def step_ms(states: dict[str, DecoderState], contexts: list[int], rounds: int, s
     return results
 
 
+LAYER_FORMATS = {  # name: (q's type, the cache's type, quantization attributes)
+    "fp32": (TensorProto.FLOAT, TensorProto.FLOAT, {}),
+    "fp16": (TensorProto.FLOAT16, TensorProto.FLOAT16, {}),
+    "q fp32, cache fp16": (TensorProto.FLOAT, TensorProto.FLOAT16, {}),
+    "q fp32, cache int8": (
+        TensorProto.FLOAT,
+        TensorProto.INT8,
+        {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8},
+    ),
+}
+
+
+def layer_us(form: str, context: int, buffer: int, calls: int = 60, batches: int = 7) -> float:
+    """CPU µs of a one-token GroupQueryAttention call after `context` positions, SmolLM2-135M's shape: the
+    least mean of `batches` batches of `calls` calls (on a shared machine, the cost without preemption)."""
+    import onnxruntime as ort
+
+    heads, kv_heads, dim = 9, 3, 64
+    q_type, cache_type, quantized = LAYER_FORMATS[form]
+
+    def value(name: str, kind: int, shape: list) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, kind, shape)
+
+    cache = [1, kv_heads, buffer, dim]
+    inputs = [
+        value("qkv", q_type, [1, 1, (heads + 2 * kv_heads) * dim]),
+        value("past_key", cache_type, cache),
+        value("past_value", cache_type, cache),
+        value("seqlens_k", TensorProto.INT32, [1]),
+        value("total", TensorProto.INT32, []),
+        value("cos", q_type, [buffer, dim // 2]),
+        value("sin", q_type, [buffer, dim // 2]),
+    ]
+    names = ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "cos", "sin"]
+    if quantized:
+        inputs += [
+            value("k_scale", TensorProto.FLOAT, [kv_heads * dim]),
+            value("v_scale", TensorProto.FLOAT, [kv_heads * dim]),
+        ]
+        names += ["", "", "", "k_scale", "v_scale"]
+    outputs = [
+        value("out", q_type, [1, 1, heads * dim]),
+        value("key", cache_type, cache),
+        value("val", cache_type, cache),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention", names, ["out", "key", "val"], domain="com.microsoft", num_heads=heads,
+        kv_num_heads=kv_heads, do_rotary=1, **quantized,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(helper.make_graph([node], "gqa", inputs, outputs), opset_imports=opsets)
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    q_np, cache_np = helper.tensor_dtype_to_np_dtype(q_type), helper.tensor_dtype_to_np_dtype(cache_type)
+    buffers = [
+        ort.OrtValue.ortvalue_from_numpy((rng.standard_normal(cache) * (20 if quantized else 1)).astype(cache_np))
+        for _ in range(2)
+    ]
+    angles = np.arange(buffer)[:, None] / 10000 ** (np.arange(dim // 2) / (dim // 2))[None]
+    binding = session.io_binding()
+    binding.bind_cpu_input("qkv", rng.standard_normal((1, 1, (heads + 2 * kv_heads) * dim)).astype(q_np))
+    for name, out, buf in (("past_key", "key", buffers[0]), ("past_value", "val", buffers[1])):
+        binding.bind_ortvalue_input(name, buf)
+        binding.bind_ortvalue_output(out, buf)
+    binding.bind_output("out")
+    binding.bind_cpu_input("seqlens_k", np.array([context - 1], np.int32))
+    binding.bind_cpu_input("total", np.array(context, np.int32))
+    binding.bind_cpu_input("cos", np.cos(angles).astype(q_np))
+    binding.bind_cpu_input("sin", np.sin(angles).astype(q_np))
+    if quantized:
+        for name in ("k_scale", "v_scale"):
+            binding.bind_cpu_input(name, np.full(kv_heads * dim, 0.05, np.float32))
+    for _ in range(10):
+        session.run_with_iobinding(binding)
+    means = []
+    for _ in range(batches):
+        start = time.process_time()
+        for _ in range(calls):
+            session.run_with_iobinding(binding)
+        means.append((time.process_time() - start) / calls * 1e6)
+    return min(means)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=list(CACHE_TYPES))
-    parser.add_argument("package", type=Path, help="a package exported with --kv-dtype fp32")
-    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("kind", choices=[*CACHE_TYPES, "layer"])
+    parser.add_argument("package", type=Path, nargs="?", help="a package exported with --kv-dtype fp32")
+    parser.add_argument("--text", type=Path)
+    parser.add_argument("--buffer", type=int, default=2048, help="layer: the cache buffer's positions")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ortspec-kv-probes"))
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -118,6 +210,14 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024, 2048])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
+    if args.kind == "layer":
+        contexts = [c for c in sorted(args.contexts) if c <= args.buffer]
+        print(f"CPU µs per one-token call, buffer of {args.buffer} positions, at " + ", ".join(map(str, contexts)))
+        for form in LAYER_FORMATS:
+            print(f"{form:<20}" + "".join(f"{layer_us(form, c, args.buffer):>8.0f}" for c in contexts))
+        return
+    if args.package is None or args.text is None:
+        parser.error(f"{args.kind} needs a PACKAGE and --text")
     onnx_model.ONNX_TO_NUMPY["tensor(int8)"] = np.int8  # type: ignore[assignment]  # the probe's cache type
     pipe = ortspec.load(args.package, threads=1, verify=False)
     text = args.text.read_text(encoding="utf-8")

@@ -91,9 +91,10 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
 @click.option(
     "--kv-dtype",
     type=click.Choice(["fp32", "fp16"]),
-    help="Precision of the KV cache (default: --dtype's). fp16 beside fp32 activations halves the cache's memory; "
-    "attention then runs in fp16, on this project's CPUs slower than fp32 (docs/benchmarks.md, 'The KV cache "
-    "in fp16'). Builder graphs; a draft head's one-layer cache stays fp32.",
+    help="Precision of the KV cache (default: --dtype's). fp16 beside fp32 activations halves the cache's memory "
+    "(many or long sequences); attention then computes in fp16: no faster on a CPU, and the next-token "
+    "distribution moves about as much as with int4 weights (docs/benchmarks.md, 'The KV cache in fp16'). "
+    "Builder graphs; a draft head's one-layer cache stays fp32.",
 )
 @click.option(
     "--gguf-blocks",
