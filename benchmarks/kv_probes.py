@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from kv_dtype import step_cpu_ms
 from onnx import TensorProto, helper, numpy_helper
 
 import ortspec
@@ -100,11 +101,7 @@ def step_ms(states: dict[str, DecoderState], contexts: list[int], rounds: int, s
         samples: dict[str, list[float]] = {name: [] for name in states}
         for _ in range(rounds):
             for name, state in states.items():
-                state.truncate(contexts[i])
-                start = time.process_time()
-                for token in tokens[contexts[i] : contexts[i] + steps]:
-                    state.forward([token])
-                samples[name].append((time.process_time() - start) / steps * 1000)
+                samples[name].append(step_cpu_ms(state, contexts[i], tokens, steps))
         for name in states:
             results[name][i] = statistics.median(samples[name])
     return results
