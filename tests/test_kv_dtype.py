@@ -109,3 +109,21 @@ def test_an_fp16_cache_needs_the_builders_fp32_graph(checkpoint, tmp_path):
         export_pair(checkpoint("llama"), tmp_path / "p", exporter="optimum", kv_dtype="fp16", report=lambda _: None)
     with pytest.raises(ValueError, match="kv_dtype must be one of fp32, fp16, got 'int8'"):
         export_pair(checkpoint("llama"), tmp_path / "q", kv_dtype="int8", report=lambda _: None)
+
+
+def test_a_draft_head_keeps_its_fp32_cache_beside_an_fp16_target(checkpoint, tmp_path):
+    from ortspec.export import export_pair
+
+    from helpers.heads import make_head
+
+    head = make_head(checkpoint("llama"), tmp_path / "head")
+    out = tmp_path / "pkg"
+    export_pair(checkpoint("llama"), out, draft=head, quantize="none", kv_dtype="fp16", report=lambda _: None)
+    pipe = ortspec.load(out, max_length=128)
+    assert pipe.manifest.draft is not None and pipe.manifest.draft.is_head
+    assert (pipe.manifest.target.kv_dtype, pipe.manifest.draft.kv_dtype) == ("float16", "float32")
+    for prompt in PROMPTS:
+        plain = pipe.generate(prompt, max_new_tokens=MAX_NEW, use_draft=False)
+        spec = pipe.generate(prompt, max_new_tokens=MAX_NEW, draft_tokens=3)
+        assert spec.stats.drafted_tokens > 0
+        assert spec.token_ids == plain.token_ids
