@@ -16,6 +16,8 @@ import pytest
 import ortspec
 from ortspec.runtime.model.decoder import DecoderState
 
+from helpers.batching import start_together
+
 PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(2, 300, size=6 + 5 * seed)] for seed in range(3)]
 MAX_NEW = 16
 
@@ -79,10 +81,12 @@ def test_batched_rows_and_the_prefix_cache_give_the_output_of_each_generation_al
     batched = ortspec.load(half, threads=1, max_length=64, batch=len(PROMPTS))
     assert batched.batch is not None and batched.batch.buffers[0].dtype == np.float16
     batched.batch.wait = 5.0  # every row joins every step
+    start_together(batched, len(PROMPTS))
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(batched.generate, p, max_new_tokens=MAX_NEW, use_draft=False) for p in PROMPTS]
         assert [f.result(timeout=120).token_ids for f in futures] == expected
     assert batched.batch.widest == len(PROMPTS)
+    del batched.target_states.take  # start_together's barrier: later generations start alone
     again = batched.generate(PROMPTS[2] + [5], max_new_tokens=MAX_NEW, use_draft=False)  # reuses a kept row
     assert again.stats.cached_tokens == len(PROMPTS[2])
     assert again.token_ids == alone.generate(PROMPTS[2] + [5], max_new_tokens=MAX_NEW, use_draft=False).token_ids
