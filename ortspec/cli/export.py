@@ -94,6 +94,14 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     help="Precision of the draft (default: --dtype); fp32 for a draft that runs on the CPU beside a GPU target.",
 )
 @click.option(
+    "--kv-dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    help="Precision of the KV cache (default: --dtype's). fp16 beside fp32 activations halves the cache's memory "
+    "(many or long sequences); attention then computes in fp16: no faster on a CPU, and the next-token "
+    "distribution moves about as much as with int4 weights (docs/benchmarks.md, 'The KV cache in fp16'). "
+    "Builder graphs; a draft head's one-layer cache stays fp32.",
+)
+@click.option(
     "--gguf-blocks",
     "--q4-1",
     "gguf_blocks",
@@ -122,6 +130,7 @@ def export(
     exporter: str,
     dtype: str,
     draft_dtype: str | None,
+    kv_dtype: str | None,
     gguf_blocks: str,
     force: bool,
 ) -> None:
@@ -154,6 +163,7 @@ def export(
         exporter=exporter,
         dtype=dtype,
         draft_dtype=draft_dtype,
+        kv_dtype=kv_dtype,
         keep_gguf_blocks=gguf_blocks == "keep",
         int8_kernel=int8_kernel,
         force=force,

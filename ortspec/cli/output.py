@@ -94,7 +94,8 @@ def describe(manifest: Manifest) -> str:
         lines += [
             f"{spec.role}: {spec.source} ({spec.family}), exported by {spec.exporter}",
             f"  {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, vocab {spec.vocab_size}, "
-            f"max positions {spec.max_positions}, {spec.dtype}, KV layout {spec.kv_layout}",
+            f"max positions {spec.max_positions}, {spec.dtype}, KV layout {spec.kv_layout}"
+            + (f", KV cache {spec.kv_dtype}" if spec.kv_dtype and spec.kv_dtype != spec.dtype else ""),
             f"  quantization: {q}",
             *([f"  {gguf}"] if gguf else []),
             "  files: "
