@@ -48,7 +48,12 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
 )
 @click.option("--draft-quantize", type=QUANT_CHOICES, help="Quantization of the draft (default: same as --quantize).")
 @click.option(
-    "--block-size", type=int, default=32, show_default=True, help="Quantization block size (a power of two >= 16)."
+    "--block-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Quantization block size (a power of two >= 16). A GGUF's blocks stay at their own size where it is "
+    "smaller (Q6_K: 16).",
 )
 @click.option(
     "--accuracy-level",
@@ -103,9 +108,10 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     type=click.Choice(["keep", "requantize"]),
     default="keep",
     show_default=True,
-    help="A GGUF's Q4_1 blocks (and, with --quantize int4, its Q8_0 ones): keep them exactly (Q4_1 with a small "
-    "correction term per weight, Q8_0 at 8 bits; the model the file holds) or requantize them to --quantize "
-    "(the fastest steps, further from the file). See docs/design.md, 'Quantization choices'.",
+    help="A GGUF's block weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K): keep them exactly as the "
+    "file holds them (blocks with a minimum, such as Q4_1 and Q4_K, with a small correction term per weight; "
+    "8-bit types at 8 bits) or requantize what --quantize cannot hold as it is (the fastest steps, further "
+    "from the file). The export names the tensors it re-quantized. See docs/design.md, 'Quantization choices'.",
 )
 @click.option(
     "--force",

@@ -39,7 +39,7 @@ from .package import copy_tokenizer, describe_model, save_onnx
 from .precision import KV_DTYPES, check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
-from .quantize.streaming import INT8_KERNELS, StreamingQuantizer
+from .quantize.streaming import INT8_KERNELS, StreamingQuantizer, describe_gguf_blocks
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -146,7 +146,9 @@ def _build_streaming(
         if bits
         else None
     )
-    source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+    source = checkpoint.model_type
+    if checkpoint.is_gguf:
+        source += ", GGUF blocks read from the file" if quantizer else ", GGUF dequantized to fp32"
     what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
     what += ", fp16 KV cache" if quantize.kv_dtype == "fp16" else ""
     data = ExternalData(path)
@@ -154,6 +156,8 @@ def _build_streaming(
         graph = GraphBuilder(data, quantizer, KV_DTYPES[quantize.kv_dtype])
         model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config, feature_layers, graph)
         files = save_graph(model, path, data)
+    if quantizer and (line := describe_gguf_blocks(quantizer.summary())):
+        progress.report(f"      {line}")
     spec = describe_model(
         model,
         role=role,

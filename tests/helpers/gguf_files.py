@@ -5,26 +5,54 @@ llama q/k rows are permuted for llama.cpp's rotary layout, Gemma's norms are sto
 rope scaling becomes a `rope_freqs` tensor and phi3's longrope `rope_factors_long/short`, 1-D tensors
 stay F32, 2-D ones are stored as F32, F16 or a block-quantized type, and the byte-level BPE tokenizer
 goes into `tokenizer.ggml.*`.
+K-quants (which gguf cannot quantize) are written as random raw blocks of the tensor's shape
+(`random_blocks`), one type for every 2-D tensor or a llama.cpp-like mix (`MIXES`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, RopeScalingType, TokenType, get_tensor_name_map
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 from tokenizers import Tokenizer
 
 from ortspec.export.builder.safetensors_io import SafetensorsCheckpoint
+from ortspec.export.quantize import dequantized_weight
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|endoftext|>assistant\n' }}{% endif %}"
 )
+
+
+def projection_weights(pipe: Any) -> dict[str, np.ndarray]:
+    """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
+    graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
+    inits = {init.name: init for init in graph.initializer}
+    weights = {
+        node.output[0]: (
+            dequantized_weight(node, inits)
+            if node.op_type == "MatMulNBits"
+            else onnx.numpy_helper.to_array(inits[node.input[1]])
+        )
+        for node in graph.node
+        if node.op_type in ("MatMul", "MatMulNBits")
+    }
+    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockMean(x) @ (block * C), C [K/block, N]
+        if node.op_type == "Add" and node.input[0] in weights and node.input[1] in weights:
+            w, c = weights.pop(node.input[0]), weights.pop(node.input[1])
+            block = w.shape[0] // c.shape[0]
+            weights[node.output[0]] = w + np.repeat(c / np.float32(block), block, axis=0)
+    return weights
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -68,9 +96,54 @@ def q4_0_searched(w: np.ndarray, level: int = -7) -> np.ndarray:
     return np.concatenate([d.view(np.uint8), packed], axis=1).reshape(*w.shape[:-1], w.shape[-1] // 32 * 18)
 
 
-def _encode(w: np.ndarray, weights: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+# where each type's fp16 scales (d, dmin / m) lie in its block, as byte offsets (negative: from the end)
+FP16_FIELDS = {"Q4_0": [0], "Q8_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+               "Q6_K": [-2], "Q2_K": [-4, -2], "Q3_K": [-2]}  # fmt: skip
+
+
+# a typical |code * sub-block scale| of each type, so that fp16 scales of `scale` / it give values near `scale`
+TYPICAL_CODE = {"Q4_0": 4, "Q8_0": 64, "Q5_0": 8, "Q4_1": 8, "Q5_1": 16, "Q4_K": 256, "Q5_K": 512, "Q6_K": 1024,
+                "Q2_K": 32, "Q3_K": 64}  # fmt: skip
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
+    """Raw `kind` blocks [rows, bytes per row] for a [rows, cols] tensor: random codes and sub-block scales,
+    finite fp16 scales so that values lie near `scale`, signed as llama.cpp writes them (a symmetric type's d
+    either way, a scale beside a minimum positive, Q4_1's minimum either way, K-quants' dmin positive)."""
+    size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    fields = FP16_FIELDS[kind]
+    for at in fields:
+        signed = len(fields) == 1 or (kind in ("Q4_1", "Q5_1") and at == 2)
+        at = at % nbytes
+        sign = rng.choice([-1, 1], raw.shape[:2]) if signed else 1
+        d = rng.uniform(scale, 2 * scale, raw.shape[:2]) / TYPICAL_CODE[kind] * sign
+        raw[:, :, at : at + 2] = d.astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+def q4_k_m(name: str) -> str:
+    """llama.cpp's Q4_K_M, simplified: Q6_K for attn_v, ffn_down and the output, Q4_K for the rest."""
+    return "Q6_K" if name == "output.weight" or any(part in name for part in ("attn_v.", "ffn_down.")) else "Q4_K"
+
+
+MIXES: dict[str, Callable[[str], str]] = {
+    "Q4_K": lambda name: "Q4_K",
+    "Q5_K": lambda name: "Q5_K",
+    "Q6_K": lambda name: "Q6_K",
+    "Q3_K": lambda name: "Q3_K",
+    "Q4_K_M": q4_k_m,
+    "Q4_K_M+Q2_K": lambda name: "Q2_K" if name == "blk.1.attn_output.weight" else q4_k_m(name),
+}
+
+
+def _encode(w: np.ndarray, weights: str, name: str = "") -> tuple[np.ndarray, GGMLQuantizationType | None]:
     if w.ndim == 1 or weights == "F32":
         return w.astype(np.float32), None
+    if weights in MIXES:
+        kind = MIXES[weights](name)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        return random_blocks(kind, *w.shape, rng, scale=float(np.abs(w).mean())), GGMLQuantizationType[kind]
     if weights == "F16":
         return w.astype(np.float16), None
     if weights == "Q4_0-searched":
@@ -188,8 +261,8 @@ def write_gguf(
     """Write the checkpoint at `checkpoint_dir` (llama, mistral, qwen2, qwen3, gemma3_text or phi3) as a GGUF
     file at `path`, as llama.cpp's converter would (its byte-level BPE tokenizer as a `gpt2` vocabulary).
 
-    `weights`: F32, F16, a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...) or
-    Q4_0-searched (`q4_0_searched`).
+    `weights`: F32, F16, a GGML type that gguf.quants can quantize (Q8_0, Q4_0, Q4_1, ...),
+    Q4_0-searched (`q4_0_searched`) or a K-quant mix of `MIXES` (random blocks, not the checkpoint's values).
     `architecture` overrides general.architecture (to test refusals); `window_key` writes the sliding
     window of a llama-architecture file; `drop` leaves out the named tensors and metadata keys, `metadata`
     sets keys ("{arch}." for the architecture's prefix) to other values (to test refusals).
@@ -212,7 +285,7 @@ def write_gguf(
             writer.add_chat_template(chat_template)
     for name, w in converted_tensors(checkpoint_dir, config, arch):
         if name not in drop:
-            data, qtype = _encode(w, weights)
+            data, qtype = _encode(w, weights, name)
             writer.add_tensor(name, data, raw_dtype=qtype)
     for key in [*drop, *(metadata or {})]:
         writer.kv_data[0].pop(key.replace("{arch}", writer.arch), None)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..quantize.gguf_raw import FLOAT_TYPES, LAYOUTS, Blocks, read_blocks, take
 from .config import UnsupportedModelError
 from .gguf_arch import (
     ARCHITECTURES,
@@ -394,7 +395,16 @@ class GGUFModel:
                 f"{self.path.name}: tensor {name} has type {info.tensor_type.name}, "
                 "which the gguf package cannot dequantize"
             ) from exc
-        return np.array(w, dtype=np.float32).reshape(shape)
+        w = np.array(w, dtype=np.float32).reshape(shape)
+        if info.tensor_type.name not in FLOAT_TYPES:
+            self.check_finite(name, w)
+        return w
+
+    def check_finite(self, name: str, *arrays: np.ndarray | None) -> None:
+        """Refuse block scales (or values) that are NaN or infinite: no model holds them, and they would reach
+        the package as NaN logits."""
+        if not all(a is None or np.isfinite(a).all() for a in arrays):
+            raise GGUFError(f"{self.path.name}: tensor {name} holds a block scale that is not a finite number")
 
 
 @lru_cache(maxsize=4)
@@ -421,7 +431,8 @@ def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file under Hugging Face names, dequantized to float32.
+    """The tensors of a GGUF file under Hugging Face names, dequantized to float32 (`get`, `rows`), or as the
+    file's own blocks (`blocks`) for the types `gguf_raw` reads.
 
     Same interface as `safetensors_io.SafetensorsCheckpoint` (`in`, `names`, `get`, `dtype`), so `WeightReader`
     reads either.
@@ -447,6 +458,27 @@ class GGUFCheckpoint:
 
     def shape(self, name: str) -> list[int]:
         return list(self.model.tensors[self._where[name]].shape)
+
+    def gguf_name(self, name: str) -> str:
+        return self._where[name]
+
+    def readable(self, name: str) -> bool:
+        """Whether `blocks` reads tensor `name` (a 2-D tensor of a type `gguf_raw` reads)."""
+        return self.dtype(name) in LAYOUTS and len(self.shape(name)) == 2
+
+    def blocks(self, name: str, rows: tuple[int, int] | None = None) -> Blocks:
+        """Tensor `name` [N, K] (or its `rows` (start, stop)) as the file's blocks along K, q/k rows un-permuted."""
+        info = self.model.tensors[self._where[name]]
+        raw = self.model.file.data(info.name, rows)
+        blocks = read_blocks(raw.reshape(-1, info.row_bytes), info.tensor_type.name)
+        self.model.check_finite(info.name, blocks.scales, blocks.offsets)
+        projection = name.split(".")[-2]
+        if projection in self._permute_heads:
+            if rows is not None:
+                raise ValueError(f"{name} is stored with its rotary rows permuted; read it whole")
+            order = unpermute_rotary_rows(np.arange(info.shape[0]), self._permute_heads[projection])
+            blocks = take(blocks, order)
+        return blocks
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:

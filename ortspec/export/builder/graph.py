@@ -34,6 +34,7 @@ from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
 
 if TYPE_CHECKING:
+    from ..quantize.gguf_raw import GGUFWeight
     from ..quantize.streaming import QuantizedWeight, StreamingQuantizer
     from .external import ExternalData
 
@@ -78,11 +79,12 @@ class GraphBuilder:
     def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
-    def matmul(self, x: str, name: str, weight: np.ndarray) -> str:
+    def matmul(self, x: str, name: str, weight: np.ndarray | GGUFWeight) -> str:
         """x @ weight [in, out]: a MatMul over an fp32 constant, or the quantizer's nodes over its blocks; the
         output is `{name}_out` either way."""
         if self.quantizer is not None:
             return self.quantizer.matmul(self, x, name, weight)
+        assert isinstance(weight, np.ndarray)  # GGUF blocks are read for a quantizer only
         self.nodes.append(helper.make_node("MatMul", [x, self.constant(name, weight)], [f"{name}_out"], name=name))
         return f"{name}_out"
 
@@ -275,6 +277,7 @@ def build_decoder(
     weights to external data and quantize them as they come; layers are read one at a time either way."""
     cfg, head_dim = reader.cfg, reader.padded
     g = g or GraphBuilder()
+    reader.gguf_blocks = g.quantizer is not None  # a GGUF's weights reach the quantizer as the file's blocks
     rotary_tables(g, cfg, max_positions, head_dim)
     hidden, lm_head = _embedding(g, reader)
     if cfg.embed_scale != 1.0:
