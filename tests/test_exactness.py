@@ -96,7 +96,8 @@ def test_cli_bench_prints_every_divergence_and_fails_beyond_a_near_tie(package, 
 
     def fake(divergences: list[Divergence]):
         def compare(pipe, prompts, **options):
-            report = BenchReport(prompts=len(prompts), runs=2, divergences=divergences, near_tie=0.3, path_noise=0.3)
+            runs = len(divergences) + 1
+            report = BenchReport(prompts=1, runs=runs, divergences=divergences, near_tie=0.3, path_noise=0.3)
             report.plain.new_tokens = report.speculative.new_tokens = 8
             return report
 
@@ -107,10 +108,11 @@ def test_cli_bench_prints_every_divergence_and_fails_beyond_a_near_tie(package, 
     monkeypatch.setattr(bench, "compare", fake([tie]))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "near-tie: prompt 0, new token 3:" in result.output and "logit gap 0.1200" in result.output
+    assert "near-tie (1 run): prompt 0, new token 3:" in result.output and "logit gap 0.1200" in result.output
     assert "near-tie bound 0.3000 (the path noise measured on these prompts: 0.3000)" in result.output
-    monkeypatch.setattr(bench, "compare", fake([tie, beyond]))
+    monkeypatch.setattr(bench, "compare", fake([tie, tie, beyond]))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
-    assert "MISMATCH: prompt 0, new token 7:" in result.output and "logit gap 0.9000" in result.output
-    assert "1 of 2 speculative outputs left plain decoding beyond a near-tie" in result.output
+    assert "MISMATCH (1 run): prompt 0, new token 7:" in result.output and "logit gap 0.9000" in result.output
+    assert "near-tie (2 runs): prompt 0, new token 3:" in result.output
+    assert "1 of 4 speculative outputs left plain decoding beyond a near-tie" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,9 @@ def bench(
         return
     noise = "" if report.path_noise is None else f" (the path noise measured on these prompts: {report.path_noise:.4f})"
     bound = f"near-tie bound {report.near_tie:.4f}{noise}"
-    for found in report.divergences:
+    for found, runs in Counter(report.divergences).items():  # repeats diverge alike: one line each
         kind = "near-tie" if found in report.near_ties else "MISMATCH"
-        click.echo(f"{kind}: {found.describe(pipe.tokenizer)}")
+        click.echo(f"{kind} ({runs} run{'s' * (runs > 1)}): {found.describe(pipe.tokenizer)}")
     if report.mismatches:
         raise click.ClickException(
             f"{len(report.mismatches)} of {report.runs} speculative outputs left plain decoding beyond a near-tie "
