@@ -52,9 +52,9 @@ def bench(
     and checks that both modes produced identical tokens. Where they did not, it prints the first
     differing token and the logit gap between the two choices in plain decoding's own logits: a gap
     within the measured difference of one- and many-position kernels (int8/int4) is a near-tie,
-    anything beyond it fails as a bug. The drafting options apply to the
-    speculative runs; suffix drafting's pool keeps the outputs of earlier runs, so repeats draft
-    from a prompt's earlier answers.
+    anything beyond it fails as a bug. Every run starts from an empty cache (no prefix reuse), so
+    that plain decoding can be replayed. The drafting options apply to the speculative runs; suffix
+    drafting's pool keeps the outputs of earlier runs, so repeats draft from a prompt's earlier answers.
     """
     from ortspec.runtime.bench import compare
     from ortspec.runtime.text.prompt_files import read_prompts, read_requests
