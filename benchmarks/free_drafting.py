@@ -240,9 +240,9 @@ def row(name: str, mode: str, report: BenchReport) -> str:
     alpha = "-" if spec.alpha is None else f"{spec.alpha:.2f}"
     accept = "-" if spec.acceptance_rate is None else f"{spec.acceptance_rate:.2f}"
     if report.mismatches:
-        outputs = f"MISMATCH beyond a near-tie on prompts {report.mismatches}"
+        outputs = "MISMATCH beyond a near-tie: " + "; ".join(d.describe() for d in report.mismatches)
     elif report.near_ties:
-        worst = max(gap for _, _, gap in report.near_ties)
+        worst = max(d.gap for d in report.near_ties)
         outputs = f"{report.runs - len(report.near_ties)}/{report.runs} identical, rest near-ties (gap <= {worst:.3f})"
     else:
         outputs = f"{report.runs}/{report.runs} identical"

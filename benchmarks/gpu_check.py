@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -220,8 +221,9 @@ def speedups(
     package: Path, providers: list[str], draft_providers: list[str], args: argparse.Namespace, cuda_graphs: bool
 ) -> dict:
     import ortspec
+    from ortspec.runtime.bench import MAX_NEAR_TIE
 
-    from free_drafting import CHAT, EDIT, PATH_NOISE_LIMIT, WARMUP, measure_chat_sets
+    from free_drafting import CHAT, EDIT, WARMUP, measure_chat_sets
 
     pipe = ortspec.load(package, providers=providers, draft_providers=draft_providers, cuda_graphs=cuda_graphs)
     modes = {k: v for k, v in MODES.items() if pipe.draft is not None or v["draft"] != "model"}
@@ -234,7 +236,7 @@ def speedups(
         "draft_providers": pipe.draft.providers if pipe.draft else None,
         "cuda_graphs": pipe.target.cuda_graphs,
         "path_noise": noise,
-        "path_noise_ok": noise <= PATH_NOISE_LIMIT,  # larger: a kernel path is broken
+        "path_noise_ok": noise <= MAX_NEAR_TIE,  # larger: a kernel path is broken
     }
     for name, reports in measured.items():
         out[name] = {
@@ -244,8 +246,9 @@ def speedups(
                 plain_tok_s=round(r.plain.tokens_per_second, 1),
                 spec_tok_s=round(r.speculative.tokens_per_second, 1),
                 decode_speedup=round(r.decode_speedup, 3),
-                mismatches=r.mismatches,
-                near_ties=r.near_ties,
+                near_tie=r.near_tie,
+                mismatches=[asdict(d) for d in r.mismatches],
+                near_ties=[asdict(d) for d in r.near_ties],
             )
             for mode, r in reports.items()
         }

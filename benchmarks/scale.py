@@ -4,7 +4,8 @@ that making them needs no more memory than one tensor.
 
     python benchmarks/scale.py --shapes 135M 360M --quantize int4 [--work DIR]
     python benchmarks/scale.py --shapes 135M 1.17B 3B --llama-cpp /work/tools/llama.cpp --work /work/data/scale
-    python benchmarks/scale.py --shapes 8B --gguf-only --work /work/data/scale
+    python benchmarks/scale.py --shapes 1.17B --gguf Q4_0 Q4_1 Q4_K_M [--work DIR]
+    python benchmarks/scale.py --shapes 8B --gguf Q4_0 --tokenizer-gguf SmolLM2-135M-Instruct.Q4_1.gguf --load
 
 With `--llama-cpp` (a build from benchmarks/build_llama_cpp.sh), each shape also goes through llama.cpp in the
 same run: its converter (`--outtype f16`) then `llama-quantize` Q4_0 on the same checkpoint; ortspec exports
@@ -14,8 +15,12 @@ to llama-bench's, for n in 1, 2, 4, 8. The checkpoint carries the SmolLM2 tokeni
 `--tokenizer-gguf` (llama.cpp's converter only accepts byte-level BPE tokenizers it knows; the rest of its
 vocabulary is padding), so both exports see the same files.
 
-`--gguf-only` writes a Q4_0 GGUF of the shape directly (random blocks with valid fp16 scales, tensor by
-tensor: no fp32 checkpoint on disk) with that tokenizer's metadata, and times ortspec's export of it alone.
+`--gguf TYPE...` exports GGUF files of the shape instead: every 2-D tensor random raw blocks of TYPE (or
+of llama.cpp's Q4_K_M mix, simplified: Q6_K for attn_v, ffn_down and the output), written tensor by
+tensor with gguf.GGUFWriter (no fp32 checkpoint on disk), the tokenizer of the suite's tiny GGUFs or, with
+`--tokenizer-gguf`, that file's. Each block's codes span its range as llama.cpp's reference quantizer
+leaves them (a Q4_0 block's largest code -8, a Q4_1 block's 0 and 15). `--load` (implied by `--llama-cpp`)
+adds the loaded package's RSS and t(n).
 
 Each step runs in a child process under `/usr/bin/time -v` (its peak RSS is the child's own) and, with
 `--address-space`, under `prlimit --as`. One shape at a time; a shape's files are deleted after its row
@@ -32,6 +37,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from llama_peer import LlamaCpp, Timed, timed
@@ -128,94 +134,110 @@ def write_checkpoint(directory: Path, shape: str | dict, seed: int = 0, tokenize
     return directory
 
 
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+def copy_tokenizer(writer: Any, source: Path, vocab: int) -> None:
+    """The tokenizer metadata of the GGUF file `source`, padded to `vocab` tokens as llama.cpp's converter pads
+    a vocabulary ("[PADi]", unused)."""
+    from gguf import TokenType
+
+    from ortspec.export.builder.gguf_io import open_gguf
+
+    meta = open_gguf(source).metadata
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta["tokenizer.ggml.token_type"])
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    types += [TokenType.UNUSED] * (len(tokens) - len(types))
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(list(meta["tokenizer.ggml.merges"]))
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id)):
+        if meta.get(f"tokenizer.ggml.{key}_token_id") is not None:
+            add(meta[f"tokenizer.ggml.{key}_token_id"])
+
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
 def gguf_name(hf: str) -> str:
-    """llama.cpp's tensor name for a Llama tensor name of `tensor_shapes`."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if hf in fixed or hf == "lm_head.weight":
-        return fixed.get(hf, "output.weight")
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}  # fmt: skip
+    if hf in top:
+        return top[hf]
     _, _, layer, rest = hf.split(".", 3)
-    return f"blk.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
 
 
-def random_q4_0(rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
-    """Q4_0 bytes of a [rows, columns] weight: random codes, fp16 scales around 0.0025 (std ~0.02)."""
-    blocks = rows * columns // 32
-    scales = (0.0025 * (0.5 + rng.random(blocks, dtype=np.float32))).astype(np.float16)
-    codes = rng.integers(0, 256, (blocks, 16), dtype=np.uint8)
-    return np.concatenate([scales.view(np.uint8).reshape(blocks, 2), codes], axis=1).reshape(rows, -1)
+def write_gguf_checkpoint(
+    path: Path, shape: str | dict, weights: str, seed: int = 0, tokenizer: Path | None = None
+) -> Path:
+    """A random Llama GGUF of `shape`, its 2-D tensors raw `weights` blocks (a GGML type or Q4_K_M), one tensor
+    in memory at a time; with `tokenizer` (a GGUF file), that file's tokenizer padded to the vocabulary."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.constants import GGML_QUANT_SIZES
 
+    from ortspec.models.random import make_tokenizer
 
-def write_q4_0_gguf(path: Path, shape: str | dict, tokenizer: Path, seed: int = 0, rows: int = 4096) -> Path:
-    """A Llama GGUF of `shape` with every matrix in random Q4_0 blocks and the norms at one, written
-    tensor by tensor (`rows` rows at a time), with the tokenizer metadata of the GGUF file `tokenizer`
-    padded to the vocabulary as llama.cpp's converter pads it ("[PADi]", unused)."""
-    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
-
-    from ortspec.export.builder.gguf_io import open_gguf
+    from helpers.gguf_files import add_bpe_tokenizer, q4_k_m, random_blocks
 
     s = SHAPES[shape] if isinstance(shape, str) else shape
-    meta = open_gguf(tokenizer).metadata
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta["tokenizer.ggml.token_type"])
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), s["vocab"])]
-    types += [TokenType.UNUSED] * (len(tokens) - len(types))
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), "llama")
-    writer.add_name(f"random Llama {s['hidden']}x{s['layers']}")
+    writer.add_name(f"random Llama {s['hidden']}x{s['layers']} {weights}")
     writer.add_context_length(8192)
     writer.add_embedding_length(s["hidden"])
     writer.add_block_count(s["layers"])
     writer.add_feed_forward_length(s["intermediate"])
     writer.add_head_count(s["heads"])
     writer.add_head_count_kv(s["kv_heads"])
-    writer.add_rope_dimension_count(s["hidden"] // s["heads"])
-    writer.add_rope_freq_base(500000.0)
+    writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(s["vocab"])
-    writer.add_file_type(2)  # MOSTLY_Q4_0
-    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "default"))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(list(meta["tokenizer.ggml.merges"]))
-    for key in ("bos", "eos", "padding"):
-        index = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if index is not None:
-            getattr(writer, f"add_{'pad' if key == 'padding' else key}_token_id")(index)
-    shapes = {gguf_name(hf): dims for hf, dims in tensor_shapes(s).items()}
+    writer.add_rope_dimension_count(s["hidden"] // s["heads"])
+    if tokenizer is None:
+        tokenizer_dir = path.parent / f"{path.stem}-tokenizer"
+        tokenizer_dir.mkdir(exist_ok=True)
+        make_tokenizer(tokenizer_dir, 384)
+        add_bpe_tokenizer(writer, tokenizer_dir)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(0)
+    else:
+        copy_tokenizer(writer, tokenizer, s["vocab"])
+    shapes = {gguf_name(name): dims for name, dims in tensor_shapes(s).items()}
+    mix = q4_k_m if weights == "Q4_K_M" else lambda name: weights
+    kinds = {name: mix(name) for name, dims in shapes.items() if len(dims) == 2}
     for name, dims in shapes.items():
-        if len(dims) == 1:
-            writer.add_tensor_info(name, dims, np.dtype(np.float32), 4 * dims[0])
+        if name in kinds:
+            kind = GGMLQuantizationType[kinds[name]]
+            size, nbytes = GGML_QUANT_SIZES[kind]
+            row = dims[1] // size * nbytes
+            writer.add_tensor_info(name, [dims[0], row], np.dtype(np.uint8), dims[0] * row, raw_dtype=kind)
         else:
-            byte_shape = (dims[0], dims[1] // 32 * Q4_0_BLOCK)
-            nbytes = byte_shape[0] * byte_shape[1]
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, GGMLQuantizationType.Q4_0)
+            writer.add_tensor_info(name, list(dims), np.dtype(np.float32), 4 * int(np.prod(dims)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    out = writer.fout[0]  # the data section, streamed here a slice of rows at a time
     rng = np.random.default_rng(seed)
     for name, dims in shapes.items():
-        writer.write_padding(out, out.tell())
-        if len(dims) == 1:
-            data = np.ones(dims, np.float32)
-            data.tofile(out)
-        else:
-            for start in range(0, dims[0], rows):
-                random_q4_0(min(rows, dims[0] - start), dims[1], rng).tofile(out)
-        writer.tensors[0].pop(name)
+        if name not in kinds:
+            writer.write_tensor_data(np.ones(dims, np.float32))
+            continue
+        raw = random_blocks(kinds[name], *dims, rng)
+        if kinds[name] in ("Q4_0", "Q4_1"):  # element 0 code 0 (-8 for Q4_0), element 16 code 15 (Q4_1's max)
+            blocks = raw.reshape(dims[0], -1, raw.shape[1] // (dims[1] // 32))
+            at = 2 if kinds[name] == "Q4_0" else 4
+            blocks[:, :, at] = (blocks[:, :, at] & 0xF0) | (0xF0 if kinds[name] == "Q4_1" else 0)
+        writer.write_tensor_data(raw)
     writer.close()
     return path
 
@@ -244,7 +266,7 @@ def compare_shape(shape: str, args: argparse.Namespace, llama: LlamaCpp | None) 
     its Q4_0 GGUF, load RSS and t(n) of both; prints the table rows."""
     work: Path = args.work
     ckpt, ours_pkg = work / f"ckpt-{shape}", work / f"pkg-{shape}"
-    tokenizer = args.tokenizer_gguf if llama else None
+    tokenizer = (args.tokenizer_gguf or SMOLLM2_GGUF) if llama else None
     if not (ckpt / "model.safetensors").is_file():
         write_checkpoint(ckpt, shape, tokenizer=tokenizer)
     size = directory_size(ckpt) / 1e9
@@ -266,15 +288,19 @@ def compare_shape(shape: str, args: argparse.Namespace, llama: LlamaCpp | None) 
         f"package {package:.3f} GB |",
         flush=True,
     )
-    from_gguf(shape, q4, work / f"pkg-{shape}-gguf", args, llama)
+    from_gguf(f"{shape} llama.cpp Q4_0", q4, work / f"pkg-{shape}-gguf", args, llama)
     if not args.keep:
         shutil.rmtree(ours_pkg)
 
 
-def from_gguf(shape: str, gguf: Path, out: Path, args: argparse.Namespace, llama: LlamaCpp | None) -> None:
-    """Our export of a Q4_0 GGUF, its package against the GGUF, load RSS, and t(n) beside llama-bench's."""
+def from_gguf(label: str, gguf: Path, out: Path, args: argparse.Namespace, llama: LlamaCpp | None) -> None:
+    """Our export of a GGUF, its package against the GGUF and, with `--load` or llama.cpp, load RSS and t(n)
+    (beside llama-bench's)."""
     run = export(gguf, out, args.quantize, args.address_space)
     package, gguf_gb = directory_size(out) / 1e9, gguf.stat().st_size / 1e9
+    if not (args.load or llama):
+        print(f"| {label} | {gguf_gb:.3f} | {run.seconds:.1f} | {run.rss_gb:.2f} | {package:.3f} | |", flush=True)
+        return
     loaded = load_memory(out, args.threads, args.max_length, 16, steps=max(args.n), context=args.context)
     ours = {n: loaded["t_ms"][n - 1] for n in args.n}
     cells = [f"{n}: {ours[n]:.1f}" for n in args.n]
@@ -282,7 +308,7 @@ def from_gguf(shape: str, gguf: Path, out: Path, args: argparse.Namespace, llama
         theirs = llama.step_ms(gguf, args.n, args.context, args.threads)
         cells = [f"{n}: {ours[n]:.1f} / {theirs[n]:.1f} ({ours[n] / theirs[n]:.2f}x)" for n in args.n]
     print(
-        f"| {shape} | Q4_0 GGUF {gguf_gb:.3f} GB -> package {package:.3f} GB ({package / gguf_gb:.2f}x) | "
+        f"| {label} | GGUF {gguf_gb:.3f} GB -> package {package:.3f} GB ({package / gguf_gb:.2f}x) | "
         f"ortspec export --quantize {args.quantize}: {row(run)} | "
         f"load RSS {loaded['loaded']['VmRSS'] / 1e9:.2f} GB (max length {args.max_length}) | "
         f"t(n) ms ours / llama.cpp, context {args.context}: {'; '.join(cells)} |",
@@ -302,8 +328,11 @@ def main() -> None:
     )
     parser.add_argument("--address-space", type=int, default=None, help="prlimit --as for each step, in bytes")
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp tree built by benchmarks/build_llama_cpp.sh")
-    parser.add_argument("--gguf-only", action="store_true", help="export a Q4_0 GGUF written directly")
-    parser.add_argument("--tokenizer-gguf", type=Path, default=SMOLLM2_GGUF, help="whose tokenizer the files carry")
+    parser.add_argument("--gguf", nargs="+", default=[], help="export GGUFs of these types (Q4_0, Q4_1, Q4_K_M...)")
+    parser.add_argument(
+        "--tokenizer-gguf", type=Path, help="a GGUF whose tokenizer the files carry (with --llama-cpp: SmolLM2's)"
+    )
+    parser.add_argument("--load", action="store_true", help="also load each package: RSS and t(n)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=128, help="cached positions before each t(n) call")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8], help="the n of t(n)")
@@ -314,16 +343,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     llama = LlamaCpp(args.llama_cpp) if args.llama_cpp else None
     print(f"load average before: {load_average()}")
-    if not llama and not args.gguf_only:
+    if not (llama or args.load):
         print(f"| shape | checkpoint GB | export s | export peak RSS GB | package GB | ({args.quantize}) |")
         print("|---|---|---|---|---|---|")
     for shape in args.shapes:
-        if args.gguf_only:
-            gguf = args.work / f"{shape}.Q4_0.gguf"
+        for weights in args.gguf:
+            gguf = args.work / f"{shape}-{weights}.gguf"
             if not gguf.is_file():
-                write_q4_0_gguf(gguf, shape, args.tokenizer_gguf)
-            from_gguf(shape, gguf, args.work / f"pkg-{shape}-gguf", args, llama)
-        else:
+                write_gguf_checkpoint(gguf, shape, weights, tokenizer=args.tokenizer_gguf)
+            from_gguf(f"{shape} {weights}", gguf, args.work / f"pkg-{shape}-{weights}", args, llama)
+        if not args.gguf:
             compare_shape(shape, args, llama)
     print(f"load average after: {load_average()}")
 

@@ -39,7 +39,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """package(family, draft kind or None, quantize, exporter, draft_exporter, variant) -> package directory."""
+    """package(family, draft kind or None, quantize, exporter, draft_exporter, variant, kv_dtype) -> package
+    directory."""
     from ortspec.export import export_pair
 
     made: dict[tuple, Path] = {}
@@ -51,8 +52,9 @@ def package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
         exporter: str = "auto",
         draft_exporter: str | None = None,
         variant: str = "",
+        kv_dtype: str | None = None,
     ) -> Path:
-        key = (family, draft, quantize, exporter, draft_exporter, variant)
+        key = (family, draft, quantize, exporter, draft_exporter, variant, kv_dtype)
         if key not in made:
             out = tmp_path_factory.mktemp("pkg") / "-".join(str(k) for k in key)
             export_pair(
@@ -62,6 +64,7 @@ def package(checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
                 quantize=quantize,
                 exporter=exporter,
                 draft_exporter=draft_exporter,
+                kv_dtype=kv_dtype,
                 report=lambda _: None,
             )
             made[key] = out

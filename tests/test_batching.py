@@ -21,6 +21,7 @@ from ortspec.runtime.model.batching import BatchedModel, RowState, batch_problem
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.package.manifest import file_entry
 
+from helpers.batching import start_together
 from helpers.waiting import wait_until
 
 ROWS = 4
@@ -45,19 +46,6 @@ def batched(built: Path) -> ortspec.Pipeline:
     assert pipe.batch is not None
     pipe.batch.wait = 5.0
     return pipe
-
-
-def start_together(pipe: ortspec.Pipeline, count: int) -> None:
-    """Make the first `count` generations wait until all of them hold a row (so they decode side by side)."""
-    barrier = threading.Barrier(count)
-    take = pipe.target_states.take
-
-    def take_then_wait(prompt: list[int] | None = None) -> RowState:
-        state = take(prompt)
-        barrier.wait(timeout=30)
-        return state
-
-    pipe.target_states.take = take_then_wait
 
 
 def run_all(pipe: ortspec.Pipeline, jobs: list[tuple[list[int], dict]]) -> list[list[int]]:

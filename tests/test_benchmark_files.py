@@ -1,5 +1,6 @@
-"""The files the export-at-scale and GGUF-quality benchmarks make: a Q4_0 GGUF of a shape written
-directly (benchmarks/scale.py) and an HF checkpoint of a GGUF's weights (benchmarks/gguf_quality.py)."""
+"""The files the export-at-scale and GGUF-quality benchmarks make: a Q4_0 GGUF of a shape written directly
+with another file's tokenizer (benchmarks/scale.py) and an HF checkpoint of a GGUF's weights
+(benchmarks/gguf_quality.py)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96, vocab=40
 
 
 def test_q4_0_gguf_of_a_shape_is_that_shape(checkpoint, tmp_path):
-    """Every matrix is Q4_0 of its shape with codes in range and fp16 scales; the tokenizer is the source's,
-    padded to the vocabulary with unused tokens; ortspec reads it back as the same Llama config."""
-    from scale import tensor_shapes, write_q4_0_gguf
+    """Every matrix is Q4_0 of its shape with finite values; the tokenizer is the source's, padded to the
+    vocabulary with unused tokens; ortspec reads it back as the same Llama config."""
+    from scale import tensor_shapes, write_gguf_checkpoint
 
     source = write_gguf(checkpoint("llama"), tmp_path / "source.gguf")
-    path = write_q4_0_gguf(tmp_path / "shape.gguf", SHAPE, source, rows=7)  # rows: slices that do not divide
+    path = write_gguf_checkpoint(tmp_path / "shape.gguf", SHAPE, "Q4_0", tokenizer=source)
     model = open_gguf(path)
     config = model.config()
     assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (64, 2, 96)
@@ -43,7 +44,7 @@ def test_q4_0_gguf_of_a_shape_is_that_shape(checkpoint, tmp_path):
             assert np.all(w == 1.0)
         else:
             assert weights.dtype(name) == GGMLQuantizationType.Q4_0.name
-            assert np.isfinite(w).all() and 0 < np.abs(w).max() <= 0.0025 * 1.5 * 8
+            assert np.isfinite(w).all() and np.abs(w).max() > 0
     tokens = list(model.metadata["tokenizer.ggml.tokens"])
     source_tokens = list(open_gguf(source).metadata["tokenizer.ggml.tokens"])
     assert tokens[: len(source_tokens)] == source_tokens and tokens[-1] == "[PAD399]" and len(tokens) == 400

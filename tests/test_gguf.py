@@ -20,13 +20,12 @@ from ortspec.export import export_pair
 from ortspec.export.builder import UnsupportedModelError
 from ortspec.export.builder.gguf_io import open_gguf
 from ortspec.export.gguf_tokenizer import UnsupportedTokenizerError, merges_from_scores
-from ortspec.export.quantize import dequantized_weight
 from ortspec.export.quantize.gguf_blocks import offset_blocks
 from ortspec.models.random import CORPUS
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.text.tokenizer import TextTokenizer
 
-from helpers.gguf_files import CHAT_TEMPLATE, write_gguf
+from helpers.gguf_files import CHAT_TEMPLATE, projection_weights, write_gguf
 from helpers.reference import hf_model
 
 TEXTS = [
@@ -115,27 +114,6 @@ def test_quantized_gguf_really_differs_from_fp32(gguf_file, checkpoint, tmp_path
         assert_logits_match(pipe, hf_model(checkpoint("llama", variant="tied")))
 
 
-def projection_weights(pipe: ortspec.Pipeline) -> dict[str, np.ndarray]:
-    """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
-    graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
-    inits = {init.name: init for init in graph.initializer}
-    weights = {
-        node.output[0]: (
-            dequantized_weight(node, inits)
-            if node.op_type == "MatMulNBits"
-            else onnx.numpy_helper.to_array(inits[node.input[1]])
-        )
-        for node in graph.node
-        if node.op_type in ("MatMul", "MatMulNBits")
-    }
-    for node in graph.node:  # Q4_1: MatMulNBits(x) + BlockMean(x) @ (block * C), C [K/block, N]
-        if node.op_type == "Add" and node.input[0] in weights and node.input[1] in weights:
-            w, c = weights.pop(node.input[0]), weights.pop(node.input[1])
-            block = w.shape[0] // c.shape[0]
-            weights[node.output[0]] = w + np.repeat(c / np.float32(block), block, axis=0)
-    return weights
-
-
 # (GGUF type, --quantize, --block-size, whether MatMulNBits can hold the blocks as they are). Q4_0-searched:
 # Q4_0 blocks whose largest code is not -8 (as importance-matrix quantization leaves some), which ONNX
 # Runtime's quantizer (scale = largest / -8) re-quantizes with an error; so it does Q8_0 (largest / -128).
@@ -147,12 +125,12 @@ BLOCK_CASES = [
     ("Q4_0", "int8", 32, True),
     ("Q5_0", "int8", 32, True),
     ("Q4_0-searched", "int4", 16, True),
-    ("Q4_0-searched", "int4", 64, False),
+    ("Q4_0-searched", "int4", 64, True),  # kept in the file's blocks of 32
     ("Q8_0", "int4", 32, True),  # kept at 8 bits: the file's choice for that weight
     ("Q4_1", "int4", 32, True),
     ("Q4_1", "int4", 16, True),
     ("Q4_1", "int8", 32, True),
-    ("Q4_1", "int4", 64, False),
+    ("Q4_1", "int4", 64, True),
 ]
 
 

@@ -48,7 +48,12 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
 )
 @click.option("--draft-quantize", type=QUANT_CHOICES, help="Quantization of the draft (default: same as --quantize).")
 @click.option(
-    "--block-size", type=int, default=32, show_default=True, help="Quantization block size (a power of two >= 16)."
+    "--block-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Quantization block size (a power of two >= 16). A GGUF's blocks stay at their own size where it is "
+    "smaller (Q6_K: 16).",
 )
 @click.option(
     "--accuracy-level",
@@ -89,15 +94,24 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     help="Precision of the draft (default: --dtype); fp32 for a draft that runs on the CPU beside a GPU target.",
 )
 @click.option(
+    "--kv-dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    help="Precision of the KV cache (default: --dtype's). fp16 beside fp32 activations halves the cache's memory "
+    "(many or long sequences); attention then computes in fp16: no faster on a CPU, and the next-token "
+    "distribution moves about as much as with int4 weights (docs/benchmarks.md, 'The KV cache in fp16'). "
+    "Builder graphs; a draft head's one-layer cache stays fp32.",
+)
+@click.option(
     "--gguf-blocks",
     "--q4-1",
     "gguf_blocks",
     type=click.Choice(["keep", "requantize"]),
     default="keep",
     show_default=True,
-    help="A GGUF's Q4_1 blocks (and, with --quantize int4, its Q8_0 ones): keep them exactly (Q4_1 with a small "
-    "correction term per weight, Q8_0 at 8 bits; the model the file holds) or requantize them to --quantize "
-    "(the fastest steps, further from the file). See docs/design.md, 'Quantization choices'.",
+    help="A GGUF's block weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K): keep them exactly as the "
+    "file holds them (blocks with a minimum, such as Q4_1 and Q4_K, with a small correction term per weight; "
+    "8-bit types at 8 bits) or requantize what --quantize cannot hold as it is (the fastest steps, further "
+    "from the file). The export names the tensors it re-quantized. See docs/design.md, 'Quantization choices'.",
 )
 @click.option(
     "--force",
@@ -116,18 +130,19 @@ def export(
     exporter: str,
     dtype: str,
     draft_dtype: str | None,
+    kv_dtype: str | None,
     gguf_blocks: str,
     force: bool,
 ) -> None:
     """Export TARGET (and --draft) into one quantized ONNX deployment package.
 
     TARGET and --draft are Hugging Face checkpoint directories, hub ids (hub ids need a network
-    or a filled Hugging Face cache) or GGUF files (llama.cpp's format, llama and qwen2
-    architectures, any weight type the gguf package dequantizes: F32, F16, BF16, Q4_0, Q4_1, Q8_0,
-    K-quants...; read without torch, the weights dequantized to fp32 before --quantize, except that
-    Q4_0/Q4_1 blocks for int4/int8 and Q8_0/Q5_0 blocks for int8 are kept exactly). The package
-    appears only once complete: an interrupted export (Ctrl-C, SIGTERM) leaves no half-written
-    package behind, and one export at a time may write an --out.
+    or a filled Hugging Face cache) or GGUF files (llama.cpp's format; llama incl. Mistral-style,
+    qwen2, qwen3, gemma3 and phi3 architectures; any weight type the gguf package dequantizes:
+    F32, F16, BF16, Q4_0, Q4_1, Q8_0, K-quants...; read without torch, the weights dequantized to
+    fp32 before --quantize, except that Q4_0/Q4_1 blocks for int4/int8 and Q8_0/Q5_0 blocks for
+    int8 are kept exactly). The package appears only once complete: an interrupted export (Ctrl-C,
+    SIGTERM) leaves no half-written package behind, and one export at a time may write an --out.
     """
     try:
         from ortspec.export import export_pair
@@ -148,6 +163,7 @@ def export(
         exporter=exporter,
         dtype=dtype,
         draft_dtype=draft_dtype,
+        kv_dtype=kv_dtype,
         keep_gguf_blocks=gguf_blocks == "keep",
         int8_kernel=int8_kernel,
         force=force,

@@ -62,6 +62,12 @@ def quantization_label(manifest: Manifest) -> str:
     return f"int{quant['bits']}, block {quant['block_size']}{gemm}"
 
 
+def _gguf_blocks(quantization: dict) -> str | None:
+    from ortspec.export.quantize.streaming import describe_gguf_blocks  # export's modules: only for GGUF records
+
+    return describe_gguf_blocks(quantization) if "gguf_blocks" in quantization else None
+
+
 def describe(manifest: Manifest) -> str:
     """A readable summary of a package's manifest."""
     lines = [
@@ -84,11 +90,14 @@ def describe(manifest: Manifest) -> str:
             )
         )
         size = sum(f.size for f in spec.files)
+        gguf = _gguf_blocks(quant)
         lines += [
             f"{spec.role}: {spec.source} ({spec.family}), exported by {spec.exporter}",
             f"  {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, vocab {spec.vocab_size}, "
-            f"max positions {spec.max_positions}, {spec.dtype}, KV layout {spec.kv_layout}",
+            f"max positions {spec.max_positions}, {spec.dtype}, KV layout {spec.kv_layout}"
+            + (f", KV cache {spec.kv_dtype}" if spec.kv_dtype and spec.kv_dtype != spec.dtype else ""),
             f"  quantization: {q}",
+            *([f"  {gguf}"] if gguf else []),
             "  files: "
             + ", ".join(f"{f.path} ({f.size / 1e6:.1f} MB)" for f in spec.files)
             + f"; total {size / 1e6:.1f} MB",

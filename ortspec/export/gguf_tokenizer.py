@@ -1,19 +1,23 @@
 """A `tokenizers` tokenizer.json (+ tokenizer_config.json) from a GGUF file's `tokenizer.ggml.*` metadata.
 
 Encodings follow transformers' own GGUF conversion (`transformers.integrations.ggml`), so a package
-made from a GGUF tokenizes like `AutoTokenizer.from_pretrained(dir, gguf_file=...)`:
+made from a GGUF tokenizes like `AutoTokenizer.from_pretrained(dir, gguf_file=...)`, except for gemma3
+and phi3, where they follow the models' own tokenizer.json (transformers 4.57 reads Gemma's BPE
+vocabulary as Unigram, and Phi-3's without its "▁" normalizer):
 
 - `gpt2` vocabularies (byte-level BPE with merges) of llama-architecture files (SmolLM2, Llama 3):
-  the GPT-2 byte-level pre-tokenizer; of qwen2 files: NFC and Qwen2's split pattern.
-- `llama` vocabularies (SentencePiece BPE, e.g. TinyLlama): "▁" for spaces, a "▁" prefix, byte
-  fallback, and merges derived from the token scores when the file has none.
+  the GPT-2 byte-level pre-tokenizer; of qwen2 and qwen3 files: NFC and Qwen2's split pattern.
+- `llama` vocabularies (SentencePiece BPE: TinyLlama, Gemma 3, Phi-3): "▁" for spaces, a "▁" prefix
+  unless `tokenizer.ggml.add_space_prefix` is false (Gemma's), byte fallback, and merges derived from
+  the token scores when the file has none; phi3's special tokens strip the whitespace after them, as
+  Phi-3's own tokenizer.json and llama.cpp do.
 
 Where the file says otherwise, the file wins (llama.cpp reads it the same way; transformers 4.57
 does not): BOS/EOS are added only when `tokenizer.ggml.add_bos_token`/`add_eos_token` say so (when
-the file is silent: BOS for llama, none for qwen2, as transformers does); every control token is
-special (transformers hard-codes three for qwen2); user-defined tokens match as whole tokens; the
-eos token is the file's eos (transformers labels the bos token as eos). Byte-level text decodes
-without stripping a leading space.
+the file is silent: BOS for llama and for SentencePiece vocabularies, none for qwen2/qwen3); every
+control token is special (transformers hard-codes three for qwen2); user-defined tokens match as whole
+tokens; the eos token is the file's eos (transformers labels the bos token as eos). Byte-level text
+decodes without stripping a leading space.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from .builder.gguf_io import GGUFError, GGUFModel
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # llama.cpp's token types
 TOKENIZER_MODELS = ("gpt2", "llama")
+QWEN_ARCHITECTURES = ("qwen2", "qwen3")  # byte-level BPE with Qwen2's normalizer and split pattern
+# Phi-3's SentencePiece vocabulary: its special tokens swallow the whitespace after them (rstrip in Phi-3's
+# tokenizer.json, and in llama.cpp), except these
+PHI3_UNSTRIPPED = ("<unk>", "<s>", "<|endoftext|>")
 # Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits, punctuation runs
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -77,7 +85,7 @@ def _byte_level(architecture: str, meta: dict[str, Any], tokens: list[str]) -> T
     if merges is None:
         raise GGUFError("the GGUF's gpt2 (byte-level BPE) tokenizer has no tokenizer.ggml.merges")
     vocab = {token: i for i, token in enumerate(tokens)}
-    if architecture == "qwen2":
+    if architecture in QWEN_ARCHITECTURES:
         tok = Tokenizer(
             models.BPE(
                 vocab,
@@ -170,11 +178,14 @@ def gguf_tokenizer(model: GGUFModel) -> tuple[Tokenizer, dict[str, Any]]:
     unk, pad = _token(meta, tokens, "unknown"), _token(meta, tokens, "padding")
     special = [t for t, kind_ in zip(tokens, types, strict=True) if kind_ == CONTROL]
     special += [t for t in (bos, eos, unk) if t is not None and t not in special]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    rstrip = model.architecture == "phi3" and kind == "llama"
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True, rstrip=rstrip and t not in PHI3_UNSTRIPPED) for t in special]
+    )
     user = [t for t, kind_ in zip(tokens, types, strict=True) if kind_ == USER_DEFINED]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model.architecture == "llama"))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model.architecture == "llama" or kind == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     post = _post_processor(add_bos, add_eos, bos, eos, meta, kind == "gpt2")
     if post is not None:

@@ -54,6 +54,7 @@ def describe_model(
     if not (isinstance(kv_heads, int) and isinstance(head_dim, int) and isinstance(vocab, int)):
         raise ValueError(f"the {role} graph has symbolic KV heads/head dim/vocab; cannot describe its cache")
     elem = outputs[names.LOGITS].type.tensor_type.elem_type
+    cache = inputs[names.past_name(0, "key")].type.tensor_type.elem_type
     return ModelSpec(
         role=role,
         family=family,
@@ -67,6 +68,7 @@ def describe_model(
         vocab_size=vocab,
         max_positions=max_positions,
         dtype=onnx.helper.tensor_dtype_to_np_dtype(elem).name,
+        kv_dtype=onnx.helper.tensor_dtype_to_np_dtype(cache).name,
         quantization=quantization,
         inputs=list(inputs),
         outputs=list(outputs),

@@ -36,10 +36,10 @@ from .compat import PairCompatibility, check_pair
 from .families import family_of, max_positions
 from .onnx_export import export_with_optimum
 from .package import copy_tokenizer, describe_model, save_onnx
-from .precision import check_dtype, to_float16
+from .precision import KV_DTYPES, check_dtype, to_float16
 from .publish import staging_directory
 from .quantize import BITS, quantize_weights
-from .quantize.streaming import INT8_KERNELS, StreamingQuantizer
+from .quantize.streaming import INT8_KERNELS, StreamingQuantizer, describe_gguf_blocks
 
 Reporter = Callable[[str], None]
 EXPORTERS = ("auto", "builder", "optimum")
@@ -55,6 +55,7 @@ class Quantization:
     dtype: str = "fp32"  # activations, KV cache and logits: "fp32" or "fp16" (GPUs)
     keep_gguf_blocks: bool = True  # GGUF Q4_1 (with a correction) and, at int4, Q8_0 blocks kept exactly
     int8_kernel: str = "nbits"  # "gemm": int8 projections through MatMulInteger (streamed builder graphs only)
+    kv_dtype: str = "fp32"  # the KV cache: "fp32", or "fp16" (half the bytes; streamed builder graphs only)
 
 
 class Progress:
@@ -102,6 +103,11 @@ def _export_model(
     long_rope_after = None
     if quantize.int8_kernel != "nbits" and not (exporter == "builder" and quantize.dtype == "fp32"):
         raise ValueError(f"--int8-kernel {quantize.int8_kernel} needs the builder's fp32 graph for the {role}")
+    if quantize.kv_dtype != quantize.dtype and not (exporter == "builder" and quantize.dtype == "fp32"):
+        raise ValueError(
+            f"--kv-dtype {quantize.kv_dtype} needs the builder's fp32 graph for the {role} (an fp16 graph's "
+            f"cache is fp16, optimum's is its activations' type)"
+        )
     if exporter == "builder" and quantize.dtype == "fp32":
         return _build_streaming(checkpoint, role, quantize, root, progress, feature_layers)
     if exporter == "builder":
@@ -140,14 +146,18 @@ def _build_streaming(
         if bits
         else None
     )
-    source = f"{checkpoint.model_type}, GGUF dequantized to fp32" if checkpoint.is_gguf else checkpoint.model_type
+    source = checkpoint.model_type
+    if checkpoint.is_gguf:
+        source += ", GGUF blocks read from the file" if quantizer else ", GGUF dequantized to fp32"
     what = f", weights quantized to {quantize.kind} as they are read" if quantizer else ""
+    what += ", fp16 KV cache" if quantize.kv_dtype == "fp16" else ""
     data = ExternalData(path)
     with progress.stage(f"building {role} {checkpoint.name} ({source}) as ONNX with the builder{what}"):
-        model, cfg, positions = build_onnx(
-            checkpoint.path, checkpoint.config, feature_layers, GraphBuilder(data, quantizer)
-        )
+        graph = GraphBuilder(data, quantizer, KV_DTYPES[quantize.kv_dtype])
+        model, cfg, positions = build_onnx(checkpoint.path, checkpoint.config, feature_layers, graph)
         files = save_graph(model, path, data)
+    if quantizer and (line := describe_gguf_blocks(quantizer.summary())):
+        progress.report(f"      {line}")
     spec = describe_model(
         model,
         role=role,
@@ -232,6 +242,7 @@ def export_pair(
     draft_exporter: str | None = None,
     dtype: str = "fp32",
     draft_dtype: str | None = None,
+    kv_dtype: str | None = None,
     keep_gguf_blocks: bool = True,
     int8_kernel: str = "nbits",
     feature_layers: Sequence[int] = (),
@@ -243,7 +254,10 @@ def export_pair(
     `quantize`/`draft_quantize` are "none", "int8" or "int4" (the draft defaults to the target's).
     `exporter` is "auto" (the builder where it applies, else optimum), "builder" or "optimum";
     `draft_exporter` defaults to the same. `dtype`/`draft_dtype` are "fp32" or "fp16" (for GPUs; the draft
-    defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). The package appears at
+    defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). `kv_dtype` is the KV cache's,
+    "fp32" or "fp16" (default: the activations'): an fp16 cache beside fp32 activations halves the cache's
+    bytes (builder graphs; a draft head's one-layer cache stays fp32; see docs/design.md "The KV cache's
+    precision"). The package appears at
     `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
     `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
     them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `int8_kernel="gemm"`
@@ -270,6 +284,8 @@ def export_pair(
     dtypes = {"target": dtype, "draft": draft_dtype or dtype}
     for role, value in dtypes.items():
         check_dtype("dtype" if role == "target" else "draft_dtype", value)
+    if kv_dtype is not None:
+        check_dtype("kv_dtype", kv_dtype)
     head = draft is not None and is_head_dir(draft)
     if head and exporter == "optimum":
         raise ValueError("a draft head needs the target built by the builder (it reads the target's features)")
@@ -305,7 +321,8 @@ def export_pair(
         specs = {}
         for role, source, q in roles:
             kernel = int8_kernel if role == "target" else "nbits"
-            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel)
+            cache = kv_dtype or dtypes[role]
+            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel, cache)
             if head and role == "draft":
                 specs[role] = _export_head(Path(source), checkpoints["target"], quantization, root, progress)
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import onnx
 
 DTYPES = ("fp32", "fp16")
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # an option's name -> the builder's (and manifest's)
 
 
 def check_dtype(name: str, dtype: str) -> None:

@@ -64,4 +64,8 @@ VARIANTS: dict[str, dict] = {
     "tied": {"tie_word_embeddings": True},
     "deep": {"layers": 4},  # inner layers to tap for a fused head's features
     "vocab-262k": {"vocab_size": 262144, "tie_word_embeddings": True},  # Gemma 3's vocabulary
+    # what a GGUF can say: Gemma 3 as llama.cpp runs it (every 6th layer global, queries scaled by head_dim, tied);
+    # Mistral Nemo-style heads wider than hidden / heads, no window
+    "gguf": {"layers": 6, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
+    "wide-heads": {"head_dim": 32, "sliding_window": None},
 }

@@ -1,5 +1,5 @@
 """The fast path for Llama-family models: ONNX graphs built straight from config.json + safetensors,
-or from a GGUF file (llama and qwen2 architectures; weights dequantized to float32).
+or from a GGUF file (llama, qwen2, qwen3, gemma3 and phi3 architectures; weights dequantized to float32).
 
 No PyTorch needed: weights are read with numpy (and the `gguf` package), the graph is written with
 onnx.helper, and it uses GroupQueryAttention over a shared, preallocated KV buffer (O(1) rollback

@@ -6,8 +6,9 @@ A GGUF file holds the config (metadata keys such as `llama.block_count`), the to
 `builder.config.decoder_config` reads, and `GGUFCheckpoint` serves the weights under Hugging Face
 tensor names, dequantized to float32, so `WeightReader` builds the same graph as from safetensors.
 
-llama.cpp's converter permutes the rows of the q/k projections of Llama-architecture models for its
-interleaved rotary layout; `GGUFCheckpoint` undoes that permutation (Qwen2 is stored unpermuted).
+The architectures read (llama incl. Mistral-style, qwen2, qwen3, gemma3, phi3) and what llama.cpp's
+converter did to their tensors (names; llama's permuted q/k rows; Gemma's norms stored as 1 + w) are in
+`gguf_arch`; `GGUFCheckpoint` undoes those transforms.
 
 The header is parsed with bounds (`gguf_file`); `GGUFModel.config()` then checks every value the
 builder uses (counts, sizes, every tensor's presence and shape) and refuses a bad one in one line
@@ -17,43 +18,31 @@ makes a package the loader would refuse.
 
 from __future__ import annotations
 
-import re
+import math
 from collections import Counter
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..quantize.gguf_raw import FLOAT_TYPES, LAYOUTS, Blocks, read_blocks, take
 from .config import UnsupportedModelError
+from .gguf_arch import (
+    ARCHITECTURES,
+    LAYER_NAME,
+    LONG_ROPE,
+    ROPE_FREQS,
+    Architecture,
+    hf_tensor_name,
+    is_norm,
+    layer_shapes,
+)
 from .gguf_file import GGUFError, GGUFFile, TensorInfo
 
-ARCHITECTURES = ("llama", "qwen2")  # GGUF `general.architecture` values the builder reproduces exactly
-
-# GGUF tensor names -> Hugging Face names (per layer: blk.N.X -> model.layers.N.Y); only what the builder reads
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-ROPE_FREQS = "rope_freqs.weight"  # llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
-
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>")
 
 MAX_LAYERS = 1024
 MAX_WIDTH = 1 << 20  # hidden, feed-forward and head sizes, heads
@@ -169,52 +158,69 @@ class GGUFModel:
                 f"expected {list(shape)} from the metadata"
             )
 
-    def _check_tensors(self, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ff: int) -> None:
+    def _check_tensors(self, spec: Architecture, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                       ff: int) -> None:  # fmt: skip
         """Every tensor the builder reads is present with the shape the metadata implies ([out, in])."""
-        q, kv = heads * head_dim, kv_heads * head_dim
         vocab = self.shape("token_embd.weight")[0]
         self._check_shape("token_embd.weight", (vocab, hidden))
         self._check_shape("output.weight", (vocab, hidden), optional=True)
         self._check_shape("output_norm.weight", (hidden,))
-        shapes = {
-            "attn_norm.weight": (hidden,),
-            "attn_q.weight": (q, hidden),
-            "attn_k.weight": (kv, hidden),
-            "attn_v.weight": (kv, hidden),
-            "attn_output.weight": (hidden, q),
-            "ffn_norm.weight": (hidden,),
-            "ffn_gate.weight": (ff, hidden),
-            "ffn_up.weight": (ff, hidden),
-            "ffn_down.weight": (hidden, ff),
-        }
-        if "blk.0.attn_q.bias" in self.tensors:
-            shapes |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
+        biased = "blk.0.attn_q.bias" in self.tensors
+        shapes = layer_shapes(spec, hidden, heads * head_dim, kv_heads * head_dim, head_dim, ff, biased)
         for i in range(layers):
             for part, shape in shapes.items():
                 self._check_shape(f"blk.{i}.{part}", shape)
-        beyond = [name for name in self.tensors if (m := _LAYER_NAME.fullmatch(name)) and int(m.group(1)) >= layers]
+        beyond = [name for name in self.tensors if (m := LAYER_NAME.fullmatch(name)) and int(m.group(1)) >= layers]
         if beyond:
             raise GGUFError(f"{self.path.name}: tensor {beyond[0]} lies beyond block_count {layers}")
+
+    def _spec(self) -> Architecture:
+        """The file's architecture, refused in one line unless the builder reproduces it."""
+        arch = self.architecture
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{self.path.name}: GGUF architecture {arch[:40]!r} is not supported "
+                f"(ortspec exports GGUFs of the {', '.join(ARCHITECTURES)} architectures)"
+            )
+        return ARCHITECTURES[arch]
+
+    def _head_dim(self, spec: Architecture, heads: int, kv_heads: int) -> int:
+        """attention.key_length (Mistral-style, Qwen3 and Gemma 3 heads are not hidden / heads wide), else what
+        the first layer's query rows imply."""
+        rows = self.shape(f"blk.0.{spec.query_tensor}")[0]
+        head_dim = self._int("attention.key_length", max(1, rows // (heads + 2 * kv_heads if spec.fused else heads)))
+        if self._int("attention.value_length", head_dim) != head_dim:
+            raise UnsupportedModelError(f"{self.path.name}: key and value head sizes differ; not supported")
+        if head_dim % 2:
+            raise GGUFError(f"{self.path.name}: head size {head_dim} is odd; rotary embeddings need an even one")
+        return head_dim
+
+    def _rotary(self, spec: Architecture, head_dim: int) -> int:
+        rotary = self._int("rope.dimension_count", head_dim, maximum=head_dim)
+        if rotary != head_dim and (spec.name != "phi3" or rotary % 2):
+            raise UnsupportedModelError(
+                f"{self.path.name}: partial rotary embeddings ({rotary} of {head_dim} dims) are supported "
+                "for phi3 only (an even count)"
+            )
+        return rotary
 
     def config(self) -> dict[str, Any]:
         """The Hugging Face-style config.json of this model, for `builder.config.decoder_config`.
 
         Checks every value it reads (and every tensor's shape against them) first."""
-        arch = self.architecture
-        if arch not in ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"{self.path.name}: GGUF architecture {arch[:40]!r} is not supported "
-                f"(ortspec exports GGUFs of the {' and '.join(ARCHITECTURES)} architectures)"
-            )
+        spec = self._spec()
+        arch = spec.name
         if self._int("expert_count", 0, minimum=0) > 0:
             raise UnsupportedModelError(f"{self.path.name}: mixture-of-experts GGUFs are not supported")
-        unknown = [name for name in self.tensors if hf_tensor_name(name) is None and name != ROPE_FREQS]
+        unknown = [
+            name for name in self.tensors if hf_tensor_name(spec, name) is None and name not in spec.extra_tensors
+        ]
         if unknown:
             raise UnsupportedModelError(
                 f"{self.path.name}: tensors the builder does not reproduce: {', '.join(unknown[:5])}"
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
-        for required in ("token_embd.weight", "blk.0.attn_q.weight"):
+        for required in ("token_embd.weight", f"blk.0.{spec.query_tensor}"):
             if required not in self.tensors:
                 raise GGUFError(f"{self.path.name} has no tensor {required}: not a complete {arch} model")
         layers = self._int("block_count", maximum=MAX_LAYERS)
@@ -223,25 +229,17 @@ class GGUFModel:
         kv_heads = self._int("attention.head_count_kv", heads, maximum=heads)
         if heads % kv_heads:
             raise GGUFError(f"{self.path.name}: {heads} attention heads do not divide into {kv_heads} key/value heads")
-        head_dim = self._int("attention.key_length", max(1, self.shape("blk.0.attn_q.weight")[0] // heads))
-        if self._int("attention.value_length", head_dim) != head_dim:
-            raise UnsupportedModelError(f"{self.path.name}: key and value head sizes differ; not supported")
-        if head_dim % 2:
-            raise GGUFError(f"{self.path.name}: head size {head_dim} is odd; rotary embeddings need an even one")
-        rotary = self._int("rope.dimension_count", head_dim)
-        if rotary != head_dim:
-            raise UnsupportedModelError(
-                f"{self.path.name}: partial rotary embeddings ({rotary} of {head_dim} dims) are not supported"
-            )
+        head_dim = self._head_dim(spec, heads, kv_heads)
+        rotary = self._rotary(spec, head_dim)
         ff = self._int("feed_forward_length")
-        self._check_tensors(layers, hidden, heads, kv_heads, head_dim, ff)
+        self._check_tensors(spec, layers, hidden, heads, kv_heads, head_dim, ff)
         vocab_rows = self.shape("token_embd.weight")[0]
         if vocab_rows > MAX_VOCAB:
             raise GGUFError(f"{self.path.name}: tensor token_embd.weight has {vocab_rows} rows (at most {MAX_VOCAB})")
         self._string("tokenizer.chat_template", MAX_CHAT_TEMPLATE_CHARS)
         config: dict[str, Any] = {
-            "model_type": arch,
-            "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+            "model_type": spec.model_type,
+            "architectures": [spec.hf_class],
             "_name_or_path": self._string("general.name", MAX_NAME_CHARS) or self.path.stem,
             "vocab_size": vocab_rows,
             "hidden_size": hidden,
@@ -253,18 +251,94 @@ class GGUFModel:
             "hidden_act": "silu",
             "rms_norm_eps": self._float("attention.layer_norm_rms_epsilon", 1e-6),
             "rope_theta": self._float("rope.freq_base", 10000.0),
-            "rope_scaling": self._rope_scaling(head_dim),
+            "rope_scaling": None if spec.name == "phi3" else self._rope_scaling(head_dim),
             "max_position_embeddings": self._int("context_length", 4096, maximum=MAX_CONTEXT),
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
             "torch_dtype": "float32",
         }
-        if arch == "qwen2":
-            config["use_sliding_window"] = False
+        config |= self._architecture_config(arch, layers, hidden, heads, head_dim, rotary)
         return config | self.special_ids()
 
+    def _architecture_config(self, arch: str, layers: int, hidden: int, heads: int, head_dim: int,
+                             rotary: int) -> dict[str, Any]:  # fmt: skip
+        """The config.json keys one architecture adds to (or changes in) the common ones."""
+        window = self._int("attention.sliding_window", 0, minimum=0, maximum=MAX_CONTEXT)
+        if arch == "llama":  # a Mistral-style file that names its window (the converter writes none for llama)
+            return (
+                {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": window}
+                if window
+                else {}
+            )
+        if arch in ("qwen2", "qwen3"):
+            return {"use_sliding_window": False}  # llama.cpp runs Qwen2/Qwen3 without a window
+        if arch == "phi3":
+            return {"sliding_window": window or None, **self._phi3_rope(head_dim, rotary)}
+        return self._gemma3_config(layers, hidden, heads, head_dim, window)
+
+    def _gemma3_config(self, layers: int, hidden: int, heads: int, head_dim: int, window: int) -> dict[str, Any]:
+        """Gemma 3's sliding layers, their rope base, its attention scale and soft-capping, as llama.cpp reads them.
+
+        Files carry no pattern and no query_pre_attn_scalar: llama.cpp makes every 6th layer global (unless
+        attention.sliding_window_pattern says otherwise), gives sliding layers rope base 10000, and scales
+        queries by head_dim ** -0.5, or by (hidden / heads) ** -0.5 for the 62-layer 27B, as Google's configs do.
+        """
+        capped = self._arch("final_logit_softcapping") is not None
+        kinds = ["full_attention"] * layers
+        if window:
+            sliding = self._sliding_layers(layers, 6)
+            kinds = ["sliding_attention" if s else "full_attention" for s in sliding]
+        return {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": window or None,
+            "layer_types": kinds,
+            "rope_local_base_freq": self._float("rope.freq_base_swa", 10000.0),
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+            "final_logit_softcapping": self._float("final_logit_softcapping", 1.0) if capped else None,
+        }
+
+    def _sliding_layers(self, layers: int, period: int) -> list[bool]:
+        """Which layers use the sliding window: attention.sliding_window_pattern as llama.cpp reads it (a period
+        n: every n-th layer global; or one flag per layer), else every `period`-th layer global."""
+        key = f"{self.architecture}.attention.sliding_window_pattern"
+        value = self.metadata.get(key, period)
+        if isinstance(value, list):
+            if len(value) != layers or any(type(v) is not bool for v in value):
+                raise GGUFError(f"{self.path.name}: metadata {key} is not one true/false per layer ({layers})")
+            return value
+        period = self._int("attention.sliding_window_pattern", period, minimum=0, maximum=MAX_LAYERS)
+        return [period == 0 or i % period < period - 1 for i in range(layers)]
+
+    def _phi3_rope(self, head_dim: int, rotary: int) -> dict[str, Any]:
+        """Phi-3's partial rotary and longrope (rope_factors_long/short tensors, original context length)."""
+        config: dict[str, Any] = {}
+        if rotary != head_dim:  # a factor that transformers' int(head_dim * factor) turns back into `rotary`
+            factor = rotary / head_dim
+            while int(head_dim * factor) < rotary:
+                factor = math.nextafter(factor, 2.0)
+            config["partial_rotary_factor"] = factor
+        kind = self._arch("rope.scaling.type", "none")
+        if kind not in ("none", "longrope", "su"):
+            raise UnsupportedModelError(
+                f"{self.path.name}: phi3 rope scaling {str(kind)[:40]!r} is not supported (longrope is)"
+            )
+        long, short = LONG_ROPE
+        if long not in self.tensors and short not in self.tensors:
+            return config
+        for name in (long, short):
+            self._check_shape(name, (rotary // 2,))
+        factors = {"long_factor": self.dequantized(long), "short_factor": self.dequantized(short)}
+        if not all(np.all(np.isfinite(f) & (f > 0)) for f in factors.values()):
+            raise GGUFError(f"{self.path.name}: tensors {long}/{short} hold factors that are not positive numbers")
+        scaling: dict[str, Any] = {"rope_type": "longrope", **{k: f.tolist() for k, f in factors.items()}}
+        if self._arch("rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = self._float("rope.scaling.attn_factor", 1.0)
+        original = self._int("rope.scaling.original_context_length", maximum=MAX_CONTEXT)
+        return config | {"rope_scaling": scaling, "original_max_position_embeddings": original}
+
     def special_ids(self) -> dict[str, Any]:
-        """bos/eos/pad ids for config.json; eos lists every end-of-generation id the file names."""
+        """bos/eos/pad ids for config.json; eos lists every end-of-generation id the file names, then the
+        control tokens that end chat turns."""
         rows = self.shape("token_embd.weight")[0] if "token_embd.weight" in self.tensors else MAX_VOCAB
 
         def token(key: str) -> int:
@@ -275,10 +349,21 @@ class GGUFModel:
             if f"tokenizer.ggml.{key}_token_id" in self.metadata:
                 ids[name] = token(key)
         eos = [token(kind) for kind in ("eos", "eot", "eom") if f"tokenizer.ggml.{kind}_token_id" in self.metadata]
+        eos += [i for i in self._turn_ends if i < rows]
         if eos:
             eos = sorted(set(eos), key=eos.index)
             ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         return ids
+
+    @cached_property
+    def _turn_ends(self) -> list[int]:
+        """Control tokens that end a chat turn, found by their text as llama.cpp finds them: files name one
+        eos (Gemma 3's <eos>, Phi-3's <|endoftext|>), their chats end with <end_of_turn>, <|end|>..."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens") or []
+        types = self.metadata.get("tokenizer.ggml.token_type") or []
+        if len(types) != len(tokens):
+            return []  # the tokenizer refuses such a file in one line
+        return [i for i, kind in enumerate(types) if kind in (CONTROL, USER_DEFINED) and tokens[i] in TURN_ENDS]
 
     def generation_config(self) -> dict[str, Any]:
         """The generation_config.json equivalent: the special ids (GGUF files carry no sampling defaults)."""
@@ -310,7 +395,16 @@ class GGUFModel:
                 f"{self.path.name}: tensor {name} has type {info.tensor_type.name}, "
                 "which the gguf package cannot dequantize"
             ) from exc
-        return np.array(w, dtype=np.float32).reshape(shape)
+        w = np.array(w, dtype=np.float32).reshape(shape)
+        if info.tensor_type.name not in FLOAT_TYPES:
+            self.check_finite(name, w)
+        return w
+
+    def check_finite(self, name: str, *arrays: np.ndarray | None) -> None:
+        """Refuse block scales (or values) that are NaN or infinite: no model holds them, and they would reach
+        the package as NaN logits."""
+        if not all(a is None or np.isfinite(a).all() for a in arrays):
+            raise GGUFError(f"{self.path.name}: tensor {name} holds a block scale that is not a finite number")
 
 
 @lru_cache(maxsize=4)
@@ -326,16 +420,6 @@ def open_gguf(path: str | Path) -> GGUFModel:
     return _open(path, path.stat().st_mtime)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None when the builder has no use for it."""
-    if gguf_name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[gguf_name]
-    match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in LAYER_TENSORS:
-        return f"model.layers.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}"
-    return None
-
-
 def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's `LlamaModel.permute`: per head, rows [0, 2, 4, ..., 1, 3, 5, ...] -> halves.
 
@@ -347,7 +431,8 @@ def unpermute_rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file under Hugging Face names, dequantized to float32.
+    """The tensors of a GGUF file under Hugging Face names, dequantized to float32 (`get`, `rows`), or as the
+    file's own blocks (`blocks`) for the types `gguf_raw` reads.
 
     Same interface as `safetensors_io.SafetensorsCheckpoint` (`in`, `names`, `get`, `dtype`), so `WeightReader`
     reads either.
@@ -356,10 +441,11 @@ class GGUFCheckpoint:
     def __init__(self, model: GGUFModel | str | Path) -> None:
         self.model = model if isinstance(model, GGUFModel) else open_gguf(model)
         config = self.model.config()  # refuses unsupported architectures and tensors
+        self.arch = ARCHITECTURES[self.model.architecture]
         self._permute_heads: dict[str, int] = {}
-        if config["model_type"] == "llama":
+        if self.arch.permuted:
             self._permute_heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-        self._where = {hf: name for name in self.model.tensors if (hf := hf_tensor_name(name)) is not None}
+        self._where = {hf: name for name in self.model.tensors if (hf := hf_tensor_name(self.arch, name)) is not None}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -373,19 +459,45 @@ class GGUFCheckpoint:
     def shape(self, name: str) -> list[int]:
         return list(self.model.tensors[self._where[name]].shape)
 
+    def gguf_name(self, name: str) -> str:
+        return self._where[name]
+
+    def readable(self, name: str) -> bool:
+        """Whether `blocks` reads tensor `name` (a 2-D tensor of a type `gguf_raw` reads)."""
+        return self.dtype(name) in LAYOUTS and len(self.shape(name)) == 2
+
+    def blocks(self, name: str, rows: tuple[int, int] | None = None) -> Blocks:
+        """Tensor `name` [N, K] (or its `rows` (start, stop)) as the file's blocks along K, q/k rows un-permuted."""
+        info = self.model.tensors[self._where[name]]
+        raw = self.model.file.data(info.name, rows)
+        blocks = read_blocks(raw.reshape(-1, info.row_bytes), info.tensor_type.name)
+        self.model.check_finite(info.name, blocks.scales, blocks.offsets)
+        projection = name.split(".")[-2]
+        if projection in self._permute_heads:
+            if rows is not None:
+                raise ValueError(f"{name} is stored with its rotary rows permuted; read it whole")
+            order = unpermute_rotary_rows(np.arange(info.shape[0]), self._permute_heads[projection])
+            blocks = take(blocks, order)
+        return blocks
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KeyError(f"the GGUF file has no tensor for {name}")
-        w = self.model.dequantized(self._where[name])
+        return self._undo_converter(name, self.model.dequantized(self._where[name]))
+
+    def _undo_converter(self, name: str, w: np.ndarray) -> np.ndarray:
+        """The Hugging Face tensor from the stored one: q/k rows un-permuted (llama), norms un-shifted (gemma3)."""
         projection = name.split(".")[-2]
         if projection in self._permute_heads:
             w = unpermute_rotary_rows(w, self._permute_heads[projection])
+        if self.arch.norm_shift and is_norm(name):
+            w -= np.float32(self.arch.norm_shift)  # the builder adds Gemma's 1 back: the stored value again
         return w
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of tensor `name`, dequantized alone (`SafetensorsCheckpoint.rows`)."""
         if name not in self._where:
             raise KeyError(f"the GGUF file has no tensor for {name}")
-        if name.split(".")[-2] in self._permute_heads:
-            raise ValueError(f"{name} is stored with its rotary rows permuted; read it whole")
+        if name.split(".")[-2] in self._permute_heads or (self.arch.norm_shift and is_norm(name)):
+            raise ValueError(f"{name} is stored transformed by llama.cpp's converter; read it whole")
         return self.model.dequantized(self._where[name], (start, stop))

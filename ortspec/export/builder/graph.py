@@ -10,6 +10,11 @@ runtime binds each past and present to the same preallocated buffer, so GroupQue
 the new entries in place and rolling back costs nothing. The batch B is a dynamic dimension: a
 server steps several sequences in one call (runtime/batching.py; GroupQueryAttention on CPU takes
 B > 1 only for one new token per row, or for prompts without a past).
+
+The cache is fp32, or fp16 (`GraphBuilder(kv_dtype="float16")`: half the bytes). ONNX Runtime's CPU
+GroupQueryAttention takes q and the cache in one type (an fp32 q over an fp16 cache converts the whole
+buffer every call), so an fp16 cache casts q/k/v to fp16 before attention and its output back to fp32;
+the rotary tables are then fp16 too. See docs/design.md, "The KV cache's precision".
 """
 
 from __future__ import annotations
@@ -29,23 +34,34 @@ from .rope import attention_factor, cos_sin_caches, inverse_frequencies
 from .weights import LayerWeights, WeightReader
 
 if TYPE_CHECKING:
+    from ..quantize.gguf_raw import GGUFWeight
     from ..quantize.streaming import QuantizedWeight, StreamingQuantizer
     from .external import ExternalData
 
 OPSET = 21
 BATCH = "batch_size"  # the dynamic batch dimension of inputs, cache and outputs
+KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}  # the cache's precisions
 
 
 class GraphBuilder:
     """Collects nodes and initializers with unique names.
 
     With `data`, large initializers go straight to the external data file; with `quantizer`, MatMul weights
-    become quantized blocks as they arrive (`matmul`), so no fp32 weight outlives its layer."""
+    become quantized blocks as they arrive (`matmul`), so no fp32 weight outlives its layer. `kv_dtype`
+    ("float32" or "float16") is the KV cache's precision, and attention's."""
 
-    def __init__(self, data: ExternalData | None = None, quantizer: StreamingQuantizer | None = None) -> None:
+    def __init__(
+        self,
+        data: ExternalData | None = None,
+        quantizer: StreamingQuantizer | None = None,
+        kv_dtype: str = "float32",
+    ) -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"the KV cache's dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.data, self.quantizer = data, quantizer
+        self.kv_type = KV_DTYPES[kv_dtype]
         self._count = 0
 
     def constant(self, name: str, array: np.ndarray) -> str:
@@ -63,11 +79,12 @@ class GraphBuilder:
     def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
-    def matmul(self, x: str, name: str, weight: np.ndarray) -> str:
+    def matmul(self, x: str, name: str, weight: np.ndarray | GGUFWeight) -> str:
         """x @ weight [in, out]: a MatMul over an fp32 constant, or the quantizer's nodes over its blocks; the
         output is `{name}_out` either way."""
         if self.quantizer is not None:
             return self.quantizer.matmul(self, x, name, weight)
+        assert isinstance(weight, np.ndarray)  # GGUF blocks are read for a quantizer only
         self.nodes.append(helper.make_node("MatMul", [x, self.constant(name, weight)], [f"{name}_out"], name=name))
         return f"{name}_out"
 
@@ -88,6 +105,8 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
         query = [q, k, v]
     else:
         query = [qkv, "", ""]
+    if g.kv_type != TensorProto.FLOAT:  # attention runs in the cache's type
+        query = [g.one("Cast", [x], to=g.kv_type) if x else x for x in query]
     cos, sin = rotary_names(cfg, i)
     attrs = dict(num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, scale=cfg.scale, do_rotary=1, rotary_interleaved=0)
     if cfg.attn_softcap:
@@ -109,6 +128,8 @@ def _attention(g: GraphBuilder, cfg: DecoderConfig, i: int, w: LayerWeights, h: 
         domain=MS_DOMAIN,
         **attrs,
     )[0]
+    if g.kv_type != TensorProto.FLOAT:
+        out = g.one("Cast", [out], to=TensorProto.FLOAT)
     return g.matmul(out, f"layers.{i}.attn.o_proj.weight", w.o_proj)
 
 
@@ -165,20 +186,23 @@ def rotary_tables(g: GraphBuilder, cfg: DecoderConfig, max_positions: int, head_
     """The cos/sin caches GroupQueryAttention rotates q and k with (see `rotary_names`).
 
     Longrope has a short and a long table; the graph takes the long one's rows once the sequence
-    (total_sequence_length) is longer than the switch point, as transformers' Phi-3 does.
+    (total_sequence_length) is longer than the switch point, as transformers' Phi-3 does. The tables are
+    in attention's type (`g.kv_type`).
     """
     half, dim, scaling = head_dim // 2, cfg.rotary, cfg.rope_scaling
+    dtype = helper.tensor_dtype_to_np_dtype(g.kv_type)
     if cfg.local_rope_theta is not None:
-        local = cos_sin_caches(inverse_frequencies(dim, cfg.local_rope_theta, None), max_positions, half)
+        local = cos_sin_caches(inverse_frequencies(dim, cfg.local_rope_theta, None), max_positions, half, 1, dtype)
         g.constant("cos_cache_local", local[0])
         g.constant("sin_cache_local", local[1])
     scale = attention_factor(scaling)
-    short = cos_sin_caches(inverse_frequencies(dim, cfg.rope_theta, scaling), max_positions, half, scale)
+    short = cos_sin_caches(inverse_frequencies(dim, cfg.rope_theta, scaling), max_positions, half, scale, dtype)
     if cfg.long_rope_after is None:
         g.constant("cos_cache", short[0])
         g.constant("sin_cache", short[1])
         return
-    long = cos_sin_caches(inverse_frequencies(dim, cfg.rope_theta, scaling, long=True), max_positions, half, scale)
+    long_freq = inverse_frequencies(dim, cfg.rope_theta, scaling, long=True)
+    long = cos_sin_caches(long_freq, max_positions, half, scale, dtype)
     total = g.one("Cast", [names.TOTAL_SEQUENCE_LENGTH], to=TensorProto.INT64)
     is_long = g.one("Greater", [total, g.constant("long_rope_after", np.array(cfg.long_rope_after, np.int64))])
     offset = g.one(
@@ -253,6 +277,7 @@ def build_decoder(
     weights to external data and quantize them as they come; layers are read one at a time either way."""
     cfg, head_dim = reader.cfg, reader.padded
     g = g or GraphBuilder()
+    reader.gguf_blocks = g.quantizer is not None  # a GGUF's weights reach the quantizer as the file's blocks
     rotary_tables(g, cfg, max_positions, head_dim)
     hidden, lm_head = _embedding(g, reader)
     if cfg.embed_scale != 1.0:
@@ -353,8 +378,8 @@ def finish_graph(
     ]
     outputs = [helper.make_tensor_value_info(names.LOGITS, TensorProto.FLOAT, [BATCH, logits_length, vocab])]
     for past, present in zip(names.past_names(cfg.layers), names.present_names(cfg.layers), strict=True):
-        inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, cache_shape))
-        outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, cache_shape))
+        inputs.append(helper.make_tensor_value_info(past, g.kv_type, cache_shape))
+        outputs.append(helper.make_tensor_value_info(present, g.kv_type, cache_shape))
     hidden_shape: list[str | int] = [BATCH, "sequence_length", cfg.hidden * hidden_parts]
     outputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, TensorProto.FLOAT, hidden_shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)

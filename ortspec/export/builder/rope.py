@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
 def inverse_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None, long: bool = False) -> np.ndarray:
@@ -47,13 +48,13 @@ def attention_factor(scaling: dict[str, Any] | None) -> float:
 
 
 def cos_sin_caches(
-    inv_freq: np.ndarray, positions: int, padded_half: int, scale: float = 1.0
+    inv_freq: np.ndarray, positions: int, padded_half: int, scale: float = 1.0, dtype: npt.DTypeLike = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[positions, padded_half] tables times `scale`; the columns past inv_freq (padding, and the dims
-    partial rotary leaves alone) rotate by 0 and are not scaled (cos 1, sin 0)."""
+    """[positions, padded_half] tables times `scale`, computed in fp32 and stored as `dtype`; the columns past
+    inv_freq (padding, and the dims partial rotary leaves alone) rotate by 0 and are not scaled (cos 1, sin 0)."""
     angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = np.ones((positions, padded_half), dtype=np.float32)
     sin = np.zeros((positions, padded_half), dtype=np.float32)
     cos[:, : len(inv_freq)] = np.cos(angles) * np.float32(scale)
     sin[:, : len(inv_freq)] = np.sin(angles) * np.float32(scale)
-    return cos, sin
+    return cos.astype(dtype), sin.astype(dtype)

@@ -12,10 +12,13 @@ so their dot products, hence the attention, are unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from ..quantize.gguf_raw import GGUFWeight, rearranged, whole
 from .config import DecoderConfig
 from .gguf_io import GGUFCheckpoint
 from .safetensors_io import SafetensorsCheckpoint
@@ -64,25 +67,29 @@ class TableColumns:
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray
-    qkv: np.ndarray  # [hidden, (heads + 2 kv_heads) * padded_head_dim]
+    qkv: np.ndarray | GGUFWeight  # [hidden, (heads + 2 kv_heads) * padded_head_dim]
     qkv_bias: np.ndarray | None
     q_norm: np.ndarray | None  # [padded_head_dim], in the q/k head layout
     k_norm: np.ndarray | None
-    o_proj: np.ndarray  # [heads * padded_head_dim, hidden]
+    o_proj: np.ndarray | GGUFWeight  # [heads * padded_head_dim, hidden]
     post_attn_norm: np.ndarray | None  # gemma2/3 only
     mlp_norm: np.ndarray
     post_mlp_norm: np.ndarray | None  # gemma2/3 only
-    gate_up: np.ndarray  # [hidden, 2 * intermediate]
-    down: np.ndarray  # [intermediate, hidden]
+    gate_up: np.ndarray | GGUFWeight  # [hidden, 2 * intermediate]
+    down: np.ndarray | GGUFWeight  # [intermediate, hidden]
 
 
 class WeightReader:
-    """Reads and reshapes the tensors of one Llama-family checkpoint for the graph builder."""
+    """Reads and reshapes the tensors of one Llama-family checkpoint for the graph builder.
+
+    With `gguf_blocks` (set by a quantizing graph builder), the MatMul weights of a GGUF file come as
+    `GGUFWeight`s: the file's blocks, rearranged as the float32 weight would be, for the quantizer to keep."""
 
     def __init__(self, checkpoint: SafetensorsCheckpoint | GGUFCheckpoint, cfg: DecoderConfig) -> None:
         self.ckpt = checkpoint
         self.cfg = cfg
         self.padded = padded_head_dim(cfg.head_dim)
+        self.gguf_blocks = False
 
     def norm(self, name: str) -> np.ndarray:
         return self.ckpt.get(name) + np.float32(self.cfg.norm_offset)
@@ -92,16 +99,38 @@ class WeightReader:
         quantizer reads it a slice of output columns, i.e. of the stored rows, at a time)."""
         return self.ckpt.get(name).T
 
+    def projection(self, name: str) -> np.ndarray | GGUFWeight:
+        """`linear(name)`, or with `gguf_blocks` a GGUF file's blocks for it."""
+        ckpt = self.ckpt
+        if self.gguf_blocks and isinstance(ckpt, GGUFCheckpoint):
+            return self._gguf(name, whole(lambda: ckpt.blocks(name)), lambda: self.linear(name))
+        return self.linear(name)
+
+    def _gguf(self, name: str, read: Callable, fallback: Callable[[], Any]) -> GGUFWeight:
+        ckpt = self.ckpt
+        assert isinstance(ckpt, GGUFCheckpoint)
+        rows, k = ckpt.shape(name)
+        readable = ckpt.readable(name)
+        return GGUFWeight((k, rows), (ckpt.gguf_name(name),), (ckpt.dtype(name),), read if readable else None, fallback)
+
     def embedding(self) -> np.ndarray:
         return self.ckpt.get("model.embed_tokens.weight")
 
-    def embedding_columns(self) -> TableColumns:
+    def embedding_columns(self) -> TableColumns | GGUFWeight:
         """The embedding table's transpose (the tied lm_head's weight), read as the quantizer asks."""
-        return TableColumns(self.ckpt, "model.embed_tokens.weight")
+        return self._table("model.embed_tokens.weight")
 
-    def lm_head_columns(self) -> TableColumns:
+    def lm_head_columns(self) -> TableColumns | GGUFWeight:
         """`lm_head()`, read as the quantizer asks."""
-        return self.embedding_columns() if self.tied else TableColumns(self.ckpt, "lm_head.weight")
+        return self.embedding_columns() if self.tied else self._table("lm_head.weight")
+
+    def _table(self, name: str) -> TableColumns | GGUFWeight:
+        """A table's transpose read a range of its rows at a time (as blocks, or as float32)."""
+        ckpt = self.ckpt
+        if self.gguf_blocks and isinstance(ckpt, GGUFCheckpoint):
+            rows = lambda start, stop: ckpt.blocks(name, (start, stop))  # noqa: E731
+            return self._gguf(name, rows, lambda: TableColumns(ckpt, name))
+        return TableColumns(ckpt, name)
 
     @property
     def tied(self) -> bool:
@@ -116,48 +145,57 @@ class WeightReader:
     def final_norm(self) -> np.ndarray:
         return self.norm("model.norm.weight")
 
-    def _qkv(self, prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def _qkv(self, prefix: str) -> tuple[np.ndarray | GGUFWeight, np.ndarray | None]:
         cfg = self.cfg
         q_size, kv_size = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        if cfg.fused_weights:
-            fused = self.linear(f"{prefix}.qkv_proj.weight")
-            q, k, v = np.split(fused, [q_size, q_size + kv_size], axis=-1)
-        else:
-            q, k, v = (self.linear(f"{prefix}.{n}_proj.weight") for n in "qkv")
-        bias = biases = None
-        if f"{prefix}.q_proj.bias" in self.ckpt:
-            biases = [self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"]
         pad, rot = self.padded, cfg.rotary
-        parts = [
-            pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad, rot),
-            pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad, rot),
-            pad_value_heads(v, cfg.kv_heads, cfg.head_dim, pad),
-        ]
-        if biases is not None:
-            bias = np.concatenate(
+
+        def heads(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return np.concatenate(
                 [
-                    pad_rotary_heads(biases[0], cfg.heads, cfg.head_dim, pad, rot),
-                    pad_rotary_heads(biases[1], cfg.kv_heads, cfg.head_dim, pad, rot),
-                    pad_value_heads(biases[2], cfg.kv_heads, cfg.head_dim, pad),
-                ]
+                    pad_rotary_heads(q, cfg.heads, cfg.head_dim, pad, rot),
+                    pad_rotary_heads(k, cfg.kv_heads, cfg.head_dim, pad, rot),
+                    pad_value_heads(v, cfg.kv_heads, cfg.head_dim, pad),
+                ],
+                axis=-1,
             )
-        return np.concatenate(parts, axis=-1), bias
+
+        arrange: Callable[..., np.ndarray] = heads
+        if cfg.fused_weights:
+            parts: Sequence[np.ndarray | GGUFWeight] = [self.projection(f"{prefix}.qkv_proj.weight")]
+            arrange = lambda fused: heads(*np.split(fused, [q_size, q_size + kv_size], axis=-1))  # noqa: E731
+        else:
+            parts = [self.projection(f"{prefix}.{n}_proj.weight") for n in "qkv"]
+        bias = None
+        if f"{prefix}.q_proj.bias" in self.ckpt:
+            bias = heads(*(self.ckpt.get(f"{prefix}.{n}_proj.bias") for n in "qkv"))
+        return rearranged(arrange, parts), bias
 
     def head_norm(self, name: str) -> np.ndarray:
         """A q/k norm's weight in the heads' layout (padding entries 0: they scale zeros)."""
         return pad_rotary_heads(self.norm(name), 1, self.cfg.head_dim, self.padded, self.cfg.rotary)
 
-    def _o_proj(self, prefix: str) -> np.ndarray:
+    def _o_proj(self, prefix: str) -> np.ndarray | GGUFWeight:
         cfg = self.cfg
-        w = self.linear(f"{prefix}.o_proj.weight")  # [heads*head_dim, hidden]
-        rows = w.reshape(cfg.heads, cfg.head_dim, cfg.hidden)
-        padded = np.pad(rows, [(0, 0), (0, self.padded - cfg.head_dim), (0, 0)])
-        return padded.reshape(cfg.heads * self.padded, cfg.hidden)
+        w = self.projection(f"{prefix}.o_proj.weight")  # [heads*head_dim, hidden]
+        if self.padded == cfg.head_dim:
+            return w
 
-    def _gate_up(self, prefix: str) -> np.ndarray:
+        def pad(w: np.ndarray) -> np.ndarray:
+            rows = w.reshape(cfg.heads, cfg.head_dim, cfg.hidden)
+            padded = np.pad(rows, [(0, 0), (0, self.padded - cfg.head_dim), (0, 0)])
+            return padded.reshape(cfg.heads * self.padded, cfg.hidden)
+
+        if isinstance(w, GGUFWeight):  # zero rows inside K's blocks: the quantizer gets float32 (and names it)
+            shape = (cfg.heads * self.padded, cfg.hidden)
+            return replace(w, shape=shape, read=None, fallback=lambda: pad(w.fallback()))
+        return pad(w)
+
+    def _gate_up(self, prefix: str) -> np.ndarray | GGUFWeight:
         if self.cfg.fused_weights:
-            return self.linear(f"{prefix}.gate_up_proj.weight")
-        return np.concatenate([self.linear(f"{prefix}.gate_proj.weight"), self.linear(f"{prefix}.up_proj.weight")], -1)
+            return self.projection(f"{prefix}.gate_up_proj.weight")
+        parts = [self.projection(f"{prefix}.gate_proj.weight"), self.projection(f"{prefix}.up_proj.weight")]
+        return rearranged(lambda gate, up: np.concatenate([gate, up], -1), parts)
 
     def layer(self, i: int) -> LayerWeights:
         cfg = self.cfg
@@ -177,5 +215,5 @@ class WeightReader:
             ),
             post_mlp_norm=self.norm(f"{p}.post_feedforward_layernorm.weight") if sandwich else None,
             gate_up=self._gate_up(f"{p}.mlp"),
-            down=self.linear(f"{p}.mlp.down_proj.weight"),
+            down=self.projection(f"{p}.mlp.down_proj.weight"),
         )

@@ -54,7 +54,7 @@ def fit_weight(weight: np.ndarray, block_size: int, fit: Callable[[np.ndarray], 
 
 def pack(unsigned: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' B layout: one byte per 8-bit code, two 4-bit codes per byte (low nibble first)."""
-    unsigned = unsigned.astype(np.uint8)
+    unsigned = unsigned.astype(np.uint8, copy=False)
     return unsigned if bits == 8 else unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
 
 

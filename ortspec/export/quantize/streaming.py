@@ -2,8 +2,13 @@
 blocks (written to the package's external data by the graph builder) and is dropped, so the export never
 holds the fp32 model, nor a whole-model proto for a quantizer to copy.
 
-Per weight, the same choice as the whole-graph quantizer (`proto.quantize_weights`) makes, in its order:
-GGUF blocks kept exactly at `bits`, then (`keep_gguf_blocks`) at 8 bits or as Q4_1 blocks with their
+A GGUF weight (`gguf_raw.GGUFWeight`) is stored from the file's own blocks: codes, scales and offsets read
+from its bytes (`gguf_raw`), at the file's width and block where `bits` and `block_size` cannot hold them
+exactly (Q8_0 in a 4-bit export, Q6_K's blocks of 16). What cannot be read so (a type not read directly,
+`keep_gguf_blocks=False`, a weight the builder pads along K) is quantized from float32 as any other weight.
+
+Per float32 weight, the same choice as the whole-graph quantizer (`proto.quantize_weights`) makes, in its
+order: GGUF blocks found exactly at `bits`, then (`keep_gguf_blocks`) at 8 bits or as Q4_1 blocks with their
 offset correction, else ONNX Runtime's own block quantizer (the same kernel, so the same codes).
 With `int8_kernel="gemm"` (8 bits), the decoder layers' projections are int8 per output column through
 MatMulInteger instead (`int8_gemm`): cheaper calls of many positions; the lm_head and embedding stay blocks.
@@ -18,7 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from .gguf_blocks import lossless_blocks, offset_blocks
+from .gguf_blocks import lossless_blocks, offset_blocks, pack
+from .gguf_raw import FLOAT_TYPES, Blocks, GGUFWeight, Layout
 from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
 from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
 
@@ -34,7 +40,8 @@ class Graph(Protocol):
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A weight W [K, N] as MatMulNBits blocks and scales (+ block * offsets [K/block, N] for Q4_1 blocks)."""
+    """A weight W [K, N] as MatMulNBits blocks and scales (+ block * offsets [K/block, N] for blocks with an
+    offset: GGUF Q4_1, K-quants)."""
 
     name: str
     blocks: str
@@ -44,6 +51,7 @@ class QuantizedWeight:
     n: int
     bits: int
     kind: str  # "exact", "exact-8bit", "exact-offset" or "quantized"
+    block: int = 32
 
 
 INT8_KERNELS = ("nbits", "gemm")
@@ -58,13 +66,15 @@ class Columns(Protocol):
     def columns(self, start: int, stop: int) -> np.ndarray: ...
 
 
-Weight = np.ndarray | Columns
+Weight = np.ndarray | Columns | GGUFWeight
+REQUANTIZED_NAMES = 12  # re-quantized GGUF tensors named in the summary (the count is always there)
 
 
-def by_columns(fit: Callable[[np.ndarray], tuple[np.ndarray, ...] | None], weight: Weight):
+def by_columns(fit: Callable[[Any], tuple[np.ndarray, ...] | None], weight: Weight):
     """`fit` (blocks, scales[, offsets [K/block, N]]) of W [K, N] computed on slices of its columns and joined,
     or None if any slice does not fit. Blocks run along K within a column, so slicing changes no result;
-    it bounds the temporaries of a large table to a slice's (and a `Columns` table's reading too)."""
+    it bounds the temporaries of a large table to a slice's (and a `Columns` table's reading too). A GGUFWeight's
+    slices are its Blocks."""
     k, n = weight.shape
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     pieces = []
@@ -114,13 +124,25 @@ class StreamingQuantizer:
         self.untied_embedding = untied_embedding  # quantize an embedding table that is not the lm_head too
         config = DefaultWeightOnlyQuantConfig(block_size, True, accuracy_level, bits=bits)
         self._ort = DefaultWeightOnlyQuantizer(config)
-        self._means: dict[str, str] = {}  # input -> its block means (Q4_1 corrections)
+        self._means: dict[tuple[str, int], str] = {}  # (input, block) -> its block means (offset corrections)
         self.kinds: list[str] = []  # of each MatMul's weight
         self.embedding = "fp32 Gather"
+        self.gguf_kept: dict[str, int] = {}  # GGUF weights stored with the file's blocks, by GGML type(s)
+        self.gguf_requantized: list[str] = []  # GGUF block weights quantized again: "tensor (type)"
+        self.gguf_from_float: dict[str, int] = {}  # GGUF F16/F32 weights quantized, by type
 
     def store(self, g: Graph, name: str, weight: Weight) -> QuantizedWeight:
         """Add the blocks of W [K, N] to the graph as initializers; the fp32 weight can then be dropped."""
         k, n = weight.shape
+        source = None
+        if isinstance(weight, GGUFWeight):
+            layout = self.gguf_layout(weight)
+            if layout is not None:
+                found = by_columns(lambda blocks: matmul_blocks(blocks, layout), weight)
+                kind = "exact-offset" if layout.offsets else "exact-8bit" if layout.bits > self.bits else "exact"
+                self._record(weight, kept=True)
+                return self._constants(g, name, found, k, n, layout.bits, layout.block, kind)
+            source, weight = weight, weight.fallback()
         found = by_columns(lambda w: lossless_blocks(w, self.bits, self.block_size), weight)
         bits, kind = self.bits, "exact"
         if found is None and self.keep_gguf_blocks and self.bits < 8:
@@ -132,12 +154,45 @@ class StreamingQuantizer:
             found = by_columns(lambda w: self._ort.qbits_block_quant(np.ascontiguousarray(w, np.float32))[:2], weight)
             bits, kind = self.bits, "quantized"
         assert found is not None  # ONNX Runtime's quantizer fits any weight
+        if source is not None:
+            self._record(source, kept=kind != "quantized")
+        return self._constants(g, name, found, k, n, bits, self.block_size, kind)
+
+    def _constants(
+        self, g: Graph, name: str, found: tuple[np.ndarray, ...], k: int, n: int, bits: int, block: int, kind: str
+    ) -> QuantizedWeight:
         blocks = g.constant(f"{name}_Q{bits}", found[0])
         scales = g.constant(f"{name}_scales", found[1])
         offsets = None
         if len(found) == 3:
-            offsets = g.constant(f"{name}_offsets", found[2] * np.float32(self.block_size))
-        return QuantizedWeight(name, blocks, scales, offsets, k, n, bits, kind)
+            offsets = g.constant(f"{name}_offsets", found[2] * np.float32(block))
+        return QuantizedWeight(name, blocks, scales, offsets, k, n, bits, kind, block)
+
+    def gguf_layout(self, weight: GGUFWeight) -> Layout | None:
+        """How the GGUF blocks of `weight` are stored exactly, or None to quantize it from float32.
+
+        Kept (`keep_gguf_blocks`): at `bits` or the file's wider codes, in blocks of `block_size` or the
+        file's smaller ones (a block splits exactly; two blocks of different scales never join). Otherwise
+        only blocks that `bits` and `block_size` hold as they are, without offsets."""
+        layout = weight.layout
+        if layout is None:
+            return None
+        block = min(layout.block, self.block_size)
+        if self.keep_gguf_blocks:
+            return Layout(max(layout.bits, self.bits), block, layout.offsets)
+        if layout.offsets or layout.bits > self.bits or block < self.block_size:
+            return None
+        return Layout(self.bits, block, False)
+
+    def _record(self, weight: GGUFWeight, kept: bool) -> None:
+        """Note how a GGUF weight was stored, for the summary."""
+        label = "+".join(sorted(set(weight.kinds)))
+        if kept:
+            self.gguf_kept[label] = self.gguf_kept.get(label, 0) + 1
+        elif all(kind in FLOAT_TYPES for kind in weight.kinds):
+            self.gguf_from_float[label] = self.gguf_from_float.get(label, 0) + 1
+        else:
+            self.gguf_requantized.append(f"{'+'.join(weight.sources)} ({label})")
 
     def apply(self, g: Graph, x: str, q: QuantizedWeight) -> str:
         """x @ W through the blocks of `q` (with its Q4_1 correction); returns the output's name."""
@@ -145,21 +200,25 @@ class StreamingQuantizer:
         product = f"{out}_nbits" if q.offsets else out
         g.nodes.append(
             matmul_nbits(
-                f"{q.name}_Q{q.bits}", x, [q.blocks, q.scales], product, q.k, q.n, q.bits, self.block_size,
+                f"{q.name}_Q{q.bits}", x, [q.blocks, q.scales], product, q.k, q.n, q.bits, q.block,
                 self.accuracy_level,
             )
         )  # fmt: skip
         self.kinds.append(q.kind)
         if q.offsets:
-            if x not in self._means:
-                g.nodes.append(block_means(x, self.block_size))
-                self._means[x] = g.nodes[-1].output[0]
-            g.nodes += offset_correction(q.name, self._means[x], product, q.offsets, out)
+            if (x, q.block) not in self._means:
+                g.nodes.append(block_means(x, q.block))
+                self._means[x, q.block] = g.nodes[-1].output[0]
+            g.nodes += offset_correction(q.name, self._means[x, q.block], product, q.offsets, out)
         return out
 
     def matmul(self, g: Graph, x: str, name: str, weight: Weight) -> str:
-        if self.int8_kernel == "gemm" and name.startswith("layers.") and isinstance(weight, np.ndarray):
-            return self.gemm(g, x, name, weight)
+        if self.int8_kernel == "gemm" and name.startswith("layers."):
+            if isinstance(weight, GGUFWeight):
+                self._record(weight, kept=False)
+                weight = weight.fallback()
+            if isinstance(weight, np.ndarray):
+                return self.gemm(g, x, name, weight)
         return self.apply(g, x, self.store(g, name, weight))
 
     def gemm(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
@@ -177,10 +236,10 @@ class StreamingQuantizer:
 
     def gather(self, g: Graph, q: QuantizedWeight, ids: str, shared: bool) -> str | None:
         """Rows `ids` of the table [N, K] whose transpose `q` holds, or None if its blocks cannot be gathered."""
-        if q.k % self.block_size:
+        if q.k % q.block:
             return None  # a padded last block would need cutting off
         out = f"{q.name}_rows"
-        nodes, inits = quantized_gather(out, q.blocks, q.scales, q.offsets, ids, out, q.k, q.n, q.bits, self.block_size)
+        nodes, inits = quantized_gather(out, q.blocks, q.scales, q.offsets, ids, out, q.k, q.n, q.bits, q.block)
         g.nodes += nodes
         g.initializers += inits
         self.embedding = f"int{q.bits} GatherBlockQuantized" + (", shared with the lm_head" if shared else "")
@@ -190,18 +249,71 @@ class StreamingQuantizer:
         """The manifest's `quantization` record, as `proto.quantize_weights` writes it."""
         exact = [kind for kind in self.kinds if kind not in ("quantized", "int8-gemm")]
         gemm = {"int8_kernel": "gemm", "int8_gemm_nodes": self.kinds.count("int8-gemm")}
+        return (
+            {
+                "method": "matmul_nbits",
+                "bits": self.bits,
+                "block_size": self.block_size,
+                "accuracy_level": self.accuracy_level,
+                "symmetric": True,
+                "ops": ["MatMul"],
+                "gemm_rewritten": 0,
+                "quantized_nodes": len(self.kinds),
+                "lossless_nodes": len(exact),
+                "lossless_offset_nodes": exact.count("exact-offset"),
+                "lossless_8bit_nodes": exact.count("exact-8bit"),
+                "embedding": self.embedding,
+                "unquantized_matmuls": 0,
+            }
+            | (gemm if self.int8_kernel == "gemm" else {})
+            | self.gguf_summary()
+        )
+
+    def gguf_summary(self) -> dict[str, Any]:
+        """{"gguf_blocks": ...}: the GGUF weights kept exactly (by GGML type), those quantized again (a count and
+        the first names) and the float ones quantized; empty for other sources."""
+        if not (self.gguf_kept or self.gguf_requantized or self.gguf_from_float):
+            return {}
+        requantized = self.gguf_requantized
         return {
-            "method": "matmul_nbits",
-            "bits": self.bits,
-            "block_size": self.block_size,
-            "accuracy_level": self.accuracy_level,
-            "symmetric": True,
-            "ops": ["MatMul"],
-            "gemm_rewritten": 0,
-            "quantized_nodes": len(self.kinds),
-            "lossless_nodes": len(exact),
-            "lossless_offset_nodes": exact.count("exact-offset"),
-            "lossless_8bit_nodes": exact.count("exact-8bit"),
-            "embedding": self.embedding,
-            "unquantized_matmuls": 0,
-        } | (gemm if self.int8_kernel == "gemm" else {})
+            "gguf_blocks": {
+                "kept_exactly": dict(sorted(self.gguf_kept.items())),
+                "requantized": len(requantized),
+                "requantized_tensors": requantized[:REQUANTIZED_NAMES],
+                "quantized_from_float": dict(sorted(self.gguf_from_float.items())),
+            }
+        }
+
+
+def matmul_blocks(blocks: Blocks, layout: Layout) -> tuple[np.ndarray, ...]:
+    """MatMulNBits' B [N, K/block, block*bits/8] and scales [N, K/block] (+ offsets [K/block, N]) of GGUF rows,
+    codes moved by MatMulNBits' default zero point 2^(bits-1)."""
+    blocks = blocks.split(layout.block)
+    codes = blocks.codes  # int8; + 2^(bits-1) as uint8: + 8 in int8 (4 bits), the top bit flipped (8 bits)
+    unsigned = (codes + np.int8(8)).view(np.uint8) if layout.bits == 4 else codes.view(np.uint8) ^ np.uint8(128)
+    packed = pack(unsigned, layout.bits)
+    if not layout.offsets:
+        return packed, blocks.scales
+    offsets = np.zeros_like(blocks.scales) if blocks.offsets is None else blocks.offsets
+    return packed, blocks.scales, np.ascontiguousarray(offsets.T)
+
+
+def describe_gguf_blocks(quantization: dict[str, Any]) -> str | None:
+    """One line on how a GGUF's weights were stored: "GGUF weights: 19 kept exactly (14 Q4_K, 5 Q6_K); 1
+    re-quantized: blk.0.ffn_down.weight (Q3_K)", or None for other sources."""
+    record = quantization.get("gguf_blocks")
+    if not record:
+        return None
+    kept = record["kept_exactly"]
+    by_type = f" ({', '.join(f'{n} {k}' for k, n in kept.items())})" if kept else ""
+    parts = [f"{sum(kept.values())} kept exactly{by_type}"]
+    if record["requantized"]:
+        names, count = record["requantized_tensors"], record["requantized"]
+        more = f" and {count - len(names)} more" if count > len(names) else ""
+        parts.append(f"{count} re-quantized: {', '.join(names)}{more}")
+    else:
+        parts.append("none re-quantized")
+    floats = record.get("quantized_from_float") or {}
+    if floats:
+        parts.append("quantized from " + ", ".join(f"{k}: {n}" for k, n in floats.items()))
+    return "GGUF weights: " + "; ".join(parts)

@@ -61,6 +61,8 @@ def check_graph(spec: ModelSpec, session: ort.InferenceSession) -> str:
         cache_type = cache_type or value.type
         if value.type != cache_type or value.type not in ONNX_TO_NUMPY:
             refuse(f"has cache tensor {name} of type {value.type}")
+        if spec.kv_dtype is not None and np.dtype(ONNX_TO_NUMPY[value.type]).name != spec.kv_dtype:
+            refuse(f"has cache tensor {name} of type {value.type}, {role}.kv_dtype says {spec.kv_dtype}")
         shape = value.shape
         if len(shape) != 4:
             refuse(f"has cache tensor {name} of shape {shape}, not [batch, kv_heads, positions, head_dim]")

@@ -69,6 +69,7 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)  # how a distilled draft was made, for humans
     # longrope (Phi-3): longer sequences rotate with other factors, so crossing this length recomputes the cache
     long_rope_after: int | None = None
+    kv_dtype: str | None = None  # the KV cache's element type (numpy's name); None in older packages
 
     @property
     def is_head(self) -> bool:

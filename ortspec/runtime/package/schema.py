@@ -17,6 +17,8 @@ from typing import Any
 
 from ortspec.runtime.package.graph_names import KV_LAYOUTS
 
+KV_DTYPES = ("float32", "float16")  # the element types of a package's KV cache
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -91,6 +93,7 @@ MODEL = record(
         "kind": optional(STRING),  # which kinds this ortspec runs is checked with the model, for a clearer message
         "training": optional(OBJECT),
         "long_rope_after": optional(nullable(POSITIVE)),  # Phi-3 longrope: positions before the long factors
+        "kv_dtype": optional(one_of(*KV_DTYPES)),  # the KV cache's element type (absent: dtype's)
     }
 )
 TOKENIZER = record(
