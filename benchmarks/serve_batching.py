@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import httpx
 
@@ -217,7 +218,10 @@ def exactness(package: str, threads: int, max_tokens: int) -> None:
 
 def serving(command: list[str], port: int, run: Callable[[str], dict], tree: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": tree} if tree else None  # the ortspec source tree the server runs
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # run from the tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tree or None
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
@@ -268,12 +272,13 @@ def main() -> None:
     elif args.draft:
         extra["draft"] = args.draft
     trees = [tuple(tree.split("=", 1)) for tree in args.tree] or [("ortspec serve", None)]
+    package = str(Path(args.package).resolve()) if Path(args.package).is_dir() else args.package  # servers' cwd: DIR
     modes = [("", [])] + ([(" --no-batch", ["--no-batch"])] if args.unbatched else [])
     for _ in range(args.repeat):
         for tree_name, tree in trees:
             for suffix, flags in modes:
                 port = free_port()
-                command = [*ortspec, "serve", args.package, "--port", str(port), "--parallel", "4"]
+                command = [*ortspec, "serve", package, "--port", str(port), "--parallel", "4"]
                 command += ["--threads", str(args.threads), "--model-name", "m", *flags]
                 phases = measure_drafting if args.drafting else partial(measure, ttfts=not args.no_ttft)
                 run = partial(phases, f"{tree_name}{suffix}", max_tokens=args.max_tokens, extra=extra, prompts=prompts)
