@@ -180,23 +180,35 @@ def measure(name: str, url: str, max_tokens: int, extra: dict, prompts: list[str
     return row
 
 
-def measure_drafting(name: str, url: str, max_tokens: int, extra: dict, prompts: list[str]) -> dict:
-    """1 client and 4, without drafting and with, on one server; the load average as the phases start."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_drafting(name: str, url: str, pid: int, max_tokens: int, extra: dict, prompts: list[str]) -> dict:
+    """1 client and 4, without drafting and with, on one server: aggregate tokens/s, and tokens per second
+    of the server's CPU time (other jobs on the machine slow the first, hardly the second); the load
+    average as the phases start."""
     none = {**extra, "draft": "none"}
     with ThreadPoolExecutor(4) as pool:  # warm-up, both ways
         list(pool.map(lambda p: stream_completion(url, p, 8, extra), prompts[:4]))
         list(pool.map(lambda p: stream_completion(url, p, 8, none), prompts[:4]))
     load = os.getloadavg()[0]
-    one_none = throughput(url, 1, max_tokens, none, prompts)[0]
-    one = throughput(url, 1, max_tokens, extra, prompts)[0]
-    four_none = throughput(url, 4, max_tokens, none, prompts)[0]
-    four = throughput(url, 4, max_tokens, extra, prompts)[0]
+    rates, per_cpu = {}, {}
+    phases = (("one_none", 1, none), ("one", 1, extra), ("four_none", 4, none), ("four", 4, extra))
+    for phase, clients, options in phases:
+        cpu = cpu_seconds(pid)
+        rates[phase], tokens, _ = throughput(url, clients, max_tokens, options, prompts)
+        per_cpu[phase] = tokens / (cpu_seconds(pid) - cpu)
+    r, c = rates, per_cpu
     print(
-        f"| {name} | {one_none:.1f} | {one:.1f} | {one / one_none:.2f}x | {four_none:.1f} | {four:.1f} | "
-        f"**{four / one:.2f}x** | {four_none / one_none:.2f}x | {load:.2f} |",
+        f"| {name} | {r['one_none']:.1f} | {r['one']:.1f} | {r['one'] / r['one_none']:.2f}x | {r['four_none']:.1f} "
+        f"| {r['four']:.1f} | **{r['four'] / r['one']:.2f}x** | {r['four_none'] / r['one_none']:.2f}x "
+        f"| {c['one'] / c['one_none']:.2f}x | **{c['four'] / c['one']:.2f}x** | {load:.2f} |",
         flush=True,
     )
-    return dict(server=name, one=one, four=four, one_none=one_none, four_none=four_none, load=load)
+    return dict(server=name, load=load, **rates, **{f"{k}_per_cpu": v for k, v in per_cpu.items()})
 
 
 def exactness(package: str, threads: int, max_tokens: int) -> None:
@@ -216,7 +228,7 @@ def exactness(package: str, threads: int, max_tokens: int) -> None:
     )
 
 
-def serving(command: list[str], port: int, run: Callable[[str], dict], tree: str | None = None) -> dict:
+def serving(command: list[str], port: int, run: Callable[[str, int], dict], tree: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": tree} if tree else None  # the ortspec source tree the server runs
     # run from the tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
     server = subprocess.Popen(
@@ -225,7 +237,7 @@ def serving(command: list[str], port: int, run: Callable[[str], dict], tree: str
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
-        return run(url)
+        return run(url, server.pid)
     finally:
         server.terminate()
         try:
@@ -258,14 +270,15 @@ def main() -> None:
     if args.drafting:
         print(
             "| server | 1 client, none tok/s | 1 client, drafting | draft vs none | 4 clients, none | "
-            "4 clients, drafting | 4 vs 1 (drafting) | 4 vs 1 (none) | load |"
+            "4 clients, drafting | 4 vs 1 (drafting) | 4 vs 1 (none) | draft vs none, per CPU-s "
+            "| 4 vs 1 (drafting), per CPU-s | load |"
         )
     else:
         print(
             "| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle "
             "| tokens 1/4 | same text 1 vs 4 |"
         )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (11 if args.drafting else 9) + "|")
     extra: dict = {"chat": True} if args.chats else {}
     if not args.drafting:
         extra["draft"] = "none"
@@ -282,7 +295,10 @@ def main() -> None:
                 command += ["--threads", str(args.threads), "--model-name", "m", *flags]
                 phases = measure_drafting if args.drafting else partial(measure, ttfts=not args.no_ttft)
                 run = partial(phases, f"{tree_name}{suffix}", max_tokens=args.max_tokens, extra=extra, prompts=prompts)
-                serving(command, port, lambda url, run=run: run(url=url), tree)
+                if args.drafting:
+                    serving(command, port, lambda url, pid, run=run: run(url=url, pid=pid), tree)
+                else:
+                    serving(command, port, lambda url, _, run=run: run(url=url), tree)
     if not args.no_ttft:
         exactness(args.package, args.threads, args.max_tokens)
     if args.llama_server:
@@ -290,7 +306,7 @@ def main() -> None:
         command = [args.llama_server, "-m", args.gguf, "-np", "4", "-t", str(args.threads), "-c", "8192"]
         command += ["--host", "127.0.0.1", "--port", str(port)]
         llama = partial(measure, "llama-server -np 4", max_tokens=args.max_tokens, extra={}, prompts=prompts)
-        serving(command, port, lambda url: llama(url=url))
+        serving(command, port, lambda url, _: llama(url=url))
 
 
 if __name__ == "__main__":
