@@ -189,6 +189,12 @@ def test_auto_drafting_fades_as_the_batch_fills_and_returns_as_it_empties():
     assert auto.costs(100)[1:] == alone[1:]  # a drafted round costs what it costs alone
     rows[0] = 2
     assert auto.costs(100)[0] == pytest.approx(alone[0] * 0.15)  # one more position's share of a step
+    auto.observe(0, 50.0, 100)  # a round beside other rows times the batch, not this machine's calls
+    auto.observe(2, 80.0, 100)
+    assert (state.costs.plain, state.costs.slowdown) == (1.0, 1.0)
+    rows[0] = 1
+    auto.observe(0, 50.0, 100)
+    assert state.costs.plain > 1.0
 
 
 def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monkeypatch):

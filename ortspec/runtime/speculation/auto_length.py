@@ -280,10 +280,11 @@ class AutoDraftLength:
         """Wall time of a whole round with `drafted` drafts, start to start of the next. A round whose draft
         first caught up on a stretch decoded plainly teaches what probing costs, not how fast drafted
         rounds run: its catch-up (new shapes, cold caches) would pass for slow drafting and keep the loop
-        from drafting at all."""
-        if not self.learn_timings:
+        from drafting at all. A round beside other rows of a batch is not timed: its wall time holds theirs
+        (a batched step, their lone verify calls), not how fast this machine runs its own calls."""
+        if not self.learn_timings or (self.load is not None and self.load() > 1):
             return
-        rounds = self._costs(context // self.BUCKET)  # as calibrated: wall time under load is what it corrects
+        rounds = self._costs(context // self.BUCKET)
         state = self.state
         with state.lock:
             if self._probing:  # a plain round plus the draft's guess, catch-up included: what probing costs
