@@ -162,6 +162,41 @@ def test_a_stale_slowdown_fades_while_decoding_plainly():
     assert costs.slowdown < 1.05
 
 
+def test_a_row_of_a_batched_step_costs_what_one_more_position_adds():
+    cal = synthetic(verify_growth=0.2)  # 10 ms for one position at context 100, each more adds 2 ms
+    assert cal.batched_step(1, 100) == 10.0  # alone: the whole step
+    assert [cal.batched_step(rows, 100) for rows in (2, 4, 9)] == pytest.approx([2.0, 2.0, 2.0])
+    assert cal.batched_step(40, 100) == pytest.approx(2.0)  # wider than calibrated: the same slope
+    flat = synthetic(verify_growth=0.0)  # one more position costs nothing (or less: noise)
+    assert flat.batched_step(4, 100) == pytest.approx(calibration_module.MIN_ROW_SHARE * 10.0)
+
+
+def test_auto_drafting_fades_as_the_batch_fills_and_returns_as_it_empties():
+    """Each round weighs drafting against what a plain round adds to the batch's step at the present
+    load: a drafting row's verify call runs alone and holds up the others."""
+    cal = synthetic(draft_ms=0.5, verify_growth=0.15)
+    rows = [1]
+    state = AutoState(AcceptanceEstimate(prior=0.8, strength=100))
+    auto = AutoDraftLength(cal, state, load=lambda: rows[0])
+    chosen = []
+    for load in (1, 2, 4, 2, 1):
+        rows[0] = load
+        chosen.append(auto.next(100, pending=1))
+    assert chosen[0] > 0 and chosen[-1] == chosen[0]  # alone: as without batching
+    assert chosen[0] == AutoDraftLength(cal, state).next(100, pending=1)
+    assert chosen[1:4] == [0, 0, 0]  # a row of 2 or 4 adds 1.5 ms to a step: a 10+ ms verify alone cannot pay
+    alone = AutoDraftLength(cal, state).costs(100)
+    assert auto.costs(100)[1:] == alone[1:]  # a drafted round costs what it costs alone
+    rows[0] = 2
+    assert auto.costs(100)[0] == pytest.approx(alone[0] * 0.15)  # one more position's share of a step
+    auto.observe(0, 50.0, 100)  # a round beside other rows times the batch, not this machine's calls
+    auto.observe(2, 80.0, 100)
+    assert (state.costs.plain, state.costs.slowdown) == (1.0, 1.0)
+    rows[0] = 1
+    auto.observe(0, 50.0, 100)
+    assert state.costs.plain > 1.0
+
+
 def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monkeypatch):
     import shutil
 
