@@ -1,0 +1,149 @@
+"""MatMulNBits' float32 scales and offsets stored in fewer bytes, and computed back bit for bit by constant
+nodes that ONNX Runtime folds when the session loads (so the running graph is the same as before).
+
+GGUF block scales are fp16 (Q4_0, Q8_0, Q4_1's d and m) or an fp16 times a small integer per sub-block
+(K-quants: d * sc), so float32 spends 2 to 4 times the bytes they need. A scale tensor is stored as fp16 +
+Cast when fp16 holds it exactly, else as an fp16 factor per group of blocks (a K-quant super-block) times
+an integer code per block (Cast, Mul: the product of an fp16 and an integer below 2^13 is exact in
+float32). Offsets C (block * (center * scale + minimum)) are stored as their minimum, compacted the same
+way, and the graph's one float32 Add: every candidate is checked to give the stored float32 values bit for
+bit with numpy's float32 arithmetic (the same IEEE operations), and a tensor that does not is kept float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+GROUP_ELEMENTS = 256  # a K-quant super-block: one fp16 factor per this many weights along K
+_MAX_LEVEL = 128
+_LEVELS = sorted(set(range(-_MAX_LEVEL, _MAX_LEVEL + 1)) - {0}, key=lambda level: (-abs(level), level))
+CENTERS = (8, 16, 0)  # GGUF codes are centred by 8 (4-bit types) or 16 (5-bit); 0: an offset that is a minimum
+
+
+class Constants:
+    """Nodes and initializers (numpy arrays) that compute a set of float32 constants."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def node(self, op_type: str, inputs: list[str], output: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=f"{output}_folded", **attrs))
+        return output
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(
+        np.ascontiguousarray(a, np.float32).view(np.uint32), np.ascontiguousarray(b, np.float32).view(np.uint32)
+    )
+
+
+def _factor(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """fp16 factors [rows, nb/group, 1] and integer codes [rows, nb/group, group] whose float32 product is
+    `values` [rows, nb] bit for bit, or None. The value of largest magnitude in a group is its factor times
+    a level, so each level (largest first) is tried as in `gguf_blocks._fit_levels`."""
+    rows, nb = values.shape
+    if nb % group or not np.isfinite(values).all():
+        return None
+    flat = values.reshape(-1, group)
+    ref = np.take_along_axis(flat, np.abs(flat).argmax(-1)[:, None], -1)[:, 0]
+    factors = np.zeros(len(flat), np.float16)
+    codes = np.zeros(flat.shape, np.int16)
+    todo = np.flatnonzero(ref != 0)  # an all-zero group keeps factor 0 and codes 0
+    with np.errstate(all="ignore"):
+        for level in _LEVELS:
+            if len(todo) == 0:
+                break
+            half = (ref[todo] / np.float32(level)).astype(np.float16)
+            exact = half.astype(np.float32) * np.float32(level) == ref[todo]
+            candidates = todo[exact]
+            if len(candidates) == 0:
+                continue
+            factor = half[exact].astype(np.float32)[:, None]
+            q = np.rint(flat[candidates] / factor) + np.float32(0)  # -0.0 is an integer code 0: +0.0
+            product = (q * factor).astype(np.float32)  # bit for bit: a zero's sign is the factor's
+            fits = ((np.abs(q) <= _MAX_LEVEL) & (product.view(np.uint32) == flat[candidates].view(np.uint32))).all(-1)
+            factors[candidates[fits]], codes[candidates[fits]] = half[exact][fits], q[fits]
+            todo = np.setdiff1d(todo, candidates[fits], assume_unique=True)
+    if len(todo):
+        return None
+    small = codes.astype(np.int8) if codes.min() >= -128 and codes.max() <= 127 else codes
+    return factors.reshape(rows, -1, 1), small.reshape(rows, -1, group)
+
+
+def compact(out: Constants, name: str, values: np.ndarray, group: int) -> str:
+    """The name of a float32 tensor equal to `values` [rows, nb] bit for bit, computed by `out`'s nodes from
+    fp16 (or fp16 factors per `group` blocks and integer codes) where that is exact, else stored as it is."""
+    half = values.astype(np.float16)
+    if same_bits(half.astype(np.float32), values):
+        out.arrays[f"{name}_fp16"] = half
+        return out.node("Cast", [f"{name}_fp16"], name, to=onnx.TensorProto.FLOAT)
+    factored = _factor(values, group)
+    if factored is None or factored[0].nbytes + factored[1].nbytes >= values.nbytes:
+        out.arrays[name] = values
+        return name
+    factors, codes = factored
+    out.arrays[f"{name}_factors"], out.arrays[f"{name}_codes"] = factors, codes
+    out.arrays[f"{name}_shape"] = np.array(values.shape, np.int64)
+    f32 = onnx.TensorProto.FLOAT
+    product = out.node(
+        "Mul",
+        [
+            out.node("Cast", [f"{name}_factors"], f"{name}_factors_f32", to=f32),
+            out.node("Cast", [f"{name}_codes"], f"{name}_codes_f32", to=f32),
+        ],
+        f"{name}_grouped",
+    )
+    return out.node("Reshape", [product, f"{name}_shape"], name)
+
+
+def compact_blocks(prefix: str, scales: np.ndarray, offsets: np.ndarray | None, block: int) -> Constants:
+    """Constants `{prefix}_scales` [N, K/block] and (if `offsets`, [K/block, N]) `{prefix}_offsets`, equal bit
+    for bit to the arrays given, in as few bytes as that allows."""
+    out = Constants()
+    group = max(1, GROUP_ELEMENTS // block)
+    scales_name = compact(out, f"{prefix}_scales", scales, group)
+    if offsets is None:
+        return out
+    target = np.ascontiguousarray(offsets.T)
+    for center in CENTERS:
+        step = np.float32(center * block)
+        with np.errstate(all="ignore"):
+            minimum = target - scales * step
+            if not same_bits(scales * step + minimum, target):
+                continue
+        attempt = Constants()
+        minimum_name = compact(attempt, f"{prefix}_minimum", minimum, group)
+        if minimum_name in attempt.arrays:
+            continue  # not smaller than the offsets themselves
+        out.nodes += attempt.nodes
+        out.arrays |= attempt.arrays
+        out.arrays[f"{prefix}_center"] = np.array(step, np.float32)
+        moved = out.node("Mul", [scales_name, f"{prefix}_center"], f"{prefix}_centred")
+        summed = out.node("Add", [moved, minimum_name], f"{prefix}_offsets_t")
+        out.node("Transpose", [summed], f"{prefix}_offsets", perm=[1, 0])
+        return out
+    out.arrays[f"{prefix}_offsets"] = offsets
+    return out
+
+
+_FOLDS = {
+    "Cast": lambda a, node: a[0].astype(np.float32),
+    "Mul": lambda a, node: a[0] * a[1],
+    "Add": lambda a, node: a[0] + a[1],
+    "Reshape": lambda a, node: a[0].reshape(a[1]),
+    "Transpose": lambda a, node: a[0].transpose(*helper.get_attribute_value(node.attribute[0])),
+}
+
+
+def folded_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every initializer of `graph`, plus the outputs of its constant nodes of `compact`'s kinds (as ONNX
+    Runtime folds them at load), as numpy arrays: the values the session computes with (for checks)."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type in _FOLDS and node.input and all(name in values for name in node.input):
+            with np.errstate(all="ignore"):
+                values[node.output[0]] = np.asarray(_FOLDS[node.op_type]([values[i] for i in node.input], node))
+    return values
