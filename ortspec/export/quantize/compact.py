@@ -4,21 +4,22 @@ nodes that ONNX Runtime folds when the session loads (so the running graph is th
 GGUF block scales are fp16 (Q4_0, Q8_0, Q4_1's d and m) or an fp16 times a small integer per sub-block
 (K-quants: d * sc), so float32 spends 2 to 4 times the bytes they need. A scale tensor is stored as fp16 +
 Cast when fp16 holds it exactly, else as an fp16 factor per group of blocks (a K-quant super-block) times
-an integer code per block (Cast, Mul: the product of an fp16 and an integer below 2^13 is exact in
-float32). Offsets C (block * (center * scale + minimum)) are stored as their minimum, compacted the same
-way, and the graph's one float32 Add: every candidate is checked to give the stored float32 values bit for
-bit with numpy's float32 arithmetic (the same IEEE operations), and a tensor that does not is kept float32.
+an int8 code per block (Cast, Mul: the product of an fp16 and an int8 is exact in float32). Offsets
+C = block * (center * scale + minimum) are stored as their minimum, compacted the same way, and the
+graph's float32 Mul and Add. Every form is checked to give the float32 values bit for bit with numpy's
+float32 arithmetic (the same IEEE operations as the folded nodes); a tensor that does not stays float32.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 GROUP_ELEMENTS = 256  # a K-quant super-block: one fp16 factor per this many weights along K
-_MAX_LEVEL = 128
-_LEVELS = sorted(set(range(-_MAX_LEVEL, _MAX_LEVEL + 1)) - {0}, key=lambda level: (-abs(level), level))
+_LEVELS = sorted(set(range(-128, 128)) - {0}, key=lambda level: (-abs(level), level))  # int8 codes
 CENTERS = (8, 16, 0)  # GGUF codes are centred by 8 (4-bit types) or 16 (5-bit); 0: an offset that is a minimum
 
 
@@ -29,7 +30,7 @@ class Constants:
         self.nodes: list[onnx.NodeProto] = []
         self.arrays: dict[str, np.ndarray] = {}
 
-    def node(self, op_type: str, inputs: list[str], output: str, **attrs: object) -> str:
+    def node(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=f"{output}_folded", **attrs))
         return output
 
@@ -49,9 +50,9 @@ def _factor(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | N
         return None
     flat = values.reshape(-1, group)
     ref = np.take_along_axis(flat, np.abs(flat).argmax(-1)[:, None], -1)[:, 0]
-    factors = np.zeros(len(flat), np.float16)
-    codes = np.zeros(flat.shape, np.int16)
-    todo = np.flatnonzero(ref != 0)  # an all-zero group keeps factor 0 and codes 0
+    factors = np.copysign(np.float16(0), ref).astype(np.float16)  # an all-zero group: factor ±0, codes 0
+    codes = np.zeros(flat.shape, np.int8)
+    todo = np.flatnonzero(ref != 0)
     with np.errstate(all="ignore"):
         for level in _LEVELS:
             if len(todo) == 0:
@@ -64,13 +65,14 @@ def _factor(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | N
             factor = half[exact].astype(np.float32)[:, None]
             q = np.rint(flat[candidates] / factor) + np.float32(0)  # -0.0 is an integer code 0: +0.0
             product = (q * factor).astype(np.float32)  # bit for bit: a zero's sign is the factor's
-            fits = ((np.abs(q) <= _MAX_LEVEL) & (product.view(np.uint32) == flat[candidates].view(np.uint32))).all(-1)
+            in_range = (q >= -128) & (q <= 127)
+            fits = (in_range & (product.view(np.uint32) == flat[candidates].view(np.uint32))).all(-1)
             factors[candidates[fits]], codes[candidates[fits]] = half[exact][fits], q[fits]
             todo = np.setdiff1d(todo, candidates[fits], assume_unique=True)
-    if len(todo):
+    product = factors.astype(np.float32)[:, None] * codes.astype(np.float32)  # as the folded Cast, Mul compute
+    if len(todo) or not same_bits(product, flat):  # (a group of +0.0 and -0.0 has no one factor)
         return None
-    small = codes.astype(np.int8) if codes.min() >= -128 and codes.max() <= 127 else codes
-    return factors.reshape(rows, -1, 1), small.reshape(rows, -1, group)
+    return factors.reshape(rows, -1, 1), codes.reshape(rows, -1, group)
 
 
 def compact(out: Constants, name: str, values: np.ndarray, group: int) -> str:
