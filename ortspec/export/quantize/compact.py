@@ -12,6 +12,7 @@ float32 arithmetic (the same IEEE operations as the folded nodes); a tensor that
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from onnx import helper, numpy_helper
 GROUP_ELEMENTS = 256  # a K-quant super-block: one fp16 factor per this many weights along K
 _LEVELS = sorted(set(range(-128, 128)) - {0}, key=lambda level: (-abs(level), level))  # int8 codes
 CENTERS = (8, 16, 0)  # GGUF codes are centred by 8 (4-bit types) or 16 (5-bit); 0: an offset that is a minimum
+# (a row without an offset takes 0, so its minimum is all zeros)
 
 
 class Constants:
@@ -41,10 +43,17 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _factor(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """fp16 factors [rows, nb/group, 1] and integer codes [rows, nb/group, group] whose float32 product is
-    `values` [rows, nb] bit for bit, or None. The value of largest magnitude in a group is its factor times
-    a level, so each level (largest first) is tried as in `gguf_blocks._fit_levels`."""
+def _equal(a: np.ndarray, b: np.ndarray, zero_signs: bool) -> np.ndarray:
+    """a == b bit for bit, elementwise; a zero's sign ignored unless `zero_signs`."""
+    same = a.view(np.uint32) == b.view(np.uint32)
+    return same if zero_signs else same | ((a == 0) & (b == 0))
+
+
+def _factor(values: np.ndarray, group: int, zero_signs: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """fp16 factors [rows, nb/group, 1] and int8 codes [rows, nb/group, group] whose float32 product is
+    `values` [rows, nb] bit for bit (a zero's sign only if `zero_signs`: a code 0 takes its factor's), or
+    None. The value of largest magnitude in a group is its factor times a level, so each level (largest
+    first) is tried as in `gguf_blocks._fit_levels`."""
     rows, nb = values.shape
     if nb % group or not np.isfinite(values).all():
         return None
@@ -66,23 +75,24 @@ def _factor(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | N
             q = np.rint(flat[candidates] / factor) + np.float32(0)  # -0.0 is an integer code 0: +0.0
             product = (q * factor).astype(np.float32)  # bit for bit: a zero's sign is the factor's
             in_range = (q >= -128) & (q <= 127)
-            fits = (in_range & (product.view(np.uint32) == flat[candidates].view(np.uint32))).all(-1)
+            fits = (in_range & _equal(product, flat[candidates], zero_signs)).all(-1)
             factors[candidates[fits]], codes[candidates[fits]] = half[exact][fits], q[fits]
             todo = np.setdiff1d(todo, candidates[fits], assume_unique=True)
     product = factors.astype(np.float32)[:, None] * codes.astype(np.float32)  # as the folded Cast, Mul compute
-    if len(todo) or not same_bits(product, flat):  # (a group of +0.0 and -0.0 has no one factor)
+    if len(todo) or not _equal(product, flat, zero_signs).all():  # (+0.0 and -0.0 in a group: no one factor)
         return None
     return factors.reshape(rows, -1, 1), codes.reshape(rows, -1, group)
 
 
-def compact(out: Constants, name: str, values: np.ndarray, group: int) -> str:
-    """The name of a float32 tensor equal to `values` [rows, nb] bit for bit, computed by `out`'s nodes from
-    fp16 (or fp16 factors per `group` blocks and integer codes) where that is exact, else stored as it is."""
+def compact(out: Constants, name: str, values: np.ndarray, group: int, zero_signs: bool = True) -> str:
+    """The name of a float32 tensor equal to `values` [rows, nb] bit for bit (a zero's sign only if
+    `zero_signs`), computed by `out`'s nodes from fp16 (or fp16 factors per `group` blocks and int8 codes)
+    where that is exact, else stored as it is."""
     half = values.astype(np.float16)
     if same_bits(half.astype(np.float32), values):
         out.arrays[f"{name}_fp16"] = half
         return out.node("Cast", [f"{name}_fp16"], name, to=onnx.TensorProto.FLOAT)
-    factored = _factor(values, group)
+    factored = _factor(values, group, zero_signs)
     if factored is None or factored[0].nbytes + factored[1].nbytes >= values.nbytes:
         out.arrays[name] = values
         return name
@@ -110,19 +120,23 @@ def compact_blocks(prefix: str, scales: np.ndarray, offsets: np.ndarray | None, 
     if offsets is None:
         return out
     target = np.ascontiguousarray(offsets.T)
+    no_offset = ~target.view(np.uint32).any(-1, keepdims=True)  # rows all +0.0 (a Q6_K part of a joined weight)
     for center in CENTERS:
-        step = np.float32(center * block)
+        step = np.where(no_offset, np.float32(0), np.float32(center * block))  # per row [N, 1]
         with np.errstate(all="ignore"):
             minimum = target - scales * step
             if not same_bits(scales * step + minimum, target):
                 continue
-        attempt = Constants()
-        minimum_name = compact(attempt, f"{prefix}_minimum", minimum, group)
+        attempt = Constants()  # a zero minimum's sign matters only where the sum is a zero too: checked below
+        minimum_name = compact(attempt, f"{prefix}_minimum", minimum, group, zero_signs=False)
         if minimum_name in attempt.arrays:
             continue  # not smaller than the offsets themselves
+        with np.errstate(all="ignore"):
+            if not same_bits(scales * step + fold(attempt.nodes, attempt.arrays)[minimum_name], target):
+                continue
         out.nodes += attempt.nodes
         out.arrays |= attempt.arrays
-        out.arrays[f"{prefix}_center"] = np.array(step, np.float32)
+        out.arrays[f"{prefix}_center"] = step
         moved = out.node("Mul", [scales_name, f"{prefix}_center"], f"{prefix}_centred")
         summed = out.node("Add", [moved, minimum_name], f"{prefix}_offsets_t")
         out.node("Transpose", [summed], f"{prefix}_offsets", perm=[1, 0])
@@ -143,8 +157,13 @@ _FOLDS = {
 def folded_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Every initializer of `graph`, plus the outputs of its constant nodes of `compact`'s kinds (as ONNX
     Runtime folds them at load), as numpy arrays: the values the session computes with (for checks)."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
+    return fold(graph.node, {init.name: numpy_helper.to_array(init) for init in graph.initializer})
+
+
+def fold(nodes: Iterable[onnx.NodeProto], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` plus the outputs of those `nodes` (in order) of `compact`'s kinds whose inputs are known."""
+    values = dict(arrays)
+    for node in nodes:
         if node.op_type in _FOLDS and node.input and all(name in values for name in node.input):
             with np.errstate(all="ignore"):
                 values[node.output[0]] = np.asarray(_FOLDS[node.op_type]([values[i] for i in node.input], node))
