@@ -49,6 +49,16 @@ def _equal(a: np.ndarray, b: np.ndarray, zero_signs: bool) -> np.ndarray:
     return same if zero_signs else same | ((a == 0) & (b == 0))
 
 
+def _fp16_exact(x: np.ndarray) -> np.ndarray:
+    """Whether each float32 is an fp16 number, without the (slow) conversion: a normal one has its 13 low
+    mantissa bits clear and its exponent in range, a subnormal one is a multiple of 2^-24."""
+    magnitude = np.abs(x)
+    normal = ((x.view(np.uint32) & np.uint32(0x1FFF)) == 0) & (magnitude >= np.float32(2**-14))
+    units = magnitude * np.float32(2**24)  # exact: a power of two
+    subnormal = (magnitude < np.float32(2**-14)) & (np.rint(units) == units)
+    return (normal | subnormal) & (magnitude <= np.float32(65504))
+
+
 def _factor(values: np.ndarray, group: int, zero_signs: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """fp16 factors [rows, nb/group, 1] and int8 codes [rows, nb/group, group] whose float32 product is
     `values` [rows, nb] bit for bit (a zero's sign only if `zero_signs`: a code 0 takes its factor's), or
@@ -66,18 +76,20 @@ def _factor(values: np.ndarray, group: int, zero_signs: bool) -> tuple[np.ndarra
         for level in _LEVELS:
             if len(todo) == 0:
                 break
-            half = (ref[todo] / np.float32(level)).astype(np.float16)
-            exact = half.astype(np.float32) * np.float32(level) == ref[todo]
-            candidates = todo[exact]
-            if len(candidates) == 0:
+            ratio = ref[todo] / np.float32(level)
+            exact = _fp16_exact(ratio) & (ratio * np.float32(level) == ref[todo])
+            at = np.flatnonzero(exact)
+            if len(at) == 0:
                 continue
-            factor = half[exact].astype(np.float32)[:, None]
+            candidates, factor = todo[at], ratio[at][:, None]
             q = np.rint(flat[candidates] / factor) + np.float32(0)  # -0.0 is an integer code 0: +0.0
             product = (q * factor).astype(np.float32)  # bit for bit: a zero's sign is the factor's
             in_range = (q >= -128) & (q <= 127)
             fits = (in_range & _equal(product, flat[candidates], zero_signs)).all(-1)
-            factors[candidates[fits]], codes[candidates[fits]] = half[exact][fits], q[fits]
-            todo = np.setdiff1d(todo, candidates[fits], assume_unique=True)
+            factors[candidates[fits]], codes[candidates[fits]] = factor[fits, 0], q[fits]
+            keep = np.ones(len(todo), bool)
+            keep[at[fits]] = False
+            todo = todo[keep]
     product = factors.astype(np.float32)[:, None] * codes.astype(np.float32)  # as the folded Cast, Mul compute
     if len(todo) or not _equal(product, flat, zero_signs).all():  # (+0.0 and -0.0 in a group: no one factor)
         return None
