@@ -8,25 +8,29 @@ speculative-decoding analyses. It separates what the kernels make of a round (t(
 how well a drafter guesses. For benchmarks only: it knows the answer.
 
     python benchmarks/replay.py PACKAGE [--alpha 0.5 0.75 0.9] [--gamma auto 1 2 4] [--max-new-tokens 128]
-        [--prompt-tokens 64] [--threads 2]
+        [--prompt-tokens 64] [--threads 2] [--clock cpu]
 
-prints tokens/s of plain greedy decoding and of speculation with the replay drafter at each α and γ,
-the acceptance seen, and the speedup. Outputs are checked equal to plain greedy decoding.
+prints tokens/s of plain greedy decoding (timed again before each α's rows, so that a drift in load from
+other jobs shows) and of speculation with the replay drafter at each α and γ, the acceptance seen, the γ
+sent and the speedup. Outputs are checked equal to plain greedy decoding.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 import ortspec
 from ortspec.runtime.pipeline import Pipeline
+from ortspec.runtime.results import GenerationResult
 from ortspec.runtime.speculation.chooser import TokenChooser
 from ortspec.runtime.speculation.proposal import Proposal, Proposer
+
+from common import load_average
 
 
 class ReplayProposer(Proposer):
@@ -69,15 +73,26 @@ def replay_proposer(
     return ReplayProposer(prompt, plain.token_ids, alpha, pipe.target.vocab_size, seed)
 
 
-def _tokens_per_second(pipe: Pipeline, prompt: list[int], repeats: int, **options) -> tuple[float, object]:
-    """Median tokens/s of `repeats` generations (after one warm-up) and the last result."""
-    result = pipe.generate(prompt, **options)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _rates(
+    pipe: Pipeline, prompt: list[int], repeats: int, clock: Callable[[], float], **options
+) -> tuple[list[float], GenerationResult]:
+    """Tokens/s of `repeats` generations with `options`, and the last result. Auto γ first runs one untimed
+    generation: it calibrates there, and learns this α (what it learned is kept across generations)."""
+    if options.get("draft_tokens") == "auto":
+        pipe.generate(prompt, **options)
     rates = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         result = pipe.generate(prompt, **options)
-        rates.append(len(result.token_ids) / (time.perf_counter() - start))
-    return float(np.median(rates)), result
+        rates.append(len(result.token_ids) / (clock() - start))
+    return rates, result
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    return f"{float(np.median(values)):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main() -> None:
@@ -90,31 +105,45 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="cpu: this process's CPU time (use with --threads 1)"
+    )
     args = parser.parse_args()
     pipe = ortspec.load(args.package, threads=args.threads, verify=False)
     prompt = [int(t) for t in np.random.default_rng(args.seed).integers(0, pipe.target.vocab_size, args.prompt_tokens)]
-    new = args.max_new_tokens
-    plain_rate, plain = _tokens_per_second(pipe, prompt, args.repeats, max_new_tokens=new, use_draft=False)
+    new, clock = args.max_new_tokens, CLOCKS[args.clock]
+    plain = pipe.generate(prompt, max_new_tokens=new, use_draft=False)
     print(
-        f"{args.package}: prompt {len(prompt)} tokens, {len(plain.token_ids)} new, threads {args.threads or 'default'}"
+        f"{args.package}: prompt {len(prompt)} tokens, {len(plain.token_ids)} new, "
+        f"threads {args.threads or 'default'}, {args.clock} clock; load average {load_average()}"
     )
-    print(f"plain greedy: {plain_rate:.1f} tokens/s (median of {args.repeats})")
-    print(f"{'alpha':>6}{'gamma':>7}{'tok/s':>9}{'speedup':>9}{'accepted':>10}{'tok/call':>10}")
+    print("speedup: median tokens/s over plain decoding's, timed before each α's rows; mean γ over drafted rounds")
+    print(
+        f"{'alpha':>6}{'gamma':>7}{'plain tok/s (range)':>20}{'tok/s':>9}{'speedup':>9}{'accepted':>10}"
+        f"{'tok/call':>10}{'mean γ':>8}{'plain rounds':>14}"
+    )
     for alpha in args.alpha:
         replay = ReplayProposer(prompt, plain.token_ids, alpha, pipe.target.vocab_size, args.seed)
+        plain_rates, _ = _rates(pipe, prompt, args.repeats, clock, max_new_tokens=new, use_draft=False)
         for gamma in args.gamma:
             draft_tokens = gamma if gamma in ("auto", "adaptive") else int(gamma)
-            rate, result = _tokens_per_second(
-                pipe, prompt, args.repeats, proposer=replay, max_new_tokens=new, draft_tokens=draft_tokens
+            rates, result = _rates(
+                pipe, prompt, args.repeats, clock, proposer=replay, max_new_tokens=new, draft_tokens=draft_tokens
             )
             if result.token_ids != plain.token_ids:
                 raise SystemExit(f"alpha {alpha}, gamma {gamma}: speculative output differs from plain greedy")
             stats = result.stats
             accepted = f"{stats.acceptance_rate:.2f}" if stats.acceptance_rate is not None else "-"
+            sent = [d for d in stats.drafted_per_round if d]
+            mean_gamma = f"{sum(sent) / len(sent):.1f}" if sent else "-"
+            plain_rate = float(np.median(plain_rates))
             print(
-                f"{alpha:>6.2f}{gamma:>7}{rate:>9.1f}{rate / plain_rate:>9.2f}{accepted:>10}"
-                f"{stats.tokens_per_target_call:>10.2f}"
+                f"{alpha:>6.2f}{gamma:>7}{_spread(plain_rates, 1):>20}{float(np.median(rates)):>9.1f}"
+                f"{float(np.median(rates)) / plain_rate:>9.2f}{accepted:>10}{stats.tokens_per_target_call:>10.2f}"
+                f"{mean_gamma:>8}{stats.undrafted_rounds:>14}",
+                flush=True,
             )
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     type=QUANT_CHOICES,
     default="int4",
     show_default=True,
-    help="Weight-only quantization of the target (MatMulNBits).",
+    help="Weight-only quantization of the target: int4 as MatMulNBits blocks; int8 see --int8-kernel.",
 )
 @click.option("--draft-quantize", type=QUANT_CHOICES, help="Quantization of the draft (default: same as --quantize).")
 @click.option(
@@ -59,12 +59,14 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
 )
 @click.option(
     "--int8-kernel",
-    type=click.Choice(["nbits", "gemm"]),
-    default="nbits",
+    type=click.Choice(["auto", "gemm", "nbits"]),
+    default="auto",
     show_default=True,
-    help="With --quantize int8: nbits keeps MatMulNBits; gemm stores the target's layer projections as int8 per "
-    "output column for ONNX Runtime's int8 GEMM (MatMulInteger), activations quantized per position, so a "
-    "call of many positions (verifying a draft) costs about one. Builder, fp32 only.",
+    help="With --quantize int8: gemm stores the target's layer projections as int8 per output column for "
+    "ONNX Runtime's int8 GEMM (MatMulInteger), activations quantized per position, so a call of many "
+    "positions (verifying drafts, a prefill) costs about one (builder, fp32 only); nbits keeps MatMulNBits "
+    "blocks; auto: gemm, except nbits on a GGUF whose blocks are kept exactly (--gguf-blocks keep) and on "
+    "graphs gemm does not apply to.",
 )
 @click.option(
     "--exporter",
