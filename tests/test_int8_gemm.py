@@ -15,7 +15,6 @@ from test_streaming_export import run
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
-from ortspec.export.pair import int8_kernel_for
 from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
 from ortspec.runtime.package import graph_names as names
 
@@ -75,8 +74,10 @@ def test_column_int8_round_trips_within_half_a_step():
 @pytest.fixture(scope="module")
 def gemm_package(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gemm") / "pkg"
-    # the default kernel at int8 (auto): the GEMM on the builder's fp32 graph of a safetensors checkpoint
-    export_pair(checkpoint("llama"), out, draft=checkpoint("llama", "close"), quantize="int8", report=lambda _: None)
+    export_pair(
+        checkpoint("llama"), out, draft=checkpoint("llama", "close"), quantize="int8", int8_kernel="gemm",
+        report=lambda _: None,
+    )  # fmt: skip
     return out
 
 
@@ -125,15 +126,6 @@ def test_greedy_speculative_output_is_plain_greedy_output(gemm_package):
         for draft in ("model", "suffix"):
             spec = pipe.generate(prompt, max_new_tokens=32, draft=draft, draft_tokens=4)
             assert spec.token_ids == plain.token_ids, (seed, draft)
-
-
-def test_auto_picks_the_gemm_kernel_where_it_applies():
-    assert int8_kernel_for("auto", "int8", "builder", "fp32", kept_gguf_blocks=False) == "gemm"
-    assert int8_kernel_for("auto", "int8", "builder", "fp32", kept_gguf_blocks=True) == "nbits"  # the file's blocks
-    assert int8_kernel_for("auto", "int8", "optimum", "fp32", kept_gguf_blocks=False) == "nbits"
-    assert int8_kernel_for("auto", "int8", "builder", "fp16", kept_gguf_blocks=False) == "nbits"
-    assert int8_kernel_for("auto", "int4", "builder", "fp32", kept_gguf_blocks=False) == "nbits"
-    assert int8_kernel_for("nbits", "int8", "builder", "fp32", kept_gguf_blocks=False) == "nbits"  # as asked
 
 
 def test_the_gemm_kernel_needs_int8(checkpoint, tmp_path):

@@ -88,17 +88,6 @@ def choose_exporter(checkpoint: Checkpoint, exporter: str) -> str:
     return exporter
 
 
-def int8_kernel_for(requested: str, quantize: str, exporter: str, dtype: str, kept_gguf_blocks: bool) -> str:
-    """The kernel of the target's int8 projections: `auto` picks the int8 GEMM where it applies (8 bits, the
-    builder's fp32 graph) unless the weights are a GGUF's blocks kept exactly, which only MatMulNBits holds
-    as they are: a call of many positions then costs about one, and one position no more than MatMulNBits
-    8-bit (measured in docs/design.md, "Many positions per call")."""
-    if requested != "auto":
-        return requested
-    gemm = quantize == "int8" and exporter == "builder" and dtype == "fp32" and not kept_gguf_blocks
-    return "gemm" if gemm else "nbits"
-
-
 def _export_model(
     checkpoint: Checkpoint,
     role: str,
@@ -244,7 +233,7 @@ def export_pair(
     dtype: str = "fp32",
     draft_dtype: str | None = None,
     keep_gguf_blocks: bool = True,
-    int8_kernel: str = "auto",
+    int8_kernel: str = "nbits",
     feature_layers: Sequence[int] = (),
     force: bool = False,
     report: Reporter = print,
@@ -260,8 +249,7 @@ def export_pair(
     them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `int8_kernel="gemm"`
     (with quantize="int8") stores the target's layer projections as int8 per output column for ONNX Runtime's
     int8 GEMM, activations quantized per position: calls of many positions cost about one (builder, fp32
-    only); "nbits" keeps MatMulNBits; the default "auto" is gemm where it applies except on a GGUF whose
-    blocks are kept (`int8_kernel_for`; see docs/design.md "Many positions per call"). `feature_layers`: inner
+    only; the default "nbits" keeps MatMulNBits; see docs/design.md "Many positions per call"). `feature_layers`: inner
     layers whose output the target's hidden_states carries too, for a draft head that reads them (a head
     draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
     like Ctrl-C: it cleans up and raises KeyboardInterrupt.
@@ -275,9 +263,9 @@ def export_pair(
     for name, value in (("quantize", quantize), ("draft_quantize", draft_quantize)):
         if value not in BITS:
             raise ValueError(f"{name} must be one of {', '.join(BITS)}, got {value!r}")
-    if int8_kernel not in ("auto", *INT8_KERNELS):
-        raise ValueError(f"int8_kernel must be one of auto, {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
-    if int8_kernel == "gemm" and quantize != "int8":
+    if int8_kernel not in INT8_KERNELS:
+        raise ValueError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+    if int8_kernel != "nbits" and quantize != "int8":
         raise ValueError(f"int8_kernel {int8_kernel!r} needs quantize='int8', got {quantize!r}")
     dtypes = {"target": dtype, "draft": draft_dtype or dtype}
     for role, value in dtypes.items():
@@ -316,14 +304,12 @@ def export_pair(
                 )
         specs = {}
         for role, source, q in roles:
+            kernel = int8_kernel if role == "target" else "nbits"
+            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel)
             if head and role == "draft":
-                quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks)
                 specs[role] = _export_head(Path(source), checkpoints["target"], quantization, root, progress)
                 continue
             chosen = choose_exporter(checkpoints[role], "builder" if head else exporters[role])
-            kept = keep_gguf_blocks and checkpoints[role].is_gguf
-            kernel = int8_kernel_for(int8_kernel, q, chosen, dtypes[role], kept) if role == "target" else "nbits"
-            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel)
             if chosen == "optimum" and exporters[role] == "auto" and q != "none" and dtypes[role] == "fp32":
                 progress.total += 1  # optimum's graph is quantized as a stage of its own
             layers = feature_layers if role == "target" else ()
