@@ -14,8 +14,9 @@ prints tokens/s of plain greedy decoding (timed again before each α's rows, so 
 other jobs shows) and of speculation with the replay drafter at each α and γ, the acceptance seen, the γ
 sent and the speedup. Outputs are checked equal to plain greedy decoding; on quantized kernels a
 divergence at a near-tie (bench.NEAR_TIE) is reported on its row, any other stops the run. Where verify
-calls resolve a near-tie unlike plain decoding, the replay guesses speculation's own greedy output
-(`settled_continuation`), so that it stays the target's choices past it.
+calls resolve a near-tie unlike plain decoding, the replay guesses that row's own speculative output
+(`settled_continuation`, untimed, run before each row: auto γ calibrates and learns the α there), the
+target's choices as its verify calls make them; a row whose timed run still left it says so ("left").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 import ortspec
 from ortspec.runtime.bench import NEAR_TIE, divergence_gap
+from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.pipeline import Pipeline
 from ortspec.runtime.results import GenerationResult
 from ortspec.runtime.speculation.chooser import TokenChooser
@@ -81,29 +83,42 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def settled_continuation(
-    pipe: Pipeline, prompt: list[int], continuation: list[int], alpha: float, seed: int, rounds: int = 3
+    pipe: Pipeline,
+    prompt: list[int],
+    continuation: list[int],
+    alpha: float,
+    seed: int,
+    draft_tokens: int | str,
+    rounds: int = 4,
 ) -> list[int]:
-    """What the replay proposer should guess: plain greedy's continuation, unless speculation's verify calls
-    (many positions per call) resolve a near-tie the other way on quantized kernels; then speculation's own
-    output, the target's greedy choices as verify calls make them, until a speculative run reproduces it.
-    Past such a divergence plain greedy's tokens are not the target's choices, and the replay would guess
-    nothing right."""
+    """What the replay proposer should guess under `draft_tokens`: plain greedy's continuation, unless
+    speculation's verify calls (many positions per call) resolve a near-tie the other way on quantized
+    kernels; then speculation's own output, the target's greedy choices as those verify calls make them,
+    until a speculative run reproduces it. Past such a divergence plain greedy's tokens are not the
+    target's choices, and the replay would guess nothing right. (Untimed; auto γ also learns the α here.)"""
     for _ in range(rounds):
         proposer = ReplayProposer(prompt, continuation, alpha, pipe.target.vocab_size, seed)
-        done = pipe.generate(prompt, proposer=proposer, max_new_tokens=len(continuation), draft_tokens=8)
+        done = pipe.generate(prompt, proposer=proposer, max_new_tokens=len(continuation), draft_tokens=draft_tokens)
         if done.token_ids == continuation:
             break
         continuation = done.token_ids
     return continuation
 
 
+def smallest_gap(pipe: Pipeline, prompt: list[int], continuation: list[int]) -> float:
+    """The smallest gap between the two highest logits along `continuation` (scored in one call). Where it is
+    below the path noise of quantized kernels, verify calls of different lengths may pick different tokens,
+    and each γ would then be timed on a different text."""
+    target = DecoderState(pipe.target)
+    logits = target.forward([*prompt, *continuation[:-1]])[len(prompt) - 1 :]
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return float((top2[:, 1] - top2[:, 0]).min())
+
+
 def _rates(
     pipe: Pipeline, prompt: list[int], repeats: int, clock: Callable[[], float], **options
 ) -> tuple[list[float], GenerationResult]:
-    """Tokens/s of `repeats` generations with `options`, and the last result. Auto γ first runs one untimed
-    generation: it calibrates there, and learns this α (what it learned is kept across generations)."""
-    if options.get("draft_tokens") == "auto":
-        pipe.generate(prompt, **options)
+    """Tokens/s of `repeats` generations with `options`, and the last result."""
     rates = []
     for _ in range(repeats):
         start = clock()
@@ -131,9 +146,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     pipe = ortspec.load(args.package, threads=args.threads, verify=False)
-    prompt = [int(t) for t in np.random.default_rng(args.seed).integers(0, pipe.target.vocab_size, args.prompt_tokens)]
     new, clock = args.max_new_tokens, CLOCKS[args.clock]
+    prompt = [int(t) for t in np.random.default_rng(args.seed).integers(0, pipe.target.vocab_size, args.prompt_tokens)]
     plain = pipe.generate(prompt, max_new_tokens=new, use_draft=False)
+    gap = smallest_gap(pipe, prompt, plain.token_ids)
+    print(f"smallest top-2 logit gap along plain greedy's continuation: {gap:.3f}")
     print(
         f"{args.package}: prompt {len(prompt)} tokens, {len(plain.token_ids)} new, "
         f"threads {args.threads or 'default'}, {args.clock} clock; load average {load_average()}"
@@ -144,20 +161,21 @@ def main() -> None:
         f"{'tok/call':>10}{'mean γ':>8}{'plain rounds':>14}"
     )
     for alpha in args.alpha:
-        truth = settled_continuation(pipe, prompt, plain.token_ids, alpha, args.seed)
-        replay = ReplayProposer(prompt, truth, alpha, pipe.target.vocab_size, args.seed)
         plain_rates, _ = _rates(pipe, prompt, args.repeats, clock, max_new_tokens=new, use_draft=False)
         for gamma in args.gamma:
             draft_tokens = gamma if gamma in ("auto", "adaptive") else int(gamma)
+            truth = settled_continuation(pipe, prompt, plain.token_ids, alpha, args.seed, draft_tokens)
+            replay = ReplayProposer(prompt, truth, alpha, pipe.target.vocab_size, args.seed)
             rates, result = _rates(
                 pipe, prompt, args.repeats, clock, proposer=replay, max_new_tokens=new, draft_tokens=draft_tokens
             )
-            note = ""
+            left = result.stats.undrafted_rounds  # rounds with no guess: the sequence left the replayed text
+            note = f"  left the replayed text ({left} rounds without a guess)" if left > 1 else ""
             if result.token_ids != plain.token_ids:  # quantized kernels: only a near-tie may tell them apart
                 position, gap = divergence_gap(pipe, prompt, plain.token_ids, result.token_ids)
                 if gap > NEAR_TIE:
                     raise SystemExit(f"alpha {alpha}, gamma {gamma}: output differs from plain greedy at {position}")
-                note = f"  differs from plain greedy at token {position}, a near-tie (logit gap {gap:.3f})"
+                note += f"  differs from plain greedy at token {position}, a near-tie (logit gap {gap:.3f})"
             stats = result.stats
             accepted = f"{stats.acceptance_rate:.2f}" if stats.acceptance_rate is not None else "-"
             sent = [d for d in stats.drafted_per_round if d]
