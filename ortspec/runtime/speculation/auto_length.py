@@ -19,7 +19,10 @@ class AcceptanceEstimate:
     feature head's second guess far less than its first): one rate for all would make γ = 2 look as
     good as γ = 1 and the first draft as bad as the average. Position d is judged in every round that
     drafted it after d - 1 accepted drafts; drafts after a round's first rejection are never judged.
-    Each position forgets slowly (`decay` per judgement) so that it follows the text being generated.
+    Every position forgets slowly (`decay` per drafted round) so that it follows the text being
+    generated, judged in that round or not: a position γ stopped reaching after a few unlucky verdicts
+    drifts back to leaning on the one before it and is tried again, rather than staying condemned by
+    verdicts that are never revisited (which kept γ at 1 for good on a drafter right 3 times in 4).
     The first position starts from `prior` (pseudo-counts of weight `strength`, forgotten like
     judgements); a later one leans on the position before it until it has been judged a few times.
     """
@@ -46,12 +49,16 @@ class AcceptanceEstimate:
         return chances[:count]
 
     def update(self, drafted: int, accepted: int) -> None:
-        for position in range(min(accepted + 1, drafted)):
+        judged = min(accepted + 1, drafted)
+        for position in range(max(judged, len(self.judged))):
             if position == len(self.judged):
                 self.accepted.append(0.0)
                 self.judged.append(0.0)
-            self.accepted[position] = self.decay * self.accepted[position] + (position < accepted)
-            self.judged[position] = self.decay * self.judged[position] + 1
+            self.accepted[position] *= self.decay
+            self.judged[position] *= self.decay
+            if position < judged:
+                self.accepted[position] += position < accepted
+                self.judged[position] += 1
 
 
 class RoundCosts:
