@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,8 @@ def exported(out: Path, target: Path, **export_options: Any) -> Path:
     if not (out / "manifest.json").exists():
         export_pair(target, out, force=True, **export_options)
     return out
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: what other jobs on the machine were doing meanwhile."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -1,8 +1,9 @@
 """Resident memory of a loaded package, and where it comes from: the graph's files (mapped external data
 counts as file-backed RSS), the KV buffers allocated at max_length, and the rest (ORT's prepacked weights,
-arenas), with the decode time per token t(1) so a memory cut can be checked not to slow decoding, and with `--steps N`
-the cost t(n) of one target call over n = 1..N new positions after `--context` cached ones (the calibration's
-timing, as benchmarks/step_costs.py reports it).
+arenas), with the decode time per token t(1) (and the CPU time per token, steadier on a loaded machine) so a
+memory cut can be checked not to slow decoding, and with `--steps N` the cost t(n) of one target call over
+n = 1..N new positions after `--context` cached ones (the calibration's timing, as benchmarks/step_costs.py
+reports it).
 
     python benchmarks/load_memory.py PACKAGE [--max-length 2048] [--threads 2] [--tokens 64] [--steps 8]
 
@@ -47,10 +48,12 @@ load_s = time.perf_counter() - start
 loaded = status()
 prompt = [5 + i % 300 for i in range(32)]
 pipe.generate(prompt, max_new_tokens=8, use_draft=False)  # warm up
-steps = []
+steps, cpu = [], []
 for _ in range(3):
+    cpu_start = time.process_time()
     r = pipe.generate(prompt, max_new_tokens=int(sys.argv[4]), use_draft=False).stats
     steps.append((r.seconds - r.time_to_first_token) / max(1, r.new_tokens - 1))
+    cpu.append((time.process_time() - cpu_start) / r.new_tokens)  # this process's CPU per token, prefill too
 steps_n, context = int(sys.argv[6]), int(sys.argv[7])
 t_ms = []
 if steps_n:
@@ -58,7 +61,8 @@ if steps_n:
     t_ms = measure(pipe.target, None, "load", steps_n - 1, [context], repeats=7).target_ms[0]
 kv = pipe.target.cache_bytes() + (pipe.draft.cache_bytes() if pipe.draft is not None else 0)
 print(json.dumps({"before": before, "loaded": loaded, "decoded": status(), "load_s": load_s,
-                  "t1_ms": 1000 * min(steps), "t_ms": t_ms, "new_tokens": r.new_tokens, "kv_bytes": kv}))
+                  "t1_ms": 1000 * min(steps), "cpu_per_token_ms": 1000 * min(cpu), "t_ms": t_ms,
+                  "new_tokens": r.new_tokens, "kv_bytes": kv}))
 """
 
 

@@ -3,20 +3,26 @@ time to first token of a new request while 3 others decode; optionally the same 
 `llama-server -np 4` on the same GGUF and prompts.
 
     python benchmarks/serve_batching.py PACKAGE [--threads 2] [--max-tokens 96] [--unbatched]
+        [--drafting [--draft KIND]] [--chats] [--tree NAME=DIR ...] [--repeat N] [--no-ttft]
         [--llama-server BIN --gguf FILE]
 
 PACKAGE: a package whose target this ortspec's builder made (e.g. `ortspec export
-SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-int4`); a package with a draft head decodes per request.
-Each server runs with --parallel 4 and --threads T. Phases, all greedy, without drafting (with
-`--drafting`: ortspec's default, suffix drafting with auto γ):
+SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-int4`, with `--draft` a head for it: the catalog's
+`smollm2`). Each server runs with --parallel 4 and --threads T. Phases, all greedy, without drafting:
 - "1 client": the prompts one after another; "4 clients": the same prompts, 4 at a time. Aggregate
   tokens/s = completion tokens / wall time (the same requests, so the same tokens, in both).
 - TTFT: the median time to the first streamed token of a request alone ("idle"), and while 3 clients
   keep decoding long requests ("3 busy").
 Ratios are of numbers measured in the same run; "same text" counts the prompts whose greedy text with
-4 clients equals the one with 1 client. `--unbatched` adds a row for `ortspec serve --no-batch`. With
-`--drafting`, suffix drafting's memory of the 1-client phase helps the 4-client phase (the same
-prompts): that 4 vs 1 is not a fair one.
+4 clients equals the one with 1 client. `--unbatched` adds a row for `ortspec serve --no-batch`.
+With `--drafting` (the server's default drafter, or `--draft KIND`, with auto γ), on each server:
+1 client without drafting (draft=none), 1 client drafting, 4 clients without, 4 drafting, and
+the load average as the phases start; "draft vs none" compares two phases of one run. A drafter that
+uses suffix matches (the default: hybrid; suffix) remembers the 1-client phase in the 4-client one
+(the same prompts): that 4 vs 1 is not a fair one; `--draft model` (the package's head or draft LM alone) has none.
+`--chats`: chat requests (/v1/chat/completions) of CHATS instead of completions of PROMPTS.
+`--tree NAME=DIR` (repeatable) runs the servers from the ortspec source tree DIR (on PYTHONPATH) as
+arm NAME, `--repeat` times, the arms alternating: before/after comparisons under the same load.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 
 import httpx
 
@@ -47,6 +55,16 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea,",
     "The three laws of thermodynamics are",
     "SELECT name, email FROM users WHERE",
+]
+CHATS = [  # not among the head's training chats: everyday questions answered in prose or code
+    "Explain how a refrigerator keeps food cold.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What are three tips for sleeping better?",
+    "Describe the water cycle for a ten-year-old.",
+    "Give me a short plan for learning to play the guitar.",
+    "Why do leaves change colour in autumn?",
+    "Write a polite email asking a colleague to review my report by Friday.",
+    "What is the difference between a list and a tuple in Python?",
 ]
 TTFT_PROMPT = (
     "You are a helpful assistant. Summarise the following notes in three sentences. Notes: the meeting "
@@ -77,15 +95,22 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 900) -> No
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tuple[float, int, str]:
-    """(seconds to the first token, completion tokens, text) of one greedy streamed completion."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    """(seconds to the first token, completion tokens, text) of one greedy streamed completion (with
+    extra["chat"]: of the prompt as a user message, through /v1/chat/completions)."""
+    extra = dict(extra)
+    route = "chat/completions" if extra.pop("chat", False) else "completions"
+    body = {"max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
     body["stream_options"] = {"include_usage": True}
+    if route == "completions":
+        body["prompt"] = prompt
+    else:
+        body["messages"] = [{"role": "user", "content": prompt}]
     start = time.perf_counter()
     first = None
     chunks = 0
     usage = None
     text = ""
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+    with httpx.stream("POST", f"{url}/v1/{route}", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -93,7 +118,8 @@ def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tu
             data = json.loads(line[6:])
             if data.get("usage"):
                 usage = data["usage"]
-            delta = "".join(choice.get("text") or "" for choice in data.get("choices", []))
+            choices = data.get("choices", [])
+            delta = "".join(c.get("text") or (c.get("delta") or {}).get("content") or "" for c in choices)
             if delta:
                 first = first or time.perf_counter()
                 chunks += 1
@@ -102,11 +128,13 @@ def stream_completion(url: str, prompt: str, max_tokens: int, extra: dict) -> tu
     return (first or time.perf_counter()) - start, tokens, text
 
 
-def throughput(url: str, clients: int, max_tokens: int, extra: dict) -> tuple[float, int, list[str]]:
-    """Aggregate completion tokens/s of PROMPTS sent `clients` at a time, the tokens, and the texts."""
+def throughput(
+    url: str, clients: int, max_tokens: int, extra: dict, prompts: list[str] = PROMPTS
+) -> tuple[float, int, list[str]]:
+    """Aggregate completion tokens/s of `prompts` sent `clients` at a time, the tokens, and the texts."""
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        done = list(pool.map(lambda p: stream_completion(url, p, max_tokens, extra), PROMPTS))
+        done = list(pool.map(lambda p: stream_completion(url, p, max_tokens, extra), prompts))
     seconds = time.perf_counter() - start
     tokens = sum(t for _, t, _ in done)
     return tokens / seconds, tokens, [text for _, _, text in done]
@@ -134,22 +162,53 @@ def ttft(url: str, busy: int, extra: dict, samples: int = 7) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, url: str, max_tokens: int, extra: dict) -> dict:
+def measure(name: str, url: str, max_tokens: int, extra: dict, prompts: list[str], ttfts: bool = True) -> dict:
     with ThreadPoolExecutor(4) as pool:  # warm-up: every slot's first calls (its KV memory's first touch)
-        list(pool.map(lambda p: stream_completion(url, p, 8, extra), PROMPTS[:4]))
-    one, tokens_one, texts_one = throughput(url, 1, max_tokens, extra)
-    four, tokens_four, texts_four = throughput(url, 4, max_tokens, extra)
+        list(pool.map(lambda p: stream_completion(url, p, 8, extra), prompts[:4]))
+    one, tokens_one, texts_one = throughput(url, 1, max_tokens, extra, prompts)
+    four, tokens_four, texts_four = throughput(url, 4, max_tokens, extra, prompts)
     same = sum(a == b for a, b in zip(texts_one, texts_four, strict=True))
-    idle = ttft(url, 0, extra)
-    busy = ttft(url, 3, extra)
+    idle = ttft(url, 0, extra) if ttfts else float("nan")
+    busy = ttft(url, 3, extra) if ttfts else float("nan")
     row = dict(server=name, one=one, four=four, gain=four / one, idle=idle, busy=busy, ttft_ratio=busy / idle)
     row["tokens"] = f"{tokens_one}/{tokens_four}"
     print(
         f"| {name} | {one:.1f} | {four:.1f} | {four / one:.2f}x | {idle * 1000:.0f} | {busy * 1000:.0f} | "
-        f"{busy / idle:.2f}x | {row['tokens']} | {same}/{len(PROMPTS)} |",
+        f"{busy / idle:.2f}x | {row['tokens']} | {same}/{len(prompts)} |",
         flush=True,
     )
     return row
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_drafting(name: str, url: str, pid: int, max_tokens: int, extra: dict, prompts: list[str]) -> dict:
+    """1 client and 4, without drafting and with, on one server: aggregate tokens/s, and tokens per second
+    of the server's CPU time (other jobs on the machine slow the first, hardly the second); the load
+    average as the phases start."""
+    none = {**extra, "draft": "none"}
+    with ThreadPoolExecutor(4) as pool:  # warm-up, both ways
+        list(pool.map(lambda p: stream_completion(url, p, 8, extra), prompts[:4]))
+        list(pool.map(lambda p: stream_completion(url, p, 8, none), prompts[:4]))
+    load = os.getloadavg()[0]
+    rates, per_cpu = {}, {}
+    phases = (("one_none", 1, none), ("one", 1, extra), ("four_none", 4, none), ("four", 4, extra))
+    for phase, clients, options in phases:
+        cpu = cpu_seconds(pid)
+        rates[phase], tokens, _ = throughput(url, clients, max_tokens, options, prompts)
+        per_cpu[phase] = tokens / (cpu_seconds(pid) - cpu)
+    r, c = rates, per_cpu
+    print(
+        f"| {name} | {r['one_none']:.1f} | {r['one']:.1f} | {r['one'] / r['one_none']:.2f}x | {r['four_none']:.1f} "
+        f"| {r['four']:.1f} | **{r['four'] / r['one']:.2f}x** | {r['four_none'] / r['one_none']:.2f}x "
+        f"| {c['one'] / c['one_none']:.2f}x | **{c['four'] / c['one']:.2f}x** | {load:.2f} |",
+        flush=True,
+    )
+    return dict(server=name, load=load, **rates, **{f"{k}_per_cpu": v for k, v in per_cpu.items()})
 
 
 def exactness(package: str, threads: int, max_tokens: int) -> None:
@@ -170,12 +229,16 @@ def exactness(package: str, threads: int, max_tokens: int) -> None:
     )
 
 
-def serving(command: list[str], port: int, run: Callable[[str], dict]) -> dict:
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def serving(command: list[str], port: int, run: Callable[[str, int], dict], tree: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None  # the ortspec source tree the server runs
+    # run from the tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tree or None
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
-        return run(url)
+        return run(url, server.pid)
     finally:
         server.terminate()
         try:
@@ -190,34 +253,61 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--unbatched", action="store_true", help="also measure ortspec serve --no-batch")
-    parser.add_argument(
-        "--drafting", action="store_true", help="ortspec with the server's default drafting, not draft=none"
-    )
+    parser.add_argument("--drafting", action="store_true", help="drafting against draft=none, not draft=none alone")
+    parser.add_argument("--draft", help="with --drafting: the drafter requests ask for (default: the server's)")
+    parser.add_argument("--chats", action="store_true", help="chat requests of CHATS, not completions of PROMPTS")
+    parser.add_argument("--tree", action="append", default=[], help="NAME=DIR: an arm served from source tree DIR")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the arms, alternating")
+    parser.add_argument("--no-ttft", action="store_true", help="skip the TTFT phases and the exactness check")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary, to compare on --gguf")
     parser.add_argument("--gguf", help="the GGUF the package was exported from")
     args = parser.parse_args()
     ortspec = [sys.executable, "-m", "ortspec.cli"]
     if os.environ.get("ORTSPEC_BIN"):
         ortspec = [os.environ["ORTSPEC_BIN"]]
-    print(f"{len(PROMPTS)} prompts, max_tokens {args.max_tokens}, --parallel 4, {args.threads} threads, greedy")
-    print(
-        "| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle "
-        "| tokens 1/4 | same text 1 vs 4 |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    extra = {} if args.drafting else {"draft": "none"}
-    modes = [("ortspec serve", [])] + ([("ortspec serve --no-batch", ["--no-batch"])] if args.unbatched else [])
-    for name, flags in modes:
-        port = free_port()
-        command = [*ortspec, "serve", args.package, "--port", str(port), "--parallel", "4"]
-        command += ["--threads", str(args.threads), "--model-name", "m", *flags]
-        serving(command, port, lambda url, name=name: measure(name, url, args.max_tokens, extra))
-    exactness(args.package, args.threads, args.max_tokens)
+    prompts = CHATS if args.chats else PROMPTS
+    kind = "chats" if args.chats else "prompts"
+    print(f"{len(prompts)} {kind}, max_tokens {args.max_tokens}, --parallel 4, {args.threads} threads, greedy")
+    if args.drafting:
+        print(
+            "| server | 1 client, none tok/s | 1 client, drafting | draft vs none | 4 clients, none | "
+            "4 clients, drafting | 4 vs 1 (drafting) | 4 vs 1 (none) | draft vs none, per CPU-s "
+            "| 4 vs 1 (drafting), per CPU-s | load |"
+        )
+    else:
+        print(
+            "| server | 1 client tok/s | 4 clients tok/s | 4 vs 1 | TTFT idle ms | TTFT 3 busy ms | busy vs idle "
+            "| tokens 1/4 | same text 1 vs 4 |"
+        )
+    print("|---" * (11 if args.drafting else 9) + "|")
+    extra: dict = {"chat": True} if args.chats else {}
+    if not args.drafting:
+        extra["draft"] = "none"
+    elif args.draft:
+        extra["draft"] = args.draft
+    trees = [tuple(tree.split("=", 1)) for tree in args.tree] or [("ortspec serve", None)]
+    package = str(Path(args.package).resolve()) if Path(args.package).is_dir() else args.package  # servers' cwd: DIR
+    modes = [("", [])] + ([(" --no-batch", ["--no-batch"])] if args.unbatched else [])
+    for _ in range(args.repeat):
+        for tree_name, tree in trees:
+            for suffix, flags in modes:
+                port = free_port()
+                command = [*ortspec, "serve", package, "--port", str(port), "--parallel", "4"]
+                command += ["--threads", str(args.threads), "--model-name", "m", *flags]
+                phases = measure_drafting if args.drafting else partial(measure, ttfts=not args.no_ttft)
+                run = partial(phases, f"{tree_name}{suffix}", max_tokens=args.max_tokens, extra=extra, prompts=prompts)
+                if args.drafting:
+                    serving(command, port, lambda url, pid, run=run: run(url=url, pid=pid), tree)
+                else:
+                    serving(command, port, lambda url, _, run=run: run(url=url), tree)
+    if not args.no_ttft:
+        exactness(args.package, args.threads, args.max_tokens)
     if args.llama_server:
         port = free_port()
         command = [args.llama_server, "-m", args.gguf, "-np", "4", "-t", str(args.threads), "-c", "8192"]
         command += ["--host", "127.0.0.1", "--port", str(port)]
-        serving(command, port, lambda url: measure("llama-server -np 4", url, args.max_tokens, {}))
+        llama = partial(measure, "llama-server -np 4", max_tokens=args.max_tokens, extra={}, prompts=prompts)
+        serving(command, port, lambda url, _: llama(url=url))
 
 
 if __name__ == "__main__":

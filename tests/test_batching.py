@@ -20,6 +20,7 @@ import ortspec
 from ortspec.runtime.model.batching import BatchedModel, RowState, batch_problem
 from ortspec.runtime.model.decoder import DecoderState
 from ortspec.runtime.package.manifest import file_entry
+from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoState
 
 from helpers.batching import start_together
 from helpers.waiting import wait_until
@@ -214,17 +215,23 @@ def test_batched_rows_carry_their_own_features(built):
         np.testing.assert_allclose(features.astype(np.float32), want_features.astype(np.float32), atol=2e-3, rtol=2e-3)
 
 
-def test_a_target_with_a_draft_head_batches(checkpoint, tmp_path):
-    """The head drafts per row from the features its row's batched steps carry; greedy output is each
-    generation's own, drafting or not."""
+@pytest.fixture(scope="module")
+def head_package(checkpoint, tmp_path_factory) -> Path:
     from ortspec.export import export_pair
 
     from helpers.heads import make_head
 
-    make_head(checkpoint("llama"), tmp_path / "head")
-    export_pair(checkpoint("llama"), tmp_path / "pkg", draft=tmp_path / "head", quantize="none", report=lambda _: None)
-    alone_pipe = ortspec.load(tmp_path / "pkg", threads=1, max_length=64)
-    pipe = ortspec.load(tmp_path / "pkg", threads=1, max_length=64, batch=ROWS)
+    root = tmp_path_factory.mktemp("head")
+    make_head(checkpoint("llama"), root / "head")
+    export_pair(checkpoint("llama"), root / "pkg", draft=root / "head", quantize="none", report=lambda _: None)
+    return root / "pkg"
+
+
+def test_a_target_with_a_draft_head_batches(head_package):
+    """The head drafts per row from the features its row's batched steps carry; greedy output is each
+    generation's own, drafting or not."""
+    alone_pipe = ortspec.load(head_package, threads=1, max_length=64)
+    pipe = ortspec.load(head_package, threads=1, max_length=64, batch=ROWS)
     assert pipe.batch is not None
     pipe.batch.wait = 5.0
     jobs = [
@@ -235,3 +242,29 @@ def test_a_target_with_a_draft_head_batches(checkpoint, tmp_path):
     start_together(pipe, len(jobs))
     assert run_all(pipe, jobs) == [alone_pipe.generate(prompt, **options).token_ids for prompt, options in jobs]
     assert pipe.batch.widest >= 2
+
+
+def test_auto_gamma_drafts_alone_and_steps_plainly_in_a_full_batch(head_package):
+    """Auto γ weighs a drafted round (its verify call alone) against what a plain round adds to the
+    batched step: with three rows decoding, a head that pays alone does not draft, and every output is
+    still the one the generation gets alone."""
+    from helpers.calibrations import synthetic
+
+    cheap = synthetic(draft_ms=0.5, verify_growth=0.1)  # alone, a good head pays; a row adds 1 ms to a step
+    alone_pipe = ortspec.load(head_package, threads=1, max_length=64)
+    pipe = ortspec.load(head_package, threads=1, max_length=64, batch=ROWS)
+    pipe.batch.wait = 5.0
+    for each in (alone_pipe, pipe):
+        each._calibration = cheap
+        each._auto_states[":head"] = AutoState(AcceptanceEstimate(prior=0.95, strength=1000))  # guesses well
+    options = dict(draft="model", draft_tokens="auto")
+    jobs = [(PROMPTS[i], dict(max_new_tokens=n)) for i, n in ((1, 8), (2, 24), (3, 24))]
+    solo = [alone_pipe.generate(prompt, **options, **o) for prompt, o in jobs]
+    assert all(result.stats.drafted_tokens for result in solo)  # alone, it drafts
+    start_together(pipe, len(jobs))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batched = [f.result(timeout=120) for f in [pool.submit(pipe.generate, p, **options, **o) for p, o in jobs]]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in solo]
+    first = batched[0].stats  # the shortest: it ran while all three rows were held
+    assert first.drafted_tokens == 0 and first.undrafted_rounds > 0
+    assert pipe.batch.widest == 3

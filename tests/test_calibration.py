@@ -14,7 +14,7 @@ import ortspec
 from ortspec.cli import main
 from ortspec.runtime.speculation import calibration as calibration_module
 from ortspec.runtime.speculation.auto_length import AcceptanceEstimate, AutoDraftLength, AutoState, RoundCosts
-from ortspec.runtime.speculation.calibration import tokens_per_round
+from ortspec.runtime.speculation.calibration import Calibration, tokens_per_round
 from ortspec.runtime.speculation.calibration_store import CALIBRATION_FILE
 
 from helpers.calibrations import synthetic
@@ -162,6 +162,41 @@ def test_a_stale_slowdown_fades_while_decoding_plainly():
     assert costs.slowdown < 1.05
 
 
+def test_a_row_of_a_batched_step_costs_what_one_more_position_adds():
+    cal = synthetic(verify_growth=0.2)  # 10 ms for one position at context 100, each more adds 2 ms
+    assert cal.batched_step(1, 100) == 10.0  # alone: the whole step
+    assert [cal.batched_step(rows, 100) for rows in (2, 4, 9)] == pytest.approx([2.0, 2.0, 2.0])
+    assert cal.batched_step(40, 100) == pytest.approx(2.0)  # wider than calibrated: the same slope
+    flat = synthetic(verify_growth=0.0)  # one more position costs nothing (or less: noise)
+    assert flat.batched_step(4, 100) == pytest.approx(calibration_module.MIN_ROW_SHARE * 10.0)
+
+
+def test_auto_drafting_fades_as_the_batch_fills_and_returns_as_it_empties():
+    """Each round weighs drafting against what a plain round adds to the batch's step at the present
+    load: a drafting row's verify call runs alone and holds up the others."""
+    cal = synthetic(draft_ms=0.5, verify_growth=0.15)
+    rows = [1]
+    state = AutoState(AcceptanceEstimate(prior=0.8, strength=100))
+    auto = AutoDraftLength(cal, state, load=lambda: rows[0])
+    chosen = []
+    for load in (1, 2, 4, 2, 1):
+        rows[0] = load
+        chosen.append(auto.next(100, pending=1))
+    assert chosen[0] > 0 and chosen[-1] == chosen[0]  # alone: as without batching
+    assert chosen[0] == AutoDraftLength(cal, state).next(100, pending=1)
+    assert chosen[1:4] == [0, 0, 0]  # a row of 2 or 4 adds 1.5 ms to a step: a 10+ ms verify alone cannot pay
+    alone = AutoDraftLength(cal, state).costs(100)
+    assert auto.costs(100)[1:] == alone[1:]  # a drafted round costs what it costs alone
+    rows[0] = 2
+    assert auto.costs(100)[0] == pytest.approx(alone[0] * 0.15)  # one more position's share of a step
+    auto.observe(0, 50.0, 100)  # a round beside other rows times the batch, not this machine's calls
+    auto.observe(2, 80.0, 100)
+    assert (state.costs.plain, state.costs.slowdown) == (1.0, 1.0)
+    rows[0] = 1
+    auto.observe(0, 50.0, 100)
+    assert state.costs.plain > 1.0
+
+
 def test_auto_keeps_greedy_output_and_stores_calibration(package, tmp_path, monkeypatch):
     import shutil
 
@@ -246,3 +281,36 @@ def test_a_probe_is_timed_as_a_probe_not_as_a_drafted_round():
     assert auto.next(100, pending=64) == 0  # ... and the next generation's plain round is not taken for it
     auto.observe(0, cal.round(0, 100) + 40.0, 100)
     assert state.probe_ratio == pytest.approx(25.0 / predicted, rel=0.01) and state.costs.plain > 1.0
+
+
+def test_a_verdict_on_a_position_no_longer_drafted_fades():
+    """One rejection of the second draft, then rounds that draft only one: the second position is never
+    judged again, so its estimate must drift back to leaning on the first's rather than keep the verdict."""
+    estimate = AcceptanceEstimate()
+    estimate.update(drafted=4, accepted=1)  # the second draft rejected
+    first, second = estimate.chances(2)
+    assert second < 0.75 * first
+    for _ in range(100):
+        estimate.update(drafted=1, accepted=1)
+    first, second = estimate.chances(2)
+    assert second == pytest.approx(first, abs=0.03)
+
+
+def test_auto_tries_longer_rounds_again_after_an_unlucky_one():
+    """A free drafter right 3 times in 4, on costs where γ = 1 is best at the prior's 0.6 and γ = 4 at 0.75
+    (int4 t(n) of a 1.1B model at 1 thread). An early rejection of the second draft makes γ = 1 look best;
+    rounds of γ = 1 never judge the second draft again, so without forgetting auto would stay at γ = 1 for good."""
+    rows = [[10.0 * v for v in (1.0, 1.12, 1.46, 1.65, 1.72, 1.87, 2.1, 2.24, 2.46)]] * 2
+    cal = Calibration("test", [100, 1000], rows, [0.0, 0.0])
+    assert cal.best_gamma(0.6, 100, draft_cost=False) == 1 and cal.best_gamma(0.75, 100, draft_cost=False) == 4
+    auto = AutoDraftLength(cal, AutoState(), draft_cost=False, learn_timings=False)
+    right = itertools.chain([True, True, False], itertools.cycle([True, True, True, False]))  # position by position
+    chosen = []
+    for _ in range(60):
+        gamma, accepted = auto.next(100), 0
+        while accepted < gamma and next(right):
+            accepted += 1
+        auto.update(gamma, accepted)
+        chosen.append((gamma, accepted))
+    assert chosen[:3] == [(1, 1), (4, 1), (1, 1)]  # the unlucky round, then γ = 1
+    assert any(gamma > 1 for gamma, _ in chosen[3:40])

@@ -19,7 +19,8 @@ from ortspec.cli import main as cli
 from ortspec.cli.output import describe
 from ortspec.export import export_pair
 from ortspec.export.builder.gguf_file import GGUFError, GGUFFile
-from ortspec.export.quantize import dequantized_weight
+from ortspec.export.quantize import count_ops, dequantized_weight, streaming
+from ortspec.export.quantize.compact import Constants, compact_blocks, fold, folded_constants
 from ortspec.export.quantize.gguf_raw import LAYOUTS, Layout, read_blocks
 from ortspec.export.quantize.streaming import matmul_blocks
 from ortspec.models.random import make_checkpoint
@@ -208,3 +209,63 @@ def test_other_architectures_keep_their_blocks_through_the_builders_rearrangemen
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
     record = pipe.manifest.target.quantization["gguf_blocks"]
     assert set(record["kept_exactly"]) == {"Q8_0"} and record["requantized"] == 0
+
+
+def float32_scales(prefix, scales, offsets, block):
+    """`compact.compact_blocks` as the package stored scales before: the float32 arrays as they are."""
+    constants = Constants()
+    constants.arrays[f"{prefix}_scales"] = scales
+    if offsets is not None:
+        constants.arrays[f"{prefix}_offsets"] = offsets
+    return constants
+
+
+@pytest.mark.parametrize("weights", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q4_K_M"])
+def test_compact_scales_fold_to_the_float32_ones_bit_for_bit(weights, kquant_gguf, tmp_path, monkeypatch):
+    gguf = kquant_gguf(weights, tied=weights == "Q4_K_M")
+    compact = export(gguf, tmp_path / "compact", quantize="int4")
+    monkeypatch.setattr(streaming, "compact_blocks", float32_scales)
+    plain = export(gguf, tmp_path / "plain", quantize="int4")
+    graphs = [onnx.load(pipe.manifest.root / "target" / "model.onnx").graph for pipe in (compact, plain)]
+    values = [folded_constants(graph) for graph in graphs]
+    compared = 0
+    for node in graphs[1].node:  # every constant input of the blocks' nodes: the same bits once folded
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized") or node.name.endswith("_offsets"):
+            for name in node.input:
+                if name in values[1]:
+                    got, want = values[0][name], values[1][name]
+                    assert (got.dtype, got.shape, got.tobytes()) == (want.dtype, want.shape, want.tobytes()), name
+                    compared += 1
+    assert compared >= 2 * count_ops(onnx.ModelProto(graph=graphs[1]), "MatMulNBits")
+    stored = [{init.name: init.data_type for init in graph.initializer} for graph in graphs]
+    floats = [name for name in stored[1] if name.endswith(("_scales", "_offsets"))]
+    assert floats and not any(name in stored[0] for name in floats)  # none of them stored as float32 now
+    sizes = [sum(f.stat().st_size for f in (p.manifest.root / "target").iterdir()) for p in (compact, plain)]
+    assert sizes[0] < sizes[1]
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, plain.target.vocab_size, size=16)]
+    logits = [DecoderState(pipe.target).forward(ids) for pipe in (compact, plain)]
+    assert np.array_equal(*logits)
+
+
+def test_compact_blocks_store_each_form_only_where_it_folds_to_the_same_bits():
+    rng = np.random.default_rng(0)
+    d = (rng.uniform(2e-5, 2e-3, (6, 2, 1)) * rng.choice([-1, 1], (6, 2, 1))).astype(np.float16).astype(np.float32)
+    sc = rng.integers(-128, 128, (6, 2, 8)).astype(np.float32)
+    k_scales = (d * sc).reshape(6, 16)  # K-quant-like: an fp16 (subnormal ones too) times an integer per block
+    k_scales[0, 3] = -0.0  # a code 0 under a negative factor
+    half = rng.standard_normal((6, 16)).astype(np.float16).astype(np.float32)
+    mixed = k_scales.copy()
+    mixed[1, :8] = np.float32(0) * np.array([1, -1] * 4, np.float32)  # +0.0 and -0.0 in one group: no factor
+    for scales, stored in [(half, "w_scales_fp16"), (k_scales, "w_scales_codes"), (mixed, "w_scales")]:
+        constants = compact_blocks("w", scales, None, 32)
+        assert stored in constants.arrays
+        folded = fold(constants.nodes, constants.arrays)["w_scales"]
+        assert folded.dtype == np.float32 and folded.tobytes() == scales.tobytes()
+    # Q4_K: d * sc and dmin * m with sc, m < 64
+    q4_k = (np.abs(d) * rng.integers(0, 64, (6, 2, 8)).astype(np.float32)).reshape(6, 16)
+    minimum = (np.abs(d) * rng.integers(0, 64, (6, 2, 8)).astype(np.float32)).reshape(6, 16)
+    offsets = (8 * 32 * q4_k.astype(np.float64) - 32 * minimum.astype(np.float64)).T.astype(np.float32)
+    offsets[:, 5] = 0  # a row without an offset (a Q6_K part joined with Q4_K ones)
+    constants = compact_blocks("w", q4_k, np.ascontiguousarray(offsets), 32)
+    assert "w_offsets" not in constants.arrays and "w_minimum_codes" in constants.arrays
+    assert fold(constants.nodes, constants.arrays)["w_offsets"].tobytes() == offsets.tobytes()

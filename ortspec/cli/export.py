@@ -44,7 +44,7 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     type=QUANT_CHOICES,
     default="int4",
     show_default=True,
-    help="Weight-only quantization of the target (MatMulNBits).",
+    help="Weight-only quantization of the target: int4 as MatMulNBits blocks; int8 see --int8-kernel.",
 )
 @click.option("--draft-quantize", type=QUANT_CHOICES, help="Quantization of the draft (default: same as --quantize).")
 @click.option(
@@ -67,9 +67,10 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     type=click.Choice(["nbits", "gemm"]),
     default="nbits",
     show_default=True,
-    help="With --quantize int8: nbits keeps MatMulNBits; gemm stores the target's layer projections as int8 per "
-    "output column for ONNX Runtime's int8 GEMM (MatMulInteger), activations quantized per position, so a "
-    "call of many positions (verifying a draft) costs about one. Builder, fp32 only.",
+    help="With --quantize int8: nbits keeps MatMulNBits blocks (nearly lossless); gemm stores the target's layer "
+    "projections as int8 per output column for ONNX Runtime's int8 GEMM (MatMulInteger), activations quantized "
+    "per position, so a call of many positions (verifying drafts, a prefill) costs about one, at a quality "
+    "cost (SmolLM2-135M: KL 0.028 against 0.003). For speculation-heavy serving; builder, fp32 only.",
 )
 @click.option(
     "--exporter",

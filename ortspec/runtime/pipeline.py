@@ -166,7 +166,9 @@ class Pipeline:
                 if memo is None or memo[0] is not calibration:  # reuse the cached per-context costs
                     memo = self._auto[key] = (calibration, AutoMemo())
                 state = self._auto_states.setdefault(f"{within or ''}:{drafter}", AutoState())
-            return AutoDraftLength(calibration, state, draft_cost, max_gamma, scored=scored, memo=memo[1])
+            batch = self.batch  # a plain round costs what a row adds to the batch's step; drafting fades as it fills
+            load = (lambda: batch.in_use) if batch is not None else None
+            return AutoDraftLength(calibration, state, draft_cost, max_gamma, scored=scored, memo=memo[1], load=load)
         return DraftLength(int(config.draft_tokens))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from ortspec.export.builder.safetensors_io import SafetensorsCheckpoint
 from ortspec.export.quantize import dequantized_weight
+from ortspec.export.quantize.compact import folded_constants
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|endoftext|>' + message['role'] + '\n' + message['content'] + '<|pad|>' }}"
@@ -37,13 +38,9 @@ CHAT_TEMPLATE = (
 def projection_weights(pipe: Any) -> dict[str, np.ndarray]:
     """Each projection's float weight [K, N] (dequantized for MatMulNBits), by the name of its output."""
     graph = onnx.load(pipe.manifest.root / pipe.manifest.target.onnx).graph
-    inits = {init.name: init for init in graph.initializer}
+    inits = folded_constants(graph)  # scales and offsets as the session computes them at load
     weights = {
-        node.output[0]: (
-            dequantized_weight(node, inits)
-            if node.op_type == "MatMulNBits"
-            else onnx.numpy_helper.to_array(inits[node.input[1]])
-        )
+        node.output[0]: dequantized_weight(node, inits) if node.op_type == "MatMulNBits" else inits[node.input[1]]
         for node in graph.node
         if node.op_type in ("MatMul", "MatMulNBits")
     }

@@ -103,11 +103,12 @@ def quantized_gather(
     return nodes, inits
 
 
-def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
-    """The float [K, N] weight a MatMulNBits node without zero points multiplies by (for checks)."""
+def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, Any]) -> np.ndarray:
+    """The float [K, N] weight a MatMulNBits node without zero points multiplies by (for checks), from its
+    inputs' values: TensorProtos or arrays (`compact.folded_constants`: scales computed by constant nodes)."""
     k, n, bits = attribute(node, "K", 0), attribute(node, "N", 0), attribute(node, "bits", 4)
-    packed = numpy_helper.to_array(initializers[node.input[1]])
-    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1, 1)
+    packed, scales = (_array(initializers[name]) for name in node.input[1:3])
+    scales = scales.reshape(n, -1, 1)
     codes = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:2], -1)
     return ((codes.astype(np.float32) - (1 << (bits - 1))) * scales).reshape(n, -1)[:, :k].T
 
@@ -115,3 +116,7 @@ def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.Tensor
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
     """Number of nodes of `op_type` in the main graph."""
     return sum(node.op_type == op_type for node in model.graph.node)
+
+
+def _array(value: Any) -> np.ndarray:
+    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from .compact import compact_blocks
 from .gguf_blocks import lossless_blocks, offset_blocks, pack
 from .gguf_raw import FLOAT_TYPES, Blocks, GGUFWeight, Layout
 from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
@@ -162,11 +163,16 @@ class StreamingQuantizer:
         self, g: Graph, name: str, found: tuple[np.ndarray, ...], k: int, n: int, bits: int, block: int, kind: str
     ) -> QuantizedWeight:
         blocks = g.constant(f"{name}_Q{bits}", found[0])
-        scales = g.constant(f"{name}_scales", found[1])
-        offsets = None
-        if len(found) == 3:
-            offsets = g.constant(f"{name}_offsets", found[2] * np.float32(block))
-        return QuantizedWeight(name, blocks, scales, offsets, k, n, bits, kind, block)
+        offsets = found[2] * np.float32(block) if len(found) == 3 else None
+        if kind == "quantized":  # ONNX Runtime's float32 scales: no shorter exact form
+            scales = g.constant(f"{name}_scales", found[1])
+            return QuantizedWeight(name, blocks, scales, None, k, n, bits, kind, block)
+        constants = compact_blocks(name, found[1], offsets, block)
+        for array_name, array in constants.arrays.items():
+            g.constant(array_name, array)
+        g.nodes += constants.nodes
+        offsets_name = None if offsets is None else f"{name}_offsets"
+        return QuantizedWeight(name, blocks, f"{name}_scales", offsets_name, k, n, bits, kind, block)
 
     def gguf_layout(self, weight: GGUFWeight) -> Layout | None:
         """How the GGUF blocks of `weight` are stored exactly, or None to quantize it from float32.

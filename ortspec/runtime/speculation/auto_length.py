@@ -4,6 +4,7 @@ round costs and each draft position's running chance of acceptance."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ortspec.runtime.speculation.calibration import Calibration, best_count, best_gamma, best_prefix, prefix_speedups
@@ -18,7 +19,10 @@ class AcceptanceEstimate:
     feature head's second guess far less than its first): one rate for all would make γ = 2 look as
     good as γ = 1 and the first draft as bad as the average. Position d is judged in every round that
     drafted it after d - 1 accepted drafts; drafts after a round's first rejection are never judged.
-    Each position forgets slowly (`decay` per judgement) so that it follows the text being generated.
+    Every position forgets slowly (`decay` per drafted round) so that it follows the text being
+    generated, judged in that round or not: a position γ stopped reaching after a few unlucky verdicts
+    drifts back to leaning on the one before it and is tried again, rather than staying condemned by
+    verdicts that are never revisited (which kept γ at 1 for good on a drafter right 3 times in 4).
     The first position starts from `prior` (pseudo-counts of weight `strength`, forgotten like
     judgements); a later one leans on the position before it until it has been judged a few times.
     """
@@ -45,12 +49,16 @@ class AcceptanceEstimate:
         return chances[:count]
 
     def update(self, drafted: int, accepted: int) -> None:
-        for position in range(min(accepted + 1, drafted)):
+        judged = min(accepted + 1, drafted)
+        for position in range(max(judged, len(self.judged))):
             if position == len(self.judged):
                 self.accepted.append(0.0)
                 self.judged.append(0.0)
-            self.accepted[position] = self.decay * self.accepted[position] + (position < accepted)
-            self.judged[position] = self.decay * self.judged[position] + 1
+            self.accepted[position] *= self.decay
+            self.judged[position] *= self.decay
+            if position < judged:
+                self.accepted[position] += position < accepted
+                self.judged[position] += 1
 
 
 class RoundCosts:
@@ -116,7 +124,8 @@ class AutoMemo:
     rounds: dict[int, list[float]] = field(default_factory=dict)  # bucket -> ms of a round with γ = 0..max drafts
     catch_up: dict[int, float] = field(default_factory=dict)  # bucket -> ms per token the draft catches up on
     draft: dict[int, float] = field(default_factory=dict)  # bucket -> ms of one draft step
-    can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
+    can_pay: dict[tuple[int, float, int], bool] = field(default_factory=dict)
+    plain: dict[tuple[int, int], float] = field(default_factory=dict)  # (bucket, rows) -> ms a plain round adds
 
 
 class AutoDraftLength:
@@ -139,6 +148,14 @@ class AutoDraftLength:
     (`Proposal.confidence`): it is asked for up to `max_gamma` tokens every round, and `choose` sends
     the prefix with the best predicted throughput on the same round costs (none unless it gains 5%).
 
+    With `load` (continuous batching: how many sequences decode in the batch now, this one included),
+    a plain round costs what this sequence adds to the batched step of that many rows
+    (`Calibration.batched_step`), not a whole step, while a drafted round's verify call still runs
+    alone (GroupQueryAttention on the CPU takes several new tokens on a past for one row only) and
+    holds up every other row: so speculation fades as the batch fills and returns as it empties,
+    chosen afresh each round. Drafting is judged by the throughput of the whole batch, not this
+    sequence's speed.
+
     One instance serves one generation; `state` (what is learned) and `memo` (cached costs) may be
     shared across generations.
     """
@@ -155,8 +172,10 @@ class AutoDraftLength:
         learn_timings: bool = True,
         scored: bool = False,
         memo: AutoMemo | None = None,
+        load: Callable[[], int] | None = None,
     ) -> None:
         self.calibration = calibration
+        self.load = load
         self.state = state
         self.draft_cost = draft_cost
         self.scored = scored  # the proposer scores each token: ask for the most, send the best prefix
@@ -179,9 +198,22 @@ class AutoDraftLength:
             memo.rounds[bucket] = self.calibration.rounds(context, self.draft_cost)[: self.max_gamma + 1]
         return memo.rounds[bucket]
 
+    def _loaded(self, bucket: int) -> tuple[list[float], int]:
+        """(round costs at `bucket` under the batch's present load, the rows decoding in it): a plain
+        round costs what one row adds to the batched step, a drafted one all it costs alone."""
+        rounds = self._costs(bucket)
+        rows = max(self.load(), 1) if self.load is not None else 1
+        if rows == 1:
+            return rounds, rows
+        plain = self.memo.plain.get((bucket, rows))
+        if plain is None:
+            plain = self.memo.plain[bucket, rows] = self.calibration.batched_step(rows, self._center(bucket))
+        return [plain, *rounds[1:]], rows
+
     def costs(self, context: int) -> list[float]:
-        """ms of a round with γ = 0..max_gamma drafts around `context` (cached per bucket of contexts)."""
-        return self._costs(context // self.BUCKET)
+        """ms of a round with γ = 0..max_gamma drafts around `context` (cached per bucket of contexts),
+        a plain one's as the batch's present load makes it (see `load`)."""
+        return self._loaded(context // self.BUCKET)[0]
 
     @property
     def cap(self) -> int:
@@ -195,7 +227,7 @@ class AutoDraftLength:
         if self.scored:
             return self.max_gamma
         bucket = context // self.BUCKET
-        rounds = self._costs(bucket)
+        rounds, rows = self._loaded(bucket)
         state = self.state
         with state.lock:
             chances, slowdown = state.estimate.chances(self.max_gamma), state.costs.coarse_slowdown
@@ -209,7 +241,8 @@ class AutoDraftLength:
             state.plain_ms_since_probe += rounds[0]
             self._probe_ms = self.memo.draft[bucket] + max(0, pending - 1) * self.memo.catch_up[bucket]
             probe_ms = self._probe_ms * (state.probe_ratio or 1.0)
-            if state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not self._can_pay_at(bucket, slowdown):
+            can_pay = self._can_pay_at(bucket, slowdown, rounds, rows)
+            if state.plain_ms_since_probe * self.PROBE_SHARE < probe_ms or not can_pay:
                 return 0
             state.plain_ms_since_probe = 0.0
         self._probing = True
@@ -231,12 +264,13 @@ class AutoDraftLength:
         """Predicted ms saved over `remaining` tokens by drafting at `speedup` instead of decoding plainly."""
         return remaining * rounds[0] * (1 - 1 / speedup)
 
-    def _can_pay_at(self, bucket: int, slowdown: float) -> bool:
-        """Whether drafting could pay here at all (at α = 0.99): if not, probing is pointless."""
-        key = (bucket, slowdown)
+    def _can_pay_at(self, bucket: int, slowdown: float, rounds: list[float], rows: int) -> bool:
+        """Whether drafting could pay here at all (at α = 0.99) with `rounds` (those of `rows` in the batch):
+        if not, probing is pointless."""
+        key = (bucket, slowdown, rows)
         can_pay = self.memo.can_pay
         if key not in can_pay:
-            can_pay[key] = best_gamma(0.99, self._costs(bucket), slowdown) > 0
+            can_pay[key] = best_gamma(0.99, rounds, slowdown) > 0
         return can_pay[key]
 
     def update(self, drafted: int, accepted: int) -> None:
@@ -253,10 +287,11 @@ class AutoDraftLength:
         """Wall time of a whole round with `drafted` drafts, start to start of the next. A round whose draft
         first caught up on a stretch decoded plainly teaches what probing costs, not how fast drafted
         rounds run: its catch-up (new shapes, cold caches) would pass for slow drafting and keep the loop
-        from drafting at all."""
-        if not self.learn_timings:
+        from drafting at all. A round beside other rows of a batch is not timed: its wall time holds theirs
+        (a batched step, their lone verify calls), not how fast this machine runs its own calls."""
+        if not self.learn_timings or (self.load is not None and self.load() > 1):
             return
-        rounds = self.costs(context)
+        rounds = self._costs(context // self.BUCKET)
         state = self.state
         with state.lock:
             if self._probing:  # a plain round plus the draft's guess, catch-up included: what probing costs

@@ -35,6 +35,7 @@ CALIBRATION_VERSION = 3  # part of the key: entries measured the older way are r
 MIN_GAIN = 1.05  # drafting must be predicted to beat plain decoding by 5%
 CATCH_UP = 64  # tokens of the timed draft catch-up (the draft proposer's default window)
 DEFAULT_CONTEXTS = (64, 256, 1024)
+MIN_ROW_SHARE = 0.05  # the least share of a one-token step that a row of a batched step is taken to cost
 
 
 def machine_fingerprint() -> str:
@@ -81,6 +82,18 @@ class Calibration:
     def target(self, positions: int, context: int) -> float:
         """ms of a target call adding `positions` positions on top of `context`."""
         return self._at([row[positions - 1] for row in self.target_ms], context)
+
+    def batched_step(self, rows: int, context: int) -> float:
+        """ms one sequence adds to a batched one-token step of `rows` sequences (continuous batching): the
+        step reads the weights once for all rows, as a call of `rows` positions does, so each row beyond
+        the first costs what a position beyond the first adds, t(rows) - t(1) over rows - 1 (the mean
+        of the calibrated positions, which are noisy one by one); alone, a whole step. At least
+        MIN_ROW_SHARE of a step."""
+        if rows <= 1:
+            return self.target(1, context)
+        rows = min(rows, self.max_gamma + 1)  # the widest calibrated call: the slope of the last positions holds
+        step = self.target(1, context)
+        return max((self.target(rows, context) - step) / (rows - 1), MIN_ROW_SHARE * step)
 
     def draft(self, context: int) -> float:
         """ms of one draft step on top of `context`."""
