@@ -1,9 +1,11 @@
 """Resident memory of a loaded package, and where it comes from: the graph's files (mapped external data
 counts as file-backed RSS), the KV buffers allocated at max_length, and the rest (ORT's prepacked weights,
 arenas), with the decode time per token t(1) (and the CPU time per token, steadier on a loaded machine) so a
-memory cut can be checked not to slow decoding.
+memory cut can be checked not to slow decoding, and with `--steps N` the cost t(n) of one target call over
+n = 1..N new positions after `--context` cached ones (the calibration's timing, as benchmarks/step_costs.py
+reports it).
 
-    python benchmarks/load_memory.py PACKAGE [--max-length 2048] [--threads 2] [--tokens 64]
+    python benchmarks/load_memory.py PACKAGE [--max-length 2048] [--threads 2] [--tokens 64] [--steps 8]
 
 Each load runs in a child process (its RSS is its own). Prints one JSON line.
 """
@@ -52,10 +54,15 @@ for _ in range(3):
     r = pipe.generate(prompt, max_new_tokens=int(sys.argv[4]), use_draft=False).stats
     steps.append((r.seconds - r.time_to_first_token) / max(1, r.new_tokens - 1))
     cpu.append((time.process_time() - cpu_start) / r.new_tokens)  # this process's CPU per token, prefill too
+steps_n, context = int(sys.argv[6]), int(sys.argv[7])
+t_ms = []
+if steps_n:
+    from ortspec.runtime.speculation.calibration import measure
+    t_ms = measure(pipe.target, None, "load", steps_n - 1, [context], repeats=7).target_ms[0]
 kv = pipe.target.cache_bytes() + (pipe.draft.cache_bytes() if pipe.draft is not None else 0)
 print(json.dumps({"before": before, "loaded": loaded, "decoded": status(), "load_s": load_s,
-                  "t1_ms": 1000 * min(steps), "cpu_per_token_ms": 1000 * min(cpu), "new_tokens": r.new_tokens,
-                  "kv_bytes": kv}))
+                  "t1_ms": 1000 * min(steps), "cpu_per_token_ms": 1000 * min(cpu), "t_ms": t_ms,
+                  "new_tokens": r.new_tokens, "kv_bytes": kv}))
 """
 
 
@@ -68,25 +75,46 @@ def main() -> None:
     parser.add_argument(
         "--config", nargs="*", default=[], help="KEY=VALUE session config entries to try (enable_cpu_mem_arena=0 too)"
     )
+    parser.add_argument("--steps", type=int, default=0, help="also time target calls over 1..N new positions")
+    parser.add_argument("--context", type=int, default=128, help="cached positions before those calls")
     args = parser.parse_args()
+    print(
+        json.dumps(
+            load_memory(args.package, args.threads, args.max_length, args.tokens, args.config, args.steps, args.context)
+        )
+    )
+
+
+def load_memory(
+    package: Path,
+    threads: int = 2,
+    max_length: int = 2048,
+    tokens: int = 64,
+    config: list[str] | None = None,
+    steps: int = 0,
+    context: int = 128,
+) -> dict:
+    """The measures of one load of `package` in a child process (main's JSON line, as a dict)."""
     command = [
         sys.executable,
         "-c",
         CHILD,
-        str(args.package),
-        str(args.threads),
-        str(args.max_length),
-        str(args.tokens),
-        json.dumps(dict(entry.split("=", 1) for entry in args.config)),
+        str(package),
+        str(threads),
+        str(max_length),
+        str(tokens),
+        json.dumps(dict(entry.split("=", 1) for entry in config or [])),
+        str(steps),
+        str(context),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    manifest = json.loads((args.package / "manifest.json").read_text())
-    result["package_bytes"] = sum(f.stat().st_size for f in args.package.rglob("*") if f.is_file())
+    manifest = json.loads((package / "manifest.json").read_text())
+    result["package_bytes"] = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
     result["manifest_target"] = {k: manifest["target"].get(k) for k in ("onnx", "dtype") if k in manifest["target"]}
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
