@@ -274,6 +274,8 @@ def measure_openvino(name: str, worker: VenvWorker, prompts: list[list[int]], ma
         streams.tokens[in_flight] = tokens
         streams.rate[in_flight] = tokens / answer["seconds"]
         streams.per_cpu[in_flight] = tokens / answer["cpu"]
+    r, load = streams.rate, streams.load
+    print(f"{name}: 1 in flight {r[1]:.1f} tok/s, 4 {r[4]:.1f} ({r[4] / r[1]:.2f}x), load {load:.2f}", flush=True)
     return [streams]
 
 
