@@ -50,11 +50,11 @@ from functools import partial
 from pathlib import Path
 
 import httpx
-from openvino_prefill import ensure_venv
 
 import ortspec
 from ortspec.runtime.bench import NEAR_TIE, divergence_gap
 
+from openvino_prefill import ensure_venv
 from peer_runners import VenvWorker
 
 PROMPTS = [
