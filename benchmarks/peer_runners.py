@@ -137,10 +137,12 @@ def optimum_runner(target_dir: Path, draft_dir: Path | None, threads: int | None
     return run
 
 
-class GenaiWorker:
-    """onnxruntime-genai in its own venv: a subprocess answering one JSON request per line."""
+class VenvWorker:
+    """A peer in its own venv (onnxruntime-genai, OpenVINO GenAI): a subprocess of `python` running `script`,
+    answering one JSON request per line; an answer with "error" raises `Unavailable`."""
 
-    def __init__(self, python: Path, script: Path) -> None:
+    def __init__(self, python: Path, script: Path, peer: str) -> None:
+        self.peer = peer
         self.process = subprocess.Popen(
             [str(python), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -150,7 +152,7 @@ class GenaiWorker:
         self.process.stdin.write(json.dumps(request) + "\n")
         line = self.process.stdout.readline()
         if not line:
-            raise Unavailable(f"the onnxruntime-genai worker exited (code {self.process.poll()})")
+            raise Unavailable(f"the {self.peer} worker exited (code {self.process.poll()})")
         answer = json.loads(line)
         if "error" in answer:
             raise Unavailable(answer["error"])
@@ -162,7 +164,7 @@ class GenaiWorker:
             self.process.wait(timeout=30)
 
 
-def genai_runner(worker: GenaiWorker, name: str, **load: Any) -> Runner:
+def genai_runner(worker: VenvWorker, name: str, **load: Any) -> Runner:
     """A model (or speculative composite) loaded in the genai worker under `name`."""
     worker.ask(op="load", name=name, **load)
 

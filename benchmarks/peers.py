@@ -32,10 +32,10 @@ from common import bench_checkpoints, exported
 from default_pair import heldout_prompts
 from genai_step import ensure_genai_venv
 from peer_runners import (
-    GenaiWorker,
     Run,
     Runner,
     Unavailable,
+    VenvWorker,
     genai_runner,
     optimum_model_dir,
     optimum_runner,
@@ -96,7 +96,7 @@ def genai_models(python: Path, work: Path, checkpoints: dict[str, Path]) -> dict
     return built
 
 
-def make_setting(name: str, work: Path, args: argparse.Namespace, genai: GenaiWorker | None) -> Setting:
+def make_setting(name: str, work: Path, args: argparse.Namespace, genai: VenvWorker | None) -> Setting:
     import ortspec
 
     if name == "default":
@@ -230,7 +230,7 @@ def main() -> None:
     genai = None
     if not args.no_genai:
         args.genai_python = ensure_genai_venv(args.genai_venv)
-        genai = GenaiWorker(args.genai_python, Path(__file__).with_name("genai_worker.py"))
+        genai = VenvWorker(args.genai_python, Path(__file__).with_name("genai_worker.py"), "onnxruntime-genai")
     print(f"threads {args.threads}, {args.new} new tokens per prompt, {args.repeats} repeats, greedy")
     try:
         for name in args.setting:

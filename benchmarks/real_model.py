@@ -66,12 +66,12 @@ def predicted(report: BenchReport, calibration: Calibration, mode: str) -> tuple
 def genai_rows(checkpoint: Path, prompts: dict[str, list[list[int]]], args: argparse.Namespace) -> None:
     """onnxruntime-genai plain and n-gram on its own int4 build, same prompt ids; ours for reference."""
     from genai_step import ensure_genai_venv
-    from peer_runners import GenaiWorker, genai_runner, ortspec_runner
+    from peer_runners import VenvWorker, genai_runner, ortspec_runner
     from peers import genai_models
 
     python = ensure_genai_venv(args.genai_venv)
     models = genai_models(python, args.work, {"target": checkpoint})
-    worker = GenaiWorker(python, Path(__file__).with_name("genai_worker.py"))
+    worker = VenvWorker(python, Path(__file__).with_name("genai_worker.py"), "onnxruntime-genai")
     common = dict(target=str(models["target"]), threads=args.threads, work=str(args.work / "genai-configs"))
     runners = {
         "genai plain": genai_runner(worker, "plain", draft=None, **common),
