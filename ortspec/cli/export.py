@@ -73,6 +73,14 @@ def _feature_layers(value: str) -> tuple[int, ...] | None:
     "cost (SmolLM2-135M: KL 0.028 against 0.003). For speculation-heavy serving; builder, fp32 only.",
 )
 @click.option(
+    "--lm-head-kernel",
+    type=click.Choice(["nbits", "gemm"]),
+    help="The target's lm_head: nbits as MatMulNBits blocks (a tied one shares the embedding's); gemm as int8 per "
+    "output column for the same int8 GEMM, so its cost stays flat over the positions of a call and each position's "
+    "logits do not depend on the others'. Costs a copy of its own (vocab x hidden bytes; SmolLM2-135M: +28 MB on "
+    "100 MB) where the embedding is tied. Default: gemm with --int8-kernel gemm, else nbits.",
+)
+@click.option(
     "--exporter",
     type=click.Choice(["auto", "builder", "optimum"]),
     default="auto",
@@ -128,6 +136,7 @@ def export(
     block_size: int,
     accuracy_level: int,
     int8_kernel: str,
+    lm_head_kernel: str | None,
     exporter: str,
     dtype: str,
     draft_dtype: str | None,
@@ -167,6 +176,7 @@ def export(
         kv_dtype=kv_dtype,
         keep_gguf_blocks=gguf_blocks == "keep",
         int8_kernel=int8_kernel,
+        lm_head_kernel=lm_head_kernel,
         force=force,
         report=lambda line: click.echo(line, err=True),
     )
