@@ -41,7 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, row_quantized_matmul
+from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, row_quantized_matmul
 from ortspec.runtime.model.session import session_options
 
 MS = "com.microsoft"
@@ -120,7 +120,8 @@ def _row_quantized(residual: bool):
     (`residual`: its `--lm-head-kernel gemm` nodes, twice the rows)."""
 
     def nodes(rng, x, y, k, n, tag):
-        shared = [numpy_helper.from_array(array, name) for name, array in ROW_CONSTANTS.items()]
+        constants = ROW_CONSTANTS | (RESIDUAL_CONSTANTS if residual else {})
+        shared = [numpy_helper.from_array(array, name) for name, array in constants.items()]
         graph = row_quantized_matmul(tag, x, f"{tag}_W", f"{tag}_s", y, residual=residual)
         return graph, _int8_weight(rng, k, n, tag) + (shared if tag == "w0" else [])
 

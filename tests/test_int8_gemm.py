@@ -16,7 +16,7 @@ from test_streaming_export import run
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
-from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
+from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, column_int8, row_quantized_matmul
 from ortspec.runtime.package import graph_names as names
 
 from helpers.gguf_files import write_gguf
@@ -29,7 +29,8 @@ def matmul_session(kind: str, weight: np.ndarray) -> ort.InferenceSession:
     inits = [numpy_helper.from_array(codes, "W"), numpy_helper.from_array(scales, "s")]
     if kind in ("rows", "residual"):
         nodes = row_quantized_matmul("w", "x", "W", "s", "y", residual=kind == "residual")
-        inits += [numpy_helper.from_array(array, name) for name, array in ROW_CONSTANTS.items()]
+        constants = ROW_CONSTANTS | (RESIDUAL_CONSTANTS if kind == "residual" else {})
+        inits += [numpy_helper.from_array(array, name) for name, array in constants.items()]
     else:
         nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "W", "s"], ["y"], domain="com.microsoft")]
     k, n = weight.shape
@@ -225,3 +226,6 @@ def test_cli_export_options(options, kernels, checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     quantization = ortspec.load(out).manifest.target.quantization
     assert (quantization.get("int8_kernel"), quantization["lm_head_kernel"]) == kernels
+    graph = onnx.load(out / "target" / "model.onnx", load_external_data=False).graph
+    used = {name for node in graph.node for name in node.input}
+    assert not [init.name for init in graph.initializer if init.name not in used]  # only the constants it reads

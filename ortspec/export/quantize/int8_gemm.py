@@ -20,15 +20,18 @@ import onnx
 from onnx import TensorProto, helper
 
 # Constants every row-quantized matmul reads (a graph holds them once): the reduced axis, 1/127, the
-# smallest row scale (an all-zero row), uint8's offset (MLAS's u8 x s8 kernels take unsigned rows), and the
-# residual rows' step (a rounding error within ±0.5 of a step, times 254: within ±127) and its inverse.
-RESIDUAL_STEPS = 254
+# smallest row scale (an all-zero row), and uint8's offset (MLAS's u8 x s8 kernels take unsigned rows).
 ROW_CONSTANTS: dict[str, np.ndarray] = {
     "rowq_axis": np.array([-1], np.int64),
     "rowq_inv127": np.array(1 / 127, np.float32),
     "rowq_tiny": np.array(1e-12, np.float32),
     "rowq_offset": np.array(128, np.float32),
     "rowq_zero_point": np.array(128, np.uint8),
+}
+# and those of `residual=True`: the residual rows' step (a rounding error within ±0.5 of a step, times 254:
+# within ±127) and its inverse
+RESIDUAL_STEPS = 254
+RESIDUAL_CONSTANTS: dict[str, np.ndarray] = {
     "rowq_residual_steps": np.array(RESIDUAL_STEPS, np.float32),
     "rowq_residual_step": np.array(1 / RESIDUAL_STEPS, np.float32),
 }

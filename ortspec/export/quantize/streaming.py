@@ -27,7 +27,7 @@ import onnx
 from .compact import compact_blocks
 from .gguf_blocks import lossless_blocks, offset_blocks, pack
 from .gguf_raw import FLOAT_TYPES, Blocks, GGUFWeight, Layout
-from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
+from .int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, column_int8, row_quantized_matmul
 from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
 
 
@@ -135,6 +135,7 @@ class StreamingQuantizer:
         config = DefaultWeightOnlyQuantConfig(block_size, True, accuracy_level, bits=bits)
         self._ort = DefaultWeightOnlyQuantizer(config)
         self._means: dict[tuple[str, int], str] = {}  # (input, block) -> its block means (offset corrections)
+        self._row_constants: set[str] = set()  # those of `int8_gemm` in the graph
         self.kinds: list[str] = []  # of each MatMul's weight
         self.embedding = "fp32 Gather"
         self.gguf_kept: dict[str, int] = {}  # GGUF weights stored with the file's blocks, by GGML type(s)
@@ -245,9 +246,10 @@ class StreamingQuantizer:
         if isinstance(weight, GGUFWeight):
             self._record(weight, kept=False)
             weight = weight.fallback()
-        if not self.kinds.count("int8-gemm"):
-            for constant, array in ROW_CONSTANTS.items():
-                g.constant(constant, array)
+        residual = name == "lm_head.weight"
+        for constant, array in (ROW_CONSTANTS | (RESIDUAL_CONSTANTS if residual else {})).items():
+            if constant not in self._row_constants:
+                self._row_constants.add(g.constant(constant, array))
         codes, scales = by_columns(column_int8, weight, column_axes=(1, 0))
         out = f"{name}_out"  # as the graph builder names an fp32 MatMul's output
         g.nodes += row_quantized_matmul(
@@ -256,7 +258,7 @@ class StreamingQuantizer:
             g.constant(f"{name}_int8", codes),
             g.constant(f"{name}_column_scales", scales),
             out,
-            residual=name == "lm_head.weight",
+            residual=residual,
         )
         self.kinds.append("int8-gemm")
         return out
