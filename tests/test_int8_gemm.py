@@ -16,6 +16,7 @@ from test_streaming_export import run
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
+from ortspec.export.quantize import streaming
 from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, column_int8, row_quantized_matmul
 from ortspec.runtime.package import graph_names as names
 
@@ -90,6 +91,15 @@ def test_column_int8_round_trips_within_half_a_step():
     codes, scales = column_int8(weight)
     assert codes.dtype == np.int8 and scales.shape == (40,) and scales[3] == 0
     assert np.abs(codes.astype(np.float32) * scales - weight).max() <= scales.max() / 2 + 1e-7
+
+
+def test_column_int8_of_a_table_read_in_slices_equals_the_whole(monkeypatch):
+    """A large table (the lm_head) is quantized a slice of columns at a time; the slices join to the whole's."""
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 64 * 7)  # 7 columns a slice: 6 slices of 40 columns
+    weight = np.random.default_rng(3).standard_normal((64, 40), dtype=np.float32)
+    got, expected = streaming.by_columns(column_int8, weight, column_axes=(1, 0)), column_int8(weight)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")
