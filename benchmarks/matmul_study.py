@@ -10,6 +10,7 @@ every weight format ONNX Runtime's CPU provider offers:
     nbits8-b32-l{0,4}        MatMulNBits with bits=8
     dqmm-int8                DynamicQuantizeMatMul: int8 weights per column, MLAS's int8 GEMM (QGEMM)
     rowq-int8                int8 activations scaled per row + MatMulInteger: the same GEMM, rows independent
+    rowq2-int8               the same with each row's rounding error as a second row (the exporter's lm_head)
     mmitf-int8               DynamicQuantizeLinear + MatMulIntegerToFloat (ORT would fuse it into the above)
     dq-int8+mm               DequantizeLinear (int8, per column) + fp32 MatMul: dequantizes every call
     dq-int8-fused            the same graph as ONNX Runtime runs it by default (its QDQ pass makes it MatMulNBits)
@@ -40,7 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, row_quantized_matmul
+from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, row_quantized_matmul
 from ortspec.runtime.model.session import session_options
 
 MS = "com.microsoft"
@@ -112,13 +113,19 @@ def _mmitf(rng, x, y, k, n, tag):
     ], _int8_weight(rng, k, n, tag)
 
 
-def _row_quantized(rng, x, y, k, n, tag):
+def _row_quantized(residual: bool):
     """int8 activations with a scale per row (per position), so a row's result does not depend on the other
     rows of the call, unlike DynamicQuantizeMatMul's one scale for the whole input; MatMulInteger (MLAS's
-    integer GEMM) and the two scales applied to its int32 output: the exporter's `--int8-kernel gemm` nodes."""
-    shared = [numpy_helper.from_array(array, name) for name, array in ROW_CONSTANTS.items()]
-    nodes = row_quantized_matmul(tag, x, f"{tag}_W", f"{tag}_s", y)
-    return nodes, _int8_weight(rng, k, n, tag) + (shared if tag == "w0" else [])
+    integer GEMM) and the two scales applied to its int32 output: the exporter's `--int8-kernel gemm` nodes
+    (`residual`: its `--lm-head-kernel gemm` nodes, twice the rows)."""
+
+    def nodes(rng, x, y, k, n, tag):
+        constants = ROW_CONSTANTS | (RESIDUAL_CONSTANTS if residual else {})
+        shared = [numpy_helper.from_array(array, name) for name, array in constants.items()]
+        graph = row_quantized_matmul(tag, x, f"{tag}_W", f"{tag}_s", y, residual=residual)
+        return graph, _int8_weight(rng, k, n, tag) + (shared if tag == "w0" else [])
+
+    return nodes
 
 
 def _dq_matmul(rng, x, y, k, n, tag):
@@ -141,7 +148,8 @@ FORMATS = [
     _nbits(8, 32, 0, in_chain=False),  # MLAS has no fp32-compute 8-bit kernel: the operator dequantizes B per call
     _nbits(8, 32, 4),
     Format("dqmm-int8", _dqmm, 1 + 4 / 2048),
-    Format("rowq-int8", _row_quantized, 1 + 4 / 2048),
+    Format("rowq-int8", _row_quantized(False), 1 + 4 / 2048),
+    Format("rowq2-int8", _row_quantized(True), 1 + 4 / 2048),
     Format("mmitf-int8", _mmitf, 1 + 4 / 2048, ("DynamicQuantizeMatMulFusion",)),
     Format("dq-int8+mm", _dq_matmul, 1 + 4 / 2048, ("QDQSelectorActionTransformer",), in_chain=False),
     Format("dq-int8-fused", _dq_matmul, 1 + 4 / 2048),

@@ -1,7 +1,8 @@
 """What each `--quantize` choice costs in quality and buys in size and speed, on one model.
 
-Exports the target at fp32, int8 (MatMulNBits, and `--int8-kernel gemm`) and int4 (block 32, 64, 128; for a
-GGUF, block 32 also with its blocks re-quantized: `--gguf-blocks requantize`) with the builder (cached in
+Exports the target at fp32, int8 (MatMulNBits, and `--int8-kernel gemm` with its lm_head on the GEMM or not)
+and int4 (block 32, 64, 128; block 32 also with `--lm-head-kernel gemm`; for a GGUF, block 32 also with its
+blocks re-quantized: `--gguf-blocks requantize`) with the builder (cached in
 --work: delete it after changing the export), scores each on the same text against the fp32 export
 (`ortspec eval`'s measures: perplexity, top-1 agreement, mean KL), and times, all in one run, a call adding
 1, 4 and 8 positions at context 64 (t(n), v(n) = t(n)/t(1)) and a prefill of `--prefill` fresh tokens,
@@ -37,12 +38,15 @@ from common import load_average
 VARIANTS = {  # label: export options
     "fp32": dict(quantize="none"),
     "int8 nbits": dict(quantize="int8", int8_kernel="nbits"),  # MatMulNBits 8-bit, block 32
-    "int8 gemm": dict(quantize="int8", int8_kernel="gemm"),  # projections per column through MatMulInteger
+    "int8 gemm": dict(quantize="int8", int8_kernel="gemm"),  # projections and lm_head per column, MatMulInteger
+    "int8 gemm lm_head nbits": dict(quantize="int8", int8_kernel="gemm", lm_head_kernel="nbits"),
     "int4 b32": dict(quantize="int4", block_size=32),  # a GGUF's Q4_1 and Q8_0 blocks kept (the default)
+    "int4 b32 lm_head gemm": dict(quantize="int4", block_size=32, lm_head_kernel="gemm"),  # its own int8 copy
     "int4 b32 requantized": dict(quantize="int4", block_size=32, keep_gguf_blocks=False),
     "int4 b64": dict(quantize="int4", block_size=64),
     "int4 b128": dict(quantize="int4", block_size=128),
 }
+CHOICES = {label.replace(" ", "-"): label for label in VARIANTS}  # as --variants names them
 STDLIB_TEXTS = ("textwrap.py", "argparse.py", "functools.py", "json/decoder.py", "calendar.py")
 
 
@@ -117,14 +121,14 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=[v.replace(" ", "-") for v in VARIANTS],
+        choices=list(CHOICES),
         help="exports to compare (fp32 always)",
     )
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="what the timings measure")
     parser.add_argument("--passes", type=int, default=5, help="timing passes over all exports")
     parser.add_argument("--prefill", type=int, default=500, help="fresh tokens of the timed prefill")
     args = parser.parse_args()
-    chosen = {"fp32", *(v.replace("-", " ") for v in args.variants)} if args.variants else set(VARIANTS)
+    chosen = {"fp32", *(CHOICES[v] for v in args.variants)} if args.variants else set(VARIANTS)
 
     packages = {}
     for label, options in VARIANTS.items():

@@ -176,7 +176,7 @@ def test_a_non_finite_block_scale_is_refused_in_one_line(keep, kquant_gguf, tmp_
     ("options", "kept", "requantized"),
     [
         ({"quantize": "int4", "keep_gguf_blocks": False}, {}, 2 * 4 + 2),  # offsets: not what int4 holds as it is
-        ({"quantize": "int8", "int8_kernel": "gemm"}, {"Q4_K": 2}, 2 * 4),  # int8 per column; table and head kept
+        ({"quantize": "int8", "int8_kernel": "gemm"}, {"Q4_K": 1}, 2 * 4 + 1),  # int8 per column, the head too
     ],
 )
 def test_k_quant_blocks_are_quantized_again_where_asked_and_named(options, kept, requantized, kquant_gguf, tmp_path):

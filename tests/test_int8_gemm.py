@@ -1,6 +1,7 @@
-"""The int8 GEMM kernel option (`--int8-kernel gemm`): int8 projections through MatMulInteger with activations
-quantized per row keep each position's result independent of the other positions in a call, so greedy
-speculative output is plain greedy output, and the manifest says which kernel the package runs."""
+"""The int8 GEMM kernel options (`--int8-kernel gemm`, `--lm-head-kernel gemm`): int8 projections and lm_head
+through MatMulInteger with activations quantized per row keep each position's result independent of the other
+positions in a call, so greedy speculative output is plain greedy output, and the manifest says which kernel
+the package runs."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ from test_streaming_export import run
 import ortspec
 from ortspec.cli import main
 from ortspec.export import export_pair
-from ortspec.export.quantize.int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
+from ortspec.export.quantize import streaming
+from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, column_int8, row_quantized_matmul
 from ortspec.runtime.package import graph_names as names
+
+from helpers.gguf_files import write_gguf
 
 
 def matmul_session(kind: str, weight: np.ndarray) -> ort.InferenceSession:
-    """x [S, K] @ weight through the row-quantized subgraph ("rows") or DynamicQuantizeMatMul ("call")."""
+    """x [S, K] @ weight through the row-quantized subgraph ("rows"; "residual": with each row's rounding error)
+    or DynamicQuantizeMatMul ("call")."""
     codes, scales = column_int8(weight)
     inits = [numpy_helper.from_array(codes, "W"), numpy_helper.from_array(scales, "s")]
-    if kind == "rows":
-        nodes = row_quantized_matmul("w", "x", "W", "s", "y")
-        inits += [numpy_helper.from_array(array, name) for name, array in ROW_CONSTANTS.items()]
+    if kind in ("rows", "residual"):
+        nodes = row_quantized_matmul("w", "x", "W", "s", "y", residual=kind == "residual")
+        constants = ROW_CONSTANTS | (RESIDUAL_CONSTANTS if kind == "residual" else {})
+        inits += [numpy_helper.from_array(array, name) for name, array in constants.items()]
     else:
         nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "W", "s"], ["y"], domain="com.microsoft")]
     k, n = weight.shape
@@ -52,9 +58,25 @@ def rows_alone_and_together(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return together, alone
 
 
-def test_a_row_quantized_matmul_computes_each_row_alone_bit_for_bit():
-    together, alone = rows_alone_and_together("rows")
+@pytest.mark.parametrize("kind", ["rows", "residual"])
+def test_a_row_quantized_matmul_computes_each_row_alone_bit_for_bit(kind):
+    together, alone = rows_alone_and_together(kind)
     np.testing.assert_array_equal(together, alone)
+
+
+def test_residual_rows_carry_an_outlier_rows_small_entries():
+    """A row with one entry 20x the rest: one int8 scale leaves the rest a few codes; the residual row restores
+    them, so only the weights' per-column rounding remains."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((256, 96), dtype=np.float32)
+    x = rng.standard_normal((4, 256), dtype=np.float32)
+    x[:, 7] = 20
+    codes, scales = column_int8(weight)
+    exact = x @ (codes.astype(np.float32) * scales)  # the int8 weights in fp32: the activations' error alone
+    errors = {
+        kind: np.abs(matmul_session(kind, weight).run(None, {"x": x})[0] - exact).max() for kind in ("rows", "residual")
+    }
+    assert errors["residual"] < errors["rows"] / 50, errors
 
 
 def test_dynamic_quantize_matmul_couples_the_rows_of_a_call():
@@ -71,6 +93,15 @@ def test_column_int8_round_trips_within_half_a_step():
     assert np.abs(codes.astype(np.float32) * scales - weight).max() <= scales.max() / 2 + 1e-7
 
 
+def test_column_int8_of_a_table_read_in_slices_equals_the_whole(monkeypatch):
+    """A large table (the lm_head) is quantized a slice of columns at a time; the slices join to the whole's."""
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 64 * 7)  # 7 columns a slice: 6 slices of 40 columns
+    weight = np.random.default_rng(3).standard_normal((64, 40), dtype=np.float32)
+    got, expected = streaming.by_columns(column_int8, weight, column_axes=(1, 0)), column_int8(weight)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def gemm_package(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gemm") / "pkg"
@@ -81,17 +112,26 @@ def gemm_package(checkpoint, tmp_path_factory):
     return out
 
 
+def op_counts(path) -> dict[str, int]:
+    model = onnx.load(path, load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def test_manifest_and_info_name_the_kernel(gemm_package):
     manifest = ortspec.load(gemm_package).manifest
     target, draft = manifest.target.quantization, manifest.draft.quantization
-    model = onnx.load(gemm_package / "target" / "model.onnx", load_external_data=False)
-    matmuls = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
+    ops = op_counts(gemm_package / "target" / "model.onnx")
+    matmuls = ops["MatMulInteger"]
     assert target["int8_kernel"] == "gemm" and target["int8_gemm_nodes"] == matmuls > 0
-    assert "int8_kernel" not in draft  # the draft keeps MatMulNBits
-    assert not any(node.op_type == "DynamicQuantizeMatMul" for node in model.graph.node)
+    assert target["lm_head_kernel"] == "gemm" and "MatMulNBits" not in ops  # the lm_head too
+    assert "int8_kernel" not in draft and draft["lm_head_kernel"] == "nbits"  # the draft keeps MatMulNBits
+    assert "DynamicQuantizeMatMul" not in ops
     result = CliRunner().invoke(main, ["info", str(gemm_package)])
     assert result.exit_code == 0, result.output
-    assert f"of which {matmuls} int8 GEMM" in result.output
+    assert f"of which {matmuls} int8 GEMM (MatMulInteger, per-row activation scales), the lm_head" in result.output
 
 
 def test_positions_in_one_call_match_single_steps(gemm_package):
@@ -128,6 +168,49 @@ def test_greedy_speculative_output_is_plain_greedy_output(gemm_package):
             assert spec.token_ids == plain.token_ids, (seed, draft)
 
 
+@pytest.fixture(scope="module")
+def int4_gemm_head(checkpoint, tmp_path_factory):
+    """int4 projections, the tied lm_head on the int8 GEMM (a copy of its own), from a Q8_0 GGUF."""
+    root = tmp_path_factory.mktemp("int4-gemm-head")
+    gguf = write_gguf(checkpoint("llama", variant="tied"), root / "model.gguf", weights="Q8_0")
+    export_pair(gguf, root / "pkg", quantize="int4", lm_head_kernel="gemm", report=lambda _: None)
+    return root / "pkg"
+
+
+def test_a_tied_lm_head_on_the_gemm_gets_its_own_copy(int4_gemm_head):
+    quantization = ortspec.load(int4_gemm_head).manifest.target.quantization
+    ops = op_counts(int4_gemm_head / "target" / "model.onnx")
+    assert quantization["lm_head_kernel"] == "gemm" and quantization["int8_gemm_nodes"] == ops["MatMulInteger"] == 1
+    assert "int8_kernel" not in quantization and ops["MatMulNBits"] > 0  # the projections stay int4 blocks
+    assert quantization["embedding"] == "int8 GatherBlockQuantized"  # the file's Q8_0 blocks, no longer shared
+    gguf = quantization["gguf_blocks"]  # the lookup keeps the table's blocks, the lm_head re-quantizes them
+    assert gguf["requantized_tensors"] == ["token_embd.weight (Q8_0)"] and gguf["kept_exactly"]["Q8_0"] > 0
+    result = CliRunner().invoke(main, ["info", str(int4_gemm_head)])
+    assert result.exit_code == 0, result.output
+    assert "of which 1 int8 GEMM (MatMulInteger, per-row activation scales), the lm_head among them" in result.output
+
+
+def test_an_lm_head_on_the_gemm_scores_its_features_nearly_exactly(int4_gemm_head, checkpoint, tmp_path):
+    """The logits are the final features times the stored int8 columns, up to the residual rows' ~15-bit
+    activations; against the Q8_0 blocks' lm_head, they move by the weights' per-column rounding."""
+    path = int4_gemm_head / "target" / "model.onnx"
+    ids = [int(i) for i in np.random.default_rng(0).integers(2, 300, size=12)]
+    logits, features = (array[0] for array in run(path, ids))
+    stored = {init.name: numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer}
+    columns = stored["lm_head.weight_int8"].astype(np.float32) * stored["lm_head.weight_column_scales"]
+    exact = features.astype(np.float64) @ columns
+    assert np.abs(logits - exact).max() < 1e-3 * exact.std()  # 1.2e-4 here; without the residual rows ~1e-2
+    gguf = write_gguf(checkpoint("llama", variant="tied"), tmp_path / "model.gguf", weights="Q8_0")
+    export_pair(gguf, tmp_path / "pkg", quantize="int4", report=lambda _: None)
+    blocks = run(tmp_path / "pkg" / "target" / "model.onnx", ids)[0][0]
+    assert np.abs(logits - blocks).max() < 0.05 * blocks.std()
+
+
+def test_the_lm_head_gemm_needs_a_quantized_target(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="needs a quantized target"):
+        export_pair(checkpoint("llama"), tmp_path / "p", quantize="none", lm_head_kernel="gemm", report=lambda _: None)
+
+
 def test_the_gemm_kernel_needs_int8(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="needs quantize='int8'"):
         export_pair(checkpoint("llama"), tmp_path / "p", quantize="int4", int8_kernel="gemm", report=lambda _: None)
@@ -139,9 +222,20 @@ def test_the_gemm_kernel_needs_the_builders_fp32_graph(checkpoint, tmp_path):
                     report=lambda _: None)  # fmt: skip
 
 
-def test_cli_export_option(checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "options, kernels",
+    [
+        (["--quantize", "int8", "--int8-kernel", "gemm"], ("gemm", "gemm")),
+        (["--quantize", "int8", "--int8-kernel", "gemm", "--lm-head-kernel", "nbits"], ("gemm", "nbits")),
+        (["--lm-head-kernel", "gemm"], (None, "gemm")),
+    ],
+)
+def test_cli_export_options(options, kernels, checkpoint, tmp_path):
     out = tmp_path / "pkg"
-    args = ["export", str(checkpoint("llama")), "--out", str(out), "--quantize", "int8", "--int8-kernel", "gemm"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, ["export", str(checkpoint("llama")), "--out", str(out), *options])
     assert result.exit_code == 0, result.output
-    assert ortspec.load(out).manifest.target.quantization["int8_kernel"] == "gemm"
+    quantization = ortspec.load(out).manifest.target.quantization
+    assert (quantization.get("int8_kernel"), quantization["lm_head_kernel"]) == kernels
+    graph = onnx.load(out / "target" / "model.onnx", load_external_data=False).graph
+    used = {name for node in graph.node for name in node.input}
+    assert not [init.name for init in graph.initializer if init.name not in used]  # only the constants it reads

@@ -59,6 +59,7 @@ def quantization_label(manifest: Manifest) -> str:
     if quant.get("method") == "none":
         return manifest.target.dtype
     gemm = ", int8 GEMM projections" if quant.get("int8_kernel") == "gemm" else ""
+    gemm += ", int8 GEMM lm_head" if quant.get("lm_head_kernel") == "gemm" else ""
     return f"int{quant['bits']}, block {quant['block_size']}{gemm}"
 
 
@@ -83,10 +84,11 @@ def describe(manifest: Manifest) -> str:
                 f"int{quant['bits']} MatMulNBits, block {quant['block_size']}, "
                 f"accuracy level {quant['accuracy_level']}, {quant['quantized_nodes']} quantized weights"
                 + (
-                    f", of which {quant.get('int8_gemm_nodes')} int8 GEMM (MatMulInteger, per-row activation scales)"
-                    if quant.get("int8_kernel") == "gemm"
+                    f", of which {quant['int8_gemm_nodes']} int8 GEMM (MatMulInteger, per-row activation scales)"
+                    if quant.get("int8_gemm_nodes")
                     else ""
                 )
+                + (", the lm_head among them" if quant.get("lm_head_kernel") == "gemm" else "")
             )
         )
         size = sum(f.size for f in spec.files)

@@ -55,6 +55,7 @@ class Quantization:
     dtype: str = "fp32"  # activations, KV cache and logits: "fp32" or "fp16" (GPUs)
     keep_gguf_blocks: bool = True  # GGUF Q4_1 (with a correction) and, at int4, Q8_0 blocks kept exactly
     int8_kernel: str = "nbits"  # "gemm": int8 projections through MatMulInteger (streamed builder graphs only)
+    lm_head_kernel: str = "nbits"  # "gemm": the lm_head int8 per column through MatMulInteger (the same)
     kv_dtype: str = "fp32"  # the KV cache: "fp32", or "fp16" (half the bytes; streamed builder graphs only)
 
 
@@ -101,8 +102,10 @@ def _export_model(
 ) -> ModelSpec:
     positions = max_positions(checkpoint.config)
     long_rope_after = None
-    if quantize.int8_kernel != "nbits" and not (exporter == "builder" and quantize.dtype == "fp32"):
-        raise ValueError(f"--int8-kernel {quantize.int8_kernel} needs the builder's fp32 graph for the {role}")
+    streamed = exporter == "builder" and quantize.dtype == "fp32"
+    for option, kernel in (("--int8-kernel", quantize.int8_kernel), ("--lm-head-kernel", quantize.lm_head_kernel)):
+        if kernel != "nbits" and not streamed:
+            raise ValueError(f"{option} {kernel} needs the builder's fp32 graph for the {role}")
     if quantize.kv_dtype != quantize.dtype and not (exporter == "builder" and quantize.dtype == "fp32"):
         raise ValueError(
             f"--kv-dtype {quantize.kv_dtype} needs the builder's fp32 graph for the {role} (an fp16 graph's "
@@ -142,6 +145,7 @@ def _build_streaming(
             quantize.accuracy_level,
             quantize.keep_gguf_blocks,
             int8_kernel=quantize.int8_kernel,
+            lm_head_kernel=quantize.lm_head_kernel,
         )
         if bits
         else None
@@ -245,6 +249,7 @@ def export_pair(
     kv_dtype: str | None = None,
     keep_gguf_blocks: bool = True,
     int8_kernel: str = "nbits",
+    lm_head_kernel: str | None = None,
     feature_layers: Sequence[int] = (),
     force: bool = False,
     report: Reporter = print,
@@ -255,18 +260,19 @@ def export_pair(
     `exporter` is "auto" (the builder where it applies, else optimum), "builder" or "optimum";
     `draft_exporter` defaults to the same. `dtype`/`draft_dtype` are "fp32" or "fp16" (for GPUs; the draft
     defaults to the target's, and a CPU draft beside a GPU target wants "fp32"). `kv_dtype` is the KV cache's,
-    "fp32" or "fp16" (default: the activations'): an fp16 cache beside fp32 activations halves the cache's
-    bytes (builder graphs; a draft head's one-layer cache stays fp32; see docs/design.md "The KV cache's
-    precision"). The package appears at
-    `out` only once complete; `force` replaces the files of an ortspec package there (and nothing else).
-    `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of keeping
-    them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices"). `int8_kernel="gemm"`
-    (with quantize="int8") stores the target's layer projections as int8 per output column for ONNX Runtime's
-    int8 GEMM, activations quantized per position: calls of many positions cost about one (builder, fp32
-    only; the default "nbits" keeps MatMulNBits; see docs/design.md "Many positions per call"). `feature_layers`: inner
-    layers whose output the target's hidden_states carries too, for a draft head that reads them (a head
-    draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM stops the export
-    like Ctrl-C: it cleans up and raises KeyboardInterrupt.
+    "fp32" or "fp16" (default: the activations'): an fp16 cache beside fp32 activations halves the cache's bytes
+    (builder graphs; a draft head's one-layer cache stays fp32; see docs/design.md "The KV cache's precision"). The
+    package appears at `out` only once complete; `force` replaces the files of an ortspec package there (and nothing
+    else). `keep_gguf_blocks=False` re-quantizes a GGUF's Q4_1 blocks (and, at int4, its Q8_0 ones) instead of
+    keeping them exactly (faster steps, lower fidelity; see docs/design.md "Quantization choices").
+    `int8_kernel="gemm"` (with quantize="int8") stores the target's layer projections as int8 per output column for
+    ONNX Runtime's int8 GEMM, activations quantized per position: calls of many positions cost about one (builder,
+    fp32 only; the default "nbits" keeps MatMulNBits; see docs/design.md "Many positions per call").
+    `lm_head_kernel` "gemm" puts the target's lm_head on that GEMM too (int8 or int4; a tied embedding's lookup
+    keeps its blocks and the lm_head gets an int8 copy of its own); the default is `int8_kernel`'s choice.
+    `feature_layers`: inner layers whose output the target's hidden_states carries too, for a draft head that reads
+    them (a head draft sets them itself: those it was trained on; `ortspec distill` exports its target so). SIGTERM
+    stops the export like Ctrl-C: it cleans up and raises KeyboardInterrupt.
     """
     check_paths(target=target, out=out, draft=draft)
     exporters = {"target": exporter, "draft": draft_exporter or exporter}
@@ -281,6 +287,11 @@ def export_pair(
         raise ValueError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
     if int8_kernel != "nbits" and quantize != "int8":
         raise ValueError(f"int8_kernel {int8_kernel!r} needs quantize='int8', got {quantize!r}")
+    lm_head_kernel = lm_head_kernel or int8_kernel
+    if lm_head_kernel not in INT8_KERNELS:
+        raise ValueError(f"lm_head_kernel must be one of {', '.join(INT8_KERNELS)}, got {lm_head_kernel!r}")
+    if lm_head_kernel != "nbits" and BITS[quantize] is None:
+        raise ValueError(f"lm_head_kernel {lm_head_kernel!r} needs a quantized target, got quantize={quantize!r}")
     dtypes = {"target": dtype, "draft": draft_dtype or dtype}
     for role, value in dtypes.items():
         check_dtype("dtype" if role == "target" else "draft_dtype", value)
@@ -320,9 +331,11 @@ def export_pair(
                 )
         specs = {}
         for role, source, q in roles:
-            kernel = int8_kernel if role == "target" else "nbits"
+            kernels = (int8_kernel, lm_head_kernel) if role == "target" else ("nbits", "nbits")
             cache = kv_dtype or dtypes[role]
-            quantization = Quantization(q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernel, cache)
+            quantization = Quantization(
+                q, block_size, accuracy_level, dtypes[role], keep_gguf_blocks, kernels[0], kernels[1], cache
+            )
             if head and role == "draft":
                 specs[role] = _export_head(Path(source), checkpoints["target"], quantization, root, progress)
                 continue

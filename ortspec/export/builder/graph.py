@@ -287,7 +287,7 @@ def build_decoder(
     layers = LazyLayers(reader)
     h, inner = decoder_stack(g, cfg, layers, residual, reader.final_norm(), head_dim, feature_layers)
     last = last_positions(g, h)
-    if lm_head is not None and g.quantizer is not None:
+    if lm_head is not None and g.quantizer is not None:  # the lookup's blocks, shared
         logits = g.quantizer.apply(g, last, lm_head)
     elif g.quantizer is not None:
         logits = g.quantizer.matmul(g, last, "lm_head.weight", reader.lm_head_columns())
@@ -305,14 +305,16 @@ def build_decoder(
 def _embedding(g: GraphBuilder, reader: WeightReader) -> tuple[str, QuantizedWeight | None]:
     """The token lookup, and the quantized lm_head it shares its blocks with (tied embeddings, quantizing).
 
-    Quantizing, the table is stored as blocks too (GatherBlockQuantized): a tied one once, for both uses;
-    an untied one on its own, so a package is about the size of its quantized source."""
+    Quantizing, the table is stored as blocks too (GatherBlockQuantized): a tied one once, for both uses
+    (unless the lm_head runs on the int8 GEMM, which has a copy of its own); an untied one on its own, so a
+    package is about the size of its quantized source."""
     tied = reader.tied
     if g.quantizer is not None and (tied or g.quantizer.untied_embedding):
-        q = g.quantizer.store(g, "lm_head.weight" if tied else "embed_tokens", reader.embedding_columns())
-        rows = g.quantizer.gather(g, q, names.INPUT_IDS, shared=tied)
+        shared = tied and not g.quantizer.on_gemm("lm_head.weight")
+        q = g.quantizer.store(g, "lm_head.weight" if shared else "embed_tokens", reader.embedding_columns())
+        rows = g.quantizer.gather(g, q, names.INPUT_IDS, shared=shared)
         if rows is not None:
-            return rows, q if tied else None
+            return rows, q if shared else None
     table = reader.embedding()
     return g.one("Gather", [g.constant("embed_tokens.weight", table), names.INPUT_IDS]), None
 

@@ -6,6 +6,11 @@ kernels grow ~1.6x by 4 positions), which is what verifying a speculative draft 
 (docs/design.md, "Many positions per call"). DynamicQuantizeMatMul would run the same GEMM but with one
 activation scale for the whole call, so a position's result would depend on the other positions in the
 call; with a scale per row it does not, and greedy speculative output stays plain greedy output.
+
+One int8 scale per row costs precision where a row has outliers: the final features of SmolLM2-135M peak at
+~15x their RMS, so most entries get a few of the 255 codes, and the lm_head's KL against fp32 is ~8x what
+per-column int8 weights alone cost. `residual=True` also quantizes each row's rounding error, as a second int8
+row at 1/254 of the scale run in the same GEMM call: ~15-bit activations for twice the rows (flat up to 16).
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ ROW_CONSTANTS: dict[str, np.ndarray] = {
     "rowq_offset": np.array(128, np.float32),
     "rowq_zero_point": np.array(128, np.uint8),
 }
+# and those of `residual=True`: the residual rows' step (a rounding error within ±0.5 of a step, times 254:
+# within ±127) and its inverse
+RESIDUAL_STEPS = 254
+RESIDUAL_CONSTANTS: dict[str, np.ndarray] = {
+    "rowq_residual_steps": np.array(RESIDUAL_STEPS, np.float32),
+    "rowq_residual_step": np.array(1 / RESIDUAL_STEPS, np.float32),
+}
 
 
 def column_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,25 +46,48 @@ def column_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
-def row_quantized_matmul(prefix: str, x: str, codes: str, scales: str, output: str) -> list[onnx.NodeProto]:
-    """output = x @ (codes * scales) with x [.., K] quantized to uint8 around 128, one scale per row:
-    MatMulInteger's exact int32 sums times the row's and the column's scales (ROW_CONSTANTS by name)."""
+def row_quantized_matmul(
+    prefix: str, x: str, codes: str, scales: str, output: str, residual: bool = False
+) -> list[onnx.NodeProto]:
+    """output = x @ (codes * scales) with x [.., S, K] quantized to uint8 around 128, one scale per row:
+    MatMulInteger's exact int32 sums times the row's and the column's scales (ROW_CONSTANTS by name).
+    `residual`: each row's rounding error too, as S more rows of the same call (see the module's docstring)."""
     p = f"{prefix}_rowq_"
 
     def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [out], name=p + out.removeprefix(p), **attrs)
 
-    return [
+    nodes = [
         node("Abs", [x], p + "abs"),
         node("ReduceMax", [p + "abs", "rowq_axis"], p + "max", keepdims=1),
         node("Mul", [p + "max", "rowq_inv127"], p + "row_scale_raw"),  # [.., 1]
         node("Max", [p + "row_scale_raw", "rowq_tiny"], p + "row_scale"),
         node("Div", [x, p + "row_scale"], p + "scaled"),
         node("Round", [p + "scaled"], p + "rounded"),
-        node("Add", [p + "rounded", "rowq_offset"], p + "shifted"),  # 1..255: no saturation
+    ]
+    rows, sums = p + "rounded", p + "sums_f"
+    if residual:
+        nodes += [
+            node("Sub", [p + "scaled", p + "rounded"], p + "error"),  # exact, within ±0.5
+            node("Mul", [p + "error", "rowq_residual_steps"], p + "error_scaled"),
+            node("Round", [p + "error_scaled"], p + "error_rounded"),
+            node("Concat", [p + "rounded", p + "error_rounded"], p + "both", axis=-2),  # [.., 2S, K]
+        ]
+        rows, sums = p + "both", p + "both_sums_f"
+    nodes += [
+        node("Add", [rows, "rowq_offset"], p + "shifted"),  # 1..255: no saturation
         node("Cast", [p + "shifted"], p + "codes", to=TensorProto.UINT8),
         node("MatMulInteger", [p + "codes", codes, "rowq_zero_point"], p + "sums"),
-        node("Cast", [p + "sums"], p + "sums_f", to=TensorProto.FLOAT),
-        node("Mul", [p + "sums_f", p + "row_scale"], p + "row_scaled"),
-        helper.make_node("Mul", [p + "row_scaled", scales], [output], name=p + "out"),
+        node("Cast", [p + "sums"], sums, to=TensorProto.FLOAT),
     ]
+    if residual:
+        nodes += [
+            helper.make_node(
+                "Split", [sums], [p + "main_sums", p + "error_sums"], name=p + "split", axis=-2, num_outputs=2
+            ),
+            node("Mul", [p + "error_sums", "rowq_residual_step"], p + "error_part"),
+            node("Add", [p + "main_sums", p + "error_part"], p + "sums_f"),
+        ]
+    nodes.append(node("Mul", [p + "sums_f", p + "row_scale"], p + "row_scaled"))
+    nodes.append(helper.make_node("Mul", [p + "row_scaled", scales], [output], name=p + "out"))
+    return nodes

@@ -11,7 +11,8 @@ Per float32 weight, the same choice as the whole-graph quantizer (`proto.quantiz
 order: GGUF blocks found exactly at `bits`, then (`keep_gguf_blocks`) at 8 bits or as Q4_1 blocks with their
 offset correction, else ONNX Runtime's own block quantizer (the same kernel, so the same codes).
 With `int8_kernel="gemm"` (8 bits), the decoder layers' projections are int8 per output column through
-MatMulInteger instead (`int8_gemm`): cheaper calls of many positions; the lm_head and embedding stay blocks.
+MatMulInteger instead (`int8_gemm`): cheaper calls of many positions. `lm_head_kernel="gemm"` (any bits) puts
+the lm_head there too, as its own int8 copy: a tied embedding's lookup keeps its blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import onnx
 from .compact import compact_blocks
 from .gguf_blocks import lossless_blocks, offset_blocks, pack
 from .gguf_raw import FLOAT_TYPES, Blocks, GGUFWeight, Layout
-from .int8_gemm import ROW_CONSTANTS, column_int8, row_quantized_matmul
+from .int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, column_int8, row_quantized_matmul
 from .nodes import block_means, matmul_nbits, offset_correction, quantized_gather
 
 
@@ -55,7 +56,7 @@ class QuantizedWeight:
     block: int = 32
 
 
-INT8_KERNELS = ("nbits", "gemm")
+INT8_KERNELS = ("nbits", "gemm")  # also the lm_head's choices
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32: a large table (the embedding) is quantized a slice at a time
 
 
@@ -71,11 +72,13 @@ Weight = np.ndarray | Columns | GGUFWeight
 REQUANTIZED_NAMES = 12  # re-quantized GGUF tensors named in the summary (the count is always there)
 
 
-def by_columns(fit: Callable[[Any], tuple[np.ndarray, ...] | None], weight: Weight):
+def by_columns(
+    fit: Callable[[Any], tuple[np.ndarray, ...] | None], weight: Weight, column_axes: tuple[int, ...] = (0, 0, 1)
+):
     """`fit` (blocks, scales[, offsets [K/block, N]]) of W [K, N] computed on slices of its columns and joined,
     or None if any slice does not fit. Blocks run along K within a column, so slicing changes no result;
     it bounds the temporaries of a large table to a slice's (and a `Columns` table's reading too). A GGUFWeight's
-    slices are its Blocks."""
+    slices are its Blocks. `column_axes`: the axis of each of fit's arrays that runs over the columns."""
     k, n = weight.shape
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     pieces = []
@@ -87,7 +90,8 @@ def by_columns(fit: Callable[[Any], tuple[np.ndarray, ...] | None], weight: Weig
         pieces.append(piece)
     if len(pieces) == 1:
         return pieces[0]
-    return tuple(np.concatenate(parts, axis=1 if i == 2 else 0) for i, parts in enumerate(zip(*pieces, strict=True)))
+    joined = zip(column_axes, zip(*pieces, strict=True), strict=False)
+    return tuple(np.concatenate(parts, axis=axis) for axis, parts in joined)
 
 
 class StreamingQuantizer:
@@ -95,7 +99,10 @@ class StreamingQuantizer:
 
     `untied_embedding=False` keeps an untied embedding table in fp32 (as the whole-graph quantizer does).
     `int8_kernel`: "nbits" (MatMulNBits for every weight) or "gemm" (8 bits only: `int8_gemm` for the
-    projections of the decoder layers, the weights the builder names `layers.*`)."""
+    projections of the decoder layers, the weights the builder names `layers.*`). `lm_head_kernel`: the same
+    choice for the lm_head (`lm_head.weight`), at any bits: "gemm" stores it int8 per column, a copy of its own
+    where the embedding is tied (the lookup keeps the blocks), so each position's logits are independent of
+    the call's other positions and a call of many costs about one."""
 
     def __init__(
         self,
@@ -105,6 +112,7 @@ class StreamingQuantizer:
         keep_gguf_blocks: bool = True,
         untied_embedding: bool = True,
         int8_kernel: str = "nbits",
+        lm_head_kernel: str = "nbits",
     ):
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
@@ -115,17 +123,19 @@ class StreamingQuantizer:
             raise ValueError(f"weight-only quantization supports 4 or 8 bits, not {bits}")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
-        if int8_kernel not in INT8_KERNELS:
-            raise ValueError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {int8_kernel!r}")
+        for what, kernel in (("int8", int8_kernel), ("lm_head", lm_head_kernel)):
+            if kernel not in INT8_KERNELS:
+                raise ValueError(f"{what} kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
         if int8_kernel == "gemm" and bits != 8:
             raise ValueError(f"the int8 GEMM kernel needs 8-bit weights, not {bits}-bit")
-        self.int8_kernel = int8_kernel
+        self.int8_kernel, self.lm_head_kernel = int8_kernel, lm_head_kernel
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
         self.keep_gguf_blocks = keep_gguf_blocks
         self.untied_embedding = untied_embedding  # quantize an embedding table that is not the lm_head too
         config = DefaultWeightOnlyQuantConfig(block_size, True, accuracy_level, bits=bits)
         self._ort = DefaultWeightOnlyQuantizer(config)
         self._means: dict[tuple[str, int], str] = {}  # (input, block) -> its block means (offset corrections)
+        self._row_constants: set[str] = set()  # those of `int8_gemm` in the graph
         self.kinds: list[str] = []  # of each MatMul's weight
         self.embedding = "fp32 Gather"
         self.gguf_kept: dict[str, int] = {}  # GGUF weights stored with the file's blocks, by GGML type(s)
@@ -219,23 +229,36 @@ class StreamingQuantizer:
         return out
 
     def matmul(self, g: Graph, x: str, name: str, weight: Weight) -> str:
-        if self.int8_kernel == "gemm" and name.startswith("layers."):
-            if isinstance(weight, GGUFWeight):
-                self._record(weight, kept=False)
-                weight = weight.fallback()
-            if isinstance(weight, np.ndarray):
-                return self.gemm(g, x, name, weight)
+        if self.on_gemm(name):
+            return self.gemm(g, x, name, weight)
         return self.apply(g, x, self.store(g, name, weight))
 
-    def gemm(self, g: Graph, x: str, name: str, weight: np.ndarray) -> str:
-        """x @ W through int8 codes per output column and MatMulInteger, activations scaled per row."""
-        if not self.kinds.count("int8-gemm"):
-            for constant, array in ROW_CONSTANTS.items():
-                g.constant(constant, array)
-        codes, scales = column_int8(weight)
+    def on_gemm(self, name: str) -> bool:
+        """Whether the weight the builder calls `name` goes through the int8 GEMM."""
+        if name == "lm_head.weight":
+            return self.lm_head_kernel == "gemm"
+        return self.int8_kernel == "gemm" and name.startswith("layers.")
+
+    def gemm(self, g: Graph, x: str, name: str, weight: Weight) -> str:
+        """x @ W through int8 codes per output column and MatMulInteger, activations scaled per row (a GGUF
+        weight's blocks are dequantized and quantized again per column). The lm_head's rows carry their
+        rounding error too (`residual`): one scale per row of the final features costs it ~8x the KL."""
+        if isinstance(weight, GGUFWeight):
+            self._record(weight, kept=False)
+            weight = weight.fallback()
+        residual = name == "lm_head.weight"
+        for constant, array in (ROW_CONSTANTS | (RESIDUAL_CONSTANTS if residual else {})).items():
+            if constant not in self._row_constants:
+                self._row_constants.add(g.constant(constant, array))
+        codes, scales = by_columns(column_int8, weight, column_axes=(1, 0))
         out = f"{name}_out"  # as the graph builder names an fp32 MatMul's output
         g.nodes += row_quantized_matmul(
-            name, x, g.constant(f"{name}_int8", codes), g.constant(f"{name}_column_scales", scales), out
+            name,
+            x,
+            g.constant(f"{name}_int8", codes),
+            g.constant(f"{name}_column_scales", scales),
+            out,
+            residual=residual,
         )
         self.kinds.append("int8-gemm")
         return out
@@ -254,7 +277,7 @@ class StreamingQuantizer:
     def summary(self) -> dict[str, Any]:
         """The manifest's `quantization` record, as `proto.quantize_weights` writes it."""
         exact = [kind for kind in self.kinds if kind not in ("quantized", "int8-gemm")]
-        gemm = {"int8_kernel": "gemm", "int8_gemm_nodes": self.kinds.count("int8-gemm")}
+        gemm_nodes = self.kinds.count("int8-gemm")
         return (
             {
                 "method": "matmul_nbits",
@@ -271,7 +294,9 @@ class StreamingQuantizer:
                 "embedding": self.embedding,
                 "unquantized_matmuls": 0,
             }
-            | (gemm if self.int8_kernel == "gemm" else {})
+            | ({"int8_kernel": "gemm"} if self.int8_kernel == "gemm" else {})
+            | ({"int8_gemm_nodes": gemm_nodes} if gemm_nodes else {})
+            | {"lm_head_kernel": self.lm_head_kernel}
             | self.gguf_summary()
         )
 
