@@ -136,7 +136,9 @@ def test_manifest_and_info_name_the_kernel(gemm_package):
 
 def test_positions_in_one_call_match_single_steps(gemm_package):
     """A prompt's logits at each position equal those of feeding its tokens one call at a time: only the
-    attention's summation order differs between the two, never which rows share a quantization scale."""
+    attention's summation order differs between the two, never which rows share a quantization scale. That
+    order's last-bit differences can flip a residual row's rounding, 1/254 of a row's int8 step: ~1e-4 of
+    these logits (~8), where rows sharing a scale would differ by whole steps (~1e-1)."""
     ids = [int(i) for i in np.random.default_rng(0).integers(2, 300, size=10)]
     path = gemm_package / "target" / "model.onnx"
     together = run(path, ids)[0][0]
@@ -155,7 +157,7 @@ def test_positions_in_one_call_match_single_steps(gemm_package):
         for j, value in enumerate(session.get_outputs()):
             if value.name.startswith("present"):
                 feeds[value.name.replace("present", "past_key_values")] = outputs[j]
-    np.testing.assert_allclose(np.stack(steps), together, rtol=0, atol=1e-5)  # logits ~8: a few ulps
+    np.testing.assert_allclose(np.stack(steps), together, rtol=0, atol=1e-3)
 
 
 def test_greedy_speculative_output_is_plain_greedy_output(gemm_package):
