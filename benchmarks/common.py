@@ -43,26 +43,30 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def providers_for(provider: str, threads: int | None) -> Providers:
+def providers_for(provider: str, threads: int | None, openvino_config: str = "") -> Providers:
     """ONNX Runtime's providers for a benchmark's `--provider`: its CPU kernels, or OpenVINO's CPU plugin through
     the OpenVINO execution provider (the `onnxruntime-openvino` package, which replaces `onnxruntime`: a venv of
-    its own) on `threads` threads, fp32, with the CPU provider behind it for the nodes OpenVINO does not take."""
+    its own) on `threads` threads, with the CPU provider behind it for the nodes OpenVINO does not take. OpenVINO
+    computes in fp32 unless `openvino_config` (JSON, the provider's `load_config`: `{"CPU": {"KEY": "VALUE"}}`)
+    says otherwise."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    options = {"device_type": "CPU", "precision": "FP32"}
+    options = {"device_type": "CPU"}
+    options |= {"load_config": openvino_config} if openvino_config else {"precision": "FP32"}
     if threads:
         options["num_of_threads"] = str(threads)
     return [("OpenVINOExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def open_session(
-    path: Path, provider: str, threads: int | None, spinning: bool = True, **kwargs: Any
+    path: Path, provider: str, threads: int | None, spinning: bool = True, openvino_config: str = "", **kwargs: Any
 ) -> ort.InferenceSession:
     """A session on `provider` (see `providers_for`; beside OpenVINO the CPU provider's pool never spins, or it
     would take the cores OpenVINO's threads need). Refuses a session where ONNX Runtime fell back to the CPU
-    provider alone, which it does, with only a logged warning, when the OpenVINO provider fails to start."""
+    provider alone, which it does, with only a logged warning, when the OpenVINO provider fails to start (a
+    malformed `load_config`, for one)."""
     options = session_options(threads, spinning and provider == "cpu")
-    chosen = providers_for(provider, threads)
+    chosen = providers_for(provider, threads, openvino_config)
     session = ort.InferenceSession(str(path), options, chosen, **kwargs)
     if session.get_providers()[0] != (chosen[0] if isinstance(chosen[0], str) else chosen[0][0]):
         raise SystemExit(f"{provider}: ONNX Runtime {ort.__version__} runs {session.get_providers()} instead")

@@ -22,11 +22,12 @@ the repetitions is reported, so load from other processes spreads over all opera
 average is printed with the results. "ran as" is the op list ONNX Runtime runs after its graph
 optimisations (a fusion or constant folding would show there). Weights are random. `--provider openvino`
 runs the same graphs on OpenVINO's CPU plugin through ONNX Runtime's OpenVINO execution provider (the
-`onnxruntime-openvino` package, in a venv of its own), with its thread count and a peak-memory line
-(OpenVINO keeps a weight compressed only where it recognises the spelling; otherwise it folds it to fp32).
+`onnxruntime-openvino` package, in a venv of its own) on `--threads` of OpenVINO's threads, in fp32 unless
+`--openvino-config` sets OpenVINO's properties (its own default on CPUs with AMX or AVX512-BF16 is bf16).
 
     python benchmarks/matmul_study.py [--threads 2] [--chain 24] [--rows 1 2 4 8 16 64] [--only fp32 dqmm-int8]
     python benchmarks/matmul_study.py --provider openvino --threads 1 --clock cpu --only nbits4-b32-l4 dq-int4+mm
+  python benchmarks/matmul_study.py --provider openvino --openvino-config '{"CPU":{"INFERENCE_PRECISION_HINT":"bf16"}}'
 """
 
 from __future__ import annotations
@@ -205,13 +206,16 @@ def ran_as(fmt: Format, k: int, n: int) -> str:
 class Timed:
     """A session bound once to input and output buffers, so a call times the operators and little else."""
 
-    def __init__(self, fmt: Format, weights: Weights, threads: int, clock: Callable[[], float], provider: str) -> None:
+    def __init__(
+        self, fmt: Format, weights: Weights, threads: int, clock: Callable[[], float], provider: str, config: str
+    ) -> None:
         self.clock = clock
         with tempfile.TemporaryDirectory() as tmp:  # external data: no serialized copy of the weights in memory
             path = Path(tmp) / "model.onnx"
             onnx.save_model(chain_model(fmt, weights), path, save_as_external_data=True, location="weights")
+            spinning = clock is time.perf_counter
             self.session = open_session(
-                path, provider, threads, spinning=clock is time.perf_counter, disabled_optimizers=list(fmt.disabled)
+                path, provider, threads, spinning, config, disabled_optimizers=list(fmt.disabled)
             )
         self.k, self.n_out = weights[0][0], weights[-1][1]
         self.binding: ort.IOBinding | None = None
@@ -252,6 +256,7 @@ def study(
     budget_ms: float,
     clock: str,
     provider: str = "cpu",
+    openvino_config: str = "",
 ) -> None:
     """Print ms per call and t(n)/t(1): median and minimum of `repeats` samples, each a batch of calls lasting
     about `budget_ms`. On a shared machine the minimum is the cost without preemption, the median the typical."""
@@ -263,7 +268,7 @@ def study(
     )
     timer = CLOCKS[clock]
     built = {
-        fmt.name: Timed(fmt, weights, threads, timer, provider)
+        fmt.name: Timed(fmt, weights, threads, timer, provider, openvino_config)
         for fmt in sorted(formats, key=lambda f: -f.bytes_per_weight)
     }
     timed = {fmt.name: built[fmt.name] for fmt in formats}  # largest built first: the lowest peak memory
@@ -308,6 +313,12 @@ def main() -> None:
         default="cpu",
         help="openvino: OpenVINO's CPU plugin through ONNX Runtime's OpenVINO provider (onnxruntime-openvino)",
     )
+    parser.add_argument(
+        "--openvino-config",
+        default="",
+        help='with --provider openvino: OpenVINO CPU properties as JSON, e.g. \'{"CPU": {"INFERENCE_PRECISION_HINT": '
+        '"bf16"}}\' (default: fp32)',
+    )
     parser.add_argument("--only", nargs="+", choices=[f.name for f in FORMATS], help="formats to time (default: all)")
     args = parser.parse_args()
     formats = [f for f in FORMATS if not args.only or f.name in args.only]
@@ -318,8 +329,8 @@ def main() -> None:
         for fmt in formats:
             print(f"  {fmt.name:<14}{ran_as(fmt, args.k, args.n)}")
     else:
-        print(f"provider: {providers_for(args.provider, args.threads)[0]}; OpenVINO's own thread count")
-    timing = {"threads": args.threads, "clock": args.clock, "provider": args.provider}
+        print(f"provider: {providers_for(args.provider, args.threads, args.openvino_config)[0]}")
+    timing = dict(threads=args.threads, clock=args.clock, provider=args.provider, openvino_config=args.openvino_config)
     study(formats, [(args.k, args.n)], args.rows, repeats=args.repeats, budget_ms=5, **timing)
     if args.chain:
         chain = [(args.k, args.n) if i % 2 == 0 else (args.n, args.k) for i in range(args.chain)]
