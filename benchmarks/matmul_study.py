@@ -27,7 +27,8 @@ runs the same graphs on OpenVINO's CPU plugin through ONNX Runtime's OpenVINO ex
 
     python benchmarks/matmul_study.py [--threads 2] [--chain 24] [--rows 1 2 4 8 16 64] [--only fp32 dqmm-int8]
     python benchmarks/matmul_study.py --provider openvino --threads 1 --clock cpu --only nbits4-b32-l4 dq-int4+mm
-  python benchmarks/matmul_study.py --provider openvino --openvino-config '{"CPU":{"INFERENCE_PRECISION_HINT":"bf16"}}'
+    python benchmarks/matmul_study.py --provider openvino \\
+        --openvino-config '{"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}'
 """
 
 from __future__ import annotations
