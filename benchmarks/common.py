@@ -73,9 +73,9 @@ def open_session(
     return session
 
 
-def open_target(package: Path, provider: str, threads: int | None) -> Model:
+def open_target(package: Path, provider: str, threads: int | None, openvino_config: str = "") -> Model:
     """The target model of a package on `provider`: `ortspec.load` takes provider names only, and OpenVINO's
     thread count is an option of its provider."""
     manifest = load_manifest(package, verify=False)
     path = resolve_inside(manifest.root, manifest.target.onnx)
-    return Model(manifest.target, open_session(path, provider, threads))
+    return Model(manifest.target, open_session(path, provider, threads, openvino_config=openvino_config))

@@ -137,6 +137,9 @@ def main() -> None:
         help="run each export on each of these (openvino: onnxruntime-openvino's OpenVINO provider, in a venv of "
         "its own); every one is scored against the fp32 export on the CPU provider",
     )
+    parser.add_argument(
+        "--openvino-config", default="", help="OpenVINO CPU properties as JSON (see benchmarks/matmul_study.py)"
+    )
     args = parser.parse_args()
     chosen = {"fp32", *(v.replace("-", " ") for v in args.variants)} if args.variants else set(VARIANTS)
 
@@ -154,7 +157,7 @@ def main() -> None:
         for provider in args.provider:
             name = label if provider == "cpu" else f"{label} on {provider}"
             if name not in models:
-                models[name], exports[name] = open_target(path, provider, args.threads), path
+                models[name], exports[name] = open_target(path, provider, args.threads, args.openvino_config), path
     text = args.text.read_text(encoding="utf-8") if args.text else default_text()
     tokens = reference.tokenizer.encode(text, add_special_tokens=False)[: args.max_tokens]
     pieces = windows(tokens, args.window, special_prefix(reference.tokenizer))
