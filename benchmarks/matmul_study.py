@@ -14,20 +14,29 @@ every weight format ONNX Runtime's CPU provider offers:
     mmitf-int8               DynamicQuantizeLinear + MatMulIntegerToFloat (ORT would fuse it into the above)
     dq-int8+mm               DequantizeLinear (int8, per column) + fp32 MatMul: dequantizes every call
     dq-int8-fused            the same graph as ONNX Runtime runs it by default (its QDQ pass makes it MatMulNBits)
+    dq-int4+mm           DequantizeLinear (int4 blocks of 32 along K, opset 21) + MatMul: the standard ONNX
+                             spelling of MatMulNBits' weights (the CPU provider's QDQ pass makes it MatMulNBits)
     fp32                     plain MatMul, fp32 weights
 
 Timing is interleaved (every operator at one n, each repetition, then the next n) and the median of
 the repetitions is reported, so load from other processes spreads over all operators alike; the load
 average is printed with the results. "ran as" is the op list ONNX Runtime runs after its graph
-optimisations (a fusion or constant folding would show there). Weights are random.
+optimisations (a fusion or constant folding would show there). Weights are random. `--provider openvino`
+runs the same graphs on OpenVINO's CPU plugin through ONNX Runtime's OpenVINO execution provider (the
+`onnxruntime-openvino` package, in a venv of its own) on `--threads` of OpenVINO's threads, in fp32 unless
+`--openvino-config` sets OpenVINO's properties (its own default on CPUs with AMX or AVX512-BF16 is bf16).
 
     python benchmarks/matmul_study.py [--threads 2] [--chain 24] [--rows 1 2 4 8 16 64] [--only fp32 dqmm-int8]
+    python benchmarks/matmul_study.py --provider openvino --threads 1 --clock cpu --only nbits4-b32-l4 dq-int4+mm
+    python benchmarks/matmul_study.py --provider openvino \\
+        --openvino-config '{"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}'
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -43,6 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ortspec.export.quantize.int8_gemm import RESIDUAL_CONSTANTS, ROW_CONSTANTS, row_quantized_matmul
 from ortspec.runtime.model.session import session_options
+
+from common import PROVIDERS, open_session, providers_for
 
 MS = "com.microsoft"
 # wall: elapsed time. cpu: this process's CPU time with pool threads that sleep rather than spin when idle,
@@ -135,6 +146,19 @@ def _dq_matmul(rng, x, y, k, n, tag):
     ], _int8_weight(rng, k, n, tag)
 
 
+def _dq_int4_matmul(rng, x, y, k, n, tag):
+    """int4 codes [K, N] (-8..7) in blocks of 32 along K, one fp32 scale per block and column."""
+    codes = rng.integers(-8, 8, size=(k, n), dtype=np.int8)
+    nibbles = (codes.reshape(-1) & 0xF).astype(np.uint8)
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    scales = np.full((k // 32, n), 1 / (4.6 * np.sqrt(k)), np.float32)
+    weight = helper.make_tensor(f"{tag}_W", TensorProto.INT4, [k, n], packed.tobytes(), raw=True)
+    return [
+        helper.make_node("DequantizeLinear", [f"{tag}_W", f"{tag}_s"], [f"{tag}_Wf"], axis=0, block_size=32),
+        helper.make_node("MatMul", [x, f"{tag}_Wf"], [y]),
+    ], [weight, numpy_helper.from_array(scales, f"{tag}_s")]
+
+
 def _fp32(rng, x, y, k, n, tag):
     weight = rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k))
     return [helper.make_node("MatMul", [x, f"{tag}_W"], [y])], [numpy_helper.from_array(weight, f"{tag}_W")]
@@ -153,6 +177,7 @@ FORMATS = [
     Format("mmitf-int8", _mmitf, 1 + 4 / 2048, ("DynamicQuantizeMatMulFusion",)),
     Format("dq-int8+mm", _dq_matmul, 1 + 4 / 2048, ("QDQSelectorActionTransformer",), in_chain=False),
     Format("dq-int8-fused", _dq_matmul, 1 + 4 / 2048),
+    Format("dq-int4+mm", _dq_int4_matmul, 0.5 + 4 / 32),
     Format("fp32", _fp32, 4),
 ]
 
@@ -172,7 +197,8 @@ def chain_model(fmt: Format, weights: Weights, seed: int = 0) -> onnx.ModelProto
         [helper.make_tensor_value_info(f"h{len(weights)}", TensorProto.FLOAT, ["n", weights[-1][1]])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)  # 10: int4, read by older runtimes too
 
 
 def ran_as(fmt: Format, k: int, n: int) -> str:
@@ -189,16 +215,16 @@ def ran_as(fmt: Format, k: int, n: int) -> str:
 class Timed:
     """A session bound once to input and output buffers, so a call times the operators and little else."""
 
-    def __init__(self, fmt: Format, weights: Weights, threads: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, fmt: Format, weights: Weights, threads: int, clock: Callable[[], float], provider: str, config: str
+    ) -> None:
         self.clock = clock
         with tempfile.TemporaryDirectory() as tmp:  # external data: no serialized copy of the weights in memory
             path = Path(tmp) / "model.onnx"
             onnx.save_model(chain_model(fmt, weights), path, save_as_external_data=True, location="weights")
-            self.session = ort.InferenceSession(
-                str(path),
-                session_options(threads, spinning=clock is time.perf_counter),
-                providers=["CPUExecutionProvider"],
-                disabled_optimizers=list(fmt.disabled),
+            spinning = clock is time.perf_counter
+            self.session = open_session(
+                path, provider, threads, spinning, config, disabled_optimizers=list(fmt.disabled)
             )
         self.k, self.n_out = weights[0][0], weights[-1][1]
         self.binding: ort.IOBinding | None = None
@@ -231,7 +257,15 @@ def cpu_summary() -> str:
 
 
 def study(
-    formats: list[Format], weights: Weights, rows: list[int], threads: int, repeats: int, budget_ms: float, clock: str
+    formats: list[Format],
+    weights: Weights,
+    rows: list[int],
+    threads: int,
+    repeats: int,
+    budget_ms: float,
+    clock: str,
+    provider: str = "cpu",
+    openvino_config: str = "",
 ) -> None:
     """Print ms per call and t(n)/t(1): median and minimum of `repeats` samples, each a batch of calls lasting
     about `budget_ms`. On a shared machine the minimum is the cost without preemption, the median the typical."""
@@ -243,7 +277,8 @@ def study(
     )
     timer = CLOCKS[clock]
     built = {
-        fmt.name: Timed(fmt, weights, threads, timer) for fmt in sorted(formats, key=lambda f: -f.bytes_per_weight)
+        fmt.name: Timed(fmt, weights, threads, timer, provider, openvino_config)
+        for fmt in sorted(formats, key=lambda f: -f.bytes_per_weight)
     }
     timed = {fmt.name: built[fmt.name] for fmt in formats}  # largest built first: the lowest peak memory
     samples: dict[tuple[str, int], list[float]] = {}
@@ -269,6 +304,7 @@ def study(
                 + "".join(f"{m:>9.3f}" for m in ms)
                 + "".join(f"{m / ms[0]:>7.2f}" for m in ms[1:])
             )
+    print(f"peak memory of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB")
 
 
 def main() -> None:
@@ -280,19 +316,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="what a sample measures (see CLOCKS)")
+    parser.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="cpu",
+        help="openvino: OpenVINO's CPU plugin through ONNX Runtime's OpenVINO provider (onnxruntime-openvino)",
+    )
+    parser.add_argument(
+        "--openvino-config",
+        default="",
+        help='with --provider openvino: OpenVINO CPU properties as JSON, e.g. \'{"CPU": {"INFERENCE_PRECISION_HINT": '
+        '"bf16"}}\' (default: fp32)',
+    )
     parser.add_argument("--only", nargs="+", choices=[f.name for f in FORMATS], help="formats to time (default: all)")
     args = parser.parse_args()
     formats = [f for f in FORMATS if not args.only or f.name in args.only]
     print(f"onnxruntime {ort.__version__}; {cpu_summary()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("ran as (one matmul, after ONNX Runtime's graph optimisations):")
-    for fmt in formats:
-        print(f"  {fmt.name:<14}{ran_as(fmt, args.k, args.n)}")
-    study(formats, [(args.k, args.n)], args.rows, args.threads, args.repeats, budget_ms=5, clock=args.clock)
+    if args.provider == "cpu":
+        print("ran as (one matmul, after ONNX Runtime's graph optimisations):")
+        for fmt in formats:
+            print(f"  {fmt.name:<14}{ran_as(fmt, args.k, args.n)}")
+    else:
+        print(f"provider: {providers_for(args.provider, args.threads, args.openvino_config)[0]}")
+    timing = dict(threads=args.threads, clock=args.clock, provider=args.provider, openvino_config=args.openvino_config)
+    study(formats, [(args.k, args.n)], args.rows, repeats=args.repeats, budget_ms=5, **timing)
     if args.chain:
         chain = [(args.k, args.n) if i % 2 == 0 else (args.n, args.k) for i in range(args.chain)]
         chained = [f for f in formats if f.in_chain or args.only]
-        study(chained, chain, args.rows, args.threads, max(3, args.repeats // 2), budget_ms=60, clock=args.clock)
+        study(chained, chain, args.rows, repeats=max(3, args.repeats // 2), budget_ms=60, **timing)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -39,7 +39,8 @@ def cpu_costs(pipe: ortspec.Pipeline, args: argparse.Namespace, weights: str) ->
     """The target's t(n) and v(n) in CPU ms (medians of `args.passes` passes), for `--clock cpu`."""
     positions = range(1, args.gamma + 2)
     samples = [
-        call_costs(pipe, time.process_time, 0, args.context, args.repeats, positions) for _ in range(args.passes + 1)
+        call_costs(pipe.target, time.process_time, 0, args.context, args.repeats, positions)
+        for _ in range(args.passes + 1)
     ][1:]  # the first pass warms up
     t = [statistics.median(s[f"t({n})"] for s in samples) for n in positions]
     low, high = ([f(s[f"t({n})"] / s["t(1)"] for s in samples) for n in positions] for f in (min, max))
