@@ -11,6 +11,8 @@ One int8 scale per row costs precision where a row has outliers: the final featu
 ~15x their RMS, so most entries get a few of the 255 codes, and the lm_head's KL against fp32 is ~8x what
 per-column int8 weights alone cost. `residual=True` also quantizes each row's rounding error, as a second int8
 row at 1/254 of the scale run in the same GEMM call: ~15-bit activations for twice the rows (flat up to 16).
+The exporter writes every projection so: with one int8 row alone, SmolLM2-135M kept 91% of its top-1 tokens
+against 96.8% with the residual rows, and a call's positions differed from one-position steps by whole logits.
 """
 
 from __future__ import annotations
