@@ -22,19 +22,18 @@ import onnx
 from onnx import TensorProto, helper
 
 # Constants every row-quantized matmul reads (a graph holds them once): the reduced axis, 1/127, the
-# smallest row scale (an all-zero row), and uint8's offset (MLAS's u8 x s8 kernels take unsigned rows).
+# smallest row scale (an all-zero row), and uint8's zero point with a unit scale (MLAS's u8 x s8 kernels take
+# unsigned rows: QuantizeLinear rounds, shifts by 128 and casts in one pass).
 ROW_CONSTANTS: dict[str, np.ndarray] = {
     "rowq_axis": np.array([-1], np.int64),
     "rowq_inv127": np.array(1 / 127, np.float32),
     "rowq_tiny": np.array(1e-12, np.float32),
-    "rowq_offset": np.array(128, np.float32),
+    "rowq_unit": np.array(1, np.float32),
     "rowq_zero_point": np.array(128, np.uint8),
 }
-# and those of `residual=True`: the residual rows' step (a rounding error within ±0.5 of a step, times 254:
-# within ±127) and its inverse
+# and the step of `residual=True`'s rows: a rounding error lies within ±0.5 of a step, so ±127 of these
 RESIDUAL_STEPS = 254
 RESIDUAL_CONSTANTS: dict[str, np.ndarray] = {
-    "rowq_residual_steps": np.array(RESIDUAL_STEPS, np.float32),
     "rowq_residual_step": np.array(1 / RESIDUAL_STEPS, np.float32),
 }
 
@@ -64,22 +63,20 @@ def row_quantized_matmul(
         node("ReduceMax", [p + "abs", "rowq_axis"], p + "max", keepdims=1),
         node("Mul", [p + "max", "rowq_inv127"], p + "row_scale_raw"),  # [.., 1]
         node("Max", [p + "row_scale_raw", "rowq_tiny"], p + "row_scale"),
-        node("Div", [x, p + "row_scale"], p + "scaled"),
-        node("Round", [p + "scaled"], p + "rounded"),
+        node("Div", [x, p + "row_scale"], p + "scaled"),  # within ±127
+        node("QuantizeLinear", [p + "scaled", "rowq_unit", "rowq_zero_point"], p + "codes"),  # round, +128
     ]
-    rows, sums = p + "rounded", p + "sums_f"
+    rows, sums = p + "codes", p + "sums_f"
     if residual:
         nodes += [
+            node("DequantizeLinear", [p + "codes", "rowq_unit", "rowq_zero_point"], p + "rounded"),
             node("Sub", [p + "scaled", p + "rounded"], p + "error"),  # exact, within ±0.5
-            node("Mul", [p + "error", "rowq_residual_steps"], p + "error_scaled"),
-            node("Round", [p + "error_scaled"], p + "error_rounded"),
-            node("Concat", [p + "rounded", p + "error_rounded"], p + "both", axis=-2),  # [.., 2S, K]
+            node("QuantizeLinear", [p + "error", "rowq_residual_step", "rowq_zero_point"], p + "error_codes"),
+            node("Concat", [p + "codes", p + "error_codes"], p + "both", axis=-2),  # [.., 2S, K]
         ]
         rows, sums = p + "both", p + "both_sums_f"
     nodes += [
-        node("Add", [rows, "rowq_offset"], p + "shifted"),  # 1..255: no saturation
-        node("Cast", [p + "shifted"], p + "codes", to=TensorProto.UINT8),
-        node("MatMulInteger", [p + "codes", codes, "rowq_zero_point"], p + "sums"),
+        node("MatMulInteger", [rows, codes, "rowq_zero_point"], p + "sums"),
         node("Cast", [p + "sums"], sums, to=TensorProto.FLOAT),
     ]
     if residual:
