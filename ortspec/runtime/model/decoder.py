@@ -16,9 +16,9 @@ from ortspec.runtime.package import graph_names as names
 from ortspec.runtime.package.manifest import ModelSpec
 
 MIN_REUSE = 16  # prompt tokens an idle state must hold to be picked for them (a shorter match is left to chance)
-# Longest call on the CPU provider: its GroupQueryAttention scores every new row against the whole sequence
-# (the causal half masked, not skipped), so a long prompt runs faster as calls of this many tokens on the
-# cache (SmolLM2-135M, 500 tokens, 2 threads: int8 GEMM 836 -> 1045 tokens/s, int4 549 -> 582; docs/design.md).
+# Longest call on the CPU provider: its GroupQueryAttention scores each new row against the whole sequence
+# (the causal half masked, not skipped), so long prompts run faster as calls of this many tokens (500-token
+# prefill, SmolLM2-135M int8 GEMM, 2 threads: 844 -> 1057 tokens/s; other sizes, 64-256, no faster; docs/design.md).
 PREFILL_CHUNK = 128
 
 
@@ -187,9 +187,10 @@ class DecoderState:
         self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False
     ) -> np.ndarray:
         """`_run` as consecutive calls of at most PREFILL_CHUNK tokens, all of near one size, on the CPU
-        provider (one call elsewhere), returning what one call returns; `hidden` then holds all positions."""
+        provider (one call on others: measured on none), returning what one call returns; `hidden` then
+        holds all the positions."""
         n, start = len(token_ids), self.cache.length
-        calls = -(-n // PREFILL_CHUNK) if self.model.device == "cpu" else 1
+        calls = -(-n // PREFILL_CHUNK) if self.model.providers[0] == "CPUExecutionProvider" else 1
         if calls == 1:
             return self._run(token_ids, features, last_only)
         parts = []
