@@ -78,6 +78,18 @@ def test_chunks_return_the_logits_of_one_call(
     same(chunk_last[-1], rows[-1])
 
 
+def test_other_providers_keep_calls_whole(package: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks were measured on the CPU provider alone: a model whose first provider is another (CUDA here,
+    in name: the session still runs on the CPU) gets one call."""
+    pipe = ortspec.load(package("llama", draft=None, exporter="builder"), max_length=64)
+    monkeypatch.setattr(pipe.target, "providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    decoder = DecoderState(pipe.target)
+    calls = counted(decoder, monkeypatch)
+    chunked(monkeypatch, CHUNK)
+    decoder.forward(PROMPT, last_only=True)
+    assert calls == [len(PROMPT)]
+
+
 def test_rows_get_chunks_too(package: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A batched row's prefill runs through `DecoderState` in chunks, on its own row of the buffers: the
     other row keeps its sequence, and the row's next step (a batched call) reads the whole prompt."""
