@@ -150,7 +150,7 @@ class DecoderState:
         """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab].
 
         `last_only`: only the last position's logits are wanted (a prompt): graphs that can score only the
-        last positions then return that one row, others all rows; read them with [-1].
+        last positions then return that one row, others several (the last chunk's); read them with [-1].
         """
         n = len(token_ids)
         past = self.cache.length
@@ -187,7 +187,7 @@ class DecoderState:
         self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False
     ) -> np.ndarray:
         """`_run` as consecutive calls of at most PREFILL_CHUNK tokens, all of near one size, on the CPU
-        provider (one call on others: measured on none), returning what one call returns; `hidden` then
+        provider (others, not measured, get one call), returning what one call returns; `hidden` then
         holds all the positions."""
         n, start = len(token_ids), self.cache.length
         calls = -(-n // PREFILL_CHUNK) if self.model.providers[0] == "CPUExecutionProvider" else 1
