@@ -5,7 +5,8 @@ array per layer and K/V, and hands out a `RowState` per generation: a `DecoderSt
 its row. A row's one-token forwards (plain decoding, or a round where the drafter proposed nothing)
 wait at `step`, where one thread runs them all in ONE call with per-row `seqlens_k`; its longer
 forwards (the prefill, verifying drafts) run alone on the row, batch 1 (GroupQueryAttention on CPU
-takes a batch > 1 only for one new token per row): a drafting row's verify holds up the others, so
+takes a batch > 1 only for one new token per row; a long prefill as chunks, `PREFILL_CHUNK`, between
+which the other rows step): a drafting row's verify holds up the others, so
 auto γ weighs it against what a plain round adds to the batched step (`in_use` rows; see
 `AutoDraftLength`). The speculative loop, drafters and sampling are untouched and stay per
 generation: a row's logits are the ones it would get alone (up to float rounding), so greedy output

@@ -16,6 +16,10 @@ from ortspec.runtime.package import graph_names as names
 from ortspec.runtime.package.manifest import ModelSpec
 
 MIN_REUSE = 16  # prompt tokens an idle state must hold to be picked for them (a shorter match is left to chance)
+# Longest call on the CPU provider: its GroupQueryAttention scores each new row against the whole sequence
+# (the causal half masked, not skipped), so long prompts run faster as calls of this many tokens (500-token
+# prefill, SmolLM2-135M int8 GEMM, 2 threads: 844 -> 1057 tokens/s; other sizes, 64-256, no faster; docs/design.md).
+PREFILL_CHUNK = 128
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -146,7 +150,7 @@ class DecoderState:
         """Run the new tokens on top of the cache; return float32 logits [len(token_ids), vocab].
 
         `last_only`: only the last position's logits are wanted (a prompt): graphs that can score only the
-        last positions then return that one row, others all rows; read them with [-1].
+        last positions then return that one row, others several (the last chunk's); read them with [-1].
         """
         n = len(token_ids)
         past = self.cache.length
@@ -159,6 +163,8 @@ class DecoderState:
             )
         switch = self.spec.long_rope_after
         if switch is None:
+            if n > PREFILL_CHUNK:
+                return self._run_chunked(token_ids, features, last_only)
             return self._run(token_ids, features, last_only)
         short = max(0, min(n, switch - past))  # the new positions whose sequence still fits the short table
         parts = [(list(token_ids[:short]), False), (list(token_ids[short:]), True)]
@@ -168,12 +174,35 @@ class DecoderState:
         """`_run` with the cache's keys from the `long` (or short) table, recomputing them if need be."""
         if self._long == long or self.cache.length == 0:
             self._long = long
-            return self._run(token_ids, last_only=last_only)
+            return self._run_chunked(token_ids, last_only=last_only)
         history = self._tokens[: self.cache.length]
         self.cache.reset()
         self._long = long
-        logits = self._run(history + token_ids, last_only=last_only)
+        # a call takes the long table when its sequence ends past the switch: recomputing it is one call
+        run = self._run if long else self._run_chunked
+        logits = run(history + token_ids, last_only=last_only)
         return logits[-1:] if last_only else logits[len(history) :]
+
+    def _run_chunked(
+        self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False
+    ) -> np.ndarray:
+        """`_run` as consecutive calls of at most PREFILL_CHUNK tokens, all of near one size, on the CPU
+        provider (others, not measured, get one call), returning what one call returns; `hidden` then
+        holds all the positions."""
+        n, start = len(token_ids), self.cache.length
+        calls = -(-n // PREFILL_CHUNK) if self.model.providers[0] == "CPUExecutionProvider" else 1
+        if calls == 1:
+            return self._run(token_ids, features, last_only)
+        parts = []
+        for i in range(calls):
+            first, end = n * i // calls, n * (i + 1) // calls
+            chunk = features[first:end] if features is not None else None
+            logits = self._run(token_ids[first:end], chunk, last_only)
+            if not last_only:
+                parts.append(logits)
+        if self.keep_hidden:
+            self.hidden, self.hidden_start = self.hidden_at(start, start + n).copy(), start
+        return logits if last_only else np.concatenate(parts)
 
     def _run(self, token_ids: Sequence[int], features: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         n = len(token_ids)
