@@ -18,11 +18,7 @@ import ortspec
 from ortspec.runtime.model import decoder
 
 from common import load_average
-
-
-def prompt_ids(length: int, seed: int, vocab: int) -> list[int]:
-    """A fresh prompt of `length` token ids (any will do for a timing), different for each seed."""
-    return [(7919 * (i + 1) + 104729 * seed) % vocab for i in range(length)]
+from openvino_prefill import prompt_ids
 
 
 def main() -> None:
