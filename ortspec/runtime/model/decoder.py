@@ -190,9 +190,9 @@ class DecoderState:
         provider (others, not measured, get one call), returning what one call returns; `hidden` then
         holds all the positions."""
         n, start = len(token_ids), self.cache.length
-        calls = -(-n // PREFILL_CHUNK) if self.model.providers[0] == "CPUExecutionProvider" else 1
-        if calls == 1:
+        if n <= PREFILL_CHUNK or self.model.providers[0] != "CPUExecutionProvider":  # steps: no more work
             return self._run(token_ids, features, last_only)
+        calls = -(-n // PREFILL_CHUNK)
         parts = []
         for i in range(calls):
             first, end = n * i // calls, n * (i + 1) // calls
